@@ -1,0 +1,1 @@
+"""The rollout domain: pure values and rules, no I/O."""

@@ -1,0 +1,51 @@
+"""The device state machine of one rollout (DESIGN §5), as names and ranks.
+
+States are stored and sent by name (the enum names of `ota.v1.DeviceState`).
+Progress is a rank: a late event with a lower rank never moves a device back.
+Terminal outcomes (FAILED, ROLLED_BACK, DEACTIVATED) are not progress steps.
+"""
+
+from __future__ import annotations
+
+PROGRESS = (
+    "TARGETED",
+    "NOTIFIED",
+    "DOWNLOADING",
+    "DOWNLOADED",
+    "VERIFIED",
+    "INSTALLING",
+    "INSTALLED",
+    "ACTIVE",
+)
+OUTCOMES = ("FAILED", "ROLLED_BACK", "DEACTIVATED")
+ALL_STATES = PROGRESS + OUTCOMES
+RANK = {name: i for i, name in enumerate(PROGRESS)}
+
+# The funnel a product manager reads: each step counts devices that got at least that far.
+FUNNEL = ("TARGETED", "NOTIFIED", "DOWNLOADED", "VERIFIED", "INSTALLED", "ACTIVE")
+
+FAILURE_REASONS = (
+    "SIGNATURE_INVALID",
+    "HASH_MISMATCH",
+    "LENGTH_MISMATCH",
+    "METADATA_EXPIRED",
+    "ROLLBACK_REFUSED",
+    "WRONG_DEVICE",
+    "INCOMPATIBLE",
+    "DOWNLOAD_FAILED",
+    "INSTALL_FAILED",
+    "CLOCK_INVALID",
+    "METADATA_INVALID",
+)
+
+# Rollout states (`ota.v1.RolloutState` without its prefix).
+DRAFT, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
+    "DRAFT",
+    "RUNNING",
+    "PAUSED",
+    "COMPLETED",
+    "ABORTED",
+    "ROLLED_BACK",
+)
+ROLLOUT_ACTIVE = (RUNNING, PAUSED)
+ROLLOUT_FINAL = (COMPLETED, ABORTED, ROLLED_BACK)
