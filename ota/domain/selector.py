@@ -115,7 +115,9 @@ class _Parser:
         while pos < len(text):
             match = _TOKEN.match(text, pos)
             if not match or match.end() == pos:
-                raise InvalidArgument(f"unexpected character at {pos}: {text[pos:]!r}", field=self.field)
+                raise InvalidArgument(
+                    f"unexpected character at {pos}: {text[pos:]!r}", field=self.field
+                )
             kind = match.lastgroup or ""
             value = match.group(kind)
             tokens.append((kind, value[1:-1] if kind == "str" else value))
@@ -156,10 +158,14 @@ class _Parser:
         if kind == "word" and op.lower() == "in":
             return Term(attr, "in", self._list())
         if kind != "op" or op not in _COMPARE:
-            raise InvalidArgument(f"expected an operator after {attr}, got {op!r}", field=self.field)
+            raise InvalidArgument(
+                f"expected an operator after {attr}, got {op!r}", field=self.field
+            )
         vkind, value = self._next("a value")
         if vkind not in ("word", "str"):
-            raise InvalidArgument(f"expected a value after {attr} {op}, got {value!r}", field=self.field)
+            raise InvalidArgument(
+                f"expected a value after {attr} {op}, got {value!r}", field=self.field
+            )
         if attr == "firmware" or op in (">=", ">", "<=", "<"):
             if attr != "firmware":
                 raise InvalidArgument(f"{op} only applies to firmware", field=self.field)
@@ -174,7 +180,9 @@ class _Parser:
         while True:
             kind, value = self._next("a value")
             if kind not in ("word", "str"):
-                raise InvalidArgument(f"expected a value in the list, got {value!r}", field=self.field)
+                raise InvalidArgument(
+                    f"expected a value in the list, got {value!r}", field=self.field
+                )
             values.append(value)
             _, sep = self._next("',' or ')'")
             if sep == ")":

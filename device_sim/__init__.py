@@ -1,0 +1,1 @@
+"""A simulated fleet: devices written as firmware would be, over the real wire contract."""

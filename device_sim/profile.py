@@ -1,0 +1,60 @@
+"""Who the simulated devices are and how they misbehave."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ota.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device_id: str
+    model: str
+    region: str
+    firmware: str
+
+
+@dataclass(frozen=True)
+class FailureProfile:
+    """Install failure probability by (model, feature version); `*` matches any version."""
+
+    rates: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> FailureProfile:
+        """Each spec is MODEL[@VERSION]=PROBABILITY, e.g. `ev9@2.0.0=1.0`."""
+        rates: dict[tuple[str, str], float] = {}
+        for spec in specs:
+            try:
+                target, prob = spec.split("=", 1)
+                model, _, version = target.partition("@")
+                p = float(prob)
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"{spec!r} is not MODEL[@VERSION]=PROBABILITY", field="fail"
+                ) from exc
+            if not 0.0 <= p <= 1.0:
+                raise InvalidArgument(f"probability in {spec!r} must be in [0, 1]", field="fail")
+            rates[(model, version or "*")] = p
+        return cls(rates)
+
+    def install_fails(self, model: str, version: str, rng: random.Random) -> bool:
+        p = self.rates.get((model, version), self.rates.get((model, "*"), 0.0))
+        return rng.random() < p
+
+
+def compose_fleet(
+    count: int, *, models: list[str], regions: list[str], firmware: str, prefix: str = "sim"
+) -> list[DeviceProfile]:
+    """A deterministic fleet: models and regions assigned round-robin."""
+    return [
+        DeviceProfile(
+            device_id=f"{prefix}-{i:06d}",
+            model=models[i % len(models)],
+            region=regions[(i // len(models)) % len(regions)],
+            firmware=firmware,
+        )
+        for i in range(count)
+    ]

@@ -1,0 +1,1 @@
+"""gRPC: thin servicers, the auth and error interceptor, the server."""

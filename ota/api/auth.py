@@ -1,0 +1,136 @@
+"""Who may call what: bearer tokens with roles, device credentials, default deny.
+
+Operators present `authorization: Bearer <token>`; the token maps to a role
+(admin, release, viewer). Devices present `Bearer device:<device_id>:<secret>`
+and reach only the device methods, and only for themselves (servicers check
+the device id with `caller_device`). A method missing from `METHOD_ROLES` is
+denied to everyone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from ota.errors import PermissionDenied, Unauthenticated
+from ota.store import fleet
+from ota.store.session import Store
+
+ADMIN, RELEASE, VIEWER, DEVICE = "admin", "release", "viewer", "device"
+OPERATORS = frozenset({ADMIN, RELEASE, VIEWER})
+WRITERS = frozenset({ADMIN, RELEASE})
+_ALL = OPERATORS | {DEVICE}
+
+_B, _R, _F, _P = (
+    "/ota.v1.BundleService/",
+    "/ota.v1.RolloutService/",
+    "/ota.v1.FleetService/",
+    "/ota.v1.ReportService/",
+)
+
+METHOD_ROLES: dict[str, frozenset[str]] = {
+    _B + "PublishBundle": WRITERS,
+    _B + "GetBundle": OPERATORS,
+    _B + "ListBundles": OPERATORS,
+    _B + "GetMetadata": _ALL,
+    _B + "GetDesiredState": frozenset({ADMIN, DEVICE}),
+    _B + "DownloadBundle": _ALL,
+    _R + "CreateRollout": WRITERS,
+    _R + "GetRollout": OPERATORS,
+    _R + "ListRollouts": OPERATORS,
+    _R + "StartRollout": WRITERS,
+    _R + "PauseRollout": WRITERS,
+    _R + "ResumeRollout": WRITERS,
+    _R + "PromoteRollout": WRITERS,
+    _R + "AbortRollout": WRITERS,
+    _R + "RollbackRollout": WRITERS,
+    _R + "ListRolloutEvents": OPERATORS,
+    _R + "WatchRollout": OPERATORS,
+    _F + "RegisterDevices": frozenset({ADMIN}),
+    _F + "ListDevices": OPERATORS,
+    _F + "GetDevice": OPERATORS,
+    _F + "RevokeDevice": frozenset({ADMIN}),
+    _P + "GetRolloutReport": OPERATORS,
+}
+# Health and reflection are open: load balancers and grpcurl call them unauthenticated.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: str
+    name: str  # the operator role's actor name, or the device id
+
+
+def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            if text.startswith("Bearer "):
+                return text.removeprefix("Bearer ").strip()
+    return ""
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """The caller the interceptor authenticated (its token is re-read, not re-checked)."""
+    token = bearer(context.invocation_metadata())  # type: ignore[arg-type]
+    if token.startswith("device:"):
+        return Caller(DEVICE, token.split(":", 2)[1])
+    return Caller(ADMIN, "operator")
+
+
+class Authenticator:
+    """Resolves tokens to callers; caches device secrets it has verified."""
+
+    def __init__(self, store: Store, tokens: dict[str, str]) -> None:
+        self._store = store
+        self._tokens = dict(tokens)  # token -> role
+        self._verified: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def forget_device(self, device_id: str) -> None:
+        with self._lock:
+            self._verified = {t: d for t, d in self._verified.items() if d != device_id}
+
+    def authenticate(self, token: str) -> Caller:
+        if not token:
+            raise Unauthenticated("missing bearer token; pass --token or set OTA_TOKEN")
+        role = self._tokens.get(token)
+        if role is not None:
+            return Caller(role, role)
+        if token.startswith("device:"):
+            with self._lock:
+                device_id = self._verified.get(token)
+            if device_id is not None:
+                return Caller(DEVICE, device_id)
+            parts = token.split(":", 2)
+            if len(parts) == 3:
+                with self._store.transaction() as session:
+                    ok = fleet.authenticate(session, parts[1], parts[2])
+                if ok:
+                    with self._lock:
+                        self._verified[token] = parts[1]
+                    return Caller(DEVICE, parts[1])
+        raise Unauthenticated("the bearer token is not valid")
+
+    def authorize(self, method: str, token: str) -> Caller | None:
+        if method.startswith(PUBLIC_PREFIXES):
+            return None
+        allowed = METHOD_ROLES.get(method)
+        caller = self.authenticate(token)
+        if allowed is None or caller.role not in allowed:
+            raise PermissionDenied(f"{caller.role} may not call {method.rsplit('/', 1)[-1]}")
+        return caller
+
+
+def require_device_self(context: grpc.ServicerContext, device_id: str) -> None:
+    caller = caller_of(context)
+    if caller.role == DEVICE and caller.name != device_id:
+        # Same answer whether or not the other device exists.
+        raise PermissionDenied("a device may only read its own desired state", field="device_id")
+
+
+AuthorizeFn = Callable[[str, str], Caller | None]

@@ -1,0 +1,102 @@
+"""One server interceptor: authorise every call, map ota errors to status codes.
+
+A caller's mistake gets a precise status and a message naming the field;
+only a genuine bug surfaces as INTERNAL (and is logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ota import errors
+from ota.api.auth import Authenticator, bearer
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.OtaError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(exc: errors.OtaError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, errors.OtaError):
+        context.abort(status_of(exc), str(exc))
+    if context.code() is not None:  # type: ignore[attr-defined]
+        raise exc  # the servicer already chose a status with context.abort
+    log.error("internal error", exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+class OtaInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method  # type: ignore[attr-defined]
+        token = bearer(details.invocation_metadata)  # type: ignore[attr-defined]
+        return _wrap(handler, lambda: self._auth.authorize(method, token))
+
+
+def _wrap(handler: grpc.RpcMethodHandler, check: Callable[[], object]) -> grpc.RpcMethodHandler:
+    h: Any = handler
+
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                check()
+                return behavior(request, context)
+            except Exception as exc:
+                _abort(context, exc)
+
+        return call
+
+    def streaming(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                check()
+                yield from behavior(request, context)
+            except Exception as exc:
+                _abort(context, exc)
+
+        return call
+
+    if h.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(h.unary_unary), h.request_deserializer, h.response_serializer
+        )
+    if h.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(h.unary_stream), h.request_deserializer, h.response_serializer
+        )
+    if h.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(h.stream_unary), h.request_deserializer, h.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(h.stream_stream), h.request_deserializer, h.response_serializer
+    )

@@ -1,0 +1,183 @@
+"""RolloutService: thin translation between ota.v1 and the rollout commands."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from ota.api import convert
+from ota.api.auth import caller_of
+from ota.api.paging import page_after, page_size, page_token
+from ota.domain import states
+from ota.domain.plan import FailureGate, RolloutPlan, Stage
+from ota.errors import InvalidArgument
+from ota.rollout.commands import NewRollout, RolloutCommands
+from ota.rollout.exposure import eligible_devices
+from ota.store import bundles, rollouts
+from ota.store.models import RolloutRow
+from ota.store.session import Store
+from ota.v1 import rollout_pb2, rollout_pb2_grpc
+
+_ACTIONS = {
+    rollout_pb2.GATE_ACTION_UNSPECIFIED: "pause",
+    rollout_pb2.GATE_ACTION_PAUSE: "pause",
+    rollout_pb2.GATE_ACTION_ROLLBACK: "rollback",
+}
+
+
+class RolloutChanges:
+    """Wakes WatchRollout streams when anything about rollouts may have changed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._version = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self._version != seen, timeout)
+            return self._version
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, store: Store, commands: RolloutCommands, changes: RolloutChanges) -> None:
+        self._store = store
+        self._commands = commands
+        self._changes = changes
+
+    def _full(self, row: RolloutRow) -> rollout_pb2.Rollout:
+        with self._store.transaction() as session:
+            row = rollouts.get_rollout(session, row.rollout_id)
+            bundle = bundles.get_bundle(session, row.bundle_name)
+            return convert.rollout(
+                row,
+                device_states=rollouts.state_counts(session, row.rollout_id),
+                stage_exposure=rollouts.stage_exposure(session, row.rollout_id),
+                eligible=len(eligible_devices(session, row, bundle)),
+            )
+
+    def CreateRollout(
+        self, request: rollout_pb2.CreateRolloutRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        if not request.feature:
+            raise InvalidArgument("is required", field="feature")
+        if not request.version:
+            raise InvalidArgument("is required", field="version")
+        gate = (
+            FailureGate(
+                max_failure_ppm=request.gate.max_failure_ppm,
+                min_sample=request.gate.min_sample,
+                action=_ACTIONS.get(request.gate.action, "pause"),
+            )
+            if request.HasField("gate")
+            else FailureGate()
+        )
+        plan = RolloutPlan(tuple(Stage(s.ppm, s.min_soak_seconds) for s in request.stages), gate)
+        new = NewRollout(
+            request.feature, request.version, request.selector, plan, request.request_id
+        )
+        actor = request.actor or caller_of(context).name
+        return self._full(self._commands.create(new, actor=actor))
+
+    def GetRollout(
+        self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        with self._store.transaction() as session:
+            row = rollouts.get_rollout(session, request.rollout_id)
+        return self._full(row)
+
+    def ListRollouts(
+        self, request: rollout_pb2.ListRolloutsRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.ListRolloutsResponse:
+        size = page_size(request.page_size)
+        after = page_after(request.page_token, scope=request.feature)
+        with self._store.transaction() as session:
+            rows = rollouts.list_rollouts(session, request.feature, after=after, limit=size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return rollout_pb2.ListRolloutsResponse(
+            rollouts=[self._full(r) for r in rows],
+            next_page_token=page_token(rows[-1].rollout_id, scope=request.feature) if more else "",
+        )
+
+    def _command(
+        self, name: str, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        if not request.rollout_id:
+            raise InvalidArgument("is required", field="rollout_id")
+        row = self._commands.run(
+            name,
+            request.rollout_id,
+            actor=caller_of(context).name,
+            reason=request.reason,
+            etag=request.etag,
+        )
+        self._changes.notify()
+        return self._full(row)
+
+    def StartRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("start", request, context)
+
+    def PauseRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("pause", request, context)
+
+    def ResumeRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("resume", request, context)
+
+    def PromoteRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("promote", request, context)
+
+    def AbortRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("abort", request, context)
+
+    def RollbackRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("rollback", request, context)
+
+    def ListRolloutEvents(
+        self, request: rollout_pb2.ListRolloutEventsRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.ListRolloutEventsResponse:
+        with self._store.transaction() as session:
+            rollouts.get_rollout(session, request.rollout_id)
+            entries = rollouts.audit_log(session, request.rollout_id)
+        return rollout_pb2.ListRolloutEventsResponse(events=[convert.audit(e) for e in entries])
+
+    def WatchRollout(
+        self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> Iterator[rollout_pb2.RolloutUpdate]:
+        last_audit = 0
+        seen = -1
+        previous: bytes = b""
+        while context.is_active():
+            with self._store.transaction() as session:
+                row = rollouts.get_rollout(session, request.rollout_id)
+                entries = rollouts.audit_log(session, request.rollout_id, after_id=last_audit)
+            current = self._full(row)
+            fingerprint = current.SerializeToString(deterministic=True)
+            if entries or fingerprint != previous:
+                last_audit = entries[-1].id or last_audit if entries else last_audit
+                previous = fingerprint
+                yield rollout_pb2.RolloutUpdate(
+                    rollout=current, events=[convert.audit(e) for e in entries]
+                )
+            if row.state in states.ROLLOUT_FINAL:
+                return
+            # Device progress arrives by ingest, which does not notify: poll at 2 Hz too.
+            seen = self._changes.wait(seen, timeout=0.5)

@@ -1,0 +1,80 @@
+"""The gRPC server: the four services, health, reflection, on a real port."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ota.api.auth import Authenticator
+from ota.api.bundles import BundleServicer
+from ota.api.fleet import FleetServicer
+from ota.api.interceptor import OtaInterceptor
+from ota.api.reports import ReportServicer
+from ota.api.rollouts import RolloutServicer
+from ota.errors import Unavailable
+from ota.v1 import (
+    bundle_pb2,
+    bundle_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    report_pb2,
+    report_pb2_grpc,
+    rollout_pb2,
+    rollout_pb2_grpc,
+)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def build_server(
+    listen: str,
+    *,
+    auth: Authenticator,
+    bundles: BundleServicer,
+    rollouts: RolloutServicer,
+    fleet: FleetServicer,
+    reports: ReportServicer,
+    workers: int = 32,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build and bind (not start) the server; returns it with the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ota-rpc"),
+        interceptors=[OtaInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, server)
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(rollouts, server)
+    fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet, server)
+    report_pb2_grpc.add_ReportServiceServicer_to_server(reports, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        bundle_pb2.DESCRIPTOR.services_by_name["BundleService"].full_name,
+        rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+        fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+        report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+    ]
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise Unavailable(f"cannot listen on {listen}: address in use or invalid")
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

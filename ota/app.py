@@ -1,0 +1,176 @@
+"""Composition root: builds the control plane from its config and runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+
+from ota.api.auth import Authenticator
+from ota.api.bundles import BundleServicer
+from ota.api.fleet import BrokerAccounts, FleetServicer
+from ota.api.reports import ReportServicer
+from ota.api.rollouts import RolloutChanges, RolloutServicer
+from ota.api.server import build_server
+from ota.broker.passwords import PasswordFile
+from ota.clock import Clock, SystemClock
+from ota.config import ServerConfig
+from ota.errors import InvalidArgument
+from ota.rollout.commands import RolloutCommands
+from ota.rollout.engine import RolloutEngine
+from ota.store.blobs import BlobStore
+from ota.store.bundles import SqlMetadataStore
+from ota.store.database import migrate, open_database
+from ota.store.session import Store
+from ota.transport.ingester import Ingester
+from ota.transport.mqtt import MqttLink
+from ota.transport.publisher import DesiredStatePublisher
+from ota.transport.topics import Topics
+from ota.trust.director import Director
+from ota.trust.keys import load_signer
+from ota.trust.repository import ImageRepository
+
+log = logging.getLogger(__name__)
+
+
+class MosquittoAccounts:
+    """Device accounts in Mosquitto's password file; SIGHUP makes it re-read them."""
+
+    def __init__(self, password_file: Path, pid_file: Path | None) -> None:
+        self._file = PasswordFile(password_file)
+        self._pid_file = pid_file
+
+    def set_many(self, secrets: dict[str, str]) -> None:
+        self._file.set_many(secrets)
+        self._reload()
+
+    def remove(self, username: str) -> None:
+        self._file.remove(username)
+        self._reload()
+
+    def _reload(self) -> None:
+        if self._pid_file is None:
+            return
+        try:
+            os.kill(int(self._pid_file.read_text().strip()), signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            log.warning("could not ask the broker to reload its accounts: %s", exc)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read the {what} at {path}: {exc.strerror}", field=what
+        ) from exc
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane: gRPC server, engine, publisher, ingester."""
+
+    config: ServerConfig
+    port: int
+    server: grpc.Server
+    engine: RolloutEngine
+    publisher: DesiredStatePublisher
+    ingester: Ingester
+    link: MqttLink
+    store: Store
+
+    @classmethod
+    def build(cls, config: ServerConfig, clock: Clock | None = None) -> ControlPlane:
+        clock = clock or SystemClock()
+        engine_db = open_database(config.database_url)
+        migrate(engine_db)
+        store = Store(engine_db)
+        repo = ImageRepository(
+            SqlMetadataStore(store),
+            snapshot_signer=load_signer(config.snapshot_key),
+            timestamp_signer=load_signer(config.timestamp_key),
+            clock=clock,
+        )
+        repo.bootstrap(
+            _read(config.root_file, "root_file"),
+            _read(config.initial_targets_file, "initial_targets_file"),
+        )
+        director = Director(load_signer(config.director_key))
+        topics = Topics(config.topic_root)
+        link = MqttLink(
+            config.mqtt_url,
+            username=config.mqtt_username,
+            password=config.mqtt_password,
+            topics=topics,
+        )
+        publisher = DesiredStatePublisher(link, store)
+        changes = RolloutChanges()
+        ttl = timedelta(seconds=config.desired_state_ttl_seconds)
+
+        def notify() -> None:
+            publisher.wake()
+            changes.notify()
+
+        engine = RolloutEngine(
+            store,
+            director,
+            clock,
+            on_notify=notify,
+            desired_ttl=ttl,
+            interval=config.engine_interval_seconds,
+        )
+
+        def command_done() -> None:
+            engine.wake()
+            notify()
+
+        commands = RolloutCommands(store, director, clock, desired_ttl=ttl, on_change=command_done)
+        auth = Authenticator(store, config.tokens)
+        accounts: BrokerAccounts | None = None
+        if config.broker_password_file:
+            pid = Path(config.broker_pid_file) if config.broker_pid_file else None
+            accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
+        server, port, _health = build_server(
+            config.listen,
+            auth=auth,
+            bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
+            rollouts=RolloutServicer(store, commands, changes),
+            fleet=FleetServicer(
+                store,
+                clock,
+                auth,
+                accounts=accounts,
+                mqtt_url=config.mqtt_url,
+                topic_root=config.topic_root,
+            ),
+            reports=ReportServicer(store, clock),
+        )
+        ingester = Ingester(
+            link,
+            store,
+            clock,
+            batch_size=config.ingest_batch_size,
+            max_payload_bytes=config.ingest_max_payload_bytes,
+        )
+        return cls(config, port, server, engine, publisher, ingester, link, store)
+
+    def start(self) -> None:
+        self.link.start()
+        self.ingester.start()
+        self.publisher.start()
+        self.engine.start()
+        self.server.start()
+        log.info("control plane serving gRPC on port %d", self.port)
+
+    def stop(self) -> None:
+        self.server.stop(grace=2).wait()
+        self.engine.stop()
+        self.publisher.stop()
+        self.ingester.stop()
+        self.link.stop()
+        self.store.engine.dispose()

@@ -1,0 +1,284 @@
+"""The Mosquitto 2.0 configuration ota needs: listener, persistence, credentials, ACL, limits.
+
+`write_broker_config` renders three files into one directory — the broker
+config, its ACL and its password file — and creates the persistence
+directory. Every path in them is absolute, so the broker can be started from
+anywhere. Devices authenticate with username = device id and the ACL confines
+each to its own topics (DESIGN §4); the control plane's users may use the
+whole topic root, including the shared ingest subscription.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ota.broker.passwords import PasswordFile, check_username
+from ota.errors import InvalidArgument
+
+KIB = 1024
+
+_TOPIC_ROOT = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_EXPIRATION = re.compile(r"^[1-9][0-9]*[hdwmy]$")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """What the generated Mosquitto config says; defaults suit one machine.
+
+    Attributes:
+        port: TCP port of the single MQTT listener (default 1883; 0 asks
+            `start_private_broker` to pick a free one).
+        bind_address: address the listener binds to (default 127.0.0.1).
+        topic_root: root of every ota topic (default ``ota/v1``).
+        control_username: the control plane's broker user; reads and writes
+            everything under the topic root.
+        extra_control_usernames: more users with the control plane's ACL. Since
+            the username is the client id (`use_username_as_clientid`), each
+            extra MQTT connection of the control plane (a second replica's
+            ingester, say) needs its own username; set their secrets with
+            `PasswordFile` and reload.
+        persistence: keep retained messages, sessions and queued messages in
+            ``mosquitto.db`` across restarts (default on).
+        autosave_interval_s: seconds between saves of the in-memory database
+            (default 60; Mosquitto also saves on a clean shutdown).
+        max_packet_size: largest MQTT packet accepted, bytes (default 256 KiB);
+            a client sending a larger one is disconnected.
+        message_size_limit: largest publish payload, bytes, refused with a
+            PUBACK error instead of a disconnect; None (default) leaves it
+            out, as Mosquitto 2.0 recommends `max_packet_size` instead.
+        max_queued_messages: QoS 1/2 messages queued per client beyond those
+            in flight (default 1000); Mosquitto drops further ones silently.
+        max_queued_bytes: the same limit in bytes; 0 (default) means none.
+        max_inflight_messages: unacknowledged QoS 1/2 messages in flight to one
+            client (default 100; Mosquitto's own default is 20). An MQTT 5
+            client that sends Receive Maximum gets that window instead, larger
+            or smaller — so an ingester acking after its database commit sets
+            Receive Maximum to its batch size.
+        persistent_client_expiration: drop persistent sessions not resumed
+            within this time, e.g. ``14d`` (Mosquitto units h d w m y);
+            None keeps them forever. Default 30d, so revoked or scrapped
+            devices do not hold queued messages for ever.
+        run_as_user: when started as root, Mosquitto switches to this user.
+            None (default) means the user writing the config, who owns its
+            0600 files and so can still read them on reload.
+        log_to_stdout: also log to stdout (a container's log), besides the
+            log file (default off).
+    """
+
+    port: int = 1883
+    bind_address: str = "127.0.0.1"
+    topic_root: str = "ota/v1"
+    control_username: str = "ota-control"
+    extra_control_usernames: tuple[str, ...] = ()
+    persistence: bool = True
+    autosave_interval_s: int = 60
+    max_packet_size: int = 256 * KIB
+    message_size_limit: int | None = None
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 0
+    max_inflight_messages: int = 100
+    persistent_client_expiration: str | None = "30d"
+    run_as_user: str | None = None
+    log_to_stdout: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port {self.port} is outside 0-65535", field="port")
+        if not _TOPIC_ROOT.match(self.topic_root):
+            raise InvalidArgument(
+                f"{self.topic_root!r} is not a topic root such as 'ota/v1' "
+                "(levels of letters, digits, '.', '_', '-'; no wildcards)",
+                field="topic_root",
+            )
+        check_username(self.control_username, field="control_username")
+        for name in self.extra_control_usernames:
+            check_username(name, field="extra_control_usernames")
+        for name, value in (
+            ("autosave_interval_s", self.autosave_interval_s),
+            ("max_queued_messages", self.max_queued_messages),
+            ("max_queued_bytes", self.max_queued_bytes),
+            ("max_inflight_messages", self.max_inflight_messages),
+        ):
+            if value < 0:
+                raise InvalidArgument(f"must be >= 0, got {value}", field=name)
+        if not 20 <= self.max_packet_size <= 268_435_460:
+            raise InvalidArgument(
+                f"must be 20 bytes to 256 MiB, got {self.max_packet_size}",
+                field="max_packet_size",
+            )
+        if self.message_size_limit is not None and not (0 < self.message_size_limit <= 268_435_455):
+            raise InvalidArgument(
+                f"must be 1 to 268435455 bytes, got {self.message_size_limit}",
+                field="message_size_limit",
+            )
+        if self.persistent_client_expiration is not None and not _EXPIRATION.match(
+            self.persistent_client_expiration
+        ):
+            raise InvalidArgument(
+                f"{self.persistent_client_expiration!r} is not a duration such as 12h or 30d",
+                field="persistent_client_expiration",
+            )
+        for name, text in (("bind_address", self.bind_address), ("run_as_user", self.run_as_user)):
+            if text is not None and (not text or any(c.isspace() for c in text)):
+                raise InvalidArgument(f"{text!r} must be one word", field=name)
+
+    @property
+    def control_usernames(self) -> tuple[str, ...]:
+        """Every user granted the control plane's ACL."""
+        return (self.control_username, *self.extra_control_usernames)
+
+    def events_share_filter(self, group: str = "ota-ingest") -> str:
+        """The shared subscription the ingester uses for every device's events."""
+        return f"$share/{group}/{self.topic_root}/devices/+/events"
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    """Where `write_broker_config` put things (all absolute)."""
+
+    conf: Path
+    password_file: Path
+    acl_file: Path
+    persistence_dir: Path
+    pid_file: Path
+    log_file: Path
+
+
+def broker_files(out_dir: Path) -> BrokerFiles:
+    """The file layout under `out_dir`, without writing anything."""
+    root = Path(out_dir).expanduser().resolve()
+    return BrokerFiles(
+        conf=root / "mosquitto.conf",
+        password_file=root / "passwords",
+        acl_file=root / "acl",
+        persistence_dir=root / "data",
+        pid_file=root / "mosquitto.pid",
+        log_file=root / "mosquitto.log",
+    )
+
+
+def write_broker_config(
+    out_dir: Path, settings: BrokerSettings, *, control_password: str
+) -> BrokerFiles:
+    """Write the config, ACL and password file into `out_dir`.
+
+    Idempotent: the config and ACL are rewritten, while the password file
+    keeps its other users (devices) and only the control user's secret is
+    set, and the persistence directory is kept.
+    """
+    if not control_password:
+        raise InvalidArgument("must not be empty", field="control_password")
+    if settings.port == 0:
+        raise InvalidArgument(
+            "a config needs a real port; 0 (pick a free one) is only for start_private_broker",
+            field="port",
+        )
+    files = broker_files(out_dir)
+    for path in (files.conf.parent, files.persistence_dir):
+        if any(c.isspace() for c in str(path)):
+            # Mosquitto reads a path up to the first whitespace.
+            raise InvalidArgument(
+                f"{path} contains whitespace, which Mosquitto's config cannot express",
+                field="out_dir",
+            )
+    files.conf.parent.mkdir(parents=True, exist_ok=True)
+    files.persistence_dir.mkdir(mode=0o700, exist_ok=True)
+
+    PasswordFile(files.password_file).set(settings.control_username, control_password)
+    _write_private(files.acl_file, render_acl(settings))
+    _write_private(files.conf, render_config(settings, files))
+    return files
+
+
+def render_acl(settings: BrokerSettings) -> str:
+    """The ACL file: control users own the root, each device only its own topics."""
+    root = settings.topic_root
+    lines = [
+        "# Generated by ota (ota.broker.config); edits are overwritten.",
+        "# Topics not granted here are denied. Subscribing to a denied topic",
+        "# is still acknowledged by Mosquitto, but nothing is delivered.",
+        "",
+    ]
+    for name in settings.control_usernames:
+        lines += [f"user {name}", f"topic readwrite {root}/#", ""]
+    lines += [
+        "# Every user, devices included: username = device id = client id.",
+        f"pattern read {root}/devices/%u/desired",
+        f"pattern write {root}/devices/%u/events",
+        f"pattern write {root}/devices/%u/state",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_config(settings: BrokerSettings, files: BrokerFiles) -> str:
+    """The mosquitto.conf text for `settings`, pointing at `files`."""
+    s = settings
+    user = s.run_as_user or pwd.getpwuid(os.geteuid()).pw_name
+    lines = [
+        "# Generated by ota (ota.broker.config) for Mosquitto 2.0; edits are overwritten.",
+        f"user {user}",
+        f"pid_file {files.pid_file}",
+        "",
+        "# One set of credentials and ACL for every listener.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {files.password_file}",
+        f"acl_file {files.acl_file}",
+        "",
+        f"persistence {_bool(s.persistence)}",
+        f"persistence_location {files.persistence_dir}",
+        "persistence_file mosquitto.db",
+        f"autosave_interval {s.autosave_interval_s}",
+    ]
+    if s.persistent_client_expiration is not None:
+        lines.append(f"persistent_client_expiration {s.persistent_client_expiration}")
+    lines += [
+        "",
+        f"max_packet_size {s.max_packet_size}",
+        f"max_queued_messages {s.max_queued_messages}",
+        f"max_queued_bytes {s.max_queued_bytes}",
+        f"max_inflight_messages {s.max_inflight_messages}",
+    ]
+    if s.message_size_limit is not None:
+        lines.append(f"message_size_limit {s.message_size_limit}")
+    lines += [
+        # Desired states are small and latency matters more than packet count.
+        "set_tcp_nodelay true",
+        "",
+        f"log_dest file {files.log_file}",
+    ]
+    if s.log_to_stdout:
+        lines.append("log_dest stdout")
+    lines += [
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "log_timestamp true",
+        "connection_messages true",
+        "",
+        f"listener {s.port} {s.bind_address}",
+        "protocol mqtt",
+        # The ACL's %u then names the device's own topics, and a device
+        # cannot take over another device's session by choosing its client id.
+        "use_username_as_clientid true",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""The `ota` command line."""

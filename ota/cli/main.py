@@ -1,0 +1,79 @@
+"""`ota`: one entry point with nouns and verbs (DESIGN §11).
+
+Errors a user can make print one line and exit non-zero; only a bug in ota
+itself shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from ota.cli import commands_admin, commands_ops
+from ota.errors import OtaError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("OTA_SERVER", "127.0.0.1:50051"),
+        help="control plane address (env OTA_SERVER)",
+    )
+    p.add_argument(
+        "--token", default=os.environ.get("OTA_TOKEN", ""), help="bearer token (env OTA_TOKEN)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output for people (table) or scripts (json)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ota", description="Over-the-air feature rollouts for device fleets."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
+    commands_admin.register(nouns)
+    commands_ops.register(nouns, _add_client_options)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except OtaError as exc:
+        print(f"ota: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = (
+                f"cannot reach the control plane at {getattr(args, 'server', '?')} ({details})"
+            )
+        print(f"ota: error: {code.name}: {details}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Configuration of the control plane: frozen values, read only by the CLI.
+
+Sources, later ones winning: defaults, a TOML file (`ota serve --config`),
+`OTA_*` environment variables, command-line flags. Nothing else in the
+package reads the environment or files for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ota.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `ota serve` needs."""
+
+    listen: str = "127.0.0.1:50051"
+    database_url: str = "sqlite:///ota.db"
+    data_dir: Path = Path(".ota")
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str = "ota-control"
+    mqtt_password: str = ""
+    topic_root: str = "ota/v1"
+    # Where the control plane keeps device broker accounts (Mosquitto password
+    # file) and the broker's pid file to make it reload them; empty = unmanaged.
+    broker_password_file: str = ""
+    broker_pid_file: str = ""
+    # The trust anchor and the online keys (never the release or root keys).
+    root_file: Path = Path("keys/root.json")
+    initial_targets_file: Path = Path("keys/targets.json")
+    snapshot_key: Path = Path("keys/online/snapshot.pem")
+    timestamp_key: Path = Path("keys/online/timestamp.pem")
+    director_key: Path = Path("keys/online/director.pem")
+    # Bearer tokens by role: "admin", "release", "viewer".
+    tokens: dict[str, str] = field(default_factory=dict)
+    desired_state_ttl_seconds: int = 7 * 24 * 3600
+    engine_interval_seconds: float = 0.25
+    ingest_batch_size: int = 500
+    ingest_max_payload_bytes: int = 64 * 1024
+
+
+_ENV_PREFIX = "OTA_"
+
+
+def load_server_config(
+    path: Path | None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None
+) -> ServerConfig:
+    """Build a ServerConfig from a TOML file, `OTA_*` variables and flag overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError as exc:
+            raise InvalidArgument(f"config file {path} does not exist", field="config") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(
+                f"config file {path} is not valid TOML: {exc}", field="config"
+            ) from exc
+    env = dict(os.environ) if env is None else env
+    known = {f.name: f for f in fields(ServerConfig)}
+    for name in known:
+        key = _ENV_PREFIX + name.upper()
+        if key in env and name != "tokens":
+            values[name] = env[key]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(values) - set(known)
+    if unknown:
+        raise InvalidArgument(f"unknown settings: {', '.join(sorted(unknown))}", field="config")
+    return _coerce(replace(ServerConfig()), values)
+
+
+def _coerce(base: ServerConfig, values: dict[str, Any]) -> ServerConfig:
+    converted: dict[str, Any] = {}
+    for f in fields(ServerConfig):
+        if f.name not in values:
+            continue
+        raw = values[f.name]
+        default = getattr(base, f.name)
+        try:
+            if isinstance(default, Path):
+                converted[f.name] = Path(raw)
+            elif isinstance(default, bool):
+                converted[f.name] = (
+                    raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true")
+                )
+            elif isinstance(default, int):
+                converted[f.name] = int(raw)
+            elif isinstance(default, float):
+                converted[f.name] = float(raw)
+            elif isinstance(default, dict):
+                converted[f.name] = {str(k): str(v) for k, v in dict(raw).items()}
+            else:
+                converted[f.name] = str(raw)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{raw!r} is not a valid value", field=f.name) from exc
+    return replace(base, **converted)

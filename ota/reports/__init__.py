@@ -1,0 +1,1 @@
+"""Adoption reports: one model (`AdoptionReport`), rendered as table, CSV or JSON."""

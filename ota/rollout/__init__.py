@@ -1,0 +1,1 @@
+"""Rollouts: commands (what operators ask), the engine (what happens on its own)."""

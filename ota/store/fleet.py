@@ -1,0 +1,130 @@
+"""Devices: registration, listing by selector, revocation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from ota.domain.selector import DeviceAttributes, Selector
+from ota.errors import InvalidArgument, NotFound
+from ota.store.models import DeviceRow
+
+
+@dataclass(frozen=True)
+class Registration:
+    device_id: str
+    model: str
+    region: str
+    firmware: str
+    labels: dict[str, str]
+
+
+def hash_secret(secret: str) -> str:
+    # Secrets are 256-bit random, so a plain digest is enough (no PBKDF2 needed).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def register_devices(
+    session: Session, registrations: Sequence[Registration], now: datetime
+) -> dict[str, str]:
+    """Create or re-provision devices; returns a fresh secret for each."""
+    ids = [r.device_id for r in registrations]
+    existing = {
+        row.device_id: row
+        for row in session.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(ids)))
+    }
+    issued: dict[str, str] = {}
+    for reg in registrations:
+        secret = secrets.token_urlsafe(24)
+        issued[reg.device_id] = secret
+        row = existing.get(reg.device_id)
+        if row is None:
+            row = DeviceRow(
+                device_id=reg.device_id,
+                model=reg.model,
+                region=reg.region,
+                firmware=reg.firmware,
+                secret_sha256="",
+                created_at=now,
+            )
+        row.model, row.region, row.firmware = reg.model, reg.region, reg.firmware
+        row.labels_json = json.dumps(reg.labels, sort_keys=True)
+        row.secret_sha256 = hash_secret(secret)
+        row.revoked = False
+        session.add(row)
+    return issued
+
+
+def get_device(session: Session, device_id: str) -> DeviceRow:
+    row = session.get(DeviceRow, device_id)
+    if row is None:
+        raise NotFound(f"device {device_id!r} does not exist", field="device_id")
+    return row
+
+
+def attributes(row: DeviceRow) -> DeviceAttributes:
+    labels: dict[str, str] = json.loads(row.labels_json)
+    return DeviceAttributes(row.device_id, row.model, row.region, row.firmware, labels)
+
+
+def select_devices(session: Session, selector: Selector) -> list[DeviceRow]:
+    """Every device not revoked that the selector matches, in id order."""
+    rows = session.exec(
+        select(DeviceRow)
+        .where(col(DeviceRow.revoked).is_(False))
+        .order_by(col(DeviceRow.device_id))
+    )
+    return [row for row in rows if selector.matches(attributes(row))]
+
+
+def list_devices(
+    session: Session, selector: Selector, *, after: str, limit: int
+) -> tuple[list[DeviceRow], int]:
+    """A page of matching devices after id `after`, and the total match count."""
+    matching = select_devices(session, selector)
+    page = [row for row in matching if row.device_id > after][:limit]
+    return page, len(matching)
+
+
+def revoke(session: Session, device_id: str) -> DeviceRow:
+    row = get_device(session, device_id)
+    row.revoked = True
+    session.add(row)
+    return row
+
+
+def check_device_id(device_id: str, *, field: str = "device_id") -> str:
+    if not device_id or len(device_id) > 128:
+        raise InvalidArgument("must be 1 to 128 characters", field=field)
+    if any(c in device_id for c in "/+#\x00 ") or not device_id.isprintable():
+        raise InvalidArgument(
+            f"{device_id!r} may not contain '/', '+', '#', spaces or control characters",
+            field=field,
+        )
+    return device_id
+
+
+def authenticate(session: Session, device_id: str, secret: str) -> bool:
+    row = session.get(DeviceRow, device_id)
+    return (
+        row is not None
+        and not row.revoked
+        and secrets.compare_digest(row.secret_sha256, hash_secret(secret))
+    )
+
+
+def mark_seen(session: Session, seen: Iterable[tuple[str, datetime, bool | None]]) -> None:
+    for device_id, when, online in seen:
+        row = session.get(DeviceRow, device_id)
+        if row is None:
+            continue
+        row.last_seen_at = when
+        if online is not None:
+            row.online = online
+        session.add(row)

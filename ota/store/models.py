@@ -1,0 +1,172 @@
+"""Tables of the control plane. Times are UTC; SQLite returns them naive."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class DeviceRow(SQLModel, table=True):
+    __tablename__ = "device"
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    model: str = Field(index=True, max_length=64)
+    region: str = Field(index=True, max_length=64)
+    firmware: str = Field(max_length=32)
+    labels_json: str = "{}"
+    secret_sha256: str = Field(max_length=64)
+    revoked: bool = False
+    created_at: datetime
+    last_seen_at: datetime | None = None
+    online: bool = False
+    # Highest desired-state generation issued; strictly increasing.
+    generation: int = 0
+
+
+class DeviceFeatureRow(SQLModel, table=True):
+    """The bundle a device should run for one feature, and the one before it."""
+
+    __tablename__ = "device_feature"
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    feature: str = Field(primary_key=True, max_length=64)
+    version: str
+    target_path: str
+    sha256: str = Field(max_length=64)
+    length: int
+    active: bool = True
+    rollout_id: str = Field(max_length=32)
+    revert: bool = False
+    # The assignment this one replaced: where a rollback returns to.
+    prior_version: str | None = None
+    prior_target_path: str | None = None
+    prior_sha256: str | None = None
+    prior_length: int | None = None
+
+
+class DesiredStateRow(SQLModel, table=True):
+    """The signed desired state of a device: an outbox until published."""
+
+    __tablename__ = "desired_state"
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    generation: int
+    envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    issued_at: datetime
+    published_generation: int = Field(default=0, index=True)
+
+
+class BundleRow(SQLModel, table=True):
+    __tablename__ = "bundle"
+
+    name: str = Field(primary_key=True, max_length=200)
+    feature: str = Field(index=True, max_length=64)
+    version: str = Field(max_length=32)
+    target_path: str = Field(unique=True)
+    sha256: str = Field(max_length=64)
+    length: int
+    models_json: str = "[]"
+    min_firmware: str = ""
+    signer_keyids_json: str = "[]"
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    created_at: datetime
+
+
+class TufMetadataRow(SQLModel, table=True):
+    __tablename__ = "tuf_metadata"
+
+    role: str = Field(primary_key=True, max_length=32)
+    version: int = Field(primary_key=True)
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class RolloutRow(SQLModel, table=True):
+    __tablename__ = "rollout"
+
+    rollout_id: str = Field(primary_key=True, max_length=32)
+    feature: str = Field(index=True, max_length=64)
+    version: str = Field(max_length=32)
+    bundle_name: str
+    selector: str = ""
+    stages_json: str
+    gate_json: str
+    state: str = Field(index=True, max_length=16)
+    current_stage: int = -1
+    stage_started_at: datetime | None = None
+    # Set by `promote`: the current stage's soak is skipped.
+    promoted: bool = False
+    salt_hex: str = Field(max_length=64)
+    state_reason: str = ""
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    request_hash: str = ""
+    # Bumped on every change; the etag, and the guard of conditional updates.
+    revision: int = 1
+    created_at: datetime
+    updated_at: datetime
+
+
+class RolloutDeviceRow(SQLModel, table=True):
+    """One device exposed by one rollout, and how far it got."""
+
+    __tablename__ = "rollout_device"
+    __table_args__ = (Index("ix_rollout_device_state", "rollout_id", "state"),)
+
+    rollout_id: str = Field(primary_key=True, max_length=32)
+    device_id: str = Field(primary_key=True, max_length=128)
+    model: str = Field(max_length=64)
+    region: str = Field(max_length=64)
+    stage: int
+    state: str = Field(max_length=16)
+    reason: str = ""
+    furthest_rank: int = 0
+    last_seq: int = 0
+    exposed_at: datetime
+    updated_at: datetime
+
+
+class DeviceEventRow(SQLModel, table=True):
+    __tablename__ = "device_event"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_device_event_seq"),
+        Index("ix_device_event_rollout", "rollout_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=128)
+    seq: int
+    rollout_id: str = Field(default="", max_length=32)
+    feature: str = ""
+    version: str = ""
+    state: str = Field(max_length=16)
+    error_code: str = ""
+    detail: str = ""
+    bundle_sha256: str = ""
+    device_time: datetime | None = None
+    received_at: datetime
+
+
+class RolloutAuditRow(SQLModel, table=True):
+    """Every command and automatic decision, with who, why and what changed."""
+
+    __tablename__ = "rollout_audit"
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(index=True, max_length=32)
+    time: datetime
+    actor: str
+    action: str
+    from_state: str
+    to_state: str
+    stage: int
+    reason: str = ""
+
+
+class IngestDropRow(SQLModel, table=True):
+    """Counted drops of device messages, by reason (malformed, mismatched, ...)."""
+
+    __tablename__ = "ingest_drop"
+
+    reason: str = Field(primary_key=True, max_length=64)
+    count: int = 0

@@ -1,0 +1,155 @@
+"""Rollouts, their exposed devices and their audit log.
+
+Every state change is a conditional update on `revision`, so two writers (an
+operator and the engine, or two replicas) can never both win, and a control
+plane killed between steps resumes from what was committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlmodel import Session, col, select
+
+from ota.errors import Aborted, NotFound
+from ota.store.models import DeviceRow, RolloutAuditRow, RolloutDeviceRow, RolloutRow
+
+
+def get_rollout(session: Session, rollout_id: str) -> RolloutRow:
+    row = session.get(RolloutRow, rollout_id)
+    if row is None:
+        raise NotFound(f"rollout {rollout_id!r} does not exist", field="rollout_id")
+    return row
+
+
+def rollout_by_request(session: Session, request_id: str) -> RolloutRow | None:
+    return session.exec(select(RolloutRow).where(RolloutRow.request_id == request_id)).first()
+
+
+def list_rollouts(session: Session, feature: str, *, after: str, limit: int) -> list[RolloutRow]:
+    query = select(RolloutRow).where(col(RolloutRow.rollout_id) > after)
+    if feature:
+        query = query.where(RolloutRow.feature == feature)
+    return list(session.exec(query.order_by(col(RolloutRow.rollout_id)).limit(limit)))
+
+
+def rollouts_in(session: Session, states: Sequence[str]) -> list[RolloutRow]:
+    query = select(RolloutRow).where(col(RolloutRow.state).in_(states))
+    return list(session.exec(query.order_by(col(RolloutRow.rollout_id))))
+
+
+def transition(
+    session: Session,
+    rollout: RolloutRow,
+    *,
+    to_state: str,
+    actor: str,
+    action: str,
+    reason: str,
+    now: datetime,
+    **changes: Any,
+) -> RolloutRow:
+    """Move a rollout to `to_state` if nobody changed it since it was read; audit it."""
+    values = {"state": to_state, "updated_at": now, "revision": rollout.revision + 1, **changes}
+    if reason:
+        values["state_reason"] = reason
+    result = session.execute(
+        update(RolloutRow)
+        .where(col(RolloutRow.rollout_id) == rollout.rollout_id)
+        .where(col(RolloutRow.revision) == rollout.revision)
+        .values(**values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Aborted(
+            f"rollout {rollout.rollout_id} changed concurrently; read it again and retry",
+            field="etag",
+        )
+    session.add(
+        RolloutAuditRow(
+            rollout_id=rollout.rollout_id,
+            time=now,
+            actor=actor,
+            action=action,
+            from_state=rollout.state,
+            to_state=to_state,
+            stage=changes.get("current_stage", rollout.current_stage),
+            reason=reason,
+        )
+    )
+    session.expire(rollout)
+    return get_rollout(session, rollout.rollout_id)
+
+
+def exposed_device_ids(session: Session, rollout_id: str) -> set[str]:
+    query = select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)
+    return set(session.exec(query))
+
+
+def expose(
+    session: Session, rollout_id: str, devices: Iterable[DeviceRow], stage: int, now: datetime
+) -> int:
+    count = 0
+    for device in devices:
+        session.add(
+            RolloutDeviceRow(
+                rollout_id=rollout_id,
+                device_id=device.device_id,
+                model=device.model,
+                region=device.region,
+                stage=stage,
+                state="TARGETED",
+                exposed_at=now,
+                updated_at=now,
+            )
+        )
+        count += 1
+    return count
+
+
+def state_counts(session: Session, rollout_id: str) -> dict[str, int]:
+    query = (
+        select(RolloutDeviceRow.state, func.count())
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .group_by(col(RolloutDeviceRow.state))
+    )
+    return {state: int(n) for state, n in session.exec(query)}
+
+
+def stage_exposure(session: Session, rollout_id: str) -> dict[int, int]:
+    query = (
+        select(RolloutDeviceRow.stage, func.count())
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .group_by(col(RolloutDeviceRow.stage))
+    )
+    return {stage: int(n) for stage, n in session.exec(query)}
+
+
+def audit_log(session: Session, rollout_id: str, *, after_id: int = 0) -> list[RolloutAuditRow]:
+    query = (
+        select(RolloutAuditRow)
+        .where(RolloutAuditRow.rollout_id == rollout_id)
+        .where(col(RolloutAuditRow.id) > after_id)
+        .order_by(col(RolloutAuditRow.id))
+    )
+    return list(session.exec(query))
+
+
+def record(
+    session: Session, rollout: RolloutRow, *, actor: str, action: str, reason: str, now: datetime
+) -> None:
+    """Audit a decision that does not change the rollout's state (e.g. a stage's exposure)."""
+    session.add(
+        RolloutAuditRow(
+            rollout_id=rollout.rollout_id,
+            time=now,
+            actor=actor,
+            action=action,
+            from_state=rollout.state,
+            to_state=rollout.state,
+            stage=rollout.current_stage,
+            reason=reason,
+        )
+    )

@@ -1,0 +1,37 @@
+"""Transactions: the one place that commits, and where storage errors become ota errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session
+
+from ota.errors import Unavailable
+
+
+class Store:
+    """The database of one control plane: hands out sessions, commits them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on any error."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            # "database is locked", a lost connection: the caller may retry.
+            raise Unavailable(f"the database is unavailable, retry: {exc.orig}") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise Unavailable("the database connection was lost, retry") from exc
+            raise

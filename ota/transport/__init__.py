@@ -1,0 +1,1 @@
+"""MQTT: topics, payload codec, the desired-state publisher and the event ingester."""

@@ -1,0 +1,94 @@
+"""Decoding device payloads; every way a payload can be bad has a drop reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+
+from ota.domain.states import ALL_STATES, FAILURE_REASONS
+from ota.store.ingest import IncomingEvent
+from ota.v1 import common_pb2
+
+
+class Dropped(Exception):
+    """A device message that is acknowledged, counted under `reason` and not stored."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ReportedPresence:
+    device_id: str
+    online: bool
+    time: datetime
+
+
+def _timestamp(ts: object) -> datetime | None:
+    seconds = getattr(ts, "seconds", 0)
+    if not seconds:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> IncomingEvent:
+    if len(payload) > max_bytes:
+        raise Dropped("oversized", f"{len(payload)} bytes from {topic_device_id}")
+    event = common_pb2.DeviceEvent()
+    try:
+        event.ParseFromString(payload)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise Dropped("malformed", f"undecodable event from {topic_device_id}: {exc}") from exc
+    if event.device_id != topic_device_id:
+        raise Dropped(
+            "device_mismatch", f"event for {event.device_id!r} on {topic_device_id!r}'s topic"
+        )
+    if event.seq == 0:
+        raise Dropped("malformed", f"event from {topic_device_id} without seq")
+    state = common_pb2.DeviceState.Name(event.state) if event.state in _STATE_NUMBERS else ""
+    if state not in ALL_STATES:
+        raise Dropped("malformed", f"unknown state {event.state} from {topic_device_id}")
+    reason = ""
+    if event.error_code:
+        if event.error_code not in _REASON_NUMBERS:
+            raise Dropped("malformed", f"unknown reason {event.error_code} from {topic_device_id}")
+        reason = common_pb2.FailureReason.Name(event.error_code)
+        if reason not in FAILURE_REASONS:
+            raise Dropped("malformed", f"unknown reason {reason} from {topic_device_id}")
+    return IncomingEvent(
+        device_id=event.device_id,
+        seq=event.seq,
+        rollout_id=event.rollout_id,
+        feature=event.feature,
+        version=event.version,
+        state=state,
+        error_code=reason,
+        detail=event.detail,
+        bundle_sha256=event.bundle_sha256.hex(),
+        device_time=_timestamp(event.time),
+    )
+
+
+def decode_presence(topic_device_id: str, payload: bytes, *, max_bytes: int) -> ReportedPresence:
+    if len(payload) > max_bytes:
+        raise Dropped("oversized", f"{len(payload)} bytes from {topic_device_id}")
+    state = common_pb2.ReportedState()
+    try:
+        state.ParseFromString(payload)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise Dropped("malformed", f"undecodable state from {topic_device_id}: {exc}") from exc
+    if state.device_id != topic_device_id:
+        raise Dropped("device_mismatch", f"state for {state.device_id!r} on {topic_device_id!r}")
+    return ReportedPresence(
+        state.device_id, state.online, _timestamp(state.time) or datetime.now(UTC)
+    )
+
+
+_STATE_NUMBERS = set(common_pb2.DeviceState.values())
+_REASON_NUMBERS = set(common_pb2.FailureReason.values())

@@ -1,0 +1,127 @@
+"""Telemetry ingest: batches from the inbox, one transaction, acks after commit."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+
+from ota.clock import Clock
+from ota.errors import Unavailable
+from ota.store import fleet
+from ota.store.ingest import IncomingEvent, count_drops, ingest_events
+from ota.store.session import Store
+from ota.transport.codec import Dropped, ReportedPresence, decode_event, decode_presence
+from ota.transport.mqtt import InboundMessage, MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class Ingester:
+    def __init__(
+        self,
+        link: MqttLink,
+        store: Store,
+        clock: Clock,
+        *,
+        batch_size: int = 500,
+        max_payload_bytes: int = 64 * 1024,
+    ) -> None:
+        self._link = link
+        self._store = store
+        self._clock = clock
+        self._batch_size = batch_size
+        self._max_payload = max_payload_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ota-ingest", daemon=True)
+        self.stored = 0
+        self.dropped: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take_batch()
+            if not batch:
+                continue
+            delay = 0.1
+            while not self._stop.is_set():
+                try:
+                    self._process(batch)
+                    break
+                except Unavailable as exc:
+                    # Not acknowledged: retried here, and redelivered by the broker
+                    # if this process dies meanwhile.
+                    log.warning("ingest paused, database unavailable: %s", exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                except Exception:
+                    log.exception("ingest batch failed; retrying")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    def _take_batch(self) -> list[InboundMessage]:
+        try:
+            first = self._link.inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._link.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[InboundMessage]) -> None:
+        events: list[IncomingEvent] = []
+        presence: list[ReportedPresence] = []
+        dropped: Counter[str] = Counter()
+        for message in batch:
+            parsed = self._link.topics.parse(message.topic)
+            try:
+                if parsed is None:
+                    raise Dropped("bad_topic", message.topic)
+                device_id, kind = parsed
+                if kind == "events":
+                    events.append(
+                        decode_event(device_id, message.payload, max_bytes=self._max_payload)
+                    )
+                elif kind == "state":
+                    if message.payload:  # an empty retained payload clears state
+                        presence.append(
+                            decode_presence(device_id, message.payload, max_bytes=self._max_payload)
+                        )
+                else:
+                    raise Dropped("bad_topic", message.topic)
+            except Dropped as drop:
+                dropped[drop.reason] += 1
+                log.warning("dropped device message: %s", drop)
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            result = ingest_events(session, events, now) if events else None
+            if presence:
+                fleet.mark_seen(session, _presence_rows(presence, now))
+            count_drops(session, dropped)
+        for message in batch:
+            self._link.ack(message)
+        if result is not None:
+            self.stored += result.stored
+            dropped.update(result.dropped)
+            for reason, n in result.dropped.items():
+                log.warning("dropped %d events: %s", n, reason)
+        self.dropped.update(dropped)
+
+
+def _presence_rows(
+    presence: list[ReportedPresence], now: datetime
+) -> list[tuple[str, datetime, bool | None]]:
+    return [(p.device_id, now, p.online) for p in presence]

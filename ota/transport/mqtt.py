@@ -1,0 +1,141 @@
+"""The control plane's one MQTT 5 session: publishes desired states, receives device messages.
+
+One persistent session (clean start off, session expiry set) so events sent
+while the control plane is down are queued by the broker and delivered on
+reconnect. Messages are acknowledged manually, only after the database
+commit that stores them (`ack`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ota.errors import InvalidArgument, Unavailable
+from ota.transport.topics import Topics
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise InvalidArgument(f"{url!r} is not an mqtt://host:port URL", field="mqtt_url")
+        return cls(parts.hostname, parts.port or 1883)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class MqttLink:
+    """A paho client on its own network thread; inbound messages go to `inbox`."""
+
+    def __init__(
+        self, url: str, *, username: str, password: str, topics: Topics, inbox_size: int = 100_000
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.topics = topics
+        self.inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
+        self.connected = threading.Event()
+        # With use_username_as_clientid the broker names the session after the user.
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=username,
+            protocol=paho.MQTTv5,
+            manual_ack=True,
+        )
+        self._client.username_pw_set(username, password)
+        self._client.max_inflight_messages_set(200)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def start(self, timeout: float = 10.0) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        try:
+            self._client.connect(
+                self.address.host,
+                self.address.port,
+                keepalive=30,
+                clean_start=False,
+                properties=props,
+            )
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot reach the MQTT broker at {self.address.host}:{self.address.port}: {exc}"
+            ) from exc
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise Unavailable(
+                f"the MQTT broker at {self.address.host}:{self.address.port} did not accept "
+                "the control plane's connection (check mqtt_username / mqtt_password)"
+            )
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish_retained(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+        return self._client.publish(topic, payload, qos=1, retain=True)
+
+    def ack(self, message: InboundMessage) -> None:
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the control plane: %s", reason)
+            return
+        client.subscribe(
+            [(self.topics.shared_events(), 1), (self.topics.shared_state(), 1)],
+        )
+        self.connected.set()
+        log.info("connected to the broker at %s:%s", self.address.host, self.address.port)
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if reason.value != 0:
+            log.warning("lost the broker (%s); paho reconnects", reason)
+
+    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        # Never block paho's network thread for long: the ingester drains this.
+        self.inbox.put(InboundMessage(msg.topic, msg.payload, msg.mid, msg.qos))

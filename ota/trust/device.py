@@ -1,0 +1,479 @@
+"""The device side of trust, written as firmware would do it.
+
+A device accepts a desired state only when the director keys named by its
+trusted TUF root signed it, it is addressed to this device, newer than the last
+one accepted and not expired; and it installs a bundle only when the TUF image
+repository (python-tuf's ``Updater`` over a `MetadataSource`) vouches for
+exactly the digest and length the director named.
+
+Time: ngclient checks expiry against a reference time taken from the system
+clock when an ``Updater`` is built; we overwrite it with the device clock,
+raised to the time floor (the newest signed time seen) so a clock reset to 1970
+cannot make expired metadata look fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
+
+from google.protobuf.message import DecodeError
+from securesystemslib.exceptions import UnverifiedSignatureError
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Root, TargetFile  # type: ignore[attr-defined, unused-ignore]
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from ota.clock import Clock
+from ota.domain.version import Version
+from ota.errors import FailedPrecondition, InvalidArgument, OtaError, VerificationError
+from ota.trust.director import director_keys, open_envelope
+from ota.v1 import common_pb2
+
+logger = logging.getLogger(__name__)
+
+METADATA_BASE = "ota://metadata/"
+TARGETS_BASE = "ota://targets/"
+STATE_FILE = "trust-state.json"
+
+_METADATA_NAME = re.compile(r"^(?:(?P<version>[1-9][0-9]{0,18})\.)?(?P<role>[a-z]+)\.json$")
+_HASHED_NAME = re.compile(r"^[0-9a-f]{64}\.(?P<name>.+)$")
+
+
+class MetadataSource(Protocol):
+    """Where a device gets TUF metadata and bundle bytes (gRPC on real devices)."""
+
+    def fetch_metadata(self, role: str, version: int | None) -> bytes | None:
+        """Metadata of `role` at `version` (None: the current one), or None if there is none."""
+        ...
+
+    def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
+        """Bundle bytes from `offset`, at most `max_length` of them."""
+        ...
+
+
+class StaleDesiredState(VerificationError):
+    """A desired state not newer than the one already accepted: ignore it."""
+
+    def __init__(self, generation: int, accepted: int) -> None:
+        super().__init__(
+            "ROLLBACK_REFUSED",
+            f"desired state generation {generation} is not newer than {accepted}, "
+            "the one already accepted",
+        )
+        self.generation = generation
+        self.accepted = accepted
+
+
+class DeviceTrust:
+    """Verifies desired states and bundles for one device; keeps its trust state on disk."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        model: str,
+        firmware: str,
+        state_dir: Path,
+        trusted_root: bytes,
+        source: MetadataSource,
+        clock: Clock,
+        max_clock_skew: timedelta = timedelta(hours=3),
+        download_attempts: int = 3,
+        durable: bool = True,
+    ) -> None:
+        self._device_id = device_id
+        self._model = model
+        self._firmware = Version.parse(firmware, field="firmware")
+        self._trusted_root = trusted_root
+        self._clock = clock
+        self._max_skew = max_clock_skew
+        self._metadata_dir = state_dir / "tuf"
+        self._downloads = state_dir / "downloads"
+        self._state_file = _StateFile(state_dir / STATE_FILE, durable=durable)
+        self._fetcher = _SourceFetcher(source, attempts=download_attempts)
+        self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        self._downloads.mkdir(parents=True, exist_ok=True)
+        self._state = self._state_file.load()
+        self._root: Root | None = None
+        try:
+            self._new_updater()  # fails early on a bad embedded root
+        except tuf_errors.RepositoryError as exc:
+            raise InvalidArgument(
+                f"the embedded root is invalid: {exc}", field="trusted_root"
+            ) from exc
+
+    @property
+    def accepted_generation(self) -> int:
+        """Generation of the newest desired state accepted (0: none yet)."""
+        return self._state.generation
+
+    @property
+    def time_floor(self) -> datetime | None:
+        """The newest signed time seen; the device never believes it is earlier."""
+        return self._state.time_floor
+
+    # -- desired state ----------------------------------------------------------------
+
+    def verify_desired_state(self, envelope_bytes: bytes) -> common_pb2.DesiredState:
+        """Open a director envelope and return the desired state if this device may act on it."""
+        try:
+            envelope = common_pb2.Envelope.FromString(envelope_bytes)
+        except DecodeError as exc:
+            raise VerificationError("METADATA_INVALID", f"not a DSSE envelope: {exc}") from exc
+        state = _parse_state(self._open(envelope))
+        if state.device_id != self._device_id:
+            raise VerificationError(
+                "WRONG_DEVICE", f"desired state is for {state.device_id!r}, not {self._device_id!r}"
+            )
+        if state.generation <= self._state.generation:
+            raise StaleDesiredState(state.generation, self._state.generation)
+        issued, expires = _times(state)
+        now = self._clock.now()
+        floor = self._state.time_floor
+        if expires <= max(now, floor or now):
+            raise VerificationError(
+                "METADATA_EXPIRED",
+                f"desired state generation {state.generation} expired at {expires}",
+            )
+        if issued > now + self._max_skew:
+            raise VerificationError(
+                "CLOCK_INVALID", f"desired state issued at {issued} but the device clock says {now}"
+            )
+        if floor is not None and now < floor - self._max_skew:
+            raise VerificationError(
+                "CLOCK_INVALID", f"device clock {now} is before {floor}, a time already signed"
+            )
+        self._state = _State(state.generation, max(issued, floor or issued))
+        self._state_file.save(self._state)
+        return state
+
+    def _open(self, envelope: common_pb2.Envelope) -> bytes:
+        refreshed = False
+        if self._root is None:
+            self._refresh_quietly()
+            refreshed = True
+        root = self._current_root()
+        keys, threshold = director_keys(root)
+        try:
+            return open_envelope(envelope, keys, threshold)
+        except VerificationError:
+            # A keyid this root does not know may be a rotated director key: look for a
+            # newer root once. Known keyids with bad signatures cost no network.
+            unknown = {s.keyid for s in envelope.signatures} - set(keys)
+            if refreshed or not unknown:
+                raise
+        self._refresh_quietly()
+        keys, threshold = director_keys(self._current_root())
+        return open_envelope(envelope, keys, threshold)
+
+    # -- TUF --------------------------------------------------------------------------
+
+    def refresh_metadata(self) -> None:
+        """Fetch and verify the newest root, timestamp, snapshot and targets."""
+        updater = self._new_updater()
+        try:
+            with _tuf_errors("metadata"):
+                updater.refresh()
+        finally:
+            self._root = None  # a newer root may have been trusted even if a later step failed
+
+    def fetch_bundle(self, assignment: common_pb2.FeatureAssignment) -> Path:
+        """Download the assigned bundle, verified against TUF and the director; return its path."""
+        if len(assignment.sha256) != 32 or not assignment.target_path:
+            raise VerificationError(
+                "METADATA_INVALID", "assignment needs a target path and a 32-byte sha256"
+            )
+        updater = self._new_updater()
+        try:
+            with _tuf_errors(assignment.target_path):
+                updater.refresh()
+                info = updater.get_targetinfo(assignment.target_path)
+        finally:
+            self._root = None
+        if info is None:
+            raise VerificationError(
+                "SIGNATURE_INVALID", f"{assignment.target_path} is not signed by a release key"
+            )
+        self._check_assignment(assignment, info)
+        final = self._downloads / quote(info.path, safe="")
+        if updater.find_cached_target(info, str(final)) is not None:
+            return final
+        return self._download(updater, info, final)
+
+    def _check_assignment(self, assignment: common_pb2.FeatureAssignment, info: TargetFile) -> None:
+        # The director picks among signed bundles; it must name one exactly as signed.
+        if info.hashes.get("sha256") != assignment.sha256.hex():
+            raise VerificationError(
+                "HASH_MISMATCH",
+                f"director's sha256 for {info.path} differs from the release-signed one",
+            )
+        if info.length != assignment.length:
+            raise VerificationError(
+                "LENGTH_MISMATCH",
+                f"director's length {assignment.length} for {info.path} differs from the "
+                f"release-signed {info.length}",
+            )
+        custom = info.custom
+        if not isinstance(custom, dict) or not isinstance(custom.get("models"), list):
+            raise VerificationError("METADATA_INVALID", f"{info.path} has no compatible models")
+        if (custom.get("feature"), custom.get("version")) != (
+            assignment.feature,
+            assignment.version,
+        ):
+            raise VerificationError(
+                "INCOMPATIBLE",
+                f"{info.path} is {custom.get('feature')} {custom.get('version')}, "
+                f"not {assignment.feature} {assignment.version}",
+            )
+        if self._model not in custom["models"]:
+            raise VerificationError(
+                "INCOMPATIBLE", f"{info.path} is not built for model {self._model!r}"
+            )
+        min_firmware = custom.get("min_firmware")
+        if min_firmware is not None:
+            try:
+                required = Version.parse(str(min_firmware))
+            except OtaError as exc:
+                raise VerificationError("METADATA_INVALID", exc.message) from exc
+            if self._firmware < required:
+                raise VerificationError(
+                    "INCOMPATIBLE",
+                    f"{info.path} needs firmware {required} or later; this device runs "
+                    f"{self._firmware}",
+                )
+
+    def _download(self, updater: Updater, info: TargetFile, final: Path) -> Path:
+        partial = final.with_name(final.name + ".part")
+        self._fetcher.expect(info.length)
+        try:
+            with _tuf_errors(info.path):
+                try:
+                    updater.download_target(info, str(partial))
+                except tuf_errors.LengthOrHashMismatchError as exc:
+                    raise self._mismatch(info, exc) from exc
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return final
+
+    def _mismatch(self, info: TargetFile, exc: Exception) -> VerificationError:
+        received = self._fetcher.received
+        if received == 0:
+            return VerificationError("DOWNLOAD_FAILED", f"{info.path}: no bytes received")
+        if received != info.length:
+            return VerificationError(
+                "LENGTH_MISMATCH", f"{info.path}: received {received} of {info.length} bytes"
+            )
+        return VerificationError("HASH_MISMATCH", f"{info.path}: {exc}")
+
+    def _new_updater(self) -> Updater:
+        updater = Updater(
+            str(self._metadata_dir),
+            METADATA_BASE,
+            str(self._downloads),
+            TARGETS_BASE,
+            self._fetcher,
+            bootstrap=self._trusted_root,
+        )
+        # ngclient took the system time in its constructor; use the device's instead.
+        updater._trusted_set.reference_time = self._effective_now()
+        return updater
+
+    def _effective_now(self) -> datetime:
+        now = self._clock.now()
+        floor = self._state.time_floor
+        return max(now, floor) if floor is not None else now
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh_metadata()
+        except VerificationError as exc:
+            # Keep using the roots already trusted; the caller's check decides.
+            logger.info("device %s: TUF refresh failed: %s", self._device_id, exc)
+
+    def _current_root(self) -> Root:
+        if self._root is None:
+            self._root = _trusted_root_chain(self._trusted_root, self._metadata_dir)
+        return self._root
+
+
+def _trusted_root_chain(bootstrap: bytes, metadata_dir: Path) -> Root:
+    """The newest root reachable from `bootstrap` through roots ngclient already stored.
+
+    Each link is re-verified (signed by the previous root's and its own threshold),
+    so only the file layout of ngclient (``root_history/N.root.json``) is assumed.
+    """
+    md: Metadata[Root] = Metadata.from_bytes(bootstrap)
+    root = md.signed
+    while True:
+        path = metadata_dir / "root_history" / f"{root.version + 1}.root.json"
+        try:
+            new: Metadata[Root] = Metadata.from_bytes(path.read_bytes())
+            if not isinstance(new.signed, Root) or new.signed.version != root.version + 1:
+                raise tuf_errors.RepositoryError(f"{path} is not root v{root.version + 1}")
+            root.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+            new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+        except FileNotFoundError:
+            return root
+        except (OSError, tuf_errors.RepositoryError) as exc:
+            logger.warning("ignoring stored root %s: %s", path, exc)
+            return root
+        root = new.signed
+
+
+def _parse_state(payload: bytes) -> common_pb2.DesiredState:
+    try:
+        return common_pb2.DesiredState.FromString(payload)
+    except DecodeError as exc:
+        raise VerificationError("METADATA_INVALID", f"not a DesiredState: {exc}") from exc
+
+
+def _times(state: common_pb2.DesiredState) -> tuple[datetime, datetime]:
+    if not state.HasField("issued_at") or not state.HasField("expires_at"):
+        raise VerificationError("METADATA_INVALID", "desired state lacks issued_at or expires_at")
+    try:
+        return state.issued_at.ToDatetime(tzinfo=UTC), state.expires_at.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise VerificationError(
+            "METADATA_INVALID", f"desired state time out of range: {exc}"
+        ) from exc
+
+
+@contextmanager
+def _tuf_errors(subject: str) -> Iterator[None]:
+    """Translate python-tuf's exceptions into the FailureReason a device reports."""
+    try:
+        yield
+    except VerificationError:
+        raise
+    except (tuf_errors.UnsignedMetadataError, UnverifiedSignatureError) as exc:
+        raise VerificationError("SIGNATURE_INVALID", f"{subject}: {exc}") from exc
+    except tuf_errors.ExpiredMetadataError as exc:
+        raise VerificationError("METADATA_EXPIRED", f"{subject}: {exc}") from exc
+    except tuf_errors.BadVersionNumberError as exc:
+        raise VerificationError("ROLLBACK_REFUSED", f"{subject}: {exc}") from exc
+    except tuf_errors.LengthOrHashMismatchError as exc:
+        # Metadata that does not match what snapshot/timestamp pinned: mix-and-match.
+        raise VerificationError("HASH_MISMATCH", f"{subject}: {exc}") from exc
+    except tuf_errors.DownloadError as exc:
+        raise VerificationError("DOWNLOAD_FAILED", f"{subject}: {exc}") from exc
+    except tuf_errors.RepositoryError as exc:
+        raise VerificationError("METADATA_INVALID", f"{subject}: {exc}") from exc
+    except OSError as exc:
+        raise VerificationError("DOWNLOAD_FAILED", f"{subject}: cannot store: {exc}") from exc
+
+
+class _SourceFetcher(FetcherInterface):
+    """Maps ngclient's URLs onto a `MetadataSource`; resumes a cut bundle download."""
+
+    def __init__(self, source: MetadataSource, *, attempts: int) -> None:
+        self._source = source
+        self._attempts = max(1, attempts)
+        self._expected = 0
+        self.received = 0
+
+    def expect(self, length: int) -> None:
+        """Length of the next bundle, so a resumed stream asks for the rest only."""
+        self._expected = length
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if url.startswith(METADATA_BASE):
+            return self._metadata(url.removeprefix(METADATA_BASE))
+        if url.startswith(TARGETS_BASE):
+            name = url.removeprefix(TARGETS_BASE)
+            parent, sep, base = name.rpartition("/")
+            hashed = _HASHED_NAME.match(base)
+            if hashed is not None:
+                return self._target(f"{parent}{sep}{hashed['name']}")
+        # ngclient treats 404 as "no such file" (e.g. no newer root): anything else breaks it.
+        raise tuf_errors.DownloadHTTPError(f"{url} not found", 404)
+
+    def _metadata(self, name: str) -> Iterator[bytes]:
+        match = _METADATA_NAME.match(name)
+        if match is None:
+            raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
+        version = int(match["version"]) if match["version"] else None
+        # Called eagerly: fetch() wraps errors raised here, not those raised while iterating.
+        data = self._source.fetch_metadata(match["role"], version)
+        if data is None:
+            raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
+        return iter((data,))
+
+    def _target(self, target_path: str) -> Iterator[bytes]:
+        self.received = 0
+        failures = 0
+        while True:
+            try:
+                remaining = max(self._expected - self.received, 0)
+                for chunk in self._source.fetch_target(target_path, self.received, remaining):
+                    self.received += len(chunk)
+                    yield chunk
+                return
+            except tuf_errors.DownloadError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures >= self._attempts:
+                    raise tuf_errors.DownloadError(
+                        f"{target_path}: stream failed at byte {self.received}: {exc}"
+                    ) from exc
+                logger.info("resuming %s at byte %d: %s", target_path, self.received, exc)
+
+
+@dataclass(frozen=True)
+class _State:
+    generation: int = 0
+    time_floor: datetime | None = None
+
+
+class _StateFile:
+    """The device's small trust state, written atomically (write, fsync, rename)."""
+
+    def __init__(self, path: Path, *, durable: bool) -> None:
+        self._path = path
+        self._durable = durable
+
+    def load(self) -> _State:
+        try:
+            doc = json.loads(self._path.read_text())
+            floor = doc.get("time_floor")
+            return _State(
+                generation=int(doc["generation"]),
+                time_floor=datetime.fromisoformat(floor) if floor else None,
+            )
+        except FileNotFoundError:
+            return _State()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Starting from zero would accept replayed desired states: refuse instead.
+            raise FailedPrecondition(
+                f"device trust state {self._path} is unreadable: {exc}"
+            ) from exc
+
+    def save(self, state: _State) -> None:
+        doc = {
+            "generation": state.generation,
+            "time_floor": state.time_floor.isoformat() if state.time_floor else None,
+        }
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        with tmp.open("w") as f:
+            json.dump(doc, f)
+            if self._durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        if self._durable:
+            dir_fd = os.open(self._path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
