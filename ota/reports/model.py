@@ -36,7 +36,7 @@ class AdoptionReport:
     exposed: int
     funnel: list[tuple[str, int]]
     current_states: dict[str, int]
-    failures_by_reason: dict[str, int]
+    failures_by_reason: dict[str, int]  # devices that failed, even if since reverted
     cohorts: list[Cohort]
     timeline: list[RolloutAuditRow]
     events_ingested: int
@@ -69,7 +69,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     reasons = dict(
         session.exec(
             select(RolloutDeviceRow.reason, func.count())
-            .where(where, RolloutDeviceRow.state == "FAILED")
+            .where(where, RolloutDeviceRow.reason != "")
             .group_by(col(RolloutDeviceRow.reason))
         ).all()
     )
@@ -105,20 +105,24 @@ def _target(eligible: int, ppm: int) -> int:
 def _cohorts(session: Session, rollout_id: str, dimension: str) -> list[Cohort]:
     column = col(getattr(RolloutDeviceRow, dimension))
     rows = session.exec(
-        select(column, RolloutDeviceRow.state, func.count())
+        select(column, RolloutDeviceRow.state, RolloutDeviceRow.reason != "", func.count())
         .where(RolloutDeviceRow.rollout_id == rollout_id)
-        .group_by(column, col(RolloutDeviceRow.state))
+        .group_by(column, col(RolloutDeviceRow.state), RolloutDeviceRow.reason != "")
     ).all()
     totals: dict[str, dict[str, int]] = {}
-    for value, state, n in rows:
-        totals.setdefault(value, {})[state] = int(n)
+    failed: dict[str, int] = {}
+    for value, state, ever_failed, n in rows:
+        by_state = totals.setdefault(value, {})
+        by_state[state] = by_state.get(state, 0) + int(n)
+        if ever_failed:
+            failed[value] = failed.get(value, 0) + int(n)
     return [
         Cohort(
             dimension,
             value,
             exposed=sum(by_state.values()),
             active=by_state.get("ACTIVE", 0),
-            failed=by_state.get("FAILED", 0),
+            failed=failed.get(value, 0),
         )
         for value, by_state in sorted(totals.items())
     ]

@@ -147,24 +147,29 @@ class RolloutEngine:
             rollout.stage_started_at is not None
             and now >= utc(rollout.stage_started_at) + timedelta(seconds=stage.min_soak_seconds)
         )
-        evidence = progress.finished >= min(gate.min_sample, progress.exposed)
-        if soaked and evidence:
-            if rollout.current_stage + 1 < len(plan.stages):
+        if not soaked:
+            return notified
+        if rollout.current_stage + 1 < len(plan.stages):
+            # Advance on evidence from this stage's own devices, not earlier ones.
+            this_stage = read_progress(session, rollout.rollout_id, stage=rollout.current_stage)
+            if this_stage.finished >= min(gate.min_sample, this_stage.exposed):
                 self._enter_stage(session, rollout, plan, rollout.current_stage + 1)
                 self.wake()  # expose the next stage now rather than a tick later
-            else:
-                rollouts.transition(
-                    session,
-                    rollout,
-                    to_state=states.COMPLETED,
-                    actor=ENGINE,
-                    action="complete",
-                    reason=(
-                        f"all {len(plan.stages)} stages done: {progress.finished - progress.failed} "
-                        f"installed, {progress.failed} failed of {progress.exposed} exposed"
-                    ),
-                    now=now,
-                )
+        elif progress.finished == progress.exposed:
+            # Complete only once every exposed device has finished, so the final
+            # figures are final; stragglers keep the rollout RUNNING at 100 %.
+            rollouts.transition(
+                session,
+                rollout,
+                to_state=states.COMPLETED,
+                actor=ENGINE,
+                action="complete",
+                reason=(
+                    f"all {len(plan.stages)} stages done: {progress.finished - progress.failed} "
+                    f"installed, {progress.failed} failed of {progress.exposed} exposed"
+                ),
+                now=now,
+            )
         return notified
 
     def _enter_stage(

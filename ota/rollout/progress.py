@@ -28,5 +28,6 @@ class Progress:
         return self.failed + sum(self.states.get(s, 0) for s in FINISHED_OK)
 
 
-def read_progress(session: Session, rollout_id: str) -> Progress:
-    return Progress(rollouts.state_counts(session, rollout_id))
+def read_progress(session: Session, rollout_id: str, *, stage: int | None = None) -> Progress:
+    """Progress of the whole rollout, or of the devices one stage exposed."""
+    return Progress(rollouts.state_counts(session, rollout_id, stage=stage))

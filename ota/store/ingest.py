@@ -122,7 +122,9 @@ def _apply_progress(session: Session, events: Sequence[IncomingEvent], now: date
             continue
         row.last_seq = event.seq
         row.state = event.state
-        row.reason = event.error_code if event.state == "FAILED" else ""
+        if event.state == "FAILED":
+            # Kept after a later revert: the report still shows why it failed.
+            row.reason = event.error_code
         row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
         row.updated_at = now
         session.add(row)

@@ -109,12 +109,14 @@ def expose(
     return count
 
 
-def state_counts(session: Session, rollout_id: str) -> dict[str, int]:
+def state_counts(session: Session, rollout_id: str, *, stage: int | None = None) -> dict[str, int]:
     query = (
         select(RolloutDeviceRow.state, func.count())
         .where(RolloutDeviceRow.rollout_id == rollout_id)
         .group_by(col(RolloutDeviceRow.state))
     )
+    if stage is not None:
+        query = query.where(RolloutDeviceRow.stage == stage)
     return {state: int(n) for state, n in session.exec(query)}
 
 

@@ -75,7 +75,13 @@ class StaleDesiredState(VerificationError):
 
 
 class DeviceTrust:
-    """Verifies desired states and bundles for one device; keeps its trust state on disk."""
+    """Verifies desired states and bundles for one device; keeps its trust state on disk.
+
+    One caller at a time (a device is single-threaded). `max_clock_skew` is how far
+    a desired state's ``issued_at`` may lie ahead of the device clock, and how far
+    the clock may fall behind the time floor, before CLOCK_INVALID. `durable=False`
+    skips fsync, for simulating many devices on one disk.
+    """
 
     def __init__(
         self,

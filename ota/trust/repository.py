@@ -128,9 +128,11 @@ class ImageRepository:
                 if (
                     resigned.signed.version != targets.signed.version + 1
                     or resigned.signed.targets != targets.signed.targets
+                    or resigned.signed.is_expired(self._clock.now())
                 ):
                     raise InvalidArgument(
-                        f"must be version {targets.signed.version + 1} with the same bundles",
+                        f"must be version {targets.signed.version + 1} with the same bundles, "
+                        "not expired",
                         field="resigned_targets",
                     )
             else:
@@ -149,20 +151,12 @@ class ImageRepository:
         Nothing is stored: the caller checks the uploaded bytes, then commits.
         """
         with self._lock:
-            md, current = self._verify_next_targets(signed_targets)
-        added = set(md.signed.targets) - set(current.signed.targets)
+            md, _ = self._verify_next_targets(signed_targets)
         if target_path not in md.signed.targets:
             raise InvalidArgument(
                 f"{target_path} is not in the signed targets", field="target_path"
             )
-        if added - {target_path}:
-            raise InvalidArgument(
-                f"the signed targets add other bundles too: {sorted(added - {target_path})}",
-                field="signed_targets",
-            )
-        accepted = self._accepted(md, target_path, self._root_md().signed)
-        check_custom(accepted.custom, target_path)
-        return accepted
+        return self._accepted(md, target_path, self._root_md().signed)
 
     def commit_targets(self, signed_targets: bytes) -> None:
         """Store accepted targets, then a snapshot and timestamp that point at them."""
@@ -172,15 +166,21 @@ class ImageRepository:
             self._publish_snapshot()
 
     def refresh_timestamp(self, *, min_remaining: timedelta) -> bool:
-        """Re-sign timestamp (and snapshot) that expire within `min_remaining`; True if any."""
+        """Re-sign timestamp (and snapshot) that expire within `min_remaining`; True if any.
+
+        Also finishes a commit that stored targets but not yet its snapshot.
+        """
         with self._lock:
             now = self._clock.now()
-            snapshot = self._online_md(Snapshot.type)
-            if snapshot.signed.expires - now <= min_remaining:
+            snapshot = self._online_md(Snapshot.type).signed
+            targets_version = self._targets_md().signed.version
+            if (
+                snapshot.expires - now <= min_remaining
+                or snapshot.meta["targets.json"].version != targets_version
+            ):
                 self._publish_snapshot()
                 return True
-            timestamp = self._online_md(Timestamp.type)
-            if timestamp.signed.expires - now <= min_remaining:
+            if self._online_md(Timestamp.type).signed.expires - now <= min_remaining:
                 self._publish_timestamp()
                 return True
             return False
@@ -234,6 +234,16 @@ class ImageRepository:
                     f"the signed targets change or drop the published bundle {path}",
                     field="signed_targets",
                 )
+        added = sorted(set(md.signed.targets) - set(current.signed.targets))
+        if len(added) > 1:
+            raise InvalidArgument(
+                f"publish one bundle at a time; the signed targets add {added}",
+                field="signed_targets",
+            )
+        for path in added:
+            check_custom(md.signed.targets[path].custom, path)
+            if "sha256" not in md.signed.targets[path].hashes:
+                raise InvalidArgument(f"{path} has no sha256 hash", field="signed_targets")
         return md, current
 
     def _check_release_signatures(
@@ -253,13 +263,10 @@ class ImageRepository:
 
     def _accepted(self, md: Metadata[Targets], path: str, root: Root) -> AcceptedTarget:
         info = md.signed.targets[path]
-        sha256 = info.hashes.get("sha256")
-        if sha256 is None:
-            raise InvalidArgument(f"{path} has no sha256 hash", field="signed_targets")
         return AcceptedTarget(
             path=path,
             length=info.length,
-            sha256_hex=sha256,
+            sha256_hex=info.hashes.get("sha256", ""),
             custom=dict(info.custom or {}),
             signer_keyids=self._check_release_signatures(root, md, "signed_targets"),
         )

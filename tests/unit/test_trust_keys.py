@@ -217,3 +217,11 @@ def test_expiry_is_normalised_to_utc() -> None:
     local = datetime(2027, 1, 1, 14, tzinfo=timezone(timedelta(hours=2)))
     md = Metadata[Targets].from_bytes(create_initial_targets([signer], expires=local))
     assert md.signed.expires == datetime(2027, 1, 1, 12, tzinfo=UTC)
+
+
+def test_public_surface_is_exactly_what_ota_trust_exports() -> None:
+    import ota.trust
+
+    public = {name for name in vars(ota.trust) if not name.startswith("_")}
+    modules = {"device", "director", "keys", "release", "repository", "rootgen"}
+    assert public - modules == set(ota.trust.__all__)

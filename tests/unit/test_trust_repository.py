@@ -251,7 +251,7 @@ def test_accept_requires_exactly_the_named_bundle() -> None:
     md = Metadata[Targets].from_bytes(two)
     md.signed.version = 2
     md.sign(world.releases[0])
-    with pytest.raises(InvalidArgument, match="other bundles"):
+    with pytest.raises(InvalidArgument, match="one bundle at a time"):
         repo.accept_targets(md.to_bytes(), target_path=path)
 
 
@@ -315,3 +315,26 @@ def test_root_rotation_needs_both_old_and_new_root_keys() -> None:
     repo.rotate_root(md.to_bytes())
     assert repo.metadata("root", 2) == md.to_bytes()
     assert Metadata[Timestamp].from_bytes(_current(repo, "timestamp")).signed.version == 2
+
+
+def test_refresh_finishes_a_commit_that_stopped_before_its_snapshot() -> None:
+    world = World()
+    repo = world.bootstrapped()
+    signed, _ = _sign_bundle(_current(repo, "targets"), [world.releases[0]])
+    world.store.put_metadata("targets", 2, signed)  # a crash right after this write
+    assert repo.refresh_timestamp(min_remaining=timedelta(0)) is True
+    snapshot = Metadata[Snapshot].from_bytes(_current(repo, "snapshot")).signed
+    assert snapshot.meta["targets.json"].version == 2
+    assert repo.refresh_timestamp(min_remaining=timedelta(0)) is False
+
+
+def test_bundle_custom_fields_are_checked_on_the_server_too() -> None:
+    world = World()
+    repo = world.bootstrapped()
+    signed, path = _sign_bundle(_current(repo, "targets"), [world.releases[0]])
+    md = Metadata[Targets].from_bytes(signed)
+    md.signed.targets[path].unrecognized_fields["custom"]["models"] = []
+    md.sign(world.releases[0])
+    with pytest.raises(InvalidArgument) as err:
+        repo.commit_targets(md.to_bytes())
+    assert err.value.field == "custom.models"
