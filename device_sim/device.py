@@ -42,6 +42,7 @@ class DeviceRecord:
 
     last_state: dict[str, str] = field(default_factory=dict)  # rollout_id -> state
     last_reason: dict[str, str] = field(default_factory=dict)
+    failed_reason: dict[str, str] = field(default_factory=dict)  # kept after a revert
     events_sent: int = 0
 
 
@@ -213,6 +214,8 @@ class SimDevice:
         if a.rollout_id:
             self.record.last_state[a.rollout_id] = state
             self.record.last_reason[a.rollout_id] = reason
+            if state == "FAILED":
+                self.record.failed_reason[a.rollout_id] = reason
         self.record.events_sent += 1
         assert self._client is not None
         await self._client.publish(

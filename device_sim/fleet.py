@@ -142,10 +142,11 @@ class SimulatedFleet:
         )
 
     def failure_reasons(self, rollout_id: str) -> Counter[str]:
+        """Why devices failed a rollout, including those reverted since."""
         return Counter(
-            d.record.last_reason[rollout_id]
+            d.record.failed_reason[rollout_id]
             for d in self.devices
-            if d.record.last_state.get(rollout_id) == "FAILED"
+            if rollout_id in d.record.failed_reason
         )
 
     def stop(self) -> None:

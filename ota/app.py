@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,9 +42,16 @@ log = logging.getLogger(__name__)
 class MosquittoAccounts:
     """Device accounts in Mosquitto's password file; SIGHUP makes it re-read them."""
 
-    def __init__(self, password_file: Path, pid_file: Path | None) -> None:
+    def __init__(
+        self,
+        password_file: Path,
+        pid_file: Path | None,
+        *,
+        reload: Callable[[], None] | None = None,
+    ) -> None:
         self._file = PasswordFile(password_file)
         self._pid_file = pid_file
+        self._reload_hook = reload
 
     def set_many(self, secrets: dict[str, str]) -> None:
         self._file.set_many(secrets)
@@ -54,6 +62,9 @@ class MosquittoAccounts:
         self._reload()
 
     def _reload(self) -> None:
+        if self._reload_hook is not None:
+            self._reload_hook()
+            return
         if self._pid_file is None:
             return
         try:
@@ -85,7 +96,13 @@ class ControlPlane:
     store: Store
 
     @classmethod
-    def build(cls, config: ServerConfig, clock: Clock | None = None) -> ControlPlane:
+    def build(
+        cls,
+        config: ServerConfig,
+        clock: Clock | None = None,
+        *,
+        accounts: BrokerAccounts | None = None,
+    ) -> ControlPlane:
         clock = clock or SystemClock()
         engine_db = open_database(config.database_url)
         migrate(engine_db)
@@ -131,8 +148,7 @@ class ControlPlane:
 
         commands = RolloutCommands(store, director, clock, desired_ttl=ttl, on_change=command_done)
         auth = Authenticator(store, config.tokens)
-        accounts: BrokerAccounts | None = None
-        if config.broker_password_file:
+        if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
         server, port, _health = build_server(

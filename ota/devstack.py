@@ -7,10 +7,11 @@ same real parts.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ota.app import ControlPlane
+from ota.app import ControlPlane, MosquittoAccounts
 from ota.broker.config import BrokerFiles, BrokerSettings
 from ota.broker.process import MosquittoProcess, free_port, start_private_broker
 from ota.clock import Clock
@@ -28,6 +29,8 @@ class BrokerEndpoint:
     control_password: str
     password_file: Path | None = None
     pid_file: Path | None = None
+    # How to make the broker re-read its accounts, when not by the pid file.
+    reload: Callable[[], None] | None = None
 
 
 @dataclass
@@ -94,7 +97,10 @@ class DevStack:
         if config_overrides:
             config = replace(config, **config_overrides)  # type: ignore[arg-type]
         try:
-            control_plane = ControlPlane.build(config, clock)
+            accounts = None
+            if broker.reload is not None and broker.password_file is not None:
+                accounts = MosquittoAccounts(broker.password_file, None, reload=broker.reload)
+            control_plane = ControlPlane.build(config, clock, accounts=accounts)
             control_plane.start()
         except BaseException:
             if process is not None:
