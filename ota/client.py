@@ -93,7 +93,7 @@ class Client:
                 "feature": feature,
                 "version": version,
                 "models": list(models),
-                "min_firmware": min_firmware,
+                **({"min_firmware": min_firmware} if min_firmware else {}),
             },
             signers=signers,
             expires=_now() + expires_in,
