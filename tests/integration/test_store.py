@@ -1,0 +1,113 @@
+"""The store against real databases: a SQLite file, and PostgreSQL when OTA_TEST_DATABASE_URL is set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, text
+from sqlmodel import SQLModel
+
+from ota.domain import states
+from ota.errors import Aborted
+from ota.store import fleet, rollouts
+from ota.store.database import migrate, open_database
+from ota.store.ingest import IncomingEvent, ingest_events
+from ota.store.models import RolloutRow
+from ota.store.session import Store
+
+pytestmark = pytest.mark.integration
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+def _reset_postgres(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+    else:
+        engine = open_database(request.getfixturevalue("postgres_url"))
+        _reset_postgres(engine)
+    migrate(engine)
+    migrate(engine)  # idempotent
+    yield Store(engine)
+    engine.dispose()
+
+
+def test_migrations_create_exactly_the_models(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
+
+
+def _rollout(store: Store) -> RolloutRow:
+    with store.transaction() as session:
+        fleet.register_devices(
+            session, [fleet.Registration("d1", "ev6", "eu", "4.2", {})], NOW
+        )
+        row = RolloutRow(
+            rollout_id="r-1", feature="f", version="1.0", bundle_name="bundles/f/1.0",
+            stages_json="[]", gate_json="{}", state=states.RUNNING, salt_hex="00",
+            created_at=NOW, updated_at=NOW,
+        )
+        session.add(row)
+        session.flush()
+        rollouts.expose(session, "r-1", [fleet.get_device(session, "d1")], 0, NOW)
+        return row
+
+
+def _event(seq: int, state: str) -> IncomingEvent:
+    return IncomingEvent("d1", seq, "r-1", "f", "1.0", state, "", "", "", None)
+
+
+def test_ingest_is_idempotent_and_never_moves_a_device_backwards(store: Store) -> None:
+    _rollout(store)
+    with store.transaction() as session:
+        first = ingest_events(session, [_event(1, "NOTIFIED"), _event(3, "ACTIVE")], NOW)
+    with store.transaction() as session:
+        again = ingest_events(session, [_event(3, "ACTIVE"), _event(2, "DOWNLOADING")], NOW)
+    assert (first.stored, first.duplicates) == (2, 0)
+    assert (again.stored, again.duplicates) == (1, 1)
+    with store.transaction() as session:
+        assert rollouts.state_counts(session, "r-1") == {"ACTIVE": 1}
+
+
+def test_unknown_devices_and_rollouts_are_dropped_not_stored(store: Store) -> None:
+    _rollout(store)
+    with store.transaction() as session:
+        result = ingest_events(
+            session,
+            [
+                IncomingEvent("ghost", 1, "r-1", "f", "1.0", "ACTIVE", "", "", "", None),
+                IncomingEvent("d1", 1, "r-404", "f", "1.0", "ACTIVE", "", "", "", None),
+            ],
+            NOW,
+        )
+    assert result.stored == 0
+    assert dict(result.dropped) == {"unknown_device": 1, "unknown_rollout": 1}
+
+
+def test_a_transition_from_a_stale_read_is_refused(store: Store) -> None:
+    stale = _rollout(store)
+    with store.transaction() as session:
+        fresh = rollouts.get_rollout(session, "r-1")
+        rollouts.transition(
+            session, fresh, to_state=states.PAUSED, actor="a", action="pause", reason="", now=NOW
+        )
+    with pytest.raises(Aborted), store.transaction() as session:
+        rollouts.transition(
+            session, stale, to_state=states.ABORTED, actor="b", action="abort", reason="", now=NOW
+        )
+    with store.transaction() as session:
+        row = rollouts.get_rollout(session, "r-1")
+        assert row.state == states.PAUSED
+        assert [a.action for a in rollouts.audit_log(session, "r-1")] == ["pause"]
