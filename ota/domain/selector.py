@@ -57,10 +57,15 @@ class Term:
         actual = device.get(self.attr)
         if actual is None:
             return self.op in ("!=", "not in")
-        if self.op == "in":
-            return actual in self.values
-        if self.op == "not in":
-            return actual not in self.values
+        if self.op in ("in", "not in"):
+            if self.attr == "firmware":
+                try:
+                    found = Version.parse(actual) in {Version.parse(v) for v in self.values}
+                except InvalidArgument:
+                    found = False
+            else:
+                found = actual in self.values
+            return found if self.op == "in" else not found
         if self.attr == "firmware":
             try:
                 left: object = Version.parse(actual)
@@ -154,9 +159,9 @@ class _Parser:
             _, word = self._next("'in'")
             if word.lower() != "in":
                 raise InvalidArgument(f"expected 'in' after 'not', got {word!r}", field=self.field)
-            return Term(attr, "not in", self._list())
+            return self._checked(Term(attr, "not in", self._list()))
         if kind == "word" and op.lower() == "in":
-            return Term(attr, "in", self._list())
+            return self._checked(Term(attr, "in", self._list()))
         if kind != "op" or op not in _COMPARE:
             raise InvalidArgument(
                 f"expected an operator after {attr}, got {op!r}", field=self.field
@@ -172,9 +177,15 @@ class _Parser:
             Version.parse(value, field=self.field)
         return Term(attr, op, (value,))
 
+    def _checked(self, term: Term) -> Term:
+        if term.attr == "firmware":
+            for value in term.values:
+                Version.parse(value, field=self.field)
+        return term
+
     def _list(self) -> tuple[str, ...]:
         kind, value = self._next("'('")
-        if value != "(":
+        if kind != "op" or value != "(":
             raise InvalidArgument(f"expected '(' after 'in', got {value!r}", field=self.field)
         values: list[str] = []
         while True:
@@ -184,8 +195,8 @@ class _Parser:
                     f"expected a value in the list, got {value!r}", field=self.field
                 )
             values.append(value)
-            _, sep = self._next("',' or ')'")
-            if sep == ")":
+            sep_kind, sep = self._next("',' or ')'")
+            if sep_kind == "op" and sep == ")":
                 return tuple(values)
-            if sep != ",":
+            if sep_kind != "op" or sep != ",":
                 raise InvalidArgument(f"expected ',' or ')', got {sep!r}", field=self.field)

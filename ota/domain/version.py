@@ -8,7 +8,7 @@ from functools import total_ordering
 
 from ota.errors import InvalidArgument
 
-_VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
+_VERSION = re.compile(r"[0-9]+(\.[0-9]+){0,3}")
 
 
 @total_ordering
@@ -18,7 +18,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str, *, field: str = "version") -> Version:
-        if not _VERSION.match(text):
+        if not _VERSION.fullmatch(text):
             raise InvalidArgument(
                 f"{text!r} is not a dotted version such as 1.4 or 2.0.3", field=field
             )

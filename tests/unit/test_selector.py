@@ -316,34 +316,20 @@ def test_parse_grammar_soup(text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Known defects (see the report that accompanies these tests); strict, so a fix
-# turns them into failures that ask for the marker to be removed.
+# Defects found and fixed; kept as regression tests.
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="firmware in-lists compare as text, not as versions"
-)
 def test_firmware_in_list_compares_as_version() -> None:
     assert matches("firmware in (4.2, 4.3)", device(firmware="4.2.0"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="firmware in-list values are not validated as versions",
-)
 @pytest.mark.parametrize("text", ["firmware in (banana)", "firmware not in (4.x)"])
 def test_firmware_in_list_rejects_bad_version(text: str) -> None:
     with pytest.raises(InvalidArgument):
         Selector.parse(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="a quoted ')' or ',' is taken as list punctuation",
-)
 @pytest.mark.parametrize(
     "text", ['model in (ev6 ")"', "model in (ev6 ',' ev9)", 'model in "(" ev6)']
 )

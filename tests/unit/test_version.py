@@ -159,22 +159,14 @@ def test_appending_zeros_keeps_equality(parts: list[int], zeros: int) -> None:
     assert Version.parse(".".join(map(str, parts))) == Version.parse(".".join(map(str, padded)))
 
 
-# Known defects, strict so a fix asks for the marker to be removed.
+# Defects found and fixed; kept as regression tests.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="`$` in the pattern matches before a trailing newline",
-)
 def test_trailing_newline_is_invalid() -> None:
     with pytest.raises(InvalidArgument):
         Version.parse("1.2\n")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=pytest.fail.Exception, reason="`\\d` accepts non-ASCII digits"
-)
 @pytest.mark.parametrize("text", ["\u0661.\u0662", "\uff11.\uff12"])  # Arabic-Indic, fullwidth
 def test_non_ascii_digits_are_invalid(text: str) -> None:
     with pytest.raises(InvalidArgument):
