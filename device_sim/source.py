@@ -43,7 +43,7 @@ class GrpcSource:
         for response in stream:
             received += len(response.chunk)
             if received > max_length:
-                stream.cancel()
+                stream.cancel()  # type: ignore[no-untyped-call]
                 yield response.chunk  # the caller sees the excess and refuses
                 return
             yield response.chunk

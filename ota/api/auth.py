@@ -76,7 +76,7 @@ def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
 
 def caller_of(context: grpc.ServicerContext) -> Caller:
     """The caller the interceptor authenticated (its token is re-read, not re-checked)."""
-    token = bearer(context.invocation_metadata())  # type: ignore[arg-type]
+    token = bearer(context.invocation_metadata())
     if token.startswith("device:"):
         return Caller(DEVICE, token.split(":", 2)[1])
     return Caller(ADMIN, "operator")

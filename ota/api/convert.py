@@ -68,7 +68,7 @@ def device_event(row: DeviceEventRow) -> common_pb2.DeviceEvent:
         rollout_id=row.rollout_id,
         bundle_sha256=bytes.fromhex(row.bundle_sha256),
         state=common_pb2.DeviceState.Value(row.state),
-        error_code=common_pb2.FailureReason.Value(row.error_code) if row.error_code else 0,
+        error_code=common_pb2.FailureReason.Value(row.error_code or "FAILURE_REASON_UNSPECIFIED"),
         detail=row.detail,
         time=ts(row.device_time or row.received_at),
         feature=row.feature,

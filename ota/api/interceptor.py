@@ -32,37 +32,41 @@ STATUS: dict[type[errors.OtaError], grpc.StatusCode] = {
 def status_of(exc: errors.OtaError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return grpc.StatusCode.INTERNAL
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, errors.OtaError):
         context.abort(status_of(exc), str(exc))
+    # grpc-stubs lags grpcio, which has had ServicerContext.code() since 1.38.
     if context.code() is not None:  # type: ignore[attr-defined]
         raise exc  # the servicer already chose a status with context.abort
     log.error("internal error", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
-class OtaInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class OtaInterceptor(grpc.ServerInterceptor[Any, Any]):
     def __init__(self, auth: Authenticator) -> None:
         self._auth = auth
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(details)
         if handler is None:
             return None
-        method: str = details.method  # type: ignore[attr-defined]
-        token = bearer(details.invocation_metadata)  # type: ignore[attr-defined]
+        method: str = details.method
+        token = bearer(details.invocation_metadata)
         return _wrap(handler, lambda: self._auth.authorize(method, token))
 
 
-def _wrap(handler: grpc.RpcMethodHandler, check: Callable[[], object]) -> grpc.RpcMethodHandler:
+def _wrap(handler: Handler, check: Callable[[], object]) -> Handler:
     h: Any = handler
 
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -81,7 +81,7 @@ def _run_rollout(
     client: Client,
     *,
     version: str,
-    on_breach: int,
+    on_breach: rollout_pb2.GateAction.ValueType,
 ) -> str:
     created = client.rollouts.CreateRollout(
         rollout_pb2.CreateRolloutRequest(

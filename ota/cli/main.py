@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ota: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except grpc.RpcError as exc:
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details()  # type: ignore[attr-defined]
+        code = exc.code()
+        details = exc.details()
         if code == grpc.StatusCode.UNAVAILABLE:
             details = (
                 f"cannot reach the control plane at {getattr(args, 'server', '?')} ({details})"

@@ -51,8 +51,14 @@ def render_table(report: report_pb2.RolloutReport, console: Console) -> None:
     cohorts = Table(title="Cohorts", title_justify="left")
     for col in ("dimension", "value", "exposed", "active", "failed"):
         cohorts.add_column(col)
-    for c in report.cohorts:
-        cohorts.add_row(c.dimension, c.value, str(c.exposed), str(c.active), str(c.failed))
+    for cohort in report.cohorts:
+        cohorts.add_row(
+            cohort.dimension,
+            cohort.value,
+            str(cohort.exposed),
+            str(cohort.active),
+            str(cohort.failed),
+        )
     console.print(cohorts)
     timeline = Table(title="Timeline", title_justify="left")
     for col in ("time", "actor", "action", "state", "reason"):

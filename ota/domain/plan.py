@@ -77,10 +77,7 @@ def parse_stages(text: str, *, soak_seconds: int = 0) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     for i, part in enumerate(p.strip() for p in text.split(",")):
         try:
-            if part.endswith("%"):
-                ppm = round(float(part[:-1]) * 10_000)
-            else:
-                ppm = int(part)
+            ppm = round(float(part[:-1]) * 10_000) if part.endswith("%") else int(part)
         except ValueError as exc:
             raise InvalidArgument(
                 f"{part!r} is not a percentage or ppm", field=f"stages[{i}]"

@@ -104,17 +104,18 @@ def _target(eligible: int, ppm: int) -> int:
 
 def _cohorts(session: Session, rollout_id: str, dimension: str) -> list[Cohort]:
     column = col(getattr(RolloutDeviceRow, dimension))
+    ever_failed = col(RolloutDeviceRow.reason) != ""
     rows = session.exec(
-        select(column, RolloutDeviceRow.state, RolloutDeviceRow.reason != "", func.count())
+        select(column, RolloutDeviceRow.state, ever_failed, func.count())
         .where(RolloutDeviceRow.rollout_id == rollout_id)
-        .group_by(column, col(RolloutDeviceRow.state), RolloutDeviceRow.reason != "")
+        .group_by(column, col(RolloutDeviceRow.state), ever_failed)
     ).all()
     totals: dict[str, dict[str, int]] = {}
     failed: dict[str, int] = {}
-    for value, state, ever_failed, n in rows:
+    for value, state, has_failed, n in rows:
         by_state = totals.setdefault(value, {})
         by_state[state] = by_state.get(state, 0) + int(n)
-        if ever_failed:
+        if has_failed:
             failed[value] = failed.get(value, 0) + int(n)
     return [
         Cohort(

@@ -93,10 +93,7 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
     inserted = {
         (r.device_id, r.seq)
         for r in session.execute(
-            _insert(session).returning(
-                DeviceEventRow.device_id,  # type: ignore[arg-type]
-                DeviceEventRow.seq,  # type: ignore[arg-type]
-            ),
+            _insert(session).returning(col(DeviceEventRow.device_id), col(DeviceEventRow.seq)),
             rows,
         )
     }

@@ -74,7 +74,7 @@ class MqttLink:
         self._client.on_message = self._on_message
 
     def start(self, timeout: float = 10.0) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
         try:
             self._client.connect(
@@ -138,4 +138,4 @@ class MqttLink:
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         # Never block paho's network thread for long: the ingester drains this.
-        self.inbox.put(InboundMessage(msg.topic, msg.payload, msg.mid, msg.qos))
+        self.inbox.put(InboundMessage(msg.topic, bytes(msg.payload), msg.mid, msg.qos))

@@ -18,7 +18,11 @@ REGIONS = ["eu", "us"]
 
 
 def start_fleet(
-    stack: DevStack, tmp_path: Path, count: int, *, failures: list[str] | None = None,
+    stack: DevStack,
+    tmp_path: Path,
+    count: int,
+    *,
+    failures: list[str] | None = None,
     trusted_root: bytes | None = None,
 ) -> SimulatedFleet:
     fleet = SimulatedFleet(
@@ -35,18 +39,28 @@ def start_fleet(
     return fleet
 
 
-def publish(client: Client, stack: DevStack, tmp_path: Path, version: str, size: int = 10_000) -> str:
+def publish(
+    client: Client, stack: DevStack, tmp_path: Path, version: str, size: int = 10_000
+) -> str:
     path = tmp_path / f"bundle-{version}.bin"
     path.write_bytes(bytes((i * 7 + len(version)) % 251 for i in range(size)))
     bundle = client.publish_bundle(
-        path, feature="lane-assist", version=version, models=MODELS, min_firmware="4.0",
+        path,
+        feature="lane-assist",
+        version=version,
+        models=MODELS,
+        min_firmware="4.0",
         keys=[stack.keys.release_key],
     )
     return bundle.sha256.hex()
 
 
 def run_rollout(
-    client: Client, version: str, stages_ppm: list[int], *, action: int = rollout_pb2.GATE_ACTION_PAUSE,
+    client: Client,
+    version: str,
+    stages_ppm: list[int],
+    *,
+    action: int = rollout_pb2.GATE_ACTION_PAUSE,
     timeout: float = 120.0,
 ) -> rollout_pb2.Rollout:
     """Create and start a rollout; return it once it reaches a final or paused state."""

@@ -51,14 +51,19 @@ def test_callers_are_authenticated_and_devices_reach_only_their_own_state(stack:
     forged = Client.connect(stack.server, "device:car-a:not-the-secret")
     try:
         with pytest.raises(grpc.RpcError) as e:
-            anonymous.rollouts.ListRollouts(rollout_pb2.ListRolloutsRequest(), metadata=anonymous.metadata)
+            anonymous.rollouts.ListRollouts(
+                rollout_pb2.ListRolloutsRequest(), metadata=anonymous.metadata
+            )
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as e:
-            forged.bundles.GetMetadata(bundle_pb2.GetMetadataRequest(role="root"), metadata=forged.metadata)
+            forged.bundles.GetMetadata(
+                bundle_pb2.GetMetadataRequest(role="root"), metadata=forged.metadata
+            )
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as e:
             device_a.rollouts.CreateRollout(
-                rollout_pb2.CreateRolloutRequest(feature="f", version="1"), metadata=device_a.metadata
+                rollout_pb2.CreateRolloutRequest(feature="f", version="1"),
+                metadata=device_a.metadata,
             )
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.RpcError) as e:
@@ -79,27 +84,53 @@ def test_bad_requests_get_precise_status_codes_naming_the_field(stack: DevStack)
     client = Client.connect(stack.server, stack.admin_token)
     try:
         cases = [
-            (lambda: client.rollouts.GetRollout(
-                rollout_pb2.GetRolloutRequest(rollout_id="r-nope"), metadata=client.metadata),
-             grpc.StatusCode.NOT_FOUND, "rollout_id"),
-            (lambda: client.rollouts.CreateRollout(
-                rollout_pb2.CreateRolloutRequest(
-                    feature="f", version="1",
-                    stages=[rollout_pb2.Stage(ppm=500_000), rollout_pb2.Stage(ppm=100_000)]),
-                metadata=client.metadata),
-             grpc.StatusCode.INVALID_ARGUMENT, "stages[1].ppm"),
-            (lambda: client.fleet.ListDevices(
-                fleet_pb2.ListDevicesRequest(selector="colour = red"), metadata=client.metadata),
-             grpc.StatusCode.INVALID_ARGUMENT, "selector"),
-            (lambda: client.fleet.ListDevices(
-                fleet_pb2.ListDevicesRequest(page_token="garbage!"), metadata=client.metadata),
-             grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
-            (lambda: client.fleet.ListDevices(
-                fleet_pb2.ListDevicesRequest(page_size=-1), metadata=client.metadata),
-             grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
-            (lambda: client.bundles.GetMetadata(
-                bundle_pb2.GetMetadataRequest(role="nonsense"), metadata=client.metadata),
-             grpc.StatusCode.INVALID_ARGUMENT, "role"),
+            (
+                lambda: client.rollouts.GetRollout(
+                    rollout_pb2.GetRolloutRequest(rollout_id="r-nope"), metadata=client.metadata
+                ),
+                grpc.StatusCode.NOT_FOUND,
+                "rollout_id",
+            ),
+            (
+                lambda: client.rollouts.CreateRollout(
+                    rollout_pb2.CreateRolloutRequest(
+                        feature="f",
+                        version="1",
+                        stages=[rollout_pb2.Stage(ppm=500_000), rollout_pb2.Stage(ppm=100_000)],
+                    ),
+                    metadata=client.metadata,
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "stages[1].ppm",
+            ),
+            (
+                lambda: client.fleet.ListDevices(
+                    fleet_pb2.ListDevicesRequest(selector="colour = red"), metadata=client.metadata
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "selector",
+            ),
+            (
+                lambda: client.fleet.ListDevices(
+                    fleet_pb2.ListDevicesRequest(page_token="garbage!"), metadata=client.metadata
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "page_token",
+            ),
+            (
+                lambda: client.fleet.ListDevices(
+                    fleet_pb2.ListDevicesRequest(page_size=-1), metadata=client.metadata
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "page_size",
+            ),
+            (
+                lambda: client.bundles.GetMetadata(
+                    bundle_pb2.GetMetadataRequest(role="nonsense"), metadata=client.metadata
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "role",
+            ),
         ]
         for call, code, field in cases:
             with pytest.raises(grpc.RpcError) as e:
@@ -113,7 +144,11 @@ def test_bad_requests_get_precise_status_codes_naming_the_field(stack: DevStack)
 def _ota(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ota.cli.main", *args],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -126,14 +161,38 @@ def test_cli_reports_a_users_mistake_in_one_line_without_a_traceback(
     assert missing.stderr.strip().startswith("ota: error: NOT_FOUND")
     assert "Traceback" not in missing.stderr
 
-    no_key = _ota("bundle", "publish", str(tmp_path / "none.bin"), "--feature", "f",
-                  "--version", "1.0", "--key", str(tmp_path / "none.pem"), *target)
+    no_key = _ota(
+        "bundle",
+        "publish",
+        str(tmp_path / "none.bin"),
+        "--feature",
+        "f",
+        "--version",
+        "1.0",
+        "--key",
+        str(tmp_path / "none.pem"),
+        *target,
+    )
     assert no_key.returncode == 1 and "Traceback" not in no_key.stderr
     assert no_key.stderr.count("\n") == 1
 
     bundle = tmp_path / "ok.bin"
     bundle.write_bytes(b"feature bytes")
-    published = _ota("bundle", "publish", str(bundle), "--feature", "wipers", "--version", "1.0.0",
-                     "--model", "ev6", "--key", str(stack.keys.release_key), "--format", "json", *target)
+    published = _ota(
+        "bundle",
+        "publish",
+        str(bundle),
+        "--feature",
+        "wipers",
+        "--version",
+        "1.0.0",
+        "--model",
+        "ev6",
+        "--key",
+        str(stack.keys.release_key),
+        "--format",
+        "json",
+        *target,
+    )
     assert published.returncode == 0, published.stderr
     assert '"name": "bundles/wipers/1.0.0"' in published.stdout

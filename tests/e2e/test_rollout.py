@@ -49,7 +49,9 @@ def test_failing_model_trips_the_gate_and_the_rollout_rolls_back(
     client = Client.connect(stack.server, stack.admin_token)
     try:
         good = publish(client, stack, tmp_path, "1.0.0")
-        assert run_rollout(client, "1.0.0", [1_000_000]).state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+        assert (
+            run_rollout(client, "1.0.0", [1_000_000]).state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+        )
         publish(client, stack, tmp_path, "2.0.0", size=12_000)
         final = run_rollout(
             client, "2.0.0", [500_000, 1_000_000], action=rollout_pb2.GATE_ACTION_ROLLBACK

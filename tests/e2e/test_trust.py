@@ -63,14 +63,20 @@ def test_bundle_signed_by_an_unknown_release_key_is_refused_and_stays_invisible(
         bundle.write_bytes(b"x" * 1000)
         with pytest.raises(grpc.RpcError) as refused:
             client.publish_bundle(
-                bundle, feature="lane-assist", version="9.0.0", models=["ev6"],
-                min_firmware="", keys=[impostor],
+                bundle,
+                feature="lane-assist",
+                version="9.0.0",
+                models=["ev6"],
+                min_firmware="",
+                keys=[impostor],
             )
         assert refused.value.code() in (
             grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.INVALID_ARGUMENT,
         )
-        listed = client.bundles.ListBundles(bundle_pb2.ListBundlesRequest(), metadata=client.metadata)
+        listed = client.bundles.ListBundles(
+            bundle_pb2.ListBundlesRequest(), metadata=client.metadata
+        )
         assert list(listed.bundles) == []
         after = client.bundles.GetMetadata(
             bundle_pb2.GetMetadataRequest(role="targets"), metadata=client.metadata

@@ -22,7 +22,9 @@ def _register(stack: DevStack, *ids: str) -> dict[str, str]:
         response = client.fleet.RegisterDevices(
             fleet_pb2.RegisterDevicesRequest(
                 devices=[
-                    fleet_pb2.DeviceRegistration(device_id=i, model="ev6", region="eu", firmware="4.2")
+                    fleet_pb2.DeviceRegistration(
+                        device_id=i, model="ev6", region="eu", firmware="4.2"
+                    )
                     for i in ids
                 ]
             ),

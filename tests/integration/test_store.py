@@ -51,13 +51,18 @@ def test_migrations_create_exactly_the_models(store: Store) -> None:
 
 def _rollout(store: Store) -> RolloutRow:
     with store.transaction() as session:
-        fleet.register_devices(
-            session, [fleet.Registration("d1", "ev6", "eu", "4.2", {})], NOW
-        )
+        fleet.register_devices(session, [fleet.Registration("d1", "ev6", "eu", "4.2", {})], NOW)
         row = RolloutRow(
-            rollout_id="r-1", feature="f", version="1.0", bundle_name="bundles/f/1.0",
-            stages_json="[]", gate_json="{}", state=states.RUNNING, salt_hex="00",
-            created_at=NOW, updated_at=NOW,
+            rollout_id="r-1",
+            feature="f",
+            version="1.0",
+            bundle_name="bundles/f/1.0",
+            stages_json="[]",
+            gate_json="{}",
+            state=states.RUNNING,
+            salt_hex="00",
+            created_at=NOW,
+            updated_at=NOW,
         )
         session.add(row)
         session.flush()
