@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -46,10 +46,14 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # grpc-stubs makes these generic; grpcio's classes are not at run time
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
 
 
-class OtaInterceptor(grpc.ServerInterceptor[Any, Any]):
+class OtaInterceptor(_Interceptor):
     def __init__(self, auth: Authenticator) -> None:
         self._auth = auth
 
