@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiomqtt
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from device_sim.profile import DeviceProfile, FailureProfile
@@ -58,9 +59,11 @@ class SimDevice:
         executor: Executor,
         rng: random.Random,
         clock: Clock,
+        pull_desired: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
+        self.pull_desired = pull_desired
         self.secret = secret
         self.trust = trust
         self.topics = topics
@@ -113,6 +116,16 @@ class SimDevice:
                 self.topics.state(self.device_id), self._reported(online=True), qos=1, retain=True
             )
             self.connected.set()
+            if self.pull_desired is not None:
+                # A broker without persistence has no retained state to give: ask the
+                # control plane directly. The same checks apply; a duplicate is stale.
+                try:
+                    pulled = await self._blocking(self.pull_desired, self.device_id)
+                except grpc.RpcError as exc:
+                    log.info("%s: could not pull its desired state: %s", self.device_id, exc)
+                    pulled = None
+                if pulled:
+                    await self.on_desired(pulled)
             async for message in client.messages:
                 payload = message.payload
                 if isinstance(payload, bytes | bytearray) and payload:

@@ -117,6 +117,7 @@ class SimulatedFleet:
                     executor=self._executor,
                     rng=random.Random(rng.random()),
                     clock=self.clock,
+                    pull_desired=source.desired_state,
                 )
             )
         self._thread.start()

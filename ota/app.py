@@ -33,6 +33,7 @@ from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
 from ota.transport.topics import Topics
 from ota.trust.director import Director
+from ota.trust.freshness import TimestampRefresher
 from ota.trust.keys import load_signer
 from ota.trust.repository import ImageRepository
 
@@ -94,6 +95,7 @@ class ControlPlane:
     ingester: Ingester
     link: MqttLink
     store: Store
+    refresher: TimestampRefresher
 
     @classmethod
     def build(
@@ -173,19 +175,22 @@ class ControlPlane:
             batch_size=config.ingest_batch_size,
             max_payload_bytes=config.ingest_max_payload_bytes,
         )
-        return cls(config, port, server, engine, publisher, ingester, link, store)
+        refresher = TimestampRefresher(repo)
+        return cls(config, port, server, engine, publisher, ingester, link, store, refresher)
 
     def start(self) -> None:
         self.link.start()
         self.ingester.start()
         self.publisher.start()
         self.engine.start()
+        self.refresher.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
 
     def stop(self) -> None:
         self.server.stop(grace=2).wait()
         self.engine.stop()
+        self.refresher.stop()
         self.publisher.stop()
         self.ingester.stop()
         self.link.stop()

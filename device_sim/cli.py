@@ -1,0 +1,122 @@
+"""`ota-sim`: run a simulated fleet against any control plane."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from device_sim.fleet import FleetSettings, SimulatedFleet
+from device_sim.profile import FailureProfile, compose_fleet
+from ota.errors import OtaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ota-sim", description="A simulated device fleet.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="provision N devices and keep them online")
+    run.add_argument("--devices", type=int, default=100)
+    run.add_argument("--server", default=os.environ.get("OTA_SERVER", "127.0.0.1:50051"))
+    run.add_argument(
+        "--token",
+        default=os.environ.get("OTA_TOKEN", ""),
+        help="admin token, to register the devices",
+    )
+    run.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="the trusted root.json devices are provisioned with",
+    )
+    run.add_argument("--models", default="ev6,ev9,niro")
+    run.add_argument("--regions", default="eu,us")
+    run.add_argument("--firmware", default="4.2.0")
+    run.add_argument("--prefix", default="sim", help="device ids are PREFIX-000000, ...")
+    run.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="MODEL[@VERSION]=P",
+        help="install failure probability, e.g. ev9@2.0.0=1.0 (repeat)",
+    )
+    run.add_argument("--state-dir", type=Path, help="device state (default: temporary)")
+    run.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    run.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def _positive(value: int, field: str) -> int:
+    if value < 1:
+        raise OtaError("must be at least 1", field=field)
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    _positive(args.devices, "devices")
+    try:
+        root = args.root.read_bytes()
+    except OSError as exc:
+        raise OtaError(f"cannot read {args.root}: {exc.strerror}", field="root") from exc
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="ota-sim-"))
+    fleet = SimulatedFleet(
+        compose_fleet(
+            args.devices,
+            models=args.models.split(","),
+            regions=args.regions.split(","),
+            firmware=args.firmware,
+            prefix=args.prefix,
+        ),
+        FleetSettings(
+            server=args.server,
+            admin_token=args.token,
+            trusted_root=root,
+            state_dir=state_dir,
+            failures=FailureProfile.parse(args.fail),
+            seed=args.seed,
+        ),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet.start()
+    print(f"{args.devices} devices online; state in {state_dir}", flush=True)
+    try:
+        while not stop.wait(args.duration or 5.0):
+            states: Counter[str] = Counter()
+            for device in fleet.devices:
+                states.update(device.record.last_state.values())
+            print("  ".join(f"{k} {v}" for k, v in sorted(states.items())) or "idle", flush=True)
+            if args.duration:
+                break
+    finally:
+        fleet.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OtaError as exc:
+        print(f"ota-sim: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"ota-sim: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
