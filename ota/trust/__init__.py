@@ -10,6 +10,7 @@ device      device: verify desired states, fetch bundles through python-tuf
 
 from ota.trust.device import DeviceTrust, MetadataSource, StaleDesiredState
 from ota.trust.director import DESIRED_STATE_TYPE, Director, open_envelope, pae
+from ota.trust.freshness import TimestampRefresher
 from ota.trust.keys import generate_key, load_public_key, load_signer
 from ota.trust.release import add_target, target_path_for
 from ota.trust.repository import AcceptedTarget, ImageRepository, MetadataStore
@@ -25,6 +26,7 @@ __all__ = [
     "MetadataStore",
     "OnlineKeys",
     "StaleDesiredState",
+    "TimestampRefresher",
     "add_target",
     "create_initial_targets",
     "create_root",
