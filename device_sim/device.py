@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -28,6 +30,32 @@ from ota.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class EventSequence:
+    """Event numbers that keep increasing across restarts.
+
+    The file holds a high-water mark reserved ahead of use, so it is written
+    once per `BLOCK` events; a restart skips the unused rest of the block.
+    """
+
+    BLOCK = 1000
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._reserved = int(path.read_text()) if path is not None and path.exists() else 0
+        self._last = self._reserved
+
+    def next(self) -> int:
+        self._last += 1
+        if self._last > self._reserved:
+            self._reserved = self._last + self.BLOCK
+            if self._path is not None:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self._path.with_suffix(".tmp")
+                tmp.write_text(str(self._reserved))
+                os.replace(tmp, self._path)
+        return self._last
 
 
 @dataclass
@@ -60,6 +88,7 @@ class SimDevice:
         rng: random.Random,
         clock: Clock,
         pull_desired: Callable[[str], bytes | None] | None = None,
+        seq_file: Path | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -73,7 +102,7 @@ class SimDevice:
         self.installed: dict[str, Installed] = {}
         self.last_known_good: dict[str, Installed] = {}
         self.record = DeviceRecord()
-        self.seq = 0
+        self.sequence = EventSequence(seq_file)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
@@ -209,12 +238,12 @@ class SimDevice:
     async def report(
         self, a: common_pb2.FeatureAssignment, state: str, *, reason: str = "", detail: str = ""
     ) -> None:
-        self.seq += 1
+        seq = self.sequence.next()
         now = Timestamp()
         now.FromDatetime(self.clock.now())
         event = common_pb2.DeviceEvent(
             device_id=self.device_id,
-            seq=self.seq,
+            seq=seq,
             rollout_id=a.rollout_id,
             bundle_sha256=a.sha256,
             state=common_pb2.DeviceState.Value(state),

@@ -118,6 +118,7 @@ class SimulatedFleet:
                     rng=random.Random(rng.random()),
                     clock=self.clock,
                     pull_desired=source.desired_state,
+                    seq_file=self.settings.state_dir / p.device_id / "event-seq",
                 )
             )
         self._thread.start()

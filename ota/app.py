@@ -157,7 +157,7 @@ class ControlPlane:
             config.listen,
             auth=auth,
             bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
-            rollouts=RolloutServicer(store, commands, changes),
+            rollouts=RolloutServicer(store, commands, changes, auth),
             fleet=FleetServicer(
                 store,
                 clock,

@@ -75,7 +75,7 @@ def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
 
 
 def caller_of(context: grpc.ServicerContext) -> Caller:
-    """The caller the interceptor authenticated (its token is re-read, not re-checked)."""
+    """The device a device token names (the interceptor already verified it)."""
     token = bearer(context.invocation_metadata())
     if token.startswith("device:"):
         return Caller(DEVICE, token.split(":", 2)[1])
@@ -87,7 +87,8 @@ class Authenticator:
 
     def __init__(self, store: Store, tokens: dict[str, str]) -> None:
         self._store = store
-        self._tokens = dict(tokens)  # token -> role
+        # token -> "role" or "role:name" (the name is what the audit log shows)
+        self._tokens = dict(tokens)
         self._verified: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -98,9 +99,10 @@ class Authenticator:
     def authenticate(self, token: str) -> Caller:
         if not token:
             raise Unauthenticated("missing bearer token; pass --token or set OTA_TOKEN")
-        role = self._tokens.get(token)
-        if role is not None:
-            return Caller(role, role)
+        entry = self._tokens.get(token)
+        if entry is not None:
+            role, _, name = entry.partition(":")
+            return Caller(role, name or role)
         if token.startswith("device:"):
             with self._lock:
                 device_id = self._verified.get(token)
@@ -115,6 +117,10 @@ class Authenticator:
                         self._verified[token] = parts[1]
                     return Caller(DEVICE, parts[1])
         raise Unauthenticated("the bearer token is not valid")
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who is calling, for the audit log: the token's name, else its role."""
+        return self.authenticate(bearer(context.invocation_metadata()))
 
     def authorize(self, method: str, token: str) -> Caller | None:
         if method.startswith(PUBLIC_PREFIXES):

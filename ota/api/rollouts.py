@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from ota.api import convert
-from ota.api.auth import caller_of
+from ota.api.auth import Authenticator
 from ota.api.paging import page_after, page_size, page_token
 from ota.domain import states
 from ota.domain.plan import FailureGate, RolloutPlan, Stage
@@ -46,7 +46,10 @@ class RolloutChanges:
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, store: Store, commands: RolloutCommands, changes: RolloutChanges) -> None:
+    def __init__(
+        self, store: Store, commands: RolloutCommands, changes: RolloutChanges, auth: Authenticator
+    ) -> None:
+        self._auth = auth
         self._store = store
         self._commands = commands
         self._changes = changes
@@ -82,7 +85,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         new = NewRollout(
             request.feature, request.version, request.selector, plan, request.request_id
         )
-        actor = request.actor or caller_of(context).name
+        actor = request.actor or self._auth.caller(context).name
         return self._full(self._commands.create(new, actor=actor))
 
     def GetRollout(
@@ -114,7 +117,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         row = self._commands.run(
             name,
             request.rollout_id,
-            actor=caller_of(context).name,
+            actor=self._auth.caller(context).name,
             reason=request.reason,
             etag=request.etag,
         )

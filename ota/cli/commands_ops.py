@@ -380,7 +380,7 @@ def rollout_history(args: argparse.Namespace) -> int:
                     e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
                     e.actor,
                     e.action,
-                    e.stage + 1,
+                    e.stage + 1 if e.stage >= 0 else "-",
                     rollout_pb2.RolloutState.Name(e.to_state).removeprefix("ROLLOUT_STATE_"),
                     e.reason,
                 ]

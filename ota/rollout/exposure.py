@@ -9,16 +9,30 @@ from sqlmodel import Session
 
 from ota.domain.bucketing import is_exposed
 from ota.domain.selector import Selector
+from ota.domain.version import Version
+from ota.errors import InvalidArgument
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.store import desired, fleet, rollouts
 from ota.store.models import BundleRow, DeviceRow, RolloutRow
 
 
 def eligible_devices(session: Session, rollout: RolloutRow, bundle: BundleRow) -> list[DeviceRow]:
-    """Devices the selector matches and the bundle was signed for."""
+    """Devices the selector matches and the bundle was signed for (model, minimum firmware)."""
     models = set(json.loads(bundle.models_json))
+    floor = Version.parse(bundle.min_firmware) if bundle.min_firmware else None
     devices = fleet.select_devices(session, Selector.parse(rollout.selector))
-    return [d for d in devices if not models or d.model in models]
+    return [
+        d
+        for d in devices
+        if (not models or d.model in models) and (floor is None or _firmware_at_least(d, floor))
+    ]
+
+
+def _firmware_at_least(device: DeviceRow, floor: Version) -> bool:
+    try:
+        return Version.parse(device.firmware) >= floor
+    except InvalidArgument:
+        return False
 
 
 def expose_current_stage(

@@ -11,8 +11,9 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
+from ota.broker.passwords import check_username
 from ota.domain.selector import DeviceAttributes, Selector
-from ota.errors import InvalidArgument, NotFound
+from ota.errors import NotFound
 from ota.store.models import DeviceRow
 
 
@@ -100,14 +101,8 @@ def revoke(session: Session, device_id: str) -> DeviceRow:
 
 
 def check_device_id(device_id: str, *, field: str = "device_id") -> str:
-    if not device_id or len(device_id) > 128:
-        raise InvalidArgument("must be 1 to 128 characters", field=field)
-    if any(c in device_id for c in "/+#\x00 ") or not device_id.isprintable():
-        raise InvalidArgument(
-            f"{device_id!r} may not contain '/', '+', '#', spaces or control characters",
-            field=field,
-        )
-    return device_id
+    """A device id is its broker username and a topic level, so it obeys both rules."""
+    return check_username(device_id, field=field)
 
 
 def authenticate(session: Session, device_id: str, secret: str) -> bool:

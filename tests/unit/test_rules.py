@@ -113,3 +113,13 @@ def test_config_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
     file.write_text("colour = 3\n")
     with pytest.raises(InvalidArgument, match="unknown settings: colour"):
         load_server_config(file, env={})
+
+
+def test_device_event_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
+    from device_sim.device import EventSequence
+
+    first = EventSequence(tmp_path / "seq")
+    numbers = [first.next() for _ in range(3)]
+    again = EventSequence(tmp_path / "seq")
+    assert numbers == [1, 2, 3]
+    assert again.next() > numbers[-1]
