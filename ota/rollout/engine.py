@@ -20,15 +20,16 @@ from ota.domain import states
 from ota.domain.plan import RolloutPlan
 from ota.errors import Aborted, OtaError
 from ota.rollout.exposure import expose_current_stage, revert_exposed
-from ota.rollout.notify import DesiredStateSigner
+from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.rollout.progress import read_progress
-from ota.store import bundles, rollouts
+from ota.store import bundles, desired, rollouts
 from ota.store.models import RolloutRow
 from ota.store.session import Store
 
 log = logging.getLogger(__name__)
 
 ENGINE = "engine"
+RENEW_BATCH = 500
 
 
 def _pct(ppm: int) -> str:
@@ -79,6 +80,7 @@ class RolloutEngine:
             self._wake.clear()
 
     def tick(self) -> None:
+        self._renew_desired_states()
         with self._store.transaction() as session:
             running = [r.rollout_id for r in rollouts.rollouts_in(session, [states.RUNNING])]
         for rollout_id in running:
@@ -89,6 +91,16 @@ class RolloutEngine:
                 continue  # an operator's command won the race; look again next tick
             if notified:
                 self._on_notify()
+
+    def _renew_desired_states(self) -> None:
+        """Re-sign desired states halfway through their life, so devices never hold an expired one."""
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            due = desired.issued_before(session, now - self._ttl / 2, RENEW_BATCH)
+            renewed = issue_desired_states(session, due, self._signer, now=now, ttl=self._ttl)
+        if renewed:
+            log.info("renewed %d desired states before expiry", renewed)
+            self._on_notify()
 
     def _step(self, session: Session, rollout: RolloutRow) -> int:
         if rollout.state != states.RUNNING:

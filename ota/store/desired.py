@@ -103,6 +103,17 @@ def save_envelopes(
         session.add(row)
 
 
+def issued_before(session: Session, when: datetime, limit: int) -> list[str]:
+    """Devices whose desired state was signed before `when` (to renew before it expires)."""
+    query = (
+        select(DesiredStateRow.device_id)
+        .where(col(DesiredStateRow.issued_at) < when)
+        .order_by(col(DesiredStateRow.issued_at))
+        .limit(limit)
+    )
+    return list(session.exec(query))
+
+
 def get_envelope(session: Session, device_id: str) -> bytes | None:
     row = session.get(DesiredStateRow, device_id)
     return row.envelope if row else None

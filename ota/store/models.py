@@ -54,7 +54,7 @@ class DesiredStateRow(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=128)
     generation: int
     envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    issued_at: datetime
+    issued_at: datetime = Field(index=True)
     published_generation: int = Field(default=0, index=True)
 
 
