@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from ota.cli import report_render
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
@@ -395,9 +397,25 @@ def report(args: argparse.Namespace) -> int:
     value = client.reports.GetRolloutReport(
         report_pb2.GetRolloutReportRequest(rollout_id=args.rollout_id), metadata=client.metadata
     )
-    if args.format == "table" and args.out is None:
-        report_render.render_table(value, console)
+    if args.format == "table":
+        if args.out is None:
+            report_render.render_table(value, console)
+        else:
+            with args.out.open("w") as f:
+                report_render.render_table(value, Console(file=f, width=120))
+            console.print(f"wrote {args.out}")
         return 0
+    text = (
+        report_render.render_csv(value)
+        if args.format == "csv"
+        else report_render.render_json(value)
+    )
+    if args.out is not None:
+        args.out.write_text(text)
+        console.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
     text = (
         report_render.render_csv(value)
         if args.format == "csv"
