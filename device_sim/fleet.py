@@ -158,9 +158,13 @@ class SimulatedFleet:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(timeout=30)
+            try:
+                asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(timeout=60)
+            except TimeoutError:
+                log.warning("some simulated devices did not disconnect in time")
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
-        self._loop.close()
+        if not self._thread.is_alive():
+            self._loop.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._channel.close()

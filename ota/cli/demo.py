@@ -62,12 +62,14 @@ def run_demo(*, devices: int, state_dir: Path | None) -> int:
         console.rule(f"demo finished in {time.monotonic() - started:.0f}s")
         return 0 if ok else 1
     finally:
-        if fleet is not None:
-            fleet.stop()
-        if stack is not None:
-            stack.stop()
-        if own_dir:
-            shutil.rmtree(root, ignore_errors=True)
+        try:
+            if fleet is not None:
+                fleet.stop()
+        finally:
+            if stack is not None:
+                stack.stop()
+            if own_dir:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _bundle(root: Path, name: str, size: int) -> Path:
