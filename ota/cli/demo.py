@@ -109,7 +109,7 @@ def _run_rollout(
 
 
 def _settle(
-    client: Client, fleet: SimulatedFleet, rollout_id: str, timeout: float = 30.0
+    client: Client, fleet: SimulatedFleet, rollout_id: str, timeout: float = 120.0
 ) -> report_pb2.RolloutReport:
     """Wait until the report agrees with what the devices did (events still in flight)."""
     deadline = time.monotonic() + timeout
