@@ -55,8 +55,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         if len(request.devices) > MAX_REGISTRATIONS:
             raise InvalidArgument(f"at most {MAX_REGISTRATIONS} per call", field="devices")
         registrations = []
+        seen: set[str] = set()
         for i, d in enumerate(request.devices):
             fleet.check_device_id(d.device_id, field=f"devices[{i}].device_id")
+            if d.device_id in seen:
+                raise InvalidArgument(
+                    f"{d.device_id!r} appears twice", field=f"devices[{i}].device_id"
+                )
+            seen.add(d.device_id)
             for name in ("model", "region"):
                 if not getattr(d, name):
                     raise InvalidArgument("is required", field=f"devices[{i}].{name}")
@@ -97,6 +103,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     def GetDevice(
         self, request: fleet_pb2.GetDeviceRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.GetDeviceResponse:
+        if not 0 <= request.event_limit <= 1000:
+            raise InvalidArgument("must be between 0 and 1000", field="event_limit")
         limit = request.event_limit or 50
         with self._store.transaction() as session:
             row = fleet.get_device(session, request.device_id)

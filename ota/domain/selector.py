@@ -103,6 +103,26 @@ class Selector:
     def matches(self, device: DeviceAttributes) -> bool:
         return all(term.matches(device) for term in self.terms)
 
+    def may_overlap(self, other: Selector) -> bool:
+        """False only when no device can match both (they pin an attribute apart).
+
+        Conservative: anything it cannot prove disjoint counts as overlapping.
+        """
+        mine, theirs = self._pinned(), other._pinned()
+        return all(
+            not (mine[attr] and theirs[attr]) or bool(mine[attr] & theirs[attr])
+            for attr in mine.keys() & theirs.keys()
+        )
+
+    def _pinned(self) -> dict[str, set[str]]:
+        """Attributes an `=` or `in` term restricts to a set of values (firmware excepted)."""
+        pinned: dict[str, set[str]] = {}
+        for term in self.terms:
+            if term.op in ("=", "in") and term.attr != "firmware":
+                values = set(term.values)
+                pinned[term.attr] = pinned[term.attr] & values if term.attr in pinned else values
+        return pinned
+
     def __str__(self) -> str:
         return " and ".join(str(t) for t in self.terms)
 

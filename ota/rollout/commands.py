@@ -15,7 +15,7 @@ from ota.domain import states
 from ota.domain.plan import RolloutPlan
 from ota.domain.selector import Selector
 from ota.errors import Aborted, FailedPrecondition, InvalidArgument
-from ota.rollout.exposure import eligible_devices, revert_exposed
+from ota.rollout.exposure import revert_exposed
 from ota.rollout.notify import DesiredStateSigner
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
@@ -129,7 +129,11 @@ class RolloutCommands:
                 )
             if command == "start":
                 self._check_no_conflict(session, rollout)
-            changes: dict[str, object] = {"promoted": True} if command == "promote" else {}
+            changes: dict[str, object] = {}
+            if command == "promote":
+                changes["promoted"] = True
+            elif command == "resume":
+                changes["stage_started_at"] = now  # a fresh soak and gate window
             result = rollouts.transition(
                 session,
                 rollout,
@@ -146,17 +150,19 @@ class RolloutCommands:
         return result
 
     def _check_no_conflict(self, session: Session, rollout: RolloutRow) -> None:
-        """Refuse a second running rollout of a feature over overlapping devices."""
-        bundle = bundles.get_bundle(session, rollout.bundle_name)
-        mine = {d.device_id for d in eligible_devices(session, rollout, bundle)}
+        """Refuse a second running rollout of a feature whose eligibility may overlap.
+
+        Judged on the selectors, not today's fleet: a device registered later
+        must never fall into two rollouts of one feature.
+        """
+        mine = Selector.parse(rollout.selector)
         for other in rollouts.rollouts_in(session, states.ROLLOUT_ACTIVE):
             if other.feature != rollout.feature or other.rollout_id == rollout.rollout_id:
                 continue
-            other_bundle = bundles.get_bundle(session, other.bundle_name)
-            overlap = mine & {d.device_id for d in eligible_devices(session, other, other_bundle)}
-            if overlap:
+            if mine.may_overlap(Selector.parse(other.selector)):
                 raise FailedPrecondition(
-                    f"rollout {other.rollout_id} of {other.feature} is {other.state} over "
-                    f"{len(overlap)} of the same devices; abort or finish it first",
+                    f"rollout {other.rollout_id} of {other.feature} is {other.state} and its "
+                    f"devices may overlap ({other.selector or 'whole fleet'}); "
+                    "abort or finish it first",
                     field="rollout_id",
                 )

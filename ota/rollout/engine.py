@@ -103,8 +103,10 @@ class RolloutEngine:
             self._on_notify()
 
     def _step(self, session: Session, rollout: RolloutRow) -> int:
-        if rollout.state != states.RUNNING:
-            return 0
+        if rollout.state != states.RUNNING or not rollouts.lock_if(
+            session, rollout, states.RUNNING
+        ):
+            return 0  # a command changed it since it was read; look again next tick
         now = self._clock.now()
         plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
         bundle = bundles.get_bundle(session, rollout.bundle_name)
@@ -124,11 +126,14 @@ class RolloutEngine:
                 now=now,
             )
         progress = read_progress(session, rollout.rollout_id)
+        # The gate judges outcomes since the current stage started (or the rollout was
+        # resumed): a resume after a trip is a decision to look at fresh evidence.
+        window = read_progress(session, rollout.rollout_id, changed_since=rollout.stage_started_at)
         gate = plan.gate
-        if gate.breached(progress.failed, progress.finished):
-            rate = progress.failed / progress.finished
+        if gate.breached(window.failed, window.finished):
+            rate = window.failed / window.finished
             reason = (
-                f"install-failure gate tripped: {progress.failed} of {progress.finished} finished "
+                f"install-failure gate tripped: {window.failed} of {window.finished} finished "
                 f"devices failed ({rate:.1%} > {_pct(gate.max_failure_ppm)}, "
                 f"min sample {gate.min_sample})"
             )

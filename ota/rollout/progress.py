@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlmodel import Session
 
@@ -28,6 +29,14 @@ class Progress:
         return self.failed + sum(self.states.get(s, 0) for s in FINISHED_OK)
 
 
-def read_progress(session: Session, rollout_id: str, *, stage: int | None = None) -> Progress:
-    """Progress of the whole rollout, or of the devices one stage exposed."""
-    return Progress(rollouts.state_counts(session, rollout_id, stage=stage))
+def read_progress(
+    session: Session,
+    rollout_id: str,
+    *,
+    stage: int | None = None,
+    changed_since: datetime | None = None,
+) -> Progress:
+    """Progress of the whole rollout, of one stage's devices, or of a window of time."""
+    return Progress(
+        rollouts.state_counts(session, rollout_id, stage=stage, changed_since=changed_since)
+    )

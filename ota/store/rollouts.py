@@ -83,6 +83,23 @@ def transition(
     return get_rollout(session, rollout.rollout_id)
 
 
+def lock_if(session: Session, rollout: RolloutRow, state: str) -> bool:
+    """Take the rollout's row lock if it is still as read (same revision, `state`).
+
+    A no-op conditional update: on SQLite it takes the write lock before any
+    other write, on PostgreSQL the row lock; either way a command that changes
+    the rollout cannot commit in the middle of what the caller does next.
+    """
+    result = session.execute(
+        update(RolloutRow)
+        .where(col(RolloutRow.rollout_id) == rollout.rollout_id)
+        .where(col(RolloutRow.revision) == rollout.revision)
+        .where(col(RolloutRow.state) == state)
+        .values(revision=rollout.revision)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+
 def exposed_device_ids(session: Session, rollout_id: str) -> set[str]:
     query = select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)
     return set(session.exec(query))
@@ -109,7 +126,14 @@ def expose(
     return count
 
 
-def state_counts(session: Session, rollout_id: str, *, stage: int | None = None) -> dict[str, int]:
+def state_counts(
+    session: Session,
+    rollout_id: str,
+    *,
+    stage: int | None = None,
+    changed_since: datetime | None = None,
+) -> dict[str, int]:
+    """Devices per state, optionally of one stage or changed since a moment."""
     query = (
         select(RolloutDeviceRow.state, func.count())
         .where(RolloutDeviceRow.rollout_id == rollout_id)
@@ -117,6 +141,8 @@ def state_counts(session: Session, rollout_id: str, *, stage: int | None = None)
     )
     if stage is not None:
         query = query.where(RolloutDeviceRow.stage == stage)
+    if changed_since is not None:
+        query = query.where(col(RolloutDeviceRow.updated_at) >= changed_since)
     return {state: int(n) for state, n in session.exec(query)}
 
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
-from ota.errors import Unavailable
+from ota.errors import Aborted, Unavailable
 
 
 class Store:
@@ -28,6 +28,11 @@ class Store:
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
+        except IntegrityError as exc:
+            # A unique key raced: a concurrent request created the same thing.
+            raise Aborted(
+                "a concurrent request changed the same resource; read it again and retry"
+            ) from exc
         except OperationalError as exc:
             # "database is locked", a lost connection: the caller may retry.
             raise Unavailable(f"the database is unavailable, retry: {exc.orig}") from exc

@@ -11,6 +11,9 @@ from ota.domain.states import ALL_STATES, FAILURE_REASONS
 from ota.store.ingest import IncomingEvent
 from ota.v1 import common_pb2
 
+# Sequence numbers are stored as signed 64-bit integers.
+MAX_SEQ = 2**63
+
 
 class Dropped(Exception):
     """A device message that is acknowledged, counted under `reason` and not stored."""
@@ -49,8 +52,8 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
         raise Dropped(
             "device_mismatch", f"event for {event.device_id!r} on {topic_device_id!r}'s topic"
         )
-    if event.seq == 0:
-        raise Dropped("malformed", f"event from {topic_device_id} without seq")
+    if not 0 < event.seq < MAX_SEQ:
+        raise Dropped("malformed", f"event from {topic_device_id} with seq {event.seq}")
     state = common_pb2.DeviceState.Name(event.state) if event.state in _STATE_NUMBERS else ""
     if state not in ALL_STATES:
         raise Dropped("malformed", f"unknown state {event.state} from {topic_device_id}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from datetime import datetime
 
@@ -61,12 +60,30 @@ class Ingester:
                     # Not acknowledged: retried here, and redelivered by the broker
                     # if this process dies meanwhile.
                     log.warning("ingest paused, database unavailable: %s", exc)
-                    time.sleep(delay)
+                    self._stop.wait(delay)
                     delay = min(delay * 2, 5.0)
                 except Exception:
-                    log.exception("ingest batch failed; retrying")
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    # Not the database being away: some message the store refuses.
+                    # Find it alone, so one device cannot stall the whole fleet.
+                    log.exception("ingest batch refused by the store; isolating the cause")
+                    self._process_one_by_one(batch)
+                    break
+
+    def _process_one_by_one(self, batch: list[InboundMessage]) -> None:
+        for message in batch:
+            while not self._stop.is_set():
+                try:
+                    self._process([message])
+                    break
+                except Unavailable:
+                    self._stop.wait(1.0)
+                except Exception:
+                    log.exception("dropping a message the store refuses: %s", message.topic)
+                    with self._store.transaction() as session:
+                        count_drops(session, Counter({"store_refused": 1}))
+                    self._link.ack(message)
+                    self.dropped["store_refused"] += 1
+                    break
 
     def _take_batch(self) -> list[InboundMessage]:
         try:

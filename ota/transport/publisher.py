@@ -49,7 +49,12 @@ class DesiredStatePublisher:
                     pass
             except OtaError as exc:
                 log.warning("publishing desired states failed, will retry: %s", exc)
-                time.sleep(1.0)
+                self._stop.wait(1.0)
+                self._wake.set()
+            except Exception:
+                # A bug must not silently end publishing for the whole fleet.
+                log.exception("publishing desired states failed unexpectedly; retrying")
+                self._stop.wait(5.0)
                 self._wake.set()
 
     def _drain_once(self) -> bool:

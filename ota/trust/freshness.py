@@ -42,5 +42,7 @@ class TimestampRefresher:
                     log.info("re-signed the timestamp")
             except OtaError as exc:
                 log.warning("could not re-sign the timestamp, will retry: %s", exc)
+            except Exception:
+                log.exception("re-signing the timestamp failed unexpectedly; will retry")
             if self._stop.wait(self._every):
                 return

@@ -63,6 +63,8 @@ def test_bad_payloads_are_acked_counted_and_dropped_and_good_ones_stored_once(
         assert not car.publish(topic, b"\xff\x00 not a protobuf").is_failure
         assert not car.publish(topic, impostor.SerializeToString()).is_failure
         assert not car.publish(topic, b"\x08" * 70_000).is_failure  # over the 64 KiB limit
+        huge = common_pb2.DeviceEvent(device_id="car-1", seq=2**63 + 5, state=common_pb2.NOTIFIED)
+        assert not car.publish(topic, huge.SerializeToString()).is_failure  # beyond int64
         for _ in range(3):  # QoS 1 redelivery: the same seq three times
             car.publish(topic, event.SerializeToString())
         marker = common_pb2.DeviceEvent(device_id="car-1", seq=2, state=common_pb2.DOWNLOADING)
@@ -70,8 +72,8 @@ def test_bad_payloads_are_acked_counted_and_dropped_and_good_ones_stored_once(
 
     wait_for(lambda: _events(stack, "car-1") == [1, 2], what="both distinct events stored")
     wait_for(
-        lambda: _drops(stack) == {"malformed": 1, "device_mismatch": 1, "oversized": 1},
-        what="three drops counted by reason",
+        lambda: _drops(stack) == {"malformed": 2, "device_mismatch": 1, "oversized": 1},
+        what="four drops counted by reason",
     )
     assert _events(stack, "car-2") == []
     with stack.control_plane.store.transaction() as session:

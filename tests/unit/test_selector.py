@@ -336,3 +336,22 @@ def test_firmware_in_list_rejects_bad_version(text: str) -> None:
 def test_quoted_punctuation_is_a_value_not_syntax(text: str) -> None:
     with pytest.raises(InvalidArgument):
         Selector.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ('region = "eu"', 'region = "us"', False),
+        ("model in (ev6, ev9)", "model in (niro)", False),
+        ("model in (ev6, ev9)", "model = ev9", True),
+        ('region = "eu"', "model = ev6", True),
+        ("", 'region = "eu"', True),
+        ("firmware >= 4.2", "firmware < 4.0", True),  # not proven disjoint: conservative
+        ('model = ev6 and region = "eu"', 'model = ev6 and region = "us"', False),
+    ],
+)
+def test_selectors_overlap_unless_they_pin_an_attribute_apart(
+    a: str, b: str, overlap: bool
+) -> None:
+    assert Selector.parse(a).may_overlap(Selector.parse(b)) is overlap
+    assert Selector.parse(b).may_overlap(Selector.parse(a)) is overlap
