@@ -21,6 +21,12 @@ from ota.store.models import (
 )
 
 
+# A device in one of these states runs (or has reverted) what the rollout gave it.
+# A later refusal naming the rollout -- a forged or replayed desired state, say --
+# is recorded as a failure reason but does not pretend the device lost it.
+SETTLED = ("INSTALLED", "ACTIVE", "ROLLED_BACK", "DEACTIVATED")
+
+
 @dataclass(frozen=True)
 class IncomingEvent:
     device_id: str
@@ -118,10 +124,11 @@ def _apply_progress(session: Session, events: Sequence[IncomingEvent], now: date
             # device's state only moves forward in its own sequence order.
             continue
         row.last_seq = event.seq
-        row.state = event.state
         if event.state == "FAILED":
             # Kept after a later revert: the report still shows why it failed.
             row.reason = event.error_code
+        if not (event.state == "FAILED" and row.state in SETTLED):
+            row.state = event.state
         row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
         row.updated_at = now
         session.add(row)

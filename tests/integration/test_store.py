@@ -17,7 +17,7 @@ from ota.errors import Aborted
 from ota.store import fleet, rollouts
 from ota.store.database import migrate, open_database
 from ota.store.ingest import IncomingEvent, ingest_events
-from ota.store.models import RolloutRow
+from ota.store.models import RolloutDeviceRow, RolloutRow
 from ota.store.session import Store
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,17 @@ def test_ingest_is_idempotent_and_never_moves_a_device_backwards(store: Store) -
     assert (again.stored, again.duplicates) == (1, 1)
     with store.transaction() as session:
         assert rollouts.state_counts(session, "r-1") == {"ACTIVE": 1}
+
+
+def test_a_refusal_after_install_is_a_reason_not_a_lost_install(store: Store) -> None:
+    _rollout(store)
+    refused = IncomingEvent("d1", 4, "r-1", "f", "1.0", "FAILED", "SIGNATURE_INVALID", "", "", None)
+    with store.transaction() as session:
+        ingest_events(session, [_event(3, "ACTIVE"), refused], NOW)
+    with store.transaction() as session:
+        assert rollouts.state_counts(session, "r-1") == {"ACTIVE": 1}
+        row = session.get(RolloutDeviceRow, ("r-1", "d1"))
+        assert row is not None and row.reason == "SIGNATURE_INVALID" and row.last_seq == 4
 
 
 def test_unknown_devices_and_rollouts_are_dropped_not_stored(store: Store) -> None:
