@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined, unused-ignore]
+from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
+
 from ota.broker.config import BrokerSettings, write_broker_config
-from ota.cli.output import console
+from ota.cli.output import console, emit_json
 from ota.config import load_server_config
+from ota.errors import InvalidArgument
 from ota.keyring import generate_keyring
+from ota.trust.keys import generate_key, load_public_key, public_key_path
+from ota.trust.rootgen import DIRECTOR_FIELD, RootChange, parse_root
 
 
 def register(nouns: Any) -> None:
@@ -41,9 +49,91 @@ def register(nouns: Any) -> None:
     p.set_defaults(handler=broker_config)
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
-    p = keys.add_parser("generate", help="root, release (offline) and online keys, root.json")
+    p = keys.add_parser(
+        "generate",
+        help="root, release (offline) and online keys, root.json",
+        description="A new keyring: root and release keys (offline), snapshot, timestamp and "
+        "director keys (online), the trust anchor root.json and the first targets.json. "
+        "With N > 1 release keys they are release-1.pem..release-N.pem, one per engineer, "
+        "and every bundle needs the threshold of them (likewise for root keys).",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--root-keys", type=int, default=1, metavar="N")
+    p.add_argument("--root-threshold", type=int, default=1, metavar="K")
+    p.add_argument("--release-keys", type=int, default=1, metavar="N")
+    p.add_argument("--release-threshold", type=int, default=1, metavar="K")
     p.set_defaults(handler=keys_generate)
+
+    p = keys.add_parser(
+        "new",
+        help="one more Ed25519 key: PEM private key and .pub.json public key",
+        description="Make a key for a rotation: FILE (PKCS#8 PEM, mode 0600) and "
+        "FILE.pub.json (TUF key dict). Hand out only the .pub.json.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(handler=keys_new)
+
+    p = keys.add_parser(
+        "rotate-root",
+        help="build root N+1 here, signed by the current and new root keys, and upload it",
+        description="Fetch root N, apply the changes given (root keys, release keys, online "
+        "keys, thresholds), sign root N+1 with the root keys given (the threshold of the "
+        "current root AND of the new one) and upload it. Private keys never leave this "
+        "machine. New release keys also re-sign the current targets (--release-key). "
+        "See docs/KEYS.md for each runbook.",
+    )
+    p.add_argument(
+        "--old-key",
+        action="append",
+        type=Path,
+        default=[],
+        required=True,
+        help="a root key of the current root (repeat up to its threshold)",
+    )
+    p.add_argument(
+        "--new-key",
+        action="append",
+        type=Path,
+        default=[],
+        help="a root key of the new root, which signs too (repeat); default: root keys unchanged",
+    )
+    p.add_argument(
+        "--new-root-pub",
+        action="append",
+        type=Path,
+        default=[],
+        help="a further new root public key that does not sign now (repeat)",
+    )
+    p.add_argument("--root-threshold", type=int, help="root threshold of the new root")
+    p.add_argument(
+        "--release-pub",
+        action="append",
+        type=Path,
+        default=[],
+        help="the new release keys, public (.pub.json or .pem; repeat): replaces the set",
+    )
+    p.add_argument("--release-threshold", type=int, help="release threshold of the new root")
+    p.add_argument(
+        "--release-key",
+        action="append",
+        type=Path,
+        default=[],
+        help="release private key that re-signs the current targets for the new root (repeat)",
+    )
+    for role in ("snapshot", "timestamp", "director"):
+        p.add_argument(
+            f"--{role}-pub",
+            action="append",
+            type=Path,
+            default=[],
+            help=f"the {role} public key(s) of the new root (repeat to list old and new)",
+        )
+    p.add_argument("--expires-in-days", type=int, default=365)
+    p.add_argument("--trusted-root", type=Path, help="verify the server's root chain from this")
+    p.add_argument("--out", type=Path, help="also write root N+1 to this file")
+    p.add_argument("--dry-run", action="store_true", help="show root N+1, upload nothing")
+    _client_options(p)
+    p.set_defaults(handler=keys_rotate_root)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -106,10 +196,131 @@ def broker_config(args: argparse.Namespace) -> int:
 
 
 def keys_generate(args: argparse.Namespace) -> int:
-    paths = generate_keyring(args.out)
-    console.print(f"offline (keep with release engineers): {paths.root_key}, {paths.release_key}")
-    console.print(
+    paths = generate_keyring(
+        args.out,
+        root_keys=args.root_keys,
+        root_threshold=args.root_threshold,
+        release_keys=args.release_keys,
+        release_threshold=args.release_threshold,
+    )
+    _say(
+        f"root keys (offline, {args.root_threshold} of {args.root_keys} sign a new root): "
+        + ", ".join(map(str, paths.root_keys))
+    )
+    _say(
+        f"release keys (offline, one per engineer, {args.release_threshold} of "
+        f"{args.release_keys} sign a bundle): " + ", ".join(map(str, paths.release_keys))
+    )
+    _say(
         f"online (control plane): {paths.snapshot_key}, {paths.timestamp_key}, {paths.director_key}"
     )
-    console.print(f"trust anchor for devices: {paths.root_json}")
+    _say(f"trust anchor for devices: {paths.root_json}")
     return 0
+
+
+def keys_new(args: argparse.Namespace) -> int:
+    for path in args.files:
+        key = generate_key(path)
+        _say(f"{path}  keyid {key.keyid}  public {public_key_path(path)}")
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("OTA_SERVER", "127.0.0.1:50051"),
+        help="control plane address (env OTA_SERVER)",
+    )
+    p.add_argument(
+        "--token", default=os.environ.get("OTA_TOKEN", ""), help="bearer token (env OTA_TOKEN)"
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def keys_rotate_root(args: argparse.Namespace) -> int:
+    from ota.client import Client
+
+    def keys(paths: list[Path]) -> list[SSlibKey] | None:
+        return [load_public_key(p) for p in paths] or None
+
+    new_root_keys = keys([*args.new_key, *args.new_root_pub])
+    change = RootChange(
+        root_keys=new_root_keys,
+        root_threshold=args.root_threshold,
+        release_keys=keys(args.release_pub),
+        release_threshold=args.release_threshold,
+        snapshot_keys=keys(args.snapshot_pub),
+        timestamp_keys=keys(args.timestamp_pub),
+        director_keys=keys(args.director_pub),
+    )
+    trusted = None
+    if args.trusted_root:
+        try:
+            trusted = args.trusted_root.read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read {args.trusted_root}: {exc.strerror}", field="trusted-root"
+            ) from exc
+    client = Client.connect(args.server, args.token)
+    try:
+        plan = client.plan_root_rotation(
+            change,
+            root_keys=list(dict.fromkeys([*args.old_key, *args.new_key])),
+            release_keys=args.release_key,
+            expires_in=timedelta(days=args.expires_in_days),
+            trusted_root=trusted,
+        )
+        if args.out:
+            args.out.write_bytes(plan.new_root)
+        lines = describe_rotation(plan.current_root, plan.new_root)
+        if args.dry_run:
+            if args.format == "json":
+                emit_json({"changes": lines, "uploaded": False})
+            else:
+                _say("\n".join(["dry run, nothing uploaded:", *lines]))
+            return 0
+        result = client.rotate_root(plan)
+    finally:
+        client.close()
+    if args.format == "json":
+        emit_json(
+            {
+                "root_version": result.root_version,
+                "targets_version": result.targets_version,
+                "changes": lines,
+            }
+        )
+    else:
+        _say("\n".join(lines))
+        _say(
+            f"uploaded root v{result.root_version} (targets v{result.targets_version}); "
+            "devices move to it on their next metadata refresh"
+        )
+    return 0
+
+
+def describe_rotation(current: bytes, new: bytes) -> list[str]:
+    """One line per role of root N+1: its keys and threshold, marking what changed."""
+    old_md = parse_root(current, field="current_root").signed
+    new_md = parse_root(new, field="new_root").signed
+
+    def role_keys(root: Root, role: str) -> tuple[list[str], int]:
+        if role == "director":
+            spec = root.unrecognized_fields.get(DIRECTOR_FIELD, {})
+            return list(spec.get("keyids", [])), int(spec.get("threshold", 1))
+        return list(root.roles[role].keyids), root.roles[role].threshold
+
+    lines = [f"root v{old_md.version} -> v{new_md.version}, expires {new_md.expires:%Y-%m-%d}"]
+    for role in ("root", "targets", "snapshot", "timestamp", "director"):
+        before, old_threshold = role_keys(old_md, role)
+        after, threshold = role_keys(new_md, role)
+        marks = [("+" if k not in before else " ") + k[:12] for k in after]
+        marks += ["-" + k[:12] for k in before if k not in after]
+        changed = "" if (before, old_threshold) == (after, threshold) else "  (changed)"
+        name = "release" if role == "targets" else role
+        lines.append(f"  {name:<10} {threshold} of {len(after)}: {' '.join(marks)}{changed}")
+    return lines
+
+
+def _say(text: str) -> None:
+    console.print(text, soft_wrap=True, markup=False, highlight=False)

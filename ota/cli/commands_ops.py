@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +14,10 @@ from rich.console import Console
 from ota.cli import report_render
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
-from ota.client import Client
+from ota.client import Client, PendingSigning
 from ota.domain.plan import FailureGate, parse_stages
 from ota.errors import InvalidArgument
+from ota.trust.keys import load_public_key
 from ota.v1 import (
     bundle_pb2,
     fleet_pb2,
@@ -34,17 +36,52 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     bundle = nouns.add_parser("bundle", help="signed feature bundles").add_subparsers(
         dest="verb", required=True
     )
-    p = bundle.add_parser("publish", help="sign with release key(s) and publish a bundle")
+    p = bundle.add_parser(
+        "publish",
+        help="sign with release key(s) and publish a bundle",
+        description="Sign FILE into the next targets metadata with the release key(s) given "
+        "and upload both. Signed by the release threshold, the bundle is visible to devices "
+        "at once; with fewer signatures it stays PENDING (invisible) until `ota bundle sign` "
+        "adds the rest, or is refused with --require-visible.",
+    )
     p.add_argument("file", type=Path)
     p.add_argument("--feature", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--model", action="append", default=[], help="compatible model (repeat)")
     p.add_argument("--min-firmware", default="")
     p.add_argument("--key", action="append", type=Path, default=[], help="release key (repeat)")
+    p.add_argument(
+        "--require-visible",
+        action="store_true",
+        help="refuse instead of leaving a pending publication when the keys given fall "
+        "short of the release threshold",
+    )
     client_options(p)
     p.set_defaults(handler=bundle_publish)
-    p = bundle.add_parser("list", help="published bundles")
+    p = bundle.add_parser(
+        "sign",
+        help="review a pending publication and add your release signature",
+        description="Fetch the pending targets metadata of NAME, check it adds exactly the "
+        "bundle it claims on top of the published targets, show it, sign it locally and "
+        "upload the signature (the key never leaves this machine). The signature that meets "
+        "the release threshold publishes the bundle.",
+    )
+    p.add_argument("name", help="bundles/FEATURE/VERSION")
+    p.add_argument("--key", action="append", type=Path, default=[], help="release key (repeat)")
+    p.add_argument("--file", type=Path, help="your copy of the bundle: must match what is signed")
+    p.add_argument(
+        "--trusted-root", type=Path, help="root.json you trust: verify the server's root chain"
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation on a terminal")
+    client_options(p)
+    p.set_defaults(handler=bundle_sign)
+    p = bundle.add_parser("discard", help="drop a pending publication and its signatures")
+    p.add_argument("name", help="bundles/FEATURE/VERSION")
+    client_options(p)
+    p.set_defaults(handler=bundle_discard)
+    p = bundle.add_parser("list", help="published and pending bundles")
     p.add_argument("--feature", default="")
+    p.add_argument("--state", choices=("all", "published", "pending", "stale"), default="all")
     client_options(p)
     p.set_defaults(handler=bundle_list)
     p = bundle.add_parser("get", help="one bundle")
@@ -132,31 +169,154 @@ def bundle_publish(args: argparse.Namespace) -> int:
         models=args.model,
         min_firmware=args.min_firmware,
         keys=args.key,
+        require_visible=args.require_visible,
     )
     if args.format == "json":
         emit_json(result)
+    elif result.state == bundle_pb2.BUNDLE_STATE_PENDING:
+        _say(f"pending {result.name}: {_signature_count(result)}; {_pending_hint(result)}")
     else:
-        console.print(
-            f"published {result.name} ({result.length} bytes, sha256 {result.sha256.hex()[:16]}…)"
+        _say(
+            f"published {result.name} ({result.length} bytes, sha256 {result.sha256.hex()[:16]}…), "
+            "visible to devices"
         )
     return 0
 
 
+def bundle_sign(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not args.key:
+        raise InvalidArgument("at least one release key (--key) is required", field="key")
+    trusted = _read_file(args.trusted_root) if args.trusted_root else None
+    signing = client.review_pending(args.name, file=args.file, trusted_root=trusted)
+    review = signing.review
+    mine = [load_public_key(k).keyid for k in args.key]
+    if args.format != "json":
+        _show_review(signing, mine, checked_file=args.file)
+        if not args.yes and sys.stdin.isatty() and not _confirm("sign it? [y/N] "):
+            _say("not signed")
+            return EXIT_DECLINED
+    result = client.sign_bundle(signing, args.key)
+    if args.format == "json":
+        emit_json(result)
+        return 0
+    already = [k[:12] for k in mine if k in review.signer_keyids]
+    if already:
+        _say(f"{', '.join(already)} had already signed {result.name}: a key counts once")
+    if result.state == bundle_pb2.BUNDLE_STATE_PUBLISHED:
+        _say(f"published {result.name}: {_signature_count(result)}, visible to devices")
+    else:
+        _say(f"signed {result.name}: {_signature_count(result)}; {_pending_hint(result)}")
+    return 0
+
+
+def bundle_discard(args: argparse.Namespace) -> int:
+    client = _client(args)
+    result = client.bundles.DiscardPendingBundle(
+        bundle_pb2.DiscardPendingBundleRequest(name=args.name), metadata=client.metadata
+    )
+    if args.format == "json":
+        emit_json(result)
+    else:
+        _say(f"discarded the pending publication {result.name}")
+    return 0
+
+
+EXIT_DECLINED = 3
+_STATES = {
+    "all": bundle_pb2.BUNDLE_STATE_UNSPECIFIED,
+    "published": bundle_pb2.BUNDLE_STATE_PUBLISHED,
+    "pending": bundle_pb2.BUNDLE_STATE_PENDING,
+    "stale": bundle_pb2.BUNDLE_STATE_STALE,
+}
+
+
+def _state_name(b: bundle_pb2.Bundle) -> str:
+    return bundle_pb2.BundleState.Name(b.state).removeprefix("BUNDLE_STATE_").lower()
+
+
+def _signature_count(b: bundle_pb2.Bundle) -> str:
+    who = f" ({', '.join(k[:12] for k in b.signer_keyids)})" if b.signer_keyids else ""
+    return f"{len(b.signer_keyids)} of {b.signatures_required} release signatures{who}"
+
+
+def _pending_hint(b: bundle_pb2.Bundle) -> str:
+    missing = max(1, b.signatures_required - len(b.signer_keyids))
+    return (
+        f"not visible to devices until {missing} more release key(s) sign it "
+        f"(`ota bundle sign {b.name} --key KEY`)"
+    )
+
+
+def _show_review(signing: PendingSigning, mine: list[str], *, checked_file: Path | None) -> None:
+    review, target = signing.review, signing.review.target
+    rows: list[tuple[str, object]] = [
+        ("bundle", signing.pending.bundle.name),
+        ("target", target.target_path),
+        ("length", f"{target.length} bytes"),
+        ("sha256", target.sha256_hex),
+        *((f"custom.{k}", json.dumps(v)) for k, v in sorted(target.custom.items())),
+        ("targets", f"version {review.targets_version}, expires {review.expires:%Y-%m-%d %H:%M}Z"),
+        (
+            "signed by",
+            f"{len(review.signer_keyids)} of {review.threshold} "
+            f"({', '.join(k[:12] for k in review.signer_keyids) or 'nobody yet'})",
+        ),
+        ("your key", ", ".join(k[:12] for k in mine)),
+    ]
+    if checked_file is not None:
+        rows.append(("your file", f"{checked_file} matches"))
+    _say("checked: the pending targets add exactly this bundle to the published ones")
+    for label, value in rows:
+        _say(f"  {label:<16} {value}")
+
+
+def _say(text: str) -> None:
+    # One unwrapped line per message, so scripts and people read the same text.
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def _confirm(prompt: str) -> bool:
+    try:
+        return input(prompt).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=str(path)) from exc
+
+
 def _bundle_rows(bundles: list[bundle_pb2.Bundle]) -> list[list[object]]:
-    return [[b.name, b.length, b.sha256.hex()[:16], ",".join(b.models)] for b in bundles]
+    return [
+        [
+            b.name,
+            _state_name(b),
+            f"{len(b.signer_keyids)}/{b.signatures_required}",
+            b.length,
+            b.sha256.hex()[:16],
+            ",".join(b.models),
+        ]
+        for b in bundles
+    ]
+
+
+_BUNDLE_COLUMNS = ["name", "state", "signatures", "bytes", "sha256", "models"]
 
 
 def bundle_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.bundles.ListBundles(
-        bundle_pb2.ListBundlesRequest(feature=args.feature), metadata=client.metadata
+        bundle_pb2.ListBundlesRequest(feature=args.feature, state=_STATES[args.state]),
+        metadata=client.metadata,
     )
     if args.format == "json":
         emit_json(list(response.bundles))
     else:
-        table(
-            "Bundles", ["name", "bytes", "sha256", "models"], _bundle_rows(list(response.bundles))
-        )
+        table("Bundles", _BUNDLE_COLUMNS, _bundle_rows(list(response.bundles)))
     return 0
 
 
@@ -168,7 +328,7 @@ def bundle_get(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(b)
     else:
-        table("Bundle", ["name", "bytes", "sha256", "models"], _bundle_rows([b]))
+        table("Bundle", _BUNDLE_COLUMNS, _bundle_rows([b]))
     return 0
 
 

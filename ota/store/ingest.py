@@ -20,7 +20,6 @@ from ota.store.models import (
     RolloutRow,
 )
 
-
 # A device in one of these states runs (or has reverted) what the rollout gave it.
 # A later refusal naming the rollout -- a forged or replayed desired state, say --
 # is recorded as a failure reason but does not pretend the device lost it.

@@ -74,6 +74,34 @@ class BundleRow(SQLModel, table=True):
     created_at: datetime
 
 
+class PendingBundleRow(SQLModel, table=True):
+    """A publication signed by fewer release keys than the threshold: invisible to devices.
+
+    Its bytes are already in the blob store; its targets metadata, with the
+    signatures so far, waits here until `SignBundle` completes it.
+    """
+
+    __tablename__ = "pending_bundle"
+
+    name: str = Field(primary_key=True, max_length=200)
+    feature: str = Field(index=True, max_length=64)
+    version: str = Field(max_length=32)
+    target_path: str = Field(unique=True)
+    sha256: str = Field(max_length=64)
+    length: int
+    models_json: str = "[]"
+    min_firmware: str = ""
+    # The targets version this publication becomes; stale once the current one reaches it.
+    targets_version: int
+    signed_targets: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signer_keyids_json: str = "[]"
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    # Bumped on every added signature: the guard of conditional updates.
+    revision: int = 1
+    created_at: datetime
+    updated_at: datetime
+
+
 class TufMetadataRow(SQLModel, table=True):
     __tablename__ = "tuf_metadata"
 

@@ -6,17 +6,26 @@ the trusted root's release keys signed it, then publishes snapshot and
 timestamp over it. Versions come from the store; one process serialises its
 own writes with a lock, and replicas rely on the store refusing a second
 ``(role, version)``.
+
+A publication signed by fewer release keys than the threshold is reviewed
+(`review_targets`) but not committed: the caller keeps it aside, collects more
+signatures (`add_signatures`) and commits once the threshold is met. Every
+signature must be a valid one by a release key of the current root; a key the
+root does not name is refused outright rather than ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined, unused-ignore]
+from securesystemslib.exceptions import UnverifiedSignatureError
+from securesystemslib.exceptions import VerificationError as SslibVerificationError
+from securesystemslib.signer import Key, Signature, Signer  # type: ignore[attr-defined, unused-ignore]
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets, Timestamp  # type: ignore[attr-defined, unused-ignore]
 from tuf.api.serialization import DeserializationError
@@ -58,6 +67,32 @@ class AcceptedTarget:
     signer_keyids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A new targets version that adds one bundle, with the release signatures it has so far."""
+
+    target: AcceptedTarget
+    targets_version: int
+    threshold: int
+
+    @property
+    def complete(self) -> bool:
+        """Whether the valid release signatures meet the targets threshold."""
+        return len(self.target.signer_keyids) >= self.threshold
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.threshold - len(self.target.signer_keyids))
+
+
+@dataclass(frozen=True)
+class RootRotation:
+    """What a root rotation left current."""
+
+    root_version: int
+    targets_version: int
+
+
 class ImageRepository:
     """TUF metadata for the bundles, over a `MetadataStore`."""
 
@@ -97,7 +132,8 @@ class ImageRepository:
                 raise FailedPrecondition(
                     "the repository is already bootstrapped with a different root", field="root"
                 )
-            self._check_online_keys(root_md.signed)
+            # After a rotation the online keys are those of the newest root, not of v1.
+            self._check_online_keys(self._root_md().signed if existing else root_md.signed)
             if existing is None:
                 self._store.put_metadata(Root.type, 1, root)
             # Finish a bootstrap that stopped half-way (same root, missing roles).
@@ -109,16 +145,27 @@ class ImageRepository:
             ):
                 self._publish_snapshot()
 
-    def rotate_root(self, new_root: bytes, *, resigned_targets: bytes | None = None) -> None:
+    def rotate_root(
+        self, new_root: bytes, *, resigned_targets: bytes | None = None
+    ) -> RootRotation:
         """Store root N+1, signed by the thresholds of both root N and itself.
 
         When the release keys change, pass the current targets re-signed by the
         new release keys (version + 1, same bundles); they are committed with it.
+        Uploading the current root again is a no-op, so a retried rotation succeeds.
         """
         with self._lock:
-            current = self._root_md()
             new_md = _parse_root(new_root, field="new_root")
+            if self._store.get_metadata(Root.type, new_md.signed.version) == new_root:
+                return RootRotation(new_md.signed.version, self._targets_md().signed.version)
+            current = self._root_md()
             _verify_root(new_md, previous=current, field="new_root")
+            if new_md.signed.is_expired(self._clock.now()):
+                raise InvalidArgument(
+                    f"root v{new_md.signed.version} expired at "
+                    f"{new_md.signed.expires:%Y-%m-%dT%H:%M:%SZ}",
+                    field="new_root",
+                )
             self._check_online_keys(new_md.signed)
             targets = self._targets_md()
             resigned: Metadata[Targets] | None = None
@@ -140,8 +187,10 @@ class ImageRepository:
             self._store.put_metadata(Root.type, new_md.signed.version, new_root)
             if resigned_targets is not None and resigned is not None:
                 self._store.put_metadata(Targets.type, resigned.signed.version, resigned_targets)
+                targets = resigned
             # Fresh snapshot and timestamp, signed by whatever the new root names.
             self._publish_snapshot()
+            return RootRotation(new_md.signed.version, targets.signed.version)
 
     # -- publishing bundles -----------------------------------------------------------
 
@@ -157,6 +206,52 @@ class ImageRepository:
                 f"{target_path} is not in the signed targets", field="target_path"
             )
         return self._accepted(md, target_path, self._root_md().signed)
+
+    def review_targets(self, signed_targets: bytes, *, target_path: str) -> Publication:
+        """Check a new targets version that adds `target_path`, short of the threshold or not.
+
+        Each signature must verify and come from a release key of the current
+        root (PermissionDenied naming the key otherwise); the threshold is only
+        reported (`Publication.complete`). Nothing is stored.
+        """
+        with self._lock:
+            md = parse_targets(signed_targets, field="signed_targets")
+            root = self._root_md().signed
+            self._check_each_signature(root, md, md.signatures.values(), "signed_targets")
+            self._check_next_targets(md)
+            return self._publication(md, target_path, root)
+
+    def add_signatures(
+        self, signed_targets: bytes, signatures: list[Signature], *, target_path: str
+    ) -> tuple[bytes, Publication]:
+        """Add release signatures to a reviewed publication; return its bytes and state.
+
+        A key that already signed counts once: its new signature replaces nothing.
+        Aborted if another publication committed since (the targets moved on).
+        """
+        if not signatures:
+            raise InvalidArgument("at least one signature is required", field="signatures")
+        with self._lock:
+            md = parse_targets(signed_targets, field="signed_targets")
+            root = self._root_md().signed
+            self._check_each_signature(root, md, signatures, "signatures")
+            for signature in signatures:
+                md.signatures.setdefault(signature.keyid, signature)
+            self._check_next_targets(md)
+            return md.to_bytes(), self._publication(md, target_path, root)
+
+    def release_threshold(self) -> int:
+        """How many release signatures the current root requires on targets."""
+        return self._root_md().signed.roles[Targets.type].threshold
+
+    def release_signers(self) -> tuple[str, ...]:
+        """Release keys whose signatures on the current targets verify."""
+        root = self._root_md().signed
+        return self._check_release_signatures(root, self._targets_md(), "targets")
+
+    def targets_version(self) -> int:
+        """Version of the targets devices currently fetch."""
+        return self._targets_md().signed.version
 
     def commit_targets(self, signed_targets: bytes) -> None:
         """Store accepted targets, then a snapshot and timestamp that point at them."""
@@ -214,6 +309,10 @@ class ImageRepository:
         md = parse_targets(signed_targets, field="signed_targets")
         root = self._root_md().signed
         self._check_release_signatures(root, md, "signed_targets")
+        return md, self._check_next_targets(md)
+
+    def _check_next_targets(self, md: Metadata[Targets]) -> Metadata[Targets]:
+        """`md` is the current targets plus one well-formed bundle; return the current ones."""
         current = self._targets_md()
         if md.signed.version != current.signed.version + 1:
             raise Aborted(
@@ -244,7 +343,53 @@ class ImageRepository:
             check_custom(md.signed.targets[path].custom, path)
             if "sha256" not in md.signed.targets[path].hashes:
                 raise InvalidArgument(f"{path} has no sha256 hash", field="signed_targets")
-        return md, current
+        return current
+
+    def _check_each_signature(
+        self, root: Root, md: Metadata[Targets], signatures: Iterable[Signature], field: str
+    ) -> None:
+        """Every signature is by a release key of `root` and verifies over `md`."""
+        release = root.roles[Targets.type].keyids
+        checked = 0
+        for signature in signatures:
+            checked += 1
+            if signature.keyid not in release:
+                raise PermissionDenied(
+                    f"targets signed by key {signature.keyid} "
+                    f"({_key_role(root, signature.keyid)}), which is not a release key of root v{root.version}; the release keys "
+                    f"are {', '.join(k[:12] for k in release)}",
+                    field=field,
+                )
+            try:
+                root.get_key(signature.keyid).verify_signature(signature, md.signed_bytes)
+            except (UnverifiedSignatureError, SslibVerificationError) as exc:
+                raise PermissionDenied(
+                    f"the signature by release key {signature.keyid} does not verify over "
+                    "these targets: forged, or made over different metadata",
+                    field=field,
+                ) from exc
+        if not checked:
+            raise PermissionDenied("the targets carry no release signature", field=field)
+
+    def _publication(self, md: Metadata[Targets], target_path: str, root: Root) -> Publication:
+        added = set(md.signed.targets) - set(self._targets_md().signed.targets)
+        if added != {target_path}:
+            raise InvalidArgument(
+                f"{target_path} is not the bundle the signed targets add", field="target_path"
+            )
+        result = root.get_verification_result(Targets.type, md.signed_bytes, md.signatures)
+        info = md.signed.targets[target_path]
+        return Publication(
+            target=AcceptedTarget(
+                path=target_path,
+                length=info.length,
+                sha256_hex=info.hashes.get("sha256", ""),
+                custom=dict(info.custom or {}),
+                signer_keyids=tuple(sorted(result.signed)),
+            ),
+            targets_version=md.signed.version,
+            threshold=result.threshold,
+        )
 
     def _check_release_signatures(
         self, root: Root, md: Metadata[Targets], field: str
@@ -362,6 +507,12 @@ def _verify_root(md: Metadata[Root], *, previous: Metadata[Root] | None, field: 
             f"root changed: expected version {previous.signed.version + 1}, got {new.version}",
             field=field,
         )
+    if previous is not None and new.consistent_snapshot != previous.signed.consistent_snapshot:
+        raise InvalidArgument(
+            "root rotation must keep consistent_snapshot as it is: devices fetch by it",
+            field=field,
+        )
+    _check_distinct_keys(new, field=field)
     trusted = previous.signed if previous is not None else new
     try:
         trusted.verify_delegate(Root.type, md.signed_bytes, md.signatures)
@@ -372,6 +523,28 @@ def _verify_root(md: Metadata[Root], *, previous: Metadata[Root] | None, field: 
         ) from exc
 
 
+def _check_distinct_keys(root: Root, *, field: str) -> None:
+    """One key listed under two key ids would count twice towards a threshold."""
+    director = root.unrecognized_fields.get(DIRECTOR_FIELD, {}).get("keyids", [])
+    for name, keyids in [*((n, r.keyids) for n, r in root.roles.items()), ("director", director)]:
+        seen: dict[str, str] = {}
+        for keyid in keyids:
+            key = root.keys.get(keyid)
+            if key is None:
+                raise InvalidArgument(
+                    f"the {name} role names key {keyid[:12]}, which the root does not list",
+                    field=field,
+                )
+            value = f"{key.keytype}:{key.scheme}:{sorted(key.keyval.items())}"
+            if value in seen:
+                raise InvalidArgument(
+                    f"the {name} role lists one key under two key ids ({seen[value][:12]}, "
+                    f"{keyid[:12]}); a threshold must count distinct keys",
+                    field=field,
+                )
+            seen[value] = keyid
+
+
 def _meta_file(version: int, data: bytes) -> MetaFile:
     return MetaFile(version=version, length=len(data), hashes={"sha256": _sha256(data)})
 
@@ -380,9 +553,13 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _describe_key(root: Root, keyid: str) -> str:
+def _key_role(root: Root, keyid: str) -> str:
+    """What `keyid` is to `root`: "the snapshot key", "a key the root does not know"..."""
     roles = [name for name, role in root.roles.items() if keyid in role.keyids]
     if keyid in root.unrecognized_fields.get(DIRECTOR_FIELD, {}).get("keyids", []):
         roles.append("director")
-    what = f"the {'/'.join(roles)} key" if roles else "a key the root does not know"
-    return f"{keyid[:12]} ({what})"
+    return f"the {'/'.join(roles)} key" if roles else "a key the root does not know"
+
+
+def _describe_key(root: Root, keyid: str) -> str:
+    return f"{keyid[:12]} ({_key_role(root, keyid)})"
