@@ -75,7 +75,7 @@ class DevStack:
             broker = _endpoint(process, files, password)
         token_file = state_dir / "admin.token"
         if not token_file.exists():
-            token_file.write_text(secrets.token_urlsafe(24))
+            token_file.write_text(secrets.token_hex(24))  # never starts with "-"
             token_file.chmod(0o600)
         admin_token = token_file.read_text().strip()
         config = ServerConfig(

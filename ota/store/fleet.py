@@ -42,7 +42,7 @@ def register_devices(
     }
     issued: dict[str, str] = {}
     for reg in registrations:
-        secret = secrets.token_urlsafe(24)
+        secret = secrets.token_hex(24)  # 192 bits; hex never starts with "-" on a command line
         issued[reg.device_id] = secret
         row = existing.get(reg.device_id)
         if row is None:

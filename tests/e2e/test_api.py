@@ -155,7 +155,7 @@ def _ota(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_reports_a_users_mistake_in_one_line_without_a_traceback(
     stack: DevStack, tmp_path: Path
 ) -> None:
-    target = ["--server", stack.server, "--token", stack.admin_token]
+    target = ["--server", stack.server, f"--token={stack.admin_token}"]
     missing = _ota("rollout", "status", "r-missing", *target)
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("ota: error: NOT_FOUND")
