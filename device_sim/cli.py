@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
-from device_sim.profile import FailureProfile, compose_fleet
+from device_sim.profile import ClockSkew, FailureProfile, compose_fleet
+from device_sim.source import Deadlines
 from ota.errors import OtaError
+from ota.trust.device import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL[@VERSION]=P",
         help="install failure probability, e.g. ev9@2.0.0=1.0 (repeat)",
+    )
+    run.add_argument(
+        "--clock-skew",
+        action="append",
+        default=[],
+        metavar="PATTERN=SECONDS",
+        help="clock offset of the devices whose id matches PATTERN (fnmatch), e.g. "
+        "'sim-00000[0-4]=-7200' for two hours behind (repeat; first match wins)",
+    )
+    run.add_argument(
+        "--download-attempts",
+        type=int,
+        default=RetryPolicy().attempts,
+        help="calls per metadata file or bundle before a device gives up (with backoff)",
+    )
+    run.add_argument(
+        "--download-deadline",
+        type=float,
+        default=Deadlines().download_base,
+        metavar="SECONDS",
+        help="deadline of a bundle download call, plus the time its bytes take at "
+        f"{Deadlines().download_min_rate / 1024:.0f} KiB/s",
     )
     run.add_argument("--state-dir", type=Path, help="device state (default: temporary)")
     run.add_argument(
@@ -86,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
             state_dir=state_dir,
             failures=FailureProfile.parse(args.fail),
             seed=args.seed,
+            clock_skew=ClockSkew.parse(args.clock_skew) if args.clock_skew else None,
+            retry=RetryPolicy(attempts=_positive(args.download_attempts, "download_attempts")),
+            deadlines=Deadlines(download_base=args.download_deadline),
         ),
     )
     stop = threading.Event()

@@ -2,7 +2,13 @@
 
 Written the way firmware would be: it trusts only its provisioned TUF root,
 checks every desired state and bundle with `ota.trust.device`, and reports
-each step as a `DeviceEvent` with a sequence number of its own.
+each step as a `DeviceEvent` with a sequence number of its own. What it runs
+(`device_sim.state`) and its event numbers survive a restart; a device whose
+power was cut finishes its work when it boots again.
+
+Versions only go up: an assignment of an older version than the one installed
+is refused (ROLLBACK_REFUSED), unless it is a signed revert to exactly the
+device's own last-known-good bundle, which is reactivated from disk.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +28,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from device_sim.profile import DeviceProfile, FailureProfile
+from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
 from ota.errors import VerificationError
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, StaleDesiredState
+from ota.trust.device import DeviceTrust, StaleDesiredState, check_not_downgrade
 from ota.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -59,23 +66,27 @@ class EventSequence:
 
 
 @dataclass
-class Installed:
-    version: str
-    sha256: bytes
-    active: bool = True
-
-
-@dataclass
 class DeviceRecord:
     """What the device did, for checking the control plane's report against."""
 
     last_state: dict[str, str] = field(default_factory=dict)  # rollout_id -> state
     last_reason: dict[str, str] = field(default_factory=dict)
     failed_reason: dict[str, str] = field(default_factory=dict)  # kept after a revert
-    events_sent: int = 0
+    events_sent: int = 0  # kept across a simulated restart (`SimulatedFleet.restart`)
+
+
+class PowerCut(Exception):
+    """The simulated power went off: the device stops where it is, mid-update."""
+
+
+# Refusals a retry cannot change: the same signed inputs give the same answer.
+FINAL_REASONS = frozenset({"ROLLBACK_REFUSED", "INCOMPATIBLE"})
 
 
 class SimDevice:
+    """One device. `crash_after_download(assignment)` returning True cuts the power
+    once the bundle is downloaded and verified, before the install begins."""
+
     def __init__(
         self,
         profile: DeviceProfile,
@@ -89,6 +100,9 @@ class SimDevice:
         clock: Clock,
         pull_desired: Callable[[str], bytes | None] | None = None,
         seq_file: Path | None = None,
+        features: InstalledFeatures | None = None,
+        record: DeviceRecord | None = None,
+        crash_after_download: Callable[[common_pb2.FeatureAssignment], bool] | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -99,28 +113,53 @@ class SimDevice:
         self.failures = failures
         self.executor = executor
         self.rng = rng
-        self.installed: dict[str, Installed] = {}
-        self.last_known_good: dict[str, Installed] = {}
-        self.record = DeviceRecord()
+        self.features = features or InstalledFeatures()
+        self.record = record or DeviceRecord()
         self.sequence = EventSequence(seq_file)
+        self.crash_after_download = crash_after_download
         self.connected = asyncio.Event()
+        self.halted = False  # set by a power cut: the task ends, the state stays on disk
+        self.resumed = False  # set once the work left from before a (re)boot is done
+        self._booted = False
+        # Generations a session may legitimately see late: the retained copy that was
+        # queued while the pull on connect fetched a newer one.
+        self._late = range(0)
         self._client: aiomqtt.Client | None = None
 
     @property
     def device_id(self) -> str:
         return self.profile.device_id
 
+    @property
+    def installed(self) -> Mapping[str, InstalledBundle]:
+        return self.features.installed
+
+    @property
+    def last_known_good(self) -> Mapping[str, InstalledBundle]:
+        return self.features.last_known_good
+
     async def run(self, host: str, port: int) -> None:
-        """Stay connected until cancelled; reconnect with backoff."""
+        """Stay connected until cancelled or the power is cut; reconnect with backoff."""
         delay = 0.5
         while True:
             try:
                 await self._session(host, port)
+            except PowerCut as cut:
+                self.halted = True
+                self.connected.clear()
+                log.info("%s: power cut (%s)", self.device_id, cut)
+                return
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 log.debug("%s: broker connection lost (%s)", self.device_id, exc)
                 await asyncio.sleep(delay * (0.5 + self.rng.random()))
                 delay = min(delay * 2, 10.0)
+            except Exception:
+                # A bug in the simulator, not a device fault: say so loudly.
+                self.halted = True
+                self.connected.clear()
+                log.exception("%s: stopped by an unexpected error", self.device_id)
+                raise
 
     async def _session(self, host: str, port: int) -> None:
         will = aiomqtt.Will(
@@ -145,6 +184,9 @@ class SimDevice:
                 self.topics.state(self.device_id), self._reported(online=True), qos=1, retain=True
             )
             self.connected.set()
+            if not self._booted:
+                await self.resume()
+                self._booted = True  # not before: a session lost mid-resume resumes again
             if self.pull_desired is not None:
                 # A broker without persistence has no retained state to give: ask the
                 # control plane directly. The same checks apply; a duplicate is stale.
@@ -154,7 +196,9 @@ class SimDevice:
                     log.info("%s: could not pull its desired state: %s", self.device_id, exc)
                     pulled = None
                 if pulled:
+                    before = self.trust.accepted_generation
                     await self.on_desired(pulled)
+                    self._late = range(before, self.trust.accepted_generation)
             async for message in client.messages:
                 payload = message.payload
                 if isinstance(payload, bytes | bytearray) and payload:
@@ -163,11 +207,30 @@ class SimDevice:
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def resume(self) -> None:
+        """After a (re)boot, finish what the last accepted desired state asked.
+
+        The retained copy of that state is not newer than the one accepted, so it
+        is ignored as stale: the device works from its own verified copy.
+        Assignments already carried out are no-ops; one stopped between download
+        and install re-verifies its kept file against TUF and installs it.
+        """
+        await self._blocking(self.features.prune, self.trust.downloads)
+        state = await self._blocking(self.trust.accepted_state)
+        if state is not None:
+            for assignment in state.features:
+                await self.apply(assignment)
+            await self._publish_state()
+        self.resumed = True
+
     async def on_desired(self, envelope: bytes) -> None:
         try:
             state = await self._blocking(self.trust.verify_desired_state, envelope)
-        except StaleDesiredState:
-            return  # a retained copy of what it already has, or an older replay
+        except StaleDesiredState as stale:
+            if stale.generation != stale.accepted and stale.generation not in self._late:
+                # Genuine but older than what it runs on: somebody replays it.
+                await self._refuse_unverified(envelope, stale)
+            return  # else a retained copy of what it already has
         except VerificationError as exc:
             await self._refuse_unverified(envelope, exc)
             return
@@ -176,52 +239,125 @@ class SimDevice:
         await self._publish_state()
 
     async def apply(self, a: common_pb2.FeatureAssignment) -> None:
-        current = self.installed.get(a.feature)
+        """Bring one feature to what `a` asks, reporting each step once."""
+        if self.features.is_settled(a):
+            return  # a renewed copy of an order already carried out or refused
+        flight = self.features.in_flight(a.feature)
+        if flight is not None and not flight.is_for(a):
+            self.features.abandon(a.feature)  # superseded; its file goes at the next save
+        current = self.features.installed.get(a.feature)
         if a.revert:
             await self._revert(a, current)
-            return
-        if not a.active:
-            if current is not None and current.active:
-                current.active = False
-                await self.report(a, "DEACTIVATED")
-            return
-        if current is not None and current.sha256 == a.sha256:
-            return  # already running exactly this bundle
-        await self.report(a, "NOTIFIED")
-        await self.report(a, "DOWNLOADING")
+        elif not a.active:
+            await self._deactivate(a, current)
+        elif current is not None and current.sha256 == a.sha256:
+            await self._finish_install(a, current)
+        else:
+            await self._install(a, current)
+
+    async def _install(
+        self, a: common_pb2.FeatureAssignment, current: InstalledBundle | None
+    ) -> None:
+        reached = self.features.reached(a)
+        if reached is None:
+            await self.report(a, "NOTIFIED")
+            if current is not None:
+                try:
+                    check_not_downgrade(a, current.version)
+                except VerificationError as exc:
+                    await self._fail(a, exc.reason, str(exc))
+                    return
+            await self.report(a, "DOWNLOADING")
         try:
-            await self._blocking(self.trust.fetch_bundle, a)
+            # After a restart this finds the kept file and re-verifies it against TUF.
+            path = await self._blocking(self.trust.fetch_bundle, a)
         except VerificationError as exc:
-            await self.report(a, "FAILED", reason=exc.reason, detail=str(exc))
+            await self._fail(a, exc.reason, str(exc))
             return
-        await self.report(a, "DOWNLOADED")
-        await self.report(a, "VERIFIED")
+        if not reached_at_least(reached, "VERIFIED"):
+            await self.report(a, "DOWNLOADED")
+            await self.report(a, "VERIFIED")
+            self.features.mark(a, "VERIFIED", file=path)
+            await self._save()
+        if self.crash_after_download is not None and self.crash_after_download(a):
+            raise PowerCut(f"after downloading {a.feature} {a.version}, before installing it")
         await self.report(a, "INSTALLING")
         if self.failures.install_fails(self.profile.model, a.version, self.rng):
-            await self.report(
-                a, "FAILED", reason="INSTALL_FAILED", detail="simulated install failure"
-            )
+            await self._fail(a, "INSTALL_FAILED", "simulated install failure")
             return
-        if current is not None:
-            self.last_known_good[a.feature] = current
-        self.installed[a.feature] = Installed(a.version, a.sha256)
-        await self.report(a, "INSTALLED")
-        await self.report(a, "ACTIVE")
+        installed = self.features.install(a, path)
+        await self._save()
+        await self._finish_install(a, installed)
 
-    async def _revert(self, a: common_pb2.FeatureAssignment, current: Installed | None) -> None:
-        good = self.last_known_good.get(a.feature)
+    async def _finish_install(
+        self, a: common_pb2.FeatureAssignment, current: InstalledBundle
+    ) -> None:
+        """`a`'s bundle is installed: make sure it is on, and say so once for `a`'s rollout.
+
+        Also the case of a rollout assigning a bundle the device already has (from
+        an earlier rollout, or switched off by a kill): no download, one ACTIVE.
+        """
+        reached = self.features.reached(a)
+        if not current.active:
+            if not await self._blocking(current.intact):
+                await self._fail(a, "INSTALL_FAILED", "the kept bundle is damaged; not reactivated")
+                return
+            self.features.set_active(a.feature, True)
+        if reached is not None and not reached_at_least(reached, "INSTALLED"):
+            await self.report(a, "INSTALLED")  # our install, interrupted before saying so
+        await self.report(a, "ACTIVE")
+        self.features.settle(a)
+        await self._save()
+
+    async def _deactivate(
+        self, a: common_pb2.FeatureAssignment, current: InstalledBundle | None
+    ) -> None:
+        if current is None or not current.active:
+            return
+        self.features.set_active(a.feature, False)
+        self.features.settle(a)
+        await self._save()
+        await self.report(a, "DEACTIVATED")
+
+    async def _revert(
+        self, a: common_pb2.FeatureAssignment, current: InstalledBundle | None
+    ) -> None:
+        """A signed revert: back to exactly the bundle this device ran before, no download."""
+        good = self.features.last_known_good.get(a.feature)
         if a.active and good is not None and good.sha256 == a.sha256:
-            self.installed[a.feature] = good  # reactivate without downloading
-        elif not a.active and current is not None:
-            current.active = False
-        elif current is not None and current.sha256 == a.sha256:
-            pass  # the failed install never replaced it: already on last-known-good
+            if not await self._blocking(good.intact):
+                await self._fail(
+                    a, "INSTALL_FAILED", "the last-known-good bundle on disk is damaged"
+                )
+                return
+            self.features.revert_to_last_known_good(a.feature)
+        elif a.active and current is not None and current.sha256 == a.sha256:
+            if not current.active:  # the new bundle never replaced it: already there
+                self.features.set_active(a.feature, True)
         elif a.active:
-            await self.report(
-                a, "FAILED", reason="ROLLBACK_REFUSED", detail="no such last-known-good"
+            await self._fail(
+                a,
+                "ROLLBACK_REFUSED",
+                f"revert to {a.feature} {a.version}, which is not this device's last-known-good",
             )
             return
+        elif current is not None and current.active:
+            self.features.set_active(a.feature, False)
+        self.features.settle(a)
+        await self._save()
         await self.report(a, "ROLLED_BACK")
+
+    async def _fail(self, a: common_pb2.FeatureAssignment, reason: str, detail: str) -> None:
+        changed = self.features.abandon(a.feature)
+        if reason in FINAL_REASONS:
+            self.features.settle(a)
+            changed = True
+        if changed:
+            await self._save()
+        await self.report(a, "FAILED", reason=reason, detail=detail)
+
+    async def _save(self) -> None:
+        await self._blocking(self.features.save)
 
     async def _refuse_unverified(self, envelope: bytes, exc: VerificationError) -> None:
         """Report a refusal, attributed to the rollouts the (unverified) payload names."""
@@ -270,6 +406,7 @@ class SimDevice:
         return common_pb2.ReportedState(
             device_id=self.device_id,
             online=online,
+            generation=self.trust.accepted_generation,
             features=[
                 common_pb2.InstalledFeature(
                     feature=name, version=i.version, sha256=i.sha256, active=i.active

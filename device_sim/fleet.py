@@ -4,6 +4,11 @@ Every device has its own MQTT connection and credentials. paho's own loop
 uses select(), which breaks past ~1 000 sockets; aiomqtt drives paho from
 asyncio's epoll loop instead. Blocking work (TUF verification, gRPC
 downloads) runs in a small thread pool over one shared gRPC channel.
+
+Each device keeps its state under ``state_dir/<device id>/``: trusted TUF
+metadata and the trust state, its installed features, its event numbers and
+the bundles it verified. `SimulatedFleet.restart` power-cycles one device on
+that state.
 """
 
 from __future__ import annotations
@@ -13,19 +18,23 @@ import logging
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 
-from device_sim.device import SimDevice
-from device_sim.profile import DeviceProfile, FailureProfile
-from device_sim.source import GrpcSource
+from device_sim.device import DeviceRecord, SimDevice
+from device_sim.profile import DeviceProfile, FailureProfile, SkewedClock
+from device_sim.source import Deadlines, GrpcSource
+from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
+from ota.errors import NotFound
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust
+from ota.trust.device import DeviceTrust, RetryPolicy
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,15 @@ CONNECTS_AT_ONCE = 64
 
 @dataclass(frozen=True)
 class FleetSettings:
+    """How to reach the control plane, and how the simulated devices behave.
+
+    `clock_skew` maps a device id to how far its clock is off (e.g. a
+    `device_sim.profile.ClockSkew`); `retry` and `deadlines` govern metadata and
+    bundle transfers. `durable=False` (the default) skips fsync: a killed
+    simulator loses nothing either way, since every state write is a rename;
+    fsync only guards against power loss of the machine running it.
+    """
+
     server: str
     admin_token: str
     trusted_root: bytes
@@ -43,6 +61,10 @@ class FleetSettings:
     failures: FailureProfile
     seed: int = 1
     workers: int = 8
+    clock_skew: Callable[[str], timedelta] | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    durable: bool = False
 
 
 def provision(
@@ -86,51 +108,101 @@ class SimulatedFleet:
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._secrets: dict[str, str] = {}
+        self._topics: Topics | None = None
+        self._address: BrokerAddress | None = None
+        self._rng = random.Random(settings.seed)
 
     def start(self, timeout: float = 120.0) -> None:
         """Provision, connect every device, and return once all are subscribed."""
-        secrets, mqtt_url, topic_root = provision(
+        self._secrets, mqtt_url, topic_root = provision(
             self._channel, self.settings.admin_token, self.profiles
         )
-        address = BrokerAddress.parse(mqtt_url)
-        topics = Topics(topic_root)
-        rng = random.Random(self.settings.seed)
-        for p in self.profiles:
-            source = GrpcSource(self._channel, p.device_id, secrets[p.device_id])
-            trust = DeviceTrust(
-                device_id=p.device_id,
-                model=p.model,
-                firmware=p.firmware,
-                state_dir=self.settings.state_dir / p.device_id,
-                trusted_root=self.settings.trusted_root,
-                source=source,
-                clock=self.clock,
-            )
-            self.devices.append(
-                SimDevice(
-                    p,
-                    secret=secrets[p.device_id],
-                    trust=trust,
-                    topics=topics,
-                    failures=self.settings.failures,
-                    executor=self._executor,
-                    rng=random.Random(rng.random()),
-                    clock=self.clock,
-                    pull_desired=source.desired_state,
-                    seq_file=self.settings.state_dir / p.device_id / "event-seq",
-                )
-            )
+        address = self._address = BrokerAddress.parse(mqtt_url)
+        self._topics = Topics(topic_root)
+        self.devices = [self._device(p) for p in self.profiles]
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._connect_all(address), self._loop)
         future.result(timeout=timeout)
+
+    def device(self, device_id: str) -> SimDevice:
+        """The running device with this id."""
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        raise NotFound(f"no simulated device {device_id!r}", field="device_id")
+
+    def restart(self, device_id: str, *, timeout: float = 60.0) -> SimDevice:
+        """Power-cycle one device: stop it wherever it is, boot it again from its state dir.
+
+        The new device has the same id, credentials and state directory, and the
+        same `DeviceRecord` (what the simulator saw it do). It returns once the
+        device is connected again; it then finishes any work in flight
+        (`SimDevice.resumed` tells when). Meant for a device halted by a power cut
+        or at rest: a verification the old device handed to a worker thread is
+        not interrupted and could still write to the state directory.
+        """
+        old = self.device(device_id)
+        assert self._address is not None, "start() the fleet first"
+        address = self._address
+
+        async def cycle() -> SimDevice:
+            task = self._tasks.pop(device_id, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            new = self._device(old.profile, record=old.record)
+            self.devices[self.devices.index(old)] = new
+            self._tasks[device_id] = asyncio.create_task(new.run(address.host, address.port))
+            await new.connected.wait()
+            return new
+
+        return asyncio.run_coroutine_threadsafe(cycle(), self._loop).result(timeout=timeout)
+
+    def _device(self, p: DeviceProfile, *, record: DeviceRecord | None = None) -> SimDevice:
+        settings = self.settings
+        assert self._topics is not None
+        state_dir = settings.state_dir / p.device_id
+        source = GrpcSource(
+            self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
+        )
+        skew = settings.clock_skew(p.device_id) if settings.clock_skew else timedelta(0)
+        clock: Clock = SkewedClock(self.clock, skew) if skew else self.clock
+        trust = DeviceTrust(
+            device_id=p.device_id,
+            model=p.model,
+            firmware=p.firmware,
+            state_dir=state_dir,
+            trusted_root=settings.trusted_root,
+            source=source,
+            clock=clock,
+            retry=settings.retry,
+            durable=settings.durable,
+        )
+        return SimDevice(
+            p,
+            secret=self._secrets[p.device_id],
+            trust=trust,
+            topics=self._topics,
+            failures=settings.failures,
+            executor=self._executor,
+            rng=random.Random(self._rng.random()),
+            clock=clock,
+            pull_desired=source.desired_state,
+            seq_file=state_dir / "event-seq",
+            features=InstalledFeatures.load(state_dir / STATE_FILE, durable=settings.durable),
+            record=record,
+        )
 
     async def _connect_all(self, address: BrokerAddress) -> None:
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
         async def connect(device: SimDevice) -> None:
             async with gate:
-                self._tasks.append(asyncio.create_task(device.run(address.host, address.port)))
+                self._tasks[device.device_id] = asyncio.create_task(
+                    device.run(address.host, address.port)
+                )
                 await device.connected.wait()
 
         await asyncio.gather(*(connect(d) for d in self.devices))
@@ -153,9 +225,10 @@ class SimulatedFleet:
 
     def stop(self) -> None:
         async def cancel() -> None:
-            for task in self._tasks:
+            tasks = list(self._tasks.values())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._thread.is_alive():
             try:

@@ -1,10 +1,13 @@
-"""Who the simulated devices are and how they misbehave."""
+"""Who the simulated devices are and how they misbehave (failed installs, wrong clocks)."""
 
 from __future__ import annotations
 
+import fnmatch
 import random
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
+from ota.clock import Clock
 from ota.errors import InvalidArgument
 
 
@@ -58,3 +61,47 @@ def compose_fleet(
         )
         for i in range(count)
     ]
+
+
+class SkewedClock:
+    """A device clock running `offset` ahead of (or, negative, behind) the true time."""
+
+    def __init__(self, base: Clock, offset: timedelta) -> None:
+        self._base = base
+        self.offset = offset
+
+    def now(self) -> datetime:
+        return self._base.now() + self.offset
+
+
+@dataclass(frozen=True)
+class ClockSkew:
+    """How far each device's clock is off, by device id pattern (fnmatch); first match wins.
+
+    Callable as ``skew(device_id) -> timedelta``, the form `FleetSettings` takes.
+    """
+
+    rules: tuple[tuple[str, timedelta], ...] = ()
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> ClockSkew:
+        """Each spec is PATTERN=SECONDS, e.g. `sim-00000[0-4]=-7200` (two hours behind)."""
+        rules: list[tuple[str, timedelta]] = []
+        for spec in specs:
+            pattern, sep, seconds = spec.rpartition("=")
+            try:
+                if not sep or not pattern:
+                    raise ValueError(spec)
+                offset = timedelta(seconds=float(seconds))
+            except (ValueError, OverflowError) as exc:
+                raise InvalidArgument(
+                    f"{spec!r} is not DEVICE_PATTERN=SECONDS", field="clock_skew"
+                ) from exc
+            rules.append((pattern, offset))
+        return cls(tuple(rules))
+
+    def __call__(self, device_id: str) -> timedelta:
+        for pattern, offset in self.rules:
+            if fnmatch.fnmatchcase(device_id, pattern):
+                return offset
+        return timedelta(0)

@@ -1,59 +1,118 @@
-"""TUF metadata and bundle bytes over gRPC, for the device's trust client."""
+"""TUF metadata and bundle bytes over gRPC, for the device's trust client.
+
+Every call carries a deadline. A `DownloadBundle` call gets a fixed allowance
+plus the time the bytes it asks for take at a minimum rate, so a stream slower
+than that rate on average (slow retrieval, a stall) is cut off by its deadline
+and resumed by the caller from the last byte, under the device's retry policy.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
+from tuf.api.exceptions import DownloadHTTPError
 
+from ota.errors import InvalidArgument
 from ota.v1 import bundle_pb2, bundle_pb2_grpc
 
-METADATA_DEADLINE = 10.0
-DOWNLOAD_DEADLINE = 120.0
+# Answers a retry cannot change, as the HTTP status ngclient understands.
+_PERMANENT = {
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.OUT_OF_RANGE: 416,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Per-call deadlines, in seconds.
+
+    `download_base` covers connecting and the first byte; on top of it a
+    download call may take `remaining / download_min_rate` seconds for the
+    `remaining` bytes it asks for.
+    """
+
+    metadata: float = 10.0
+    download_base: float = 10.0
+    download_min_rate: float = 64 * 1024  # bytes per second
+
+    def __post_init__(self) -> None:
+        for name in ("metadata", "download_base", "download_min_rate"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument("must be positive", field=name)
+
+    def download(self, remaining: int) -> float:
+        """The deadline of a call that asks for `remaining` bytes."""
+        return self.download_base + max(remaining, 0) / self.download_min_rate
 
 
 class GrpcSource:
     """One device's view of the control plane: its own credentials, a shared channel."""
 
-    def __init__(self, channel: grpc.Channel, device_id: str, secret: str) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        device_id: str,
+        secret: str,
+        *,
+        deadlines: Deadlines | None = None,
+    ) -> None:
         self._stub = bundle_pb2_grpc.BundleServiceStub(channel)
         self._metadata = (("authorization", f"Bearer device:{device_id}:{secret}"),)
+        self._deadlines = deadlines or Deadlines()
 
     def fetch_metadata(self, role: str, version: int | None) -> bytes | None:
         try:
             response = self._stub.GetMetadata(
                 bundle_pb2.GetMetadataRequest(role=role, version=version or 0),
                 metadata=self._metadata,
-                timeout=METADATA_DEADLINE,
+                timeout=self._deadlines.metadata,
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            raise
+            permanent = _permanent(exc)
+            if permanent is None:
+                raise
+            raise permanent from exc
         content: bytes = response.content
         return content
 
     def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
-        received = 0
         stream = self._stub.DownloadBundle(
             bundle_pb2.DownloadBundleRequest(target_path=target_path, offset=offset),
             metadata=self._metadata,
-            timeout=DOWNLOAD_DEADLINE,
+            timeout=self._deadlines.download(max_length),
         )
-        for response in stream:
-            received += len(response.chunk)
-            if received > max_length:
-                stream.cancel()  # type: ignore[no-untyped-call]
-                yield response.chunk  # the caller sees the excess and refuses
-                return
-            yield response.chunk
+        received = 0
+        try:
+            for response in stream:
+                received += len(response.chunk)
+                yield response.chunk
+                if received > max_length:
+                    return  # the caller sees the excess and refuses; finally ends the call
+        except grpc.RpcError as exc:
+            permanent = _permanent(exc)
+            if permanent is None:
+                raise  # cut, reset, deadline: the caller resumes from the last byte
+            raise permanent from exc
+        finally:
+            # Stopped early (excess, a refusal, a closed generator): end the call now
+            # rather than leave the server streaming until the deadline.
+            stream.cancel()  # type: ignore[no-untyped-call]
 
     def desired_state(self, device_id: str) -> bytes | None:
         try:
             envelope = self._stub.GetDesiredState(
                 bundle_pb2.GetDesiredStateRequest(device_id=device_id),
                 metadata=self._metadata,
-                timeout=METADATA_DEADLINE,
+                timeout=self._deadlines.metadata,
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -61,3 +120,11 @@ class GrpcSource:
             raise
         out: bytes = envelope.SerializeToString()
         return out
+
+
+def _permanent(exc: grpc.RpcError) -> DownloadHTTPError | None:
+    """A refusal a retry cannot change, as ngclient's HTTP error; None if worth a retry."""
+    status = _PERMANENT.get(exc.code())
+    if status is None:
+        return None
+    return DownloadHTTPError(f"{exc.code().name}: {exc.details()}", status)

@@ -10,20 +10,30 @@ Time: ngclient checks expiry against a reference time taken from the system
 clock when an ``Updater`` is built; we overwrite it with the device clock,
 raised to the time floor (the newest signed time seen) so a clock reset to 1970
 cannot make expired metadata look fresh.
+
+Delivery: bundle bytes stream through `MetadataSource.fetch_target` from a byte
+offset. A stream that breaks (cut, reset, deadline) is resumed from the last
+byte received after a jittered, exponentially growing pause, for a bounded
+number of attempts (`RetryPolicy`); more bytes than the signed length end the
+download at once. What is received is only ever kept once python-tuf checked its
+length and hashes against the release-signed target.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import random
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 from google.protobuf.message import DecodeError
@@ -40,6 +50,7 @@ from ota.trust.director import director_keys, open_envelope
 from ota.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METADATA_BASE = "ota://metadata/"
 TARGETS_BASE = "ota://targets/"
@@ -50,7 +61,12 @@ _HASHED_NAME = re.compile(r"^[0-9a-f]{64}\.(?P<name>.+)$")
 
 
 class MetadataSource(Protocol):
-    """Where a device gets TUF metadata and bundle bytes (gRPC on real devices)."""
+    """Where a device gets TUF metadata and bundle bytes (gRPC on real devices).
+
+    Errors a retry cannot fix (no such file, not allowed) are raised as
+    ``tuf.api.exceptions.DownloadHTTPError``; anything else is taken as a broken
+    transfer and retried under the device's `RetryPolicy`.
+    """
 
     def fetch_metadata(self, role: str, version: int | None) -> bytes | None:
         """Metadata of `role` at `version` (None: the current one), or None if there is none."""
@@ -59,6 +75,54 @@ class MetadataSource(Protocol):
     def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
         """Bundle bytes from `offset`, at most `max_length` of them."""
         ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a device retries a transfer that broke on the way: bounded, with jittered backoff.
+
+    `attempts` counts calls, the first included. After the n-th failed call the
+    device pauses for a time drawn uniformly from [d/2, d], where
+    d = min(`max_delay`, `first_delay` * 2**(n-1)) seconds: pauses grow, and the
+    jitter keeps a fleet that lost its server at the same moment from coming
+    back in step. `sleep` is injectable so tests need not wait.
+    """
+
+    attempts: int = 5
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise InvalidArgument("must be at least 1", field="attempts")
+        if not 0 <= self.first_delay <= self.max_delay:
+            raise InvalidArgument(
+                "delays must satisfy 0 <= first_delay <= max_delay", field="first_delay"
+            )
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """The pause after `failures` failed calls in a row (failures >= 1)."""
+        ceiling = min(self.max_delay, self.first_delay * 2.0 ** min(failures - 1, 62))
+        return ceiling * (0.5 + 0.5 * rng.random())
+
+    def call(
+        self, what: str, fn: Callable[[], T], rng: random.Random, *, permanent: type[Exception]
+    ) -> T:
+        """Run `fn`, retrying any error but `permanent` ones; the last error is raised."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except permanent:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures >= self.attempts:
+                    raise
+                pause = self.delay(failures, rng)
+                logger.info("%s failed (%s); retrying in %.2fs", what, exc, pause)
+                self.sleep(pause)
 
 
 class StaleDesiredState(VerificationError):
@@ -79,8 +143,10 @@ class DeviceTrust:
 
     One caller at a time (a device is single-threaded). `max_clock_skew` is how far
     a desired state's ``issued_at`` may lie ahead of the device clock, and how far
-    the clock may fall behind the time floor, before CLOCK_INVALID. `durable=False`
-    skips fsync, for simulating many devices on one disk.
+    the clock may fall behind the time floor, before CLOCK_INVALID. `retry` governs
+    broken metadata and bundle transfers. `durable=False` skips fsync, for
+    simulating many devices on one disk (a killed process loses nothing either
+    way: every write is a rename).
     """
 
     def __init__(
@@ -94,7 +160,7 @@ class DeviceTrust:
         source: MetadataSource,
         clock: Clock,
         max_clock_skew: timedelta = timedelta(hours=3),
-        download_attempts: int = 3,
+        retry: RetryPolicy | None = None,
         durable: bool = True,
     ) -> None:
         self._device_id = device_id
@@ -106,7 +172,7 @@ class DeviceTrust:
         self._metadata_dir = state_dir / "tuf"
         self._downloads = state_dir / "downloads"
         self._state_file = _StateFile(state_dir / STATE_FILE, durable=durable)
-        self._fetcher = _SourceFetcher(source, attempts=download_attempts)
+        self._fetcher = _SourceFetcher(source, retry=retry or RetryPolicy())
         self._metadata_dir.mkdir(parents=True, exist_ok=True)
         self._downloads.mkdir(parents=True, exist_ok=True)
         self._state = self._state_file.load()
@@ -128,6 +194,31 @@ class DeviceTrust:
         """The newest signed time seen; the device never believes it is earlier."""
         return self._state.time_floor
 
+    @property
+    def downloads(self) -> Path:
+        """Where verified bundles are kept (named by their quoted target path)."""
+        return self._downloads
+
+    def accepted_state(self) -> common_pb2.DesiredState | None:
+        """The desired state accepted last, while it has not expired (None otherwise).
+
+        It was verified when accepted and is read back from the device's own disk:
+        after a restart the device finishes what it was told before, without
+        waiting for a newer desired state (the retained one is not newer).
+        """
+        if not self._state.desired:
+            return None
+        state = _parse_state(self._state.desired)
+        _, expires = _times(state)
+        if expires <= self._effective_now():
+            logger.info(
+                "device %s: accepted desired state %d has expired; waiting for a new one",
+                self._device_id,
+                state.generation,
+            )
+            return None
+        return state
+
     # -- desired state ----------------------------------------------------------------
 
     def verify_desired_state(self, envelope_bytes: bytes) -> common_pb2.DesiredState:
@@ -136,7 +227,8 @@ class DeviceTrust:
             envelope = common_pb2.Envelope.FromString(envelope_bytes)
         except DecodeError as exc:
             raise VerificationError("METADATA_INVALID", f"not a DSSE envelope: {exc}") from exc
-        state = _parse_state(self._open(envelope))
+        payload = self._open(envelope)
+        state = _parse_state(payload)
         if state.device_id != self._device_id:
             raise VerificationError(
                 "WRONG_DEVICE", f"desired state is for {state.device_id!r}, not {self._device_id!r}"
@@ -159,7 +251,7 @@ class DeviceTrust:
             raise VerificationError(
                 "CLOCK_INVALID", f"device clock {now} is before {floor}, a time already signed"
             )
-        self._state = _State(state.generation, max(issued, floor or issued))
+        self._state = _State(state.generation, max(issued, floor or issued), payload)
         self._state_file.save(self._state)
         return state
 
@@ -188,7 +280,7 @@ class DeviceTrust:
         """Fetch and verify the newest root, timestamp, snapshot and targets."""
         updater = self._new_updater()
         try:
-            with _tuf_errors("metadata"):
+            with as_verification_error("metadata"):
                 updater.refresh()
         finally:
             self._root = None  # a newer root may have been trusted even if a later step failed
@@ -201,7 +293,7 @@ class DeviceTrust:
             )
         updater = self._new_updater()
         try:
-            with _tuf_errors(assignment.target_path):
+            with as_verification_error(assignment.target_path):
                 updater.refresh()
                 info = updater.get_targetinfo(assignment.target_path)
         finally:
@@ -262,7 +354,7 @@ class DeviceTrust:
         partial = final.with_name(final.name + ".part")
         self._fetcher.expect(info.length)
         try:
-            with _tuf_errors(info.path):
+            with as_verification_error(info.path):
                 try:
                     updater.download_target(info, str(partial))
                 except tuf_errors.LengthOrHashMismatchError as exc:
@@ -283,17 +375,15 @@ class DeviceTrust:
         return VerificationError("HASH_MISMATCH", f"{info.path}: {exc}")
 
     def _new_updater(self) -> Updater:
-        updater = Updater(
-            str(self._metadata_dir),
+        return build_updater(
+            self._metadata_dir,
             METADATA_BASE,
-            str(self._downloads),
-            TARGETS_BASE,
-            self._fetcher,
             bootstrap=self._trusted_root,
+            reference_time=self._effective_now(),
+            fetcher=self._fetcher,
+            target_dir=self._downloads,
+            target_base_url=TARGETS_BASE,
         )
-        # ngclient took the system time in its constructor; use the device's instead.
-        updater._trusted_set.reference_time = self._effective_now()
-        return updater
 
     def _effective_now(self) -> datetime:
         now = self._clock.now()
@@ -311,6 +401,54 @@ class DeviceTrust:
         if self._root is None:
             self._root = _trusted_root_chain(self._trusted_root, self._metadata_dir)
         return self._root
+
+
+def build_updater(
+    metadata_dir: Path,
+    metadata_base_url: str,
+    *,
+    bootstrap: bytes | None,
+    reference_time: datetime,
+    fetcher: FetcherInterface | None = None,
+    target_dir: Path | None = None,
+    target_base_url: str | None = None,
+) -> Updater:
+    """A python-tuf ``Updater`` judging expiry at `reference_time` rather than the system clock.
+
+    `bootstrap` None trusts the root already stored in `metadata_dir`. Without a
+    `fetcher` the updater uses python-tuf's own HTTP fetcher (urllib3).
+    """
+    updater = Updater(
+        str(metadata_dir),
+        metadata_base_url,
+        str(target_dir) if target_dir is not None else None,
+        target_base_url,
+        fetcher,
+        bootstrap=bootstrap,
+    )
+    # ngclient took the system time in its constructor; use the caller's instead.
+    updater._trusted_set.reference_time = reference_time
+    return updater
+
+
+def check_not_downgrade(assignment: common_pb2.FeatureAssignment, installed_version: str) -> None:
+    """Refuse an assignment that would replace `installed_version` with one not newer.
+
+    The same version with other bytes is refused too: a version names one bundle.
+    Going back is only ever a signed revert to the device's own last-known-good
+    bundle, which does not come through here.
+    """
+    try:
+        assigned = Version.parse(assignment.version)
+        running = Version.parse(installed_version)
+    except OtaError as exc:
+        raise VerificationError("METADATA_INVALID", exc.message) from exc
+    if assigned <= running:
+        raise VerificationError(
+            "ROLLBACK_REFUSED",
+            f"{assignment.feature} {assigned} is not newer than {running}, which this device "
+            "runs; only a signed revert to its last-known-good bundle may go back",
+        )
 
 
 def _trusted_root_chain(bootstrap: bytes, metadata_dir: Path) -> Root:
@@ -356,8 +494,8 @@ def _times(state: common_pb2.DesiredState) -> tuple[datetime, datetime]:
 
 
 @contextmanager
-def _tuf_errors(subject: str) -> Iterator[None]:
-    """Translate python-tuf's exceptions into the FailureReason a device reports."""
+def as_verification_error(subject: str) -> Iterator[None]:
+    """Translate python-tuf's exceptions into a VerificationError naming the FailureReason."""
     try:
         yield
     except VerificationError:
@@ -371,6 +509,9 @@ def _tuf_errors(subject: str) -> Iterator[None]:
     except tuf_errors.LengthOrHashMismatchError as exc:
         # Metadata that does not match what snapshot/timestamp pinned: mix-and-match.
         raise VerificationError("HASH_MISMATCH", f"{subject}: {exc}") from exc
+    except tuf_errors.DownloadLengthMismatchError as exc:
+        # More bytes than the signed length (endless data), cut off at the cap.
+        raise VerificationError("LENGTH_MISMATCH", f"{subject}: {exc}") from exc
     except tuf_errors.DownloadError as exc:
         raise VerificationError("DOWNLOAD_FAILED", f"{subject}: {exc}") from exc
     except tuf_errors.RepositoryError as exc:
@@ -380,16 +521,17 @@ def _tuf_errors(subject: str) -> Iterator[None]:
 
 
 class _SourceFetcher(FetcherInterface):
-    """Maps ngclient's URLs onto a `MetadataSource`; resumes a cut bundle download."""
+    """Maps ngclient's URLs onto a `MetadataSource`; retries and resumes broken transfers."""
 
-    def __init__(self, source: MetadataSource, *, attempts: int) -> None:
+    def __init__(self, source: MetadataSource, *, retry: RetryPolicy) -> None:
         self._source = source
-        self._attempts = max(1, attempts)
+        self._retry = retry
+        self._rng = random.Random()
         self._expected = 0
         self.received = 0
 
     def expect(self, length: int) -> None:
-        """Length of the next bundle, so a resumed stream asks for the rest only."""
+        """Signed length of the next bundle: a resumed stream asks for the rest only."""
         self._expected = length
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -408,9 +550,15 @@ class _SourceFetcher(FetcherInterface):
         match = _METADATA_NAME.match(name)
         if match is None:
             raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
+        role = match["role"]
         version = int(match["version"]) if match["version"] else None
         # Called eagerly: fetch() wraps errors raised here, not those raised while iterating.
-        data = self._source.fetch_metadata(match["role"], version)
+        data = self._retry.call(
+            f"metadata {name}",
+            lambda: self._source.fetch_metadata(role, version),
+            self._rng,
+            permanent=tuf_errors.DownloadError,
+        )
         if data is None:
             raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
         return iter((data,))
@@ -419,27 +567,48 @@ class _SourceFetcher(FetcherInterface):
         self.received = 0
         failures = 0
         while True:
+            chunks: Iterator[bytes] | None = None
             try:
-                remaining = max(self._expected - self.received, 0)
-                for chunk in self._source.fetch_target(target_path, self.received, remaining):
+                chunks = self._source.fetch_target(
+                    target_path, self.received, max(self._expected - self.received, 0)
+                )
+                for chunk in chunks:
                     self.received += len(chunk)
+                    if self.received > self._expected:
+                        # Endless data: stop now, not when memory or disk runs out.
+                        raise tuf_errors.DownloadLengthMismatchError(
+                            f"{target_path}: the server sent more than the "
+                            f"{self._expected} bytes signed"
+                        )
                     yield chunk
                 return
             except tuf_errors.DownloadError:
                 raise
             except Exception as exc:
+                if self.received == self._expected:
+                    return  # broke after the last byte: the hash check decides
                 failures += 1
-                if failures >= self._attempts:
+                if failures >= self._retry.attempts:
                     raise tuf_errors.DownloadError(
-                        f"{target_path}: stream failed at byte {self.received}: {exc}"
+                        f"{target_path}: gave up after {failures} attempts at byte "
+                        f"{self.received} of {self._expected}: {exc}"
                     ) from exc
-                logger.info("resuming %s at byte %d: %s", target_path, self.received, exc)
+                pause = self._retry.delay(failures, self._rng)
+                logger.info(
+                    "resuming %s at byte %d in %.2fs: %s", target_path, self.received, pause, exc
+                )
+                self._retry.sleep(pause)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # ends the call on the wire, not only here
 
 
 @dataclass(frozen=True)
 class _State:
     generation: int = 0
     time_floor: datetime | None = None
+    desired: bytes = b""  # the accepted desired state's payload, as verified
 
 
 class _StateFile:
@@ -456,6 +625,7 @@ class _StateFile:
             return _State(
                 generation=int(doc["generation"]),
                 time_floor=datetime.fromisoformat(floor) if floor else None,
+                desired=base64.b64decode(doc.get("desired") or "", validate=True),
             )
         except FileNotFoundError:
             return _State()
@@ -469,17 +639,27 @@ class _StateFile:
         doc = {
             "generation": state.generation,
             "time_floor": state.time_floor.isoformat() if state.time_floor else None,
+            "desired": base64.b64encode(state.desired).decode(),
         }
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        with tmp.open("w") as f:
-            json.dump(doc, f)
-            if self._durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self._path)
-        if self._durable:
-            dir_fd = os.open(self._path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_atomically(self._path, json.dumps(doc).encode(), durable=self._durable)
+
+
+def write_atomically(path: Path, data: bytes, *, durable: bool) -> None:
+    """Replace `path` with `data` so a reader (or a reboot) sees the old or the new file, whole.
+
+    `durable` also survives power loss (fsync of the file and of the directory);
+    without it a killed process still never leaves a torn file.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

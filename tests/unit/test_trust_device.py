@@ -218,7 +218,7 @@ def test_endless_bundle_is_cut_at_the_signed_length(world: World) -> None:
     assignment = world.publish()
     world.source.blobs[assignment.target_path] = BUNDLE + b"x" * 100_000
     world.source.ignore_max_length = True
-    assert _reason(lambda: world.device().fetch_bundle(assignment)) == "DOWNLOAD_FAILED"
+    assert _reason(lambda: world.device().fetch_bundle(assignment)) == "LENGTH_MISMATCH"
 
 
 def test_a_cut_stream_resumes_from_the_last_byte(world: World) -> None:
