@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from device_sim.profile import DeviceProfile, FailureProfile
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
+from ota.domain.states import SETTLED
 from ota.errors import VerificationError
 from ota.transport.topics import Topics
 from ota.trust.device import DeviceTrust, StaleDesiredState, check_not_downgrade
@@ -390,7 +391,11 @@ class SimDevice:
             version=a.version,
         )
         if a.rollout_id:
-            self.record.last_state[a.rollout_id] = state
+            settled = self.record.last_state.get(a.rollout_id) in SETTLED
+            if not (state == "FAILED" and settled):
+                # Same rule as the control plane: a refusal after the device has
+                # settled is a reason, not a lost install.
+                self.record.last_state[a.rollout_id] = state
             self.record.last_reason[a.rollout_id] = reason
             if state == "FAILED":
                 self.record.failed_reason[a.rollout_id] = reason

@@ -21,6 +21,11 @@ OUTCOMES = ("FAILED", "ROLLED_BACK", "DEACTIVATED")
 ALL_STATES = PROGRESS + OUTCOMES
 RANK = {name: i for i, name in enumerate(PROGRESS)}
 
+# A device in one of these states runs (or has reverted) what the rollout gave it.
+# A later refusal naming the rollout -- a forged or replayed desired state, say --
+# is a failure reason, not a lost install: the device keeps its state.
+SETTLED = ("INSTALLED", "ACTIVE", "ROLLED_BACK", "DEACTIVATED")
+
 # The funnel a product manager reads: each step counts devices that got at least that far.
 FUNNEL = ("TARGETED", "NOTIFIED", "DOWNLOADED", "VERIFIED", "INSTALLED", "ACTIVE")
 

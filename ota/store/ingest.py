@@ -11,7 +11,7 @@ from sqlalchemy import Insert, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from ota.domain.states import RANK
+from ota.domain.states import RANK, SETTLED
 from ota.store.models import (
     DeviceEventRow,
     DeviceRow,
@@ -19,11 +19,6 @@ from ota.store.models import (
     RolloutDeviceRow,
     RolloutRow,
 )
-
-# A device in one of these states runs (or has reverted) what the rollout gave it.
-# A later refusal naming the rollout -- a forged or replayed desired state, say --
-# is recorded as a failure reason but does not pretend the device lost it.
-SETTLED = ("INSTALLED", "ACTIVE", "ROLLED_BACK", "DEACTIVATED")
 
 
 @dataclass(frozen=True)
