@@ -118,10 +118,12 @@ def _settle(
         report = client.reports.GetRolloutReport(
             report_pb2.GetRolloutReportRequest(rollout_id=rollout_id), metadata=client.metadata
         )
-        if (
-            _report_states(report) == dict(fleet.outcomes(rollout_id))
-            or time.monotonic() > deadline
-        ):
+        states = _report_states(report)
+        # A rollback is settled once every exposed device has reported the revert.
+        reverted = report.rollout.state != rollout_pb2.ROLLOUT_STATE_ROLLED_BACK or (
+            states.get("ROLLED_BACK", 0) == report.exposed
+        )
+        if (reverted and states == dict(fleet.outcomes(rollout_id))) or time.monotonic() > deadline:
             return report
         done.wait(0.2)
 
