@@ -51,8 +51,14 @@ class BrokerSettings:
             PUBACK error instead of a disconnect; None (default) leaves it
             out, as Mosquitto 2.0 recommends `max_packet_size` instead.
         max_queued_messages: QoS 1/2 messages queued per client beyond those
-            in flight (default 1000); Mosquitto drops further ones silently.
-        max_queued_bytes: the same limit in bytes; 0 (default) means none.
+            in flight (default 1 000 000); Mosquitto drops further ones
+            silently. The limit is per client but global in Mosquitto 2.0, and
+            the client that needs it is the control plane: its persistent
+            session queues every device event while it is down or busy, so a
+            small limit loses telemetry under load. Devices use clean sessions
+            and queue nothing while offline.
+        max_queued_bytes: the same limit in bytes (default 512 MiB), which
+            bounds the broker's memory per client instead.
         max_inflight_messages: unacknowledged QoS 1/2 messages in flight to one
             client (default 100; Mosquitto's own default is 20). An MQTT 5
             client that sends Receive Maximum gets that window instead, larger
@@ -78,8 +84,8 @@ class BrokerSettings:
     autosave_interval_s: int = 60
     max_packet_size: int = 256 * KIB
     message_size_limit: int | None = None
-    max_queued_messages: int = 1000
-    max_queued_bytes: int = 0
+    max_queued_messages: int = 1_000_000
+    max_queued_bytes: int = 512 * 1024 * 1024
     max_inflight_messages: int = 100
     persistent_client_expiration: str | None = "30d"
     run_as_user: str | None = None

@@ -1,0 +1,1 @@
+"""Benchmarks with same-run baselines (`make bench`, `python -m bench`); see docs/PERFORMANCE.md."""

@@ -1,0 +1,289 @@
+"""MQTT helpers for benchmarks: device publishers, a counting subscriber, device receivers.
+
+Device-side clients use aiomqtt (paho driven from asyncio's epoll loop, as the
+simulator does) because paho's own loop uses select() and breaks past about
+1 000 sockets. The counting subscriber is one plain paho client on its own
+network thread, like the control plane's link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+
+import aiomqtt
+import paho.mqtt.client as paho
+from google.protobuf.timestamp_pb2 import Timestamp
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ota.transport.topics import Topics
+from ota.v1 import common_pb2
+
+CONNECTS_AT_ONCE = 64
+# aiomqtt warns about every publish waiting for its PUBACK: expected here, by design.
+_QUIET = logging.getLogger("bench.mqtt")
+_QUIET.setLevel(logging.ERROR)
+LIFECYCLE = ["NOTIFIED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "INSTALLED"]
+
+
+def device_events(
+    device_id: str,
+    count: int,
+    *,
+    rollout_id: str = "",
+    feature: str = "",
+    version: str = "",
+    sha256: bytes = b"",
+) -> list[bytes]:
+    """`count` valid DeviceEvents: the install lifecycle, then ACTIVE with health samples."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    out = []
+    for seq in range(1, count + 1):
+        state = LIFECYCLE[seq - 1] if seq <= len(LIFECYCLE) else "ACTIVE"
+        event = common_pb2.DeviceEvent(
+            device_id=device_id,
+            seq=seq,
+            rollout_id=rollout_id,
+            bundle_sha256=sha256,
+            state=common_pb2.DeviceState.Value(state),
+            time=now,
+            feature=feature,
+            version=version,
+        )
+        if state == "ACTIVE" and seq > len(LIFECYCLE) + 1:
+            event.health.uptime_seconds = 60 * seq
+        out.append(event.SerializeToString())
+    return out
+
+
+def publish_events(
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    payloads: dict[str, list[bytes]],
+    topics: Topics,
+) -> tuple[float, float]:
+    """Each device connects with its own credentials and publishes its events at QoS 1.
+
+    Returns (connect seconds, publish seconds); publishing ends when every
+    PUBACK is in. Per device, events go out in order.
+    """
+    return asyncio.run(_publish(host, port, accounts, payloads, topics))
+
+
+async def _publish(
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    payloads: dict[str, list[bytes]],
+    topics: Topics,
+) -> tuple[float, float]:
+    gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+    async with contextlib.AsyncExitStack() as stack:
+        clients: dict[str, aiomqtt.Client] = {}
+
+        async def connect(device_id: str) -> None:
+            client = aiomqtt.Client(
+                host,
+                port,
+                username=device_id,
+                password=accounts[device_id],
+                identifier=device_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                logger=_QUIET,
+                max_inflight_messages=100,
+                timeout=120,
+            )
+            async with gate:
+                clients[device_id] = await stack.enter_async_context(client)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(connect(d) for d in payloads))
+        t1 = time.perf_counter()
+
+        async def send(device_id: str) -> None:
+            client, topic = clients[device_id], topics.events(device_id)
+            await asyncio.gather(
+                *(client.publish(topic, p, qos=1, timeout=math.inf) for p in payloads[device_id])
+            )
+
+        await asyncio.gather(*(send(d) for d in payloads))
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+class CountingSubscriber:
+    """A paho subscriber on a persistent session that only counts messages.
+
+    `prepare` creates the session and its subscription and goes offline, so
+    the broker queues what is published next; `drain` reconnects and returns
+    (seconds from connect to the last expected message, count).
+    """
+
+    def __init__(self, host: str, port: int, username: str, password: str, topic: str) -> None:
+        self.host, self.port, self.topic = host, port, topic
+        self.username, self.password = username, password
+        self.count = 0
+        self._expected = 0
+        self._done = threading.Event()
+        self._subscribed = threading.Event()
+        self._connected = threading.Event()
+
+    def _client(self) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.username, protocol=paho.MQTTv5
+        )
+        client.username_pw_set(self.username, self.password)
+        client.on_connect = lambda *_: self._connected.set()
+        client.on_subscribe = lambda *_: self._subscribed.set()
+        client.on_message = self._on_message
+        return client
+
+    def _on_message(self, _c: paho.Client, _u: object, _m: paho.MQTTMessage) -> None:
+        self.count += 1
+        if self.count >= self._expected:
+            self._done.set()
+
+    def _connect(self, client: paho.Client, *, clean_start: bool) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        self._connected.clear()
+        client.connect(
+            self.host, self.port, keepalive=60, clean_start=clean_start, properties=props
+        )
+        client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError("the counting subscriber could not connect")
+
+    def prepare(self) -> None:
+        client = self._client()
+        self._connect(client, clean_start=True)
+        self._subscribed.clear()
+        client.subscribe(self.topic, options=SubscribeOptions(qos=1))
+        if not self._subscribed.wait(10):
+            raise TimeoutError("the counting subscriber's subscription was not acknowledged")
+        client.disconnect()
+        client.loop_stop()
+
+    def drain(self, expected: int, *, timeout: float) -> tuple[float, int]:
+        self.count, self._expected = 0, expected
+        self._done.clear()
+        client = self._client()
+        t0 = time.perf_counter()
+        self._connect(client, clean_start=False)
+        finished = self._done.wait(timeout)
+        elapsed = time.perf_counter() - t0
+        # Leave no session behind that would keep queuing later messages.
+        client.unsubscribe(self.topic)
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0
+        client.disconnect(properties=props)
+        client.loop_stop()
+        if not finished:
+            raise TimeoutError(f"the counting subscriber got {self.count} of {expected} messages")
+        return elapsed, self.count
+
+
+def broadcast_baseline(
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    publisher: tuple[str, str],
+    topics: Topics,
+    *,
+    timeout: float,
+) -> dict[str, float]:
+    """The notify baseline: one retained publish to each device's desired topic.
+
+    Every device connects with its own credentials and subscribes to its own
+    `desired` topic (without the retained copy already there); then one
+    control-plane-side client publishes a small retained message to each
+    topic. Measures first publish to last delivery. The ACL gives each device
+    only its own topic, so a single shared broadcast topic is not possible.
+    """
+    return asyncio.run(_broadcast(host, port, accounts, publisher, topics, timeout=timeout))
+
+
+async def _broadcast(
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    publisher: tuple[str, str],
+    topics: Topics,
+    *,
+    timeout: float,
+) -> dict[str, float]:
+    gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+    received = 0
+    all_in = asyncio.Event()
+    payload = b"\x00" * 200  # about the size of a signed desired state envelope
+    async with contextlib.AsyncExitStack() as stack:
+        clients: list[aiomqtt.Client] = []
+
+        async def connect(device_id: str) -> None:
+            client = aiomqtt.Client(
+                host,
+                port,
+                username=device_id,
+                password=accounts[device_id],
+                identifier=device_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                logger=_QUIET,
+                timeout=120,
+            )
+            async with gate:
+                await stack.enter_async_context(client)
+                await client.subscribe(
+                    topics.desired(device_id),
+                    options=SubscribeOptions(
+                        qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+                    ),
+                )
+            clients.append(client)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(connect(d) for d in accounts))
+        connect_s = time.perf_counter() - t0
+
+        async def listen(client: aiomqtt.Client) -> None:
+            nonlocal received
+            async for _message in client.messages:
+                received += 1
+                if received == len(accounts):
+                    all_in.set()
+                return
+
+        listeners = [asyncio.create_task(listen(c)) for c in clients]
+        pub = aiomqtt.Client(
+            host,
+            port,
+            username=publisher[0],
+            password=publisher[1],
+            identifier=publisher[0],
+            protocol=aiomqtt.ProtocolVersion.V5,
+            logger=_QUIET,
+            max_inflight_messages=1000,
+            timeout=120,
+        )
+        await stack.enter_async_context(pub)
+        t1 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                pub.publish(topics.desired(d), payload, qos=1, retain=True, timeout=math.inf)
+                for d in accounts
+            )
+        )
+        await asyncio.wait_for(all_in.wait(), timeout)
+        delivered_s = time.perf_counter() - t1
+        for task in listeners:
+            task.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
+    return {"connect_s": connect_s, "notify_s": delivered_s}

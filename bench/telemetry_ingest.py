@@ -1,0 +1,279 @@
+"""telemetry-ingest: DeviceEvents persisted per second, broker → control plane → SQLite.
+
+Both sides drain the same backlog, so the publishers (slower than either
+consumer on two cores) are not what is measured:
+
+- baseline: a paho subscriber on a persistent session subscribes, goes
+  offline; D devices publish N events (QoS 1, own credentials); the
+  subscriber reconnects and only counts until it has all N.
+- control plane: D devices are registered through FleetService and exposed
+  by a running one-stage rollout; the control plane stops (its persistent
+  session keeps the shared subscription); the devices publish N valid events
+  of that rollout (install lifecycle, then ACTIVE health samples); a new
+  control plane starts and ingests until `Ingester.stored` reaches N —
+  deduplicated insert, progress update, commit, then the MQTT ack.
+
+The broker's per-session queue limit is raised to hold the whole backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from bench.common import (
+    MODELS,
+    REGIONS,
+    BenchBroker,
+    Figure,
+    Result,
+    Target,
+    create_rollout,
+    hwm_kib,
+    log,
+    publish_bundle,
+    ratio,
+    rss_kib,
+    run_subprocess_json,
+    start_broker,
+    wait_until,
+)
+from bench.mqtt_tools import CountingSubscriber
+from device_sim.fleet import provision
+from device_sim.profile import compose_fleet
+from ota.app import ControlPlane, MosquittoAccounts
+from ota.broker import generate_secret
+from ota.client import Client
+from ota.devstack import DevStack
+from ota.store.models import DeviceEventRow, RolloutRow
+from ota.transport.topics import Topics
+from ota.v1 import rollout_pb2
+
+NAME = "telemetry-ingest"
+COUNTER_USER = "bench-counter"
+
+
+def _publish(
+    broker: BenchBroker,
+    accounts: dict[str, str],
+    per_device: int,
+    topics: Topics,
+    *,
+    rollout_id: str = "",
+    feature: str = "",
+    version: str = "",
+    sha256: bytes = b"",
+) -> tuple[float, float]:
+    """The devices publish from a child process, so the control plane's RSS is its own."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ota-bench-spec-") as spec:
+        json.dump(
+            {
+                "host": broker.host,
+                "port": broker.port,
+                "accounts": accounts,
+                "per_device": per_device,
+                "topic_root": topics.root,
+                "rollout_id": rollout_id,
+                "feature": feature,
+                "version": version,
+                "sha256": sha256.hex(),
+            },
+            spec,
+        )
+        spec.flush()
+        out = run_subprocess_json(["publish", "--spec", spec.name], timeout=600)
+    return float(out["connect_s"]), float(out["publish_s"])
+
+
+def _baseline(broker: BenchBroker, devices: int, per_device: int, topics: Topics) -> dict[str, Any]:
+    n = devices * per_device
+    ids = [f"base-{i:05d}" for i in range(devices)]
+    accounts = {d: generate_secret() for d in ids}
+    broker.add_accounts(accounts)
+    counter = CountingSubscriber(
+        broker.host,
+        broker.port,
+        COUNTER_USER,
+        broker.extra[COUNTER_USER],
+        f"{topics.root}/devices/+/events",
+    )
+    counter.prepare()
+    connect_s, publish_s = _publish(broker, accounts, per_device, topics)
+    log(f"baseline backlog: {n:,} events from {devices} devices in {publish_s:.2f} s")
+    drain_s, count = counter.drain(n, timeout=max(120.0, n / 1000))
+    return {
+        "events": count,
+        "seconds": drain_s,
+        "events_per_s": count / drain_s,
+        "publish_s": publish_s,
+        "publish_events_per_s": n / publish_s,
+        "connect_s": connect_s,
+    }
+
+
+def _measured(
+    broker: BenchBroker, state_dir: Path, devices: int, per_device: int, topics: Topics
+) -> dict[str, Any]:
+    n = devices * per_device
+    stack = DevStack.start(state_dir / "stack", broker=broker.endpoint())
+    running: DevStack | None = stack
+    try:
+        client = Client.connect(stack.server, stack.admin_token)
+        try:
+            profiles = compose_fleet(
+                devices, models=MODELS, regions=REGIONS, firmware="4.2.0", prefix="ing"
+            )
+            accounts, _url, _root = provision(client.channel, stack.admin_token, profiles)
+            sha = publish_bundle(
+                client, stack, state_dir, feature="bench-ingest", version="1.0.0", size=4096
+            ).sha256
+            created = create_rollout(
+                client, feature="bench-ingest", version="1.0.0", stages_ppm=[1_000_000]
+            )
+            client.rollouts.StartRollout(
+                rollout_pb2.RolloutCommandRequest(rollout_id=created.rollout_id),
+                metadata=client.metadata,
+            )
+
+            def exposed() -> bool:
+                r = client.rollouts.GetRollout(
+                    rollout_pb2.GetRolloutRequest(rollout_id=created.rollout_id),
+                    metadata=client.metadata,
+                )
+                return bool(r.exposed >= devices)
+
+            wait_until(
+                exposed, what="the rollout to expose every device", timeout=120, interval=0.1
+            )
+        finally:
+            client.close()
+        config = stack.control_plane.config
+        running = None
+        stack.stop()  # the session and its shared subscription stay at the broker
+
+        connect_s, publish_s = _publish(
+            broker,
+            accounts,
+            per_device,
+            topics,
+            rollout_id=created.rollout_id,
+            feature="bench-ingest",
+            version="1.0.0",
+            sha256=sha,
+        )
+        log(f"control plane backlog: {n:,} events from {devices} devices in {publish_s:.2f} s")
+
+        accounts_file = MosquittoAccounts(
+            broker.files.password_file, None, reload=broker.process.reload
+        )
+        plane = ControlPlane.build(config, accounts=accounts_file)
+        # Count the ingester's transactions (one per batch), to report batch sizes.
+        batches: list[int] = []
+        process = plane.ingester._process
+
+        def counted(batch: list[Any]) -> None:
+            batches.append(len(batch))
+            process(batch)
+
+        plane.ingester._process = counted  # type: ignore[method-assign]
+        rss_before = rss_kib()
+        t0 = time.perf_counter()
+        plane.start()
+        running = DevStack(stack.state_dir, stack.keys, stack.broker, plane, stack.admin_token)
+        started = time.perf_counter()
+        first = wait_until(
+            lambda: plane.ingester.stored > 0, what="the first stored event", timeout=60
+        )
+        at_first = plane.ingester.stored
+        done = wait_until(
+            lambda: plane.ingester.stored >= n,
+            what=f"{n} stored events",
+            timeout=max(180.0, n / 500),
+            interval=0.01,
+        )
+        rss_after = rss_kib()
+        with plane.store.transaction() as session:
+            rows = session.exec(select(func.count()).select_from(DeviceEventRow)).one()
+            state = session.get(RolloutRow, created.rollout_id)
+            rollout_state = state.state if state is not None else ""
+        return {
+            "events": n,
+            "stored": plane.ingester.stored,
+            "device_event_rows": int(rows),
+            "dropped": dict(plane.ingester.dropped),
+            "seconds": done - t0,
+            "events_per_s": n / (done - t0),
+            "startup_s": started - t0,
+            "steady_events_per_s": (n - at_first) / (done - first) if done > first else None,
+            "publish_s": publish_s,
+            "publish_events_per_s": n / publish_s,
+            "connect_s": connect_s,
+            "rss_before_kib": rss_before,
+            "rss_after_kib": rss_after,
+            "rss_peak_kib": hwm_kib(),
+            "rollout_state_after": rollout_state,
+            "batch_size_configured": config.ingest_batch_size,
+            "batches": len(batches),
+            "mean_batch": sum(batches) / len(batches) if batches else None,
+            "max_batch": max(batches, default=0),
+        }
+    finally:
+        if running is not None:
+            running.stop()
+
+
+def run(quick: bool) -> Result:
+    devices, per_device = (50, 100) if quick else (1000, 100)
+    n = devices * per_device
+    topics = Topics()
+    with tempfile.TemporaryDirectory(prefix="ota-bench-ingest-") as tmp:
+        broker = start_broker(
+            Path(tmp) / "broker",
+            extra_users=(COUNTER_USER,),
+            max_queued_messages=n + 10_000,
+        )
+        try:
+            base = _baseline(broker, devices, per_device, topics)
+            log(
+                f"baseline counter: {base['events']:,} events in {base['seconds']:.2f} s "
+                f"= {base['events_per_s']:,.0f}/s"
+            )
+            real = _measured(broker, Path(tmp), devices, per_device, topics)
+            log(
+                f"control plane: {real['stored']:,} events stored in {real['seconds']:.2f} s "
+                f"= {real['events_per_s']:,.0f}/s (startup {real['startup_s']:.2f} s, steady "
+                f"{real['steady_events_per_s'] or 0:,.0f}/s); rows {real['device_event_rows']:,}"
+            )
+            log(
+                f"control plane RSS: {real['rss_before_kib'] / 1024:.1f} MiB before, "
+                f"{real['rss_after_kib'] / 1024:.1f} MiB after "
+                f"(peak {real['rss_peak_kib'] / 1024:.1f} MiB)"
+            )
+        finally:
+            broker.stop()
+    rate, base_rate = real["events_per_s"], base["events_per_s"]
+    r = ratio(rate, base_rate)
+    return Result(
+        name=NAME,
+        mode="quick" if quick else "full",
+        figure=Figure(rate, "events/s", "events persisted by the control plane"),
+        baseline=Figure(base_rate, "events/s", "events counted by a bare paho subscriber"),
+        ratio=r,
+        targets=[
+            Target(">= 0.7 of baseline", r is not None and r >= 0.7),
+            Target(">= 10 000 events/s on SQLite", rate >= 10_000),
+        ],
+        details={
+            "devices": devices,
+            "events_per_device": per_device,
+            "events": n,
+            "baseline": base,
+            "control_plane": real,
+        },
+    )

@@ -1,0 +1,58 @@
+"""`python -m bench --quick` runs every benchmark end to end and writes its results.
+
+Only that the benchmarks run and report is checked: never a time or a ratio,
+which depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ("control-api", "telemetry-ingest", "download", "rollout-e2e")
+KEYS = {
+    "name",
+    "mode",
+    "figure",
+    "baseline",
+    "ratio",
+    "targets",
+    "met",
+    "details",
+    "machine",
+    "started_at",
+    "elapsed_s",
+}
+
+
+@pytest.mark.timeout(360)
+def test_quick_bench_runs_every_benchmark_and_writes_its_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(out)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in BENCHMARKS:
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result.keys() >= KEYS, name
+        assert result["name"] == name
+        assert result["mode"] == "quick"
+        assert {"value", "unit", "label"} <= result["figure"].keys()
+        assert {"value", "unit", "label"} <= result["baseline"].keys()
+        assert result["figure"]["value"] is not None
+        assert all({"what", "met", "note"} <= t.keys() for t in result["targets"])
+        assert result["machine"]["nproc"] >= 1
+        assert name in proc.stdout
