@@ -126,6 +126,7 @@ class ControlPlane:
             username=config.mqtt_username,
             password=config.mqtt_password,
             topics=topics,
+            receive_maximum=max(2 * config.ingest_batch_size, 100),
         )
         publisher = DesiredStatePublisher(link, store)
         changes = RolloutChanges()

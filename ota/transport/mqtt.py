@@ -53,8 +53,16 @@ class MqttLink:
     """A paho client on its own network thread; inbound messages go to `inbox`."""
 
     def __init__(
-        self, url: str, *, username: str, password: str, topics: Topics, inbox_size: int = 100_000
+        self,
+        url: str,
+        *,
+        username: str,
+        password: str,
+        topics: Topics,
+        inbox_size: int = 100_000,
+        receive_maximum: int = 1000,
     ) -> None:
+        self._receive_maximum = receive_maximum
         self.address = BrokerAddress.parse(url)
         self.topics = topics
         self.inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
@@ -76,6 +84,9 @@ class MqttLink:
     def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        # Events are acknowledged only after their batch is committed, so the
+        # broker must let that many be in flight, or it trickles them out.
+        props.ReceiveMaximum = self._receive_maximum
         try:
             self._client.connect(
                 self.address.host,
