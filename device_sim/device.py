@@ -74,6 +74,11 @@ class DeviceRecord:
     last_reason: dict[str, str] = field(default_factory=dict)
     failed_reason: dict[str, str] = field(default_factory=dict)  # kept after a revert
     events_sent: int = 0  # kept across a simulated restart (`SimulatedFleet.restart`)
+    states_seen: dict[str, set[str]] = field(default_factory=dict)  # rollout_id -> states sent
+    events_by_rollout: dict[str, int] = field(default_factory=dict)
+    duplicates_sent: int = 0  # events published a second time with the same seq
+    health_samples: dict[str, int] = field(default_factory=dict)  # rollout_id -> samples
+    crashes: dict[str, int] = field(default_factory=dict)  # rollout_id -> crashes reported
 
 
 class PowerCut(Exception):
@@ -104,6 +109,8 @@ class SimDevice:
         features: InstalledFeatures | None = None,
         record: DeviceRecord | None = None,
         crash_after_download: Callable[[common_pb2.FeatureAssignment], bool] | None = None,
+        crash_rate: float = 0.0,
+        duplicate_every: int = 0,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -118,6 +125,11 @@ class SimDevice:
         self.record = record or DeviceRecord()
         self.sequence = EventSequence(seq_file)
         self.crash_after_download = crash_after_download
+        # After activation the device sends one health sample; with this probability
+        # it reports a crash of the feature.
+        self.crash_rate = crash_rate
+        # Every n-th event is published twice with the same seq (a lost PUBACK, say).
+        self.duplicate_every = duplicate_every
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
@@ -306,9 +318,22 @@ class SimDevice:
             self.features.set_active(a.feature, True)
         if reached is not None and not reached_at_least(reached, "INSTALLED"):
             await self.report(a, "INSTALLED")  # our install, interrupted before saying so
-        await self.report(a, "ACTIVE")
+        await self.report(a, "ACTIVE", health=self._health_sample(a))
         self.features.settle(a)
         await self._save()
+
+    def _health_sample(self, a: common_pb2.FeatureAssignment) -> common_pb2.HealthSample:
+        """The first health sample, sent with ACTIVE: did the feature crash on start?"""
+        # No draw without a crash rate: the failure draws of seeded fleets stay as they were.
+        crashes = 1 if self.crash_rate and self.rng.random() < self.crash_rate else 0
+        health = common_pb2.HealthSample(
+            crash_count=crashes, feature_error_count=crashes, uptime_seconds=0
+        )
+        if a.rollout_id:
+            r = self.record
+            r.health_samples[a.rollout_id] = r.health_samples.get(a.rollout_id, 0) + 1
+            r.crashes[a.rollout_id] = r.crashes.get(a.rollout_id, 0) + crashes
+        return health
 
     async def _deactivate(
         self, a: common_pb2.FeatureAssignment, current: InstalledBundle | None
@@ -373,7 +398,13 @@ class SimDevice:
             await self.report(a, "FAILED", reason=exc.reason, detail=str(exc))
 
     async def report(
-        self, a: common_pb2.FeatureAssignment, state: str, *, reason: str = "", detail: str = ""
+        self,
+        a: common_pb2.FeatureAssignment,
+        state: str,
+        *,
+        reason: str = "",
+        detail: str = "",
+        health: common_pb2.HealthSample | None = None,
     ) -> None:
         seq = self.sequence.next()
         now = Timestamp()
@@ -389,6 +420,7 @@ class SimDevice:
             time=now,
             feature=a.feature,
             version=a.version,
+            health=health,
         )
         if a.rollout_id:
             settled = self.record.last_state.get(a.rollout_id) in SETTLED
@@ -397,13 +429,29 @@ class SimDevice:
                 # settled is a reason, not a lost install.
                 self.record.last_state[a.rollout_id] = state
             self.record.last_reason[a.rollout_id] = reason
+            self.record.states_seen.setdefault(a.rollout_id, set()).add(state)
+            sent = self.record.events_by_rollout
+            sent[a.rollout_id] = sent.get(a.rollout_id, 0) + 1
             if state == "FAILED":
                 self.record.failed_reason[a.rollout_id] = reason
         self.record.events_sent += 1
         assert self._client is not None
-        await self._client.publish(
-            self.topics.events(self.device_id), event.SerializeToString(), qos=1
-        )
+        payload = event.SerializeToString()
+        await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
+        if self.duplicate_every and seq % self.duplicate_every == 0:
+            self.record.duplicates_sent += 1
+            await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
+
+    async def go_offline(self) -> None:
+        """Say goodbye the way firmware shutting down does: retained `online=false`."""
+        if self._client is not None:
+            await self._client.publish(
+                self.topics.state(self.device_id),
+                self._reported(online=False),
+                qos=1,
+                retain=True,
+            )
+        self.connected.clear()
 
     def _reported(self, *, online: bool) -> bytes:
         now = Timestamp()

@@ -65,6 +65,10 @@ class FleetSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     deadlines: Deadlines = field(default_factory=Deadlines)
     durable: bool = False
+    # Probability, per model, that a device's health sample after activation reports a crash.
+    crash_rates: dict[str, float] = field(default_factory=dict)
+    # Every n-th event of each device is published twice with the same seq (0: never).
+    duplicate_every: int = 0
 
 
 def provision(
@@ -193,6 +197,8 @@ class SimulatedFleet:
             seq_file=state_dir / "event-seq",
             features=InstalledFeatures.load(state_dir / STATE_FILE, durable=settings.durable),
             record=record,
+            crash_rate=settings.crash_rates.get(p.model, 0.0),
+            duplicate_every=settings.duplicate_every,
         )
 
     async def _connect_all(self, address: BrokerAddress) -> None:
@@ -206,6 +212,41 @@ class SimulatedFleet:
                 await device.connected.wait()
 
         await asyncio.gather(*(connect(d) for d in self.devices))
+
+    def disconnect(self, device_ids: list[str], *, timeout: float = 60.0) -> None:
+        """Take devices offline (churn): each says `online=false` and drops its connection.
+
+        While offline they miss nothing for good: their desired state stays
+        retained on the broker, and `reconnect` brings them back to it.
+        """
+
+        async def leave(device_id: str) -> None:
+            device = self.device(device_id)
+            await device.go_offline()
+            task = self._tasks.pop(device_id, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        async def leave_all() -> None:
+            await asyncio.gather(*(leave(d) for d in device_ids))
+
+        asyncio.run_coroutine_threadsafe(leave_all(), self._loop).result(timeout=timeout)
+
+    def reconnect(self, device_ids: list[str], *, timeout: float = 60.0) -> None:
+        """Bring devices taken offline by `disconnect` back; returns once they are connected."""
+        assert self._address is not None, "start() the fleet first"
+        address = self._address
+
+        async def back(device_id: str) -> None:
+            device = self.device(device_id)
+            self._tasks[device_id] = asyncio.create_task(device.run(address.host, address.port))
+            await device.connected.wait()
+
+        async def all_back() -> None:
+            await asyncio.gather(*(back(d) for d in device_ids))
+
+        asyncio.run_coroutine_threadsafe(all_back(), self._loop).result(timeout=timeout)
 
     def outcomes(self, rollout_id: str) -> Counter[str]:
         """The last state each device reported for a rollout, counted."""

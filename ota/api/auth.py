@@ -51,6 +51,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _R + "PromoteRollout": WRITERS,
     _R + "AbortRollout": WRITERS,
     _R + "RollbackRollout": WRITERS,
+    _R + "KillRollout": WRITERS,
+    _R + "EditRollout": WRITERS,
+    _R + "PlanRollout": OPERATORS,
     _R + "ListRolloutEvents": OPERATORS,
     _R + "WatchRollout": OPERATORS,
     _F + "RegisterDevices": frozenset({ADMIN}),
@@ -58,6 +61,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _F + "GetDevice": OPERATORS,
     _F + "RevokeDevice": frozenset({ADMIN}),
     _P + "GetRolloutReport": OPERATORS,
+    _P + "GetFeatureReport": OPERATORS,
 }
 # Health and reflection are open: load balancers and grpcurl call them unauthenticated.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

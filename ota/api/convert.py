@@ -9,12 +9,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ota.clock import utc
 from ota.domain.plan import RolloutPlan
-from ota.reports.model import AdoptionReport
+from ota.reports.model import AdoptionReport, FeatureReport, FunnelStep, HealthGroup
+from ota.rollout.preview import Breakdown, PlanPreview
 from ota.store.models import BundleRow, DeviceEventRow, DeviceRow, RolloutAuditRow, RolloutRow
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, report_pb2, rollout_pb2
 
 _GATE_ACTIONS = {
     "pause": rollout_pb2.GATE_ACTION_PAUSE,
+    "hold": rollout_pb2.GATE_ACTION_HOLD,
     "rollback": rollout_pb2.GATE_ACTION_ROLLBACK,
 }
 
@@ -94,13 +96,17 @@ def rollout(
         bundle=row.bundle_name,
         selector=row.selector,
         stages=[
-            rollout_pb2.Stage(ppm=s.ppm, min_soak_seconds=s.min_soak_seconds) for s in plan.stages
+            rollout_pb2.Stage(
+                ppm=s.ppm,
+                min_soak_seconds=s.min_soak_seconds,
+                min_exposed=s.min_exposed,
+                deadline_seconds=s.deadline_seconds,
+                advance=s.advance,
+                name=s.label,
+            )
+            for s in plan.stages
         ],
-        gate=rollout_pb2.FailureGate(
-            max_failure_ppm=plan.gate.max_failure_ppm,
-            min_sample=plan.gate.min_sample,
-            action=_GATE_ACTIONS[plan.gate.action],
-        ),
+        gate=_install_gate(plan),
         state=rollout_state(row.state),
         current_stage=row.current_stage,
         stage_started_time=ts(row.stage_started_at),
@@ -116,7 +122,23 @@ def rollout(
         update_time=ts(row.updated_at),
         etag=str(row.revision),
         device_states=states,
+        plan_version=row.plan_version,
+        phase=row.phase if row.state == "RUNNING" else "",
+        holdout_ppm=plan.holdout_ppm,
+        plan_json=json.dumps(plan.to_dict(), sort_keys=True),
     )
+
+
+def _install_gate(plan: RolloutPlan) -> rollout_pb2.FailureGate | None:
+    """The first install-failure gate, in the legacy single-gate field."""
+    for gate in plan.gates:
+        if gate.metric == "install_failure":
+            return rollout_pb2.FailureGate(
+                max_failure_ppm=gate.max_ppm,
+                min_sample=gate.min_sample,
+                action=_GATE_ACTIONS[gate.action],
+            )
+    return None
 
 
 def audit(row: RolloutAuditRow) -> rollout_pb2.RolloutEvent:
@@ -130,10 +152,74 @@ def audit(row: RolloutAuditRow) -> rollout_pb2.RolloutEvent:
         to_state=rollout_state(row.to_state),
         stage=row.stage,
         reason=row.reason,
+        diff_json=json.dumps(row.diff, sort_keys=True) if row.diff else "",
+    )
+
+
+def plan_preview(value: PlanPreview) -> rollout_pb2.RolloutPlanPreview:
+    def counts(items: tuple[Breakdown, ...]) -> list[rollout_pb2.PreviewCount]:
+        return [
+            rollout_pb2.PreviewCount(dimension=b.dimension, value=b.value, devices=b.devices)
+            for b in items
+        ]
+
+    return rollout_pb2.RolloutPlanPreview(
+        rollout_id=value.rollout_id,
+        plan_version=value.plan_version,
+        fleet=value.fleet,
+        candidates=value.candidates,
+        stages=[
+            rollout_pb2.StagePreview(
+                index=s.index,
+                label=s.label,
+                ppm=s.ppm,
+                exposed=s.exposed,
+                new=s.new,
+                cohorts=counts(s.cohorts),
+            )
+            for s in value.stages
+        ],
+        excluded=[
+            rollout_pb2.Exclusion(
+                reason=reason, devices=n, cohorts=counts(value.excluded_cohorts[reason])
+            )
+            for reason, n in value.excluded.items()
+        ],
+        already_exposed=value.already_exposed,
+    )
+
+
+def _steps(steps: list[FunnelStep]) -> list[report_pb2.FunnelStep]:
+    return [
+        report_pb2.FunnelStep(
+            step=f.step,
+            devices=f.devices,
+            conversion_ppm=f.conversion_ppm,
+            median_step_seconds=f.median_step_seconds,
+        )
+        for f in steps
+    ]
+
+
+def _counts(values: dict[str, int]) -> list[report_pb2.CountByKey]:
+    return [report_pb2.CountByKey(key=k, count=n) for k, n in values.items()]
+
+
+def _health_group(g: HealthGroup | None) -> report_pb2.HealthGroup | None:
+    if g is None:
+        return None
+    return report_pb2.HealthGroup(
+        name=g.name,
+        devices=g.devices,
+        samples=g.samples,
+        crashes=g.crashes,
+        feature_errors=g.feature_errors,
+        unhealthy_ppm=g.unhealthy_ppm,
     )
 
 
 def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutReport:
+    gap, health, stragglers = value.exposure_gap, value.health, value.stragglers
     return report_pb2.RolloutReport(
         rollout=rollout(
             value.rollout,
@@ -146,16 +232,9 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
         eligible=value.eligible,
         target_exposed=value.target_exposed,
         exposed=value.exposed,
-        funnel=[
-            report_pb2.FunnelStep(step=step, devices=n, conversion_ppm=value.conversion_ppm(i))
-            for i, (step, n) in enumerate(value.funnel)
-        ],
-        current_states=[
-            report_pb2.CountByKey(key=k, count=n) for k, n in value.current_states.items()
-        ],
-        failures_by_reason=[
-            report_pb2.CountByKey(key=k, count=n) for k, n in value.failures_by_reason.items()
-        ],
+        funnel=_steps(value.funnel),
+        current_states=_counts(value.current_states),
+        failures_by_reason=_counts(value.failures_by_reason),
         cohorts=[
             report_pb2.CohortBreakdown(
                 dimension=c.dimension,
@@ -163,9 +242,80 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
                 exposed=c.exposed,
                 active=c.active,
                 failed=c.failed,
+                installed=c.installed,
             )
             for c in value.cohorts
         ],
         timeline=[audit(a) for a in value.timeline],
         events_ingested=value.events_ingested,
+        signer_keyids=value.signer_keyids,
+        plan_version=value.plan_version,
+        exposure_gap=report_pb2.ExposureGap(
+            target=gap.target,
+            exposed=gap.exposed,
+            applied=gap.applied,
+            reasons=_counts(gap.reasons),
+        )
+        if gap
+        else None,
+        stage_funnels=[
+            report_pb2.StageFunnel(stage=f.stage, ppm=f.ppm, steps=_steps(f.steps))
+            for f in value.stage_funnels
+        ],
+        failures_by_cohort=[
+            report_pb2.FailureByCohort(
+                reason=f.reason, dimension=f.dimension, value=f.value, devices=f.devices
+            )
+            for f in value.failures_by_cohort
+        ],
+        adoption_curve=[
+            report_pb2.AdoptionPoint(
+                time=ts(p.time),
+                active=p.active,
+                installed=p.installed,
+                failed=p.failed,
+                reverted=p.reverted,
+            )
+            for p in value.adoption_curve
+        ],
+        latencies=[
+            report_pb2.Latency(
+                name=x.name,
+                devices=x.devices,
+                p50_seconds=x.p50_seconds,
+                p90_seconds=x.p90_seconds,
+                p99_seconds=x.p99_seconds,
+            )
+            for x in value.latencies
+        ],
+        health=report_pb2.HealthComparison(
+            exposed=_health_group(health.exposed),
+            control=_health_group(health.control),
+            note=health.note,
+        )
+        if health
+        else None,
+        stragglers=report_pb2.Stragglers(
+            unreachable=stragglers.unreachable,
+            reachable_not_applied=stragglers.reachable_not_applied,
+            last_seen=_counts(stragglers.last_seen),
+        )
+        if stragglers
+        else None,
+    )
+
+
+def feature_report(value: FeatureReport) -> report_pb2.FeatureReport:
+    return report_pb2.FeatureReport(
+        feature=value.feature,
+        generated_time=ts(value.generated_at),
+        versions=[
+            report_pb2.VersionSeries(
+                version=v.version,
+                points=[report_pb2.VersionPoint(time=ts(t), devices=n) for t, n in v.points],
+                devices_now=v.devices_now,
+            )
+            for v in value.versions
+        ],
+        rollouts=[rollout(r) for r in value.rollouts],
     )

@@ -7,7 +7,7 @@ import grpc
 from ota.api import convert
 from ota.clock import Clock
 from ota.errors import InvalidArgument
-from ota.reports.model import build_report
+from ota.reports.model import build_feature_report, build_report
 from ota.store.session import Store
 from ota.v1 import report_pb2, report_pb2_grpc
 
@@ -25,3 +25,12 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
         with self._store.transaction() as session:
             report = build_report(session, request.rollout_id, self._clock.now())
         return convert.report(report, report.current_states)
+
+    def GetFeatureReport(
+        self, request: report_pb2.GetFeatureReportRequest, context: grpc.ServicerContext
+    ) -> report_pb2.FeatureReport:
+        if not request.feature:
+            raise InvalidArgument("is required", field="feature")
+        with self._store.transaction() as session:
+            report = build_feature_report(session, request.feature, self._clock.now())
+        return convert.feature_report(report)

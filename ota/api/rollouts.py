@@ -11,10 +11,12 @@ from ota.api import convert
 from ota.api.auth import Authenticator
 from ota.api.paging import page_after, page_size, page_token
 from ota.domain import states
-from ota.domain.plan import FailureGate, RolloutPlan, Stage
+from ota.domain.plan import RolloutPlan, Stage, install_failure_gate
+from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
-from ota.rollout.commands import NewRollout, RolloutCommands
+from ota.rollout.commands import Actor, NewRollout, RolloutCommands
 from ota.rollout.exposure import eligible_devices
+from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
 from ota.store.session import Store
@@ -23,8 +25,61 @@ from ota.v1 import rollout_pb2, rollout_pb2_grpc
 _ACTIONS = {
     rollout_pb2.GATE_ACTION_UNSPECIFIED: "pause",
     rollout_pb2.GATE_ACTION_PAUSE: "pause",
+    rollout_pb2.GATE_ACTION_HOLD: "hold",
     rollout_pb2.GATE_ACTION_ROLLBACK: "rollback",
 }
+
+
+def _new_rollout(request: rollout_pb2.CreateRolloutRequest) -> NewRollout:
+    """From a plan document, or from the flat fields (what `--stages` builds)."""
+    if request.plan_document:
+        given = {
+            "feature": bool(request.feature),
+            "version": bool(request.version),
+            "selector": bool(request.selector),
+            "stages": bool(request.stages),
+            "gate": request.HasField("gate"),
+        }
+        for name, present in given.items():
+            if present:
+                raise InvalidArgument(
+                    "comes from the plan document; leave it empty when plan_document is set",
+                    field=name,
+                )
+        document = parse_plan_document(request.plan_document)
+        return NewRollout(
+            document.feature,
+            document.version,
+            document.selector,
+            document.plan,
+            request.request_id,
+        )
+    if not request.feature:
+        raise InvalidArgument("is required", field="feature")
+    if not request.version:
+        raise InvalidArgument("is required", field="version")
+    gate = (
+        install_failure_gate(
+            max_failure_ppm=request.gate.max_failure_ppm,
+            min_sample=request.gate.min_sample,
+            action=_ACTIONS.get(request.gate.action, "pause"),
+        )
+        if request.HasField("gate")
+        else install_failure_gate()
+    )
+    stages = tuple(
+        Stage(
+            s.ppm,
+            s.min_soak_seconds,
+            min_exposed=s.min_exposed,
+            deadline_seconds=s.deadline_seconds,
+            advance=s.advance or "auto",
+            name=s.name,
+        )
+        for s in request.stages
+    )
+    plan = RolloutPlan(stages, (gate,))
+    return NewRollout(request.feature, request.version, request.selector, plan, request.request_id)
 
 
 class RolloutChanges:
@@ -68,25 +123,40 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def CreateRollout(
         self, request: rollout_pb2.CreateRolloutRequest, context: grpc.ServicerContext
     ) -> rollout_pb2.Rollout:
-        if not request.feature:
-            raise InvalidArgument("is required", field="feature")
-        if not request.version:
-            raise InvalidArgument("is required", field="version")
-        gate = (
-            FailureGate(
-                max_failure_ppm=request.gate.max_failure_ppm,
-                min_sample=request.gate.min_sample,
-                action=_ACTIONS.get(request.gate.action, "pause"),
-            )
-            if request.HasField("gate")
-            else FailureGate()
-        )
-        plan = RolloutPlan(tuple(Stage(s.ppm, s.min_soak_seconds) for s in request.stages), gate)
-        new = NewRollout(
-            request.feature, request.version, request.selector, plan, request.request_id
-        )
+        new = _new_rollout(request)
         actor = request.actor or self._auth.caller(context).name
         return self._full(self._commands.create(new, actor=actor))
+
+    def EditRollout(
+        self, request: rollout_pb2.EditRolloutRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        if not request.rollout_id:
+            raise InvalidArgument("is required", field="rollout_id")
+        document = parse_plan_document(request.plan_document)
+        with self._store.transaction() as session:
+            row = rollouts.get_rollout(session, request.rollout_id)
+        for name in ("feature", "version", "selector"):
+            if getattr(document, name) != getattr(row, name):
+                raise InvalidArgument(
+                    f"cannot change from {getattr(row, name)!r} to {getattr(document, name)!r}: "
+                    "create a new rollout instead",
+                    field=name,
+                )
+        row = self._commands.edit(
+            request.rollout_id,
+            document.plan,
+            actor=self._auth.caller(context).name,
+            reason=request.reason,
+            etag=request.etag,
+        )
+        self._changes.notify()
+        return self._full(row)
+
+    def PlanRollout(
+        self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.RolloutPlanPreview:
+        with self._store.transaction() as session:
+            return convert.plan_preview(preview_rollout(session, request.rollout_id))
 
     def GetRollout(
         self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
@@ -114,10 +184,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     ) -> rollout_pb2.Rollout:
         if not request.rollout_id:
             raise InvalidArgument("is required", field="rollout_id")
+        caller = self._auth.caller(context)
         row = self._commands.run(
             name,
             request.rollout_id,
-            actor=self._auth.caller(context).name,
+            actor=Actor(caller.name, caller.role),
             reason=request.reason,
             etag=request.etag,
         )
@@ -153,6 +224,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
     ) -> rollout_pb2.Rollout:
         return self._command("rollback", request, context)
+
+    def KillRollout(
+        self, request: rollout_pb2.RolloutCommandRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return self._command("kill", request, context)
 
     def ListRolloutEvents(
         self, request: rollout_pb2.ListRolloutEventsRequest, context: grpc.ServicerContext

@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ota.cli import report_render
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
 from ota.client import Client, PendingSigning
-from ota.domain.plan import FailureGate, parse_stages
+from ota.domain.plan import install_failure_gate, parse_stages
+from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
+from ota.reports import html as report_html
 from ota.trust.keys import load_public_key
 from ota.v1 import (
     bundle_pb2,
@@ -25,7 +28,15 @@ from ota.v1 import (
     rollout_pb2,
 )
 
-ROLLOUT_VERBS = ("start", "pause", "resume", "promote", "abort", "rollback")
+ROLLOUT_VERBS = {
+    "start": "start a rollout in DRAFT",
+    "pause": "stop exposing and advancing until resumed",
+    "resume": "go on; the stage's soak and gate window start again",
+    "promote": "skip the rest of the soak; approve an approval stage (admin or a plan approver)",
+    "abort": "no new exposures; installed devices keep the bundle",
+    "rollback": "exposed devices revert to their last-known-good bundle",
+    "kill": "the kill switch: deactivate the feature on every exposed device at once",
+}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -114,20 +125,43 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     rollout = nouns.add_parser("rollout", help="staged rollouts").add_subparsers(
         dest="verb", required=True
     )
-    p = rollout.add_parser("create", help="a rollout in DRAFT")
-    p.add_argument("--feature", required=True)
-    p.add_argument("--version", required=True)
+    p = rollout.add_parser(
+        "create",
+        help="a rollout in DRAFT, from a plan file or from flags",
+        description="Create a rollout in DRAFT. Either --plan FILE (YAML or JSON: selector, "
+        "cohort, stages, gates, holdout, maintenance windows, blackout dates, approvers, "
+        "salt_from; see docs/DECISIONS.md) or --feature/--version/--stages.",
+    )
+    p.add_argument("--plan", type=Path, help="plan file (YAML or JSON)")
+    p.add_argument("--feature")
+    p.add_argument("--version")
     p.add_argument("--stages", default="1%,10%,100%")
     p.add_argument("--soak", type=int, default=0, help="minimum soak per stage, seconds")
     p.add_argument("--selector", default="")
     p.add_argument("--max-failure", default="5%", help="install-failure gate threshold")
     p.add_argument("--min-sample", type=int, default=5)
-    p.add_argument("--on-breach", choices=("pause", "rollback"), default="pause")
+    p.add_argument("--on-breach", choices=("pause", "hold", "rollback"), default="pause")
     p.add_argument("--request-id", default="")
     client_options(p)
     p.set_defaults(handler=rollout_create)
-    for verb in ROLLOUT_VERBS:
-        p = rollout.add_parser(verb, help=f"{verb} a rollout")
+    p = rollout.add_parser(
+        "edit",
+        help="a new plan version (only stages after the current one may change)",
+    )
+    p.add_argument("rollout_id")
+    p.add_argument("--plan", type=Path, required=True, help="the whole new plan file")
+    p.add_argument("--reason", default="")
+    p.add_argument("--etag", default="", help="refuse if the rollout changed since this etag")
+    client_options(p)
+    p.set_defaults(handler=rollout_edit)
+    p = rollout.add_parser(
+        "plan", help="dry run: who each stage exposes from the current fleet, who is left out"
+    )
+    p.add_argument("rollout_id")
+    client_options(p)
+    p.set_defaults(handler=rollout_plan)
+    for verb, text in ROLLOUT_VERBS.items():
+        p = rollout.add_parser(verb, help=text)
         p.add_argument("rollout_id")
         p.add_argument("--reason", default="")
         client_options(p)
@@ -149,14 +183,20 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=rollout_history)
 
-    p = nouns.add_parser("report", help="adoption report of a rollout")
-    p.add_argument("rollout_id")
+    p = nouns.add_parser(
+        "report",
+        help="adoption report of a rollout, or of a feature across its rollouts",
+        description="The adoption report (DESIGN §8) as terminal tables, CSV (section,key,value), "
+        "JSON (the ReportService message) or one self-contained HTML file with charts that "
+        "opens offline. With --feature, the versions devices run over time.",
+    )
+    p.add_argument("rollout_id", nargs="?", default="")
+    p.add_argument("--feature", default="", help="report on a feature across its rollouts")
     client_options(p)
     p.set_defaults(handler=report)
-    # report has its own formats: table, csv, json
     for action in p._actions:
         if action.dest == "format":
-            action.choices = ("table", "csv", "json")
+            action.choices = ("table", "csv", "json", "html")
     p.add_argument("--out", type=Path, help="write to a file instead of stdout")
 
 
@@ -427,15 +467,22 @@ def _parse_percent(text: str, field: str) -> int:
 
 
 def rollout_create(args: argparse.Namespace) -> int:
-    client = _client(args)
-    stages = parse_stages(args.stages, soak_seconds=args.soak)
-    gate = FailureGate(
-        max_failure_ppm=_parse_percent(args.max_failure, "max-failure"),
-        min_sample=args.min_sample,
-        action=args.on_breach,
-    )
-    r = client.rollouts.CreateRollout(
-        rollout_pb2.CreateRolloutRequest(
+    if args.plan is not None:
+        if args.feature or args.version:
+            raise InvalidArgument("comes from the plan file; drop it or --plan", field="feature")
+        text = _read_file(args.plan).decode("utf-8", errors="replace")
+        parse_plan_document(text)  # the same validation as the server, before connecting
+        request = rollout_pb2.CreateRolloutRequest(plan_document=text, request_id=args.request_id)
+    else:
+        if not args.feature or not args.version:
+            raise InvalidArgument("give --plan FILE, or --feature and --version", field="feature")
+        stages = parse_stages(args.stages, soak_seconds=args.soak)
+        gate = install_failure_gate(
+            max_failure_ppm=_parse_percent(args.max_failure, "max-failure"),
+            min_sample=args.min_sample,
+            action=args.on_breach,
+        )
+        request = rollout_pb2.CreateRolloutRequest(
             feature=args.feature,
             version=args.version,
             selector=args.selector,
@@ -443,17 +490,65 @@ def rollout_create(args: argparse.Namespace) -> int:
                 rollout_pb2.Stage(ppm=s.ppm, min_soak_seconds=s.min_soak_seconds) for s in stages
             ],
             gate=rollout_pb2.FailureGate(
-                max_failure_ppm=gate.max_failure_ppm,
+                max_failure_ppm=gate.max_ppm,
                 min_sample=gate.min_sample,
-                action=rollout_pb2.GATE_ACTION_ROLLBACK
-                if gate.action == "rollback"
-                else rollout_pb2.GATE_ACTION_PAUSE,
+                action=_GATE_ACTIONS[gate.action],
             ),
             request_id=args.request_id,
+        )
+    client = _client(args)
+    r = client.rollouts.CreateRollout(request, metadata=client.metadata)
+    _print_rollout(args, r)
+    return 0
+
+
+_GATE_ACTIONS = {
+    "pause": rollout_pb2.GATE_ACTION_PAUSE,
+    "hold": rollout_pb2.GATE_ACTION_HOLD,
+    "rollback": rollout_pb2.GATE_ACTION_ROLLBACK,
+}
+
+
+def rollout_edit(args: argparse.Namespace) -> int:
+    text = _read_file(args.plan).decode("utf-8", errors="replace")
+    parse_plan_document(text)
+    client = _client(args)
+    r = client.rollouts.EditRollout(
+        rollout_pb2.EditRolloutRequest(
+            rollout_id=args.rollout_id, plan_document=text, reason=args.reason, etag=args.etag
         ),
         metadata=client.metadata,
     )
     _print_rollout(args, r)
+    return 0
+
+
+def rollout_plan(args: argparse.Namespace) -> int:
+    client = _client(args)
+    preview = client.rollouts.PlanRollout(
+        rollout_pb2.GetRolloutRequest(rollout_id=args.rollout_id), metadata=client.metadata
+    )
+    if args.format == "json":
+        emit_json(preview)
+        return 0
+    _say(
+        f"rollout {preview.rollout_id} plan v{preview.plan_version}: fleet {preview.fleet}, "
+        f"{preview.candidates} may be exposed, {preview.already_exposed} exposed so far"
+    )
+
+    def cohorts(counts: Sequence[rollout_pb2.PreviewCount]) -> str:
+        return "  ".join(f"{c.dimension}={c.value}:{c.devices}" for c in counts)
+
+    table(
+        "Stages (cumulative exposure)",
+        ["stage", "exposure", "exposed", "new", "by model / region / firmware"],
+        [[s.index + 1, s.label, s.exposed, s.new, cohorts(s.cohorts)] for s in preview.stages],
+    )
+    table(
+        "Excluded",
+        ["reason", "devices", "by model / region / firmware"],
+        [[e.reason, e.devices, cohorts(e.cohorts)] for e in preview.excluded],
+    )
     return 0
 
 
@@ -466,9 +561,13 @@ def _print_rollout(args: argparse.Namespace, r: rollout_pb2.Rollout) -> None:
         emit_json(r)
         return
     stage = f"{r.current_stage + 1}/{len(r.stages)}" if r.current_stage >= 0 else "-"
+    phase = f" ({r.phase.replace('_', ' ')})" if r.phase else ""
     console.print(
-        f"rollout {r.rollout_id}  {r.feature} {r.version}  {_state(r)}  stage {stage}  "
-        f"exposed {r.exposed}/{r.eligible}  {r.state_reason}"
+        f"rollout {r.rollout_id}  {r.feature} {r.version}  {_state(r)}{phase}  stage {stage}  "
+        f"plan v{r.plan_version}  exposed {r.exposed}/{r.eligible}  {r.state_reason}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
     )
     if r.device_states:
         console.print("  " + "  ".join(f"{k} {v}" for k, v in sorted(r.device_states.items())))
@@ -536,7 +635,7 @@ def rollout_history(args: argparse.Namespace) -> int:
     else:
         table(
             f"History of {args.rollout_id}",
-            ["time", "actor", "action", "stage", "to", "reason"],
+            ["time", "actor", "action", "stage", "to", "reason", "diff"],
             [
                 [
                     e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
@@ -544,7 +643,8 @@ def rollout_history(args: argparse.Namespace) -> int:
                     e.action,
                     e.stage + 1 if e.stage >= 0 else "-",
                     rollout_pb2.RolloutState.Name(e.to_state).removeprefix("ROLLOUT_STATE_"),
-                    e.reason,
+                    escape(e.reason),
+                    escape(_short_diff(e.diff_json)),
                 ]
                 for e in response.events
             ],
@@ -552,39 +652,74 @@ def rollout_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short_diff(diff_json: str, limit: int = 100) -> str:
+    """An audit diff in one short line for the table (`--format json` has it whole)."""
+    if not diff_json:
+        return ""
+    diff = json.loads(diff_json)
+    parts = []
+    for key, value in diff.items():
+        if key == "plan":
+            parts.append(
+                f"plan: {len(value['stages'])} stages, {len(value['gates'])} gates, "
+                f"holdout {value['holdout_ppm'] / 10_000:g}%"
+            )
+        elif isinstance(value, list) and len(value) == 2:
+            parts.append(f"{key}: {json.dumps(value[0])} → {json.dumps(value[1])}")
+        else:
+            parts.append(f"{key}: {json.dumps(value)}")
+    text = "; ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def report(args: argparse.Namespace) -> int:
+    if bool(args.rollout_id) == bool(args.feature):
+        raise InvalidArgument("give a ROLLOUT_ID or --feature, not both", field="rollout_id")
     client = _client(args)
+    if args.feature:
+        feature = client.reports.GetFeatureReport(
+            report_pb2.GetFeatureReportRequest(feature=args.feature), metadata=client.metadata
+        )
+        return _emit_report(
+            args,
+            feature,
+            table=report_render.render_feature_table,
+            csv=report_render.render_feature_csv,
+            html=report_html.render_feature_html,
+        )
     value = client.reports.GetRolloutReport(
         report_pb2.GetRolloutReportRequest(rollout_id=args.rollout_id), metadata=client.metadata
     )
+    return _emit_report(
+        args,
+        value,
+        table=report_render.render_table,
+        csv=report_render.render_csv,
+        html=report_html.render_html,
+    )
+
+
+def _emit_report(
+    args: argparse.Namespace,
+    value: Any,
+    *,
+    table: Callable[[Any, Console], None],
+    csv: Callable[[Any], str],
+    html: Callable[[Any], str],
+) -> int:
     if args.format == "table":
         if args.out is None:
-            report_render.render_table(value, console)
+            table(value, console)
         else:
             with args.out.open("w") as f:
-                report_render.render_table(value, Console(file=f, width=120))
+                table(value, Console(file=f, width=120))
             console.print(f"wrote {args.out}")
         return 0
-    text = (
-        report_render.render_csv(value)
-        if args.format == "csv"
-        else report_render.render_json(value)
-    )
+    if args.format == "html" and args.out is None:
+        raise InvalidArgument("an HTML report needs --out FILE", field="out")
+    text = {"csv": csv, "json": report_render.render_json, "html": html}[args.format](value)
     if args.out is not None:
-        args.out.write_text(text)
-        console.print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
-    text = (
-        report_render.render_csv(value)
-        if args.format == "csv"
-        else report_render.render_json(value)
-    )
-    if args.format == "table":
-        text = report_render.render_json(value)
-    if args.out is not None:
-        args.out.write_text(text)
+        args.out.write_text(text, encoding="utf-8")
         console.print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

@@ -44,13 +44,14 @@ FAILURE_REASONS = (
 )
 
 # Rollout states (`ota.v1.RolloutState` without its prefix).
-DRAFT, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
+DRAFT, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK, KILLED = (
     "DRAFT",
     "RUNNING",
     "PAUSED",
     "COMPLETED",
     "ABORTED",
     "ROLLED_BACK",
+    "KILLED",  # the kill switch: the feature deactivated on every device it exposed
 )
 ROLLOUT_ACTIVE = (RUNNING, PAUSED)
-ROLLOUT_FINAL = (COMPLETED, ABORTED, ROLLED_BACK)
+ROLLOUT_FINAL = (COMPLETED, ABORTED, ROLLED_BACK, KILLED)

@@ -1,20 +1,60 @@
-"""The adoption report of one rollout, read from per-device progress rows."""
+"""The adoption report of one rollout, and of one feature across its rollouts.
+
+Everything here is read from the aggregates ingest maintains (`adoption_stat`,
+`feature_version_stat`) and the per-device progress rows -- never from the
+events themselves -- so a report costs the same at a thousand events as at a
+million.
+"""
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from ota.clock import utc
 from ota.domain.bucketing import PPM_MAX
+from ota.domain.durations import (
+    TIME_BUCKET_SECONDS,
+    bucket_time,
+    percentile_seconds,
+)
 from ota.domain.plan import RolloutPlan
-from ota.domain.states import FUNNEL, RANK
+from ota.domain.states import FUNNEL, SETTLED
 from ota.rollout.exposure import eligible_devices
 from ota.store import bundles, rollouts
-from ota.store.models import DeviceEventRow, RolloutAuditRow, RolloutDeviceRow, RolloutRow
+from ota.store.models import (
+    AdoptionStatRow,
+    DeviceRow,
+    FeatureVersionStatRow,
+    RolloutAuditRow,
+    RolloutDeviceRow,
+    RolloutRow,
+)
+
+DIMENSIONS = ("model", "region", "firmware")
+LAST_SEEN_BUCKETS = ("<1m", "1-10m", "10-60m", "1-24h", ">1d", "never")
+NO_HOLDOUT = "no holdout configured: exposed devices are not compared with a control group"
+
+
+@dataclass(frozen=True)
+class FunnelStep:
+    step: str
+    devices: int
+    conversion_ppm: int
+    median_step_seconds: float
+
+
+@dataclass(frozen=True)
+class StageFunnel:
+    stage: int
+    ppm: int
+    steps: list[FunnelStep]
 
 
 @dataclass(frozen=True)
@@ -24,6 +64,65 @@ class Cohort:
     exposed: int
     active: int
     failed: int
+    installed: int = 0
+
+
+@dataclass(frozen=True)
+class FailureByCohort:
+    reason: str
+    dimension: str
+    value: str
+    devices: int
+
+
+@dataclass(frozen=True)
+class ExposureGap:
+    target: int
+    exposed: int
+    applied: int
+    reasons: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AdoptionPoint:
+    time: datetime
+    active: int
+    installed: int
+    failed: int
+    reverted: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    name: str
+    devices: int
+    p50_seconds: float
+    p90_seconds: float
+    p99_seconds: float
+
+
+@dataclass(frozen=True)
+class HealthGroup:
+    name: str
+    devices: int
+    samples: int
+    crashes: int
+    feature_errors: int
+    unhealthy_ppm: int
+
+
+@dataclass(frozen=True)
+class HealthComparison:
+    exposed: HealthGroup
+    control: HealthGroup | None
+    note: str
+
+
+@dataclass(frozen=True)
+class Stragglers:
+    unreachable: int
+    reachable_not_applied: int
+    last_seen: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -34,96 +133,311 @@ class AdoptionReport:
     eligible: int
     target_exposed: int
     exposed: int
-    funnel: list[tuple[str, int]]
+    funnel: list[FunnelStep]
     current_states: dict[str, int]
     failures_by_reason: dict[str, int]  # devices that failed, even if since reverted
     cohorts: list[Cohort]
     timeline: list[RolloutAuditRow]
     events_ingested: int
     stages: list[tuple[int, int]] = field(default_factory=list)  # (ppm, exposed at that stage)
+    signer_keyids: list[str] = field(default_factory=list)
+    plan_version: str = ""
+    exposure_gap: ExposureGap | None = None
+    stage_funnels: list[StageFunnel] = field(default_factory=list)
+    failures_by_cohort: list[FailureByCohort] = field(default_factory=list)
+    adoption_curve: list[AdoptionPoint] = field(default_factory=list)
+    latencies: list[Latency] = field(default_factory=list)
+    health: HealthComparison | None = None
+    stragglers: Stragglers | None = None
 
-    def conversion_ppm(self, index: int) -> int:
-        if index == 0:
-            return PPM_MAX
-        previous = self.funnel[index - 1][1]
-        return self.funnel[index][1] * PPM_MAX // previous if previous else 0
+
+@dataclass(frozen=True)
+class VersionSeries:
+    version: str
+    points: list[tuple[datetime, int]]
+    devices_now: int
+
+
+@dataclass(frozen=True)
+class FeatureReport:
+    feature: str
+    generated_at: datetime
+    versions: list[VersionSeries]
+    rollouts: list[RolloutRow]
+
+
+@dataclass(frozen=True)
+class _Stat:
+    metric: str
+    key: str
+    stage: int
+    model: str
+    region: str
+    firmware: str
+    bucket: int
+    value: int
+
+    def dim(self, dimension: str) -> str:
+        return str(getattr(self, dimension))
+
+
+def _conversion(devices: int, previous: int | None) -> int:
+    if previous is None:
+        return PPM_MAX
+    return devices * PPM_MAX // previous if previous else 0
+
+
+def _funnel(exposed: int, stats: Iterable[_Stat]) -> list[FunnelStep]:
+    reached: dict[str, int] = defaultdict(int)
+    step_times: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for s in stats:
+        if s.metric == "reached":
+            reached[s.key] += s.value
+        elif s.metric == "step_time":
+            step_times[s.key][s.bucket] += s.value
+    steps: list[FunnelStep] = []
+    previous: int | None = None
+    for step in FUNNEL:
+        n = exposed if step == "TARGETED" else reached[step]
+        median = percentile_seconds(step_times[step], 0.5) if step != "TARGETED" else 0.0
+        steps.append(FunnelStep(step, n, _conversion(n, previous), median))
+        previous = n
+    return steps
 
 
 def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionReport:
+    """The adoption report of one rollout, as of `now`."""
     rollout = rollouts.get_rollout(session, rollout_id)
     plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
     bundle = bundles.get_bundle(session, rollout.bundle_name)
     eligible = len(eligible_devices(session, rollout, bundle))
     current_ppm = plan.stages[rollout.current_stage].ppm if rollout.current_stage >= 0 else 0
-    where = RolloutDeviceRow.rollout_id == rollout_id
-
-    ranks = dict(
-        session.exec(
-            select(RolloutDeviceRow.furthest_rank, func.count())
-            .where(where)
-            .group_by(col(RolloutDeviceRow.furthest_rank))
-        ).all()
-    )
-    funnel = [(step, sum(n for rank, n in ranks.items() if rank >= RANK[step])) for step in FUNNEL]
+    stats = _stats(session, rollout_id)
     states = rollouts.state_counts(session, rollout_id)
-    reasons = dict(
-        session.exec(
-            select(RolloutDeviceRow.reason, func.count())
-            .where(where, RolloutDeviceRow.reason != "")
-            .group_by(col(RolloutDeviceRow.reason))
-        ).all()
-    )
-    cohorts = _cohorts(session, rollout_id, "model") + _cohorts(session, rollout_id, "region")
-    events, newest = session.exec(
-        select(func.count(), func.max(DeviceEventRow.received_at)).where(
-            DeviceEventRow.rollout_id == rollout_id
+    per_stage = rollouts.stage_exposure(session, rollout_id)
+    exposed = sum(states.values())
+    target = eligible * current_ppm // PPM_MAX
+
+    reasons: dict[str, int] = defaultdict(int)
+    failures_by_cohort: dict[tuple[str, str, str], int] = defaultdict(int)
+    for s in stats:
+        if s.metric == "failed":
+            reasons[s.key] += s.value
+            for d in DIMENSIONS:
+                failures_by_cohort[(s.key, d, s.dim(d))] += s.value
+    cohort_exposure = _cohort_exposure(session, rollout_id)
+    stragglers = _stragglers(session, rollout_id, now)
+    data_time = session.exec(
+        select(func.max(RolloutDeviceRow.updated_at)).where(
+            RolloutDeviceRow.rollout_id == rollout_id, col(RolloutDeviceRow.last_seq) > 0
         )
     ).one()
-    per_stage = rollouts.stage_exposure(session, rollout_id)
+    not_notified = states.get("TARGETED", 0)
+    failed_now = states.get("FAILED", 0)
+    applied = sum(states.get(s, 0) for s in SETTLED)
+    in_progress = exposed - not_notified - failed_now - applied
+    gap = ExposureGap(
+        target=target,
+        exposed=exposed,
+        applied=applied,
+        reasons={
+            "not_yet_notified": not_notified,
+            "offline": stragglers.unreachable,
+            "in_progress": max(in_progress, 0),
+            "failed": failed_now,
+            "rounding": target - exposed,
+        },
+    )
     return AdoptionReport(
         rollout=rollout,
         generated_at=now,
-        data_time=utc(newest) if newest else None,
+        data_time=utc(data_time) if data_time else None,
         eligible=eligible,
-        target_exposed=_target(eligible, current_ppm),
-        exposed=sum(states.values()),
-        funnel=funnel,
+        target_exposed=target,
+        exposed=exposed,
+        funnel=_funnel(exposed, stats),
         current_states=dict(sorted(states.items())),
-        failures_by_reason=dict(sorted(reasons.items())),
-        cohorts=cohorts,
+        failures_by_reason=dict(sorted((k, v) for k, v in reasons.items() if v)),
+        cohorts=_cohorts(stats, cohort_exposure),
         timeline=rollouts.audit_log(session, rollout_id),
-        events_ingested=int(events),
+        events_ingested=sum(s.value for s in stats if s.metric == "events"),
         stages=[(s.ppm, per_stage.get(i, 0)) for i, s in enumerate(plan.stages)],
+        signer_keyids=list(json.loads(bundle.signer_keyids_json)),
+        plan_version=str(getattr(rollout, "plan_version", "") or ""),
+        exposure_gap=gap,
+        stage_funnels=[
+            StageFunnel(i, s.ppm, _funnel(per_stage.get(i, 0), [x for x in stats if x.stage == i]))
+            for i, s in enumerate(plan.stages)
+        ],
+        failures_by_cohort=[
+            FailureByCohort(reason, d, v, n)
+            for (reason, d, v), n in sorted(failures_by_cohort.items())
+            if n
+        ],
+        adoption_curve=_curve(stats),
+        latencies=[_latency("install", "INSTALLED", stats), _latency("first_use", "ACTIVE", stats)],
+        health=_health(stats, plan.holdout_ppm),
+        stragglers=stragglers,
     )
 
 
-def _target(eligible: int, ppm: int) -> int:
-    """The exposure the stage aims for: its share of the eligible fleet."""
-    return eligible * ppm // PPM_MAX
-
-
-def _cohorts(session: Session, rollout_id: str, dimension: str) -> list[Cohort]:
-    column = col(getattr(RolloutDeviceRow, dimension))
-    ever_failed = col(RolloutDeviceRow.reason) != ""
-    rows = session.exec(
-        select(column, RolloutDeviceRow.state, ever_failed, func.count())
-        .where(RolloutDeviceRow.rollout_id == rollout_id)
-        .group_by(column, col(RolloutDeviceRow.state), ever_failed)
-    ).all()
-    totals: dict[str, dict[str, int]] = {}
-    failed: dict[str, int] = {}
-    for value, state, has_failed, n in rows:
-        by_state = totals.setdefault(value, {})
-        by_state[state] = by_state.get(state, 0) + int(n)
-        if has_failed:
-            failed[value] = failed.get(value, 0) + int(n)
+def _stats(session: Session, rollout_id: str) -> list[_Stat]:
+    rows = session.exec(select(AdoptionStatRow).where(AdoptionStatRow.rollout_id == rollout_id))
     return [
-        Cohort(
-            dimension,
-            value,
-            exposed=sum(by_state.values()),
-            active=by_state.get("ACTIVE", 0),
-            failed=failed.get(value, 0),
-        )
-        for value, by_state in sorted(totals.items())
+        _Stat(r.metric, r.key, r.stage, r.model, r.region, r.firmware, r.bucket, r.value)
+        for r in rows
     ]
+
+
+def _cohort_exposure(session: Session, rollout_id: str) -> dict[tuple[str, str], int]:
+    rows = session.exec(
+        select(RolloutDeviceRow.model, RolloutDeviceRow.region, DeviceRow.firmware, func.count())
+        .join(DeviceRow, col(DeviceRow.device_id) == col(RolloutDeviceRow.device_id))
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .group_by(
+            col(RolloutDeviceRow.model), col(RolloutDeviceRow.region), col(DeviceRow.firmware)
+        )
+    ).all()
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    for model, region, firmware, n in rows:
+        for d, v in (("model", model), ("region", region), ("firmware", firmware)):
+            out[(d, v)] += int(n)
+    return out
+
+
+def _cohorts(stats: list[_Stat], exposure: dict[tuple[str, str], int]) -> list[Cohort]:
+    active: dict[tuple[str, str], int] = defaultdict(int)
+    failed: dict[tuple[str, str], int] = defaultdict(int)
+    installed: dict[tuple[str, str], int] = defaultdict(int)
+    for s in stats:
+        for d in DIMENSIONS:
+            key = (d, s.dim(d))
+            if s.metric == "state" and s.key == "ACTIVE":
+                active[key] += s.value
+            elif s.metric == "failed":
+                failed[key] += s.value
+            elif s.metric == "reached" and s.key == "INSTALLED":
+                installed[key] += s.value
+    return [
+        Cohort(d, v, n, active[(d, v)], failed[(d, v)], installed[(d, v)])
+        for d in DIMENSIONS
+        for (dd, v), n in sorted(exposure.items())
+        if dd == d
+    ]
+
+
+def _curve(stats: list[_Stat]) -> list[AdoptionPoint]:
+    """Cumulative devices per time bucket that became active, installed, failed, reverted."""
+    per_bucket: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for s in stats:
+        if s.metric == "reached" and s.key in ("ACTIVE", "INSTALLED"):
+            per_bucket[s.bucket][s.key] += s.value
+        elif s.metric == "entered":
+            per_bucket[s.bucket]["FAILED" if s.key == "FAILED" else "reverted"] += s.value
+    points: list[AdoptionPoint] = []
+    totals: dict[str, int] = defaultdict(int)
+    for bucket in sorted(per_bucket):
+        for k, v in per_bucket[bucket].items():
+            totals[k] += v
+        points.append(
+            AdoptionPoint(
+                bucket_time(bucket) + timedelta(seconds=TIME_BUCKET_SECONDS),
+                totals["ACTIVE"],
+                totals["INSTALLED"],
+                totals["FAILED"],
+                totals["reverted"],
+            )
+        )
+    return points
+
+
+def _latency(name: str, step: str, stats: list[_Stat]) -> Latency:
+    histogram: dict[int, int] = defaultdict(int)
+    for s in stats:
+        if s.metric == "latency" and s.key == step:
+            histogram[s.bucket] += s.value
+    return Latency(
+        name,
+        sum(histogram.values()),
+        percentile_seconds(histogram, 0.5),
+        percentile_seconds(histogram, 0.9),
+        percentile_seconds(histogram, 0.99),
+    )
+
+
+def _health(stats: list[_Stat], holdout_ppm: int) -> HealthComparison:
+    sums: dict[str, int] = defaultdict(int)
+    for s in stats:
+        if s.metric == "health":
+            sums[s.key] += s.value
+        elif s.metric == "reached" and s.key == "ACTIVE":
+            sums["devices"] += s.value
+    samples = sums["samples"]
+    exposed = HealthGroup(
+        "exposed",
+        sums["devices"],
+        samples,
+        sums["crashes"],
+        sums["feature_errors"],
+        sums["unhealthy_samples"] * PPM_MAX // samples if samples else 0,
+    )
+    note = (
+        f"holdout of {holdout_ppm / 10_000:g}% configured; its devices report no health "
+        "for this rollout yet, so there is no control figure"
+        if holdout_ppm
+        else NO_HOLDOUT
+    )
+    return HealthComparison(exposed, None, note)
+
+
+def _stragglers(session: Session, rollout_id: str, now: datetime) -> Stragglers:
+    """Exposed devices not done yet (neither settled nor failed), by reachability."""
+    done = (*SETTLED, "FAILED")
+    rows = session.exec(
+        select(DeviceRow.online, DeviceRow.last_seen_at)
+        .join(RolloutDeviceRow, col(DeviceRow.device_id) == col(RolloutDeviceRow.device_id))
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .where(col(RolloutDeviceRow.state).not_in(done))
+    ).all()
+    histogram = dict.fromkeys(LAST_SEEN_BUCKETS, 0)
+    unreachable = 0
+    for online, last_seen in rows:
+        if not online:
+            unreachable += 1
+        histogram[_last_seen_bucket(now, last_seen)] += 1
+    return Stragglers(unreachable, len(rows) - unreachable, histogram)
+
+
+def _last_seen_bucket(now: datetime, last_seen: datetime | None) -> str:
+    if last_seen is None:
+        return "never"
+    age = (utc(now) - utc(last_seen)).total_seconds()
+    for limit, name in ((60, "<1m"), (600, "1-10m"), (3600, "10-60m"), (86_400, "1-24h")):
+        if age < limit:
+            return name
+    return ">1d"
+
+
+def build_feature_report(session: Session, feature: str, now: datetime) -> FeatureReport:
+    """Which versions of a feature devices run, over time, across all its rollouts."""
+    rows = session.exec(
+        select(FeatureVersionStatRow)
+        .where(FeatureVersionStatRow.feature == feature)
+        .order_by(col(FeatureVersionStatRow.bucket))
+    ).all()
+    buckets = sorted({r.bucket for r in rows})
+    deltas: dict[str, dict[int, int]] = defaultdict(dict)
+    for r in rows:
+        deltas[r.version][r.bucket] = r.value
+    series: list[VersionSeries] = []
+    for version in sorted(deltas):
+        running = 0
+        points: list[tuple[datetime, int]] = []
+        for b in buckets:
+            running += deltas[version].get(b, 0)
+            points.append((bucket_time(b) + timedelta(seconds=TIME_BUCKET_SECONDS), running))
+        series.append(VersionSeries(version, points, running))
+    feature_rollouts = session.exec(
+        select(RolloutRow).where(RolloutRow.feature == feature).order_by(col(RolloutRow.created_at))
+    ).all()
+    return FeatureReport(feature, now, series, list(feature_rollouts))

@@ -1,4 +1,5 @@
-"""What operators ask of a rollout: create, start, pause, resume, promote, abort, rollback."""
+"""What operators ask of a rollout: create, edit, start, pause, resume, promote, abort,
+rollback, kill. Each runs in one transaction with its audit entry (actor, reason, diff)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlmodel import Session
 
@@ -14,8 +16,14 @@ from ota.clock import Clock
 from ota.domain import states
 from ota.domain.plan import RolloutPlan
 from ota.domain.selector import Selector
-from ota.errors import Aborted, FailedPrecondition, InvalidArgument
-from ota.rollout.exposure import revert_exposed
+from ota.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from ota.rollout.exposure import deactivate_exposed, revert_exposed
 from ota.rollout.notify import DesiredStateSigner
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
@@ -43,6 +51,14 @@ class NewRollout:
         return hashlib.sha256(body.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who asks: the audit log's name and the role that decides what they may do."""
+
+    name: str
+    role: str = ""
+
+
 # command -> (states it is allowed from, state it leads to)
 _MOVES: dict[str, tuple[tuple[str, ...], str]] = {
     "start": ((states.DRAFT,), states.RUNNING),
@@ -54,7 +70,13 @@ _MOVES: dict[str, tuple[tuple[str, ...], str]] = {
         (states.RUNNING, states.PAUSED, states.COMPLETED, states.ABORTED),
         states.ROLLED_BACK,
     ),
+    # The kill switch needs no approval and works from any state that exposed devices.
+    "kill": (
+        (states.RUNNING, states.PAUSED, states.COMPLETED, states.ABORTED, states.ROLLED_BACK),
+        states.KILLED,
+    ),
 }
+ADMIN_ROLE = "admin"
 
 
 class RolloutCommands:
@@ -88,6 +110,9 @@ class RolloutCommands:
                         )
                     return earlier
             bundle = bundles.get_bundle(session, bundles.bundle_name(new.feature, new.version))
+            salt_hex = secrets.token_bytes(16).hex()
+            if new.plan.salt_from:
+                salt_hex = self._salt_of(session, new.plan.salt_from, new.feature)
             row = RolloutRow(
                 rollout_id="r-" + secrets.token_hex(4),
                 feature=new.feature,
@@ -97,7 +122,7 @@ class RolloutCommands:
                 stages_json=new.plan.stages_json(),
                 gate_json=new.plan.gate_json(),
                 state=states.DRAFT,
-                salt_hex=secrets.token_bytes(16).hex(),
+                salt_hex=salt_hex,
                 request_id=new.request_id or None,
                 request_hash=new.fingerprint(),
                 created_at=now,
@@ -105,22 +130,97 @@ class RolloutCommands:
             )
             session.add(row)
             session.flush()
-            rollouts.record(session, row, actor=actor, action="create", reason="", now=now)
+            rollouts.record(
+                session,
+                row,
+                actor=actor,
+                action="create",
+                reason=f"plan version 1 of {new.feature} {new.version}",
+                now=now,
+                diff={"selector": new.selector, "plan": new.plan.to_dict()},
+            )
             return row
 
-    def run(
-        self, command: str, rollout_id: str, *, actor: str, reason: str, etag: str = ""
+    @staticmethod
+    def _salt_of(session: Session, rollout_id: str, feature: str) -> str:
+        try:
+            earlier = rollouts.get_rollout(session, rollout_id)
+        except NotFound as exc:
+            raise InvalidArgument(
+                f"rollout {rollout_id!r} does not exist", field="salt_from"
+            ) from exc
+        if earlier.feature != feature:
+            raise InvalidArgument(
+                f"rollout {rollout_id} is of feature {earlier.feature}, not {feature}: "
+                "a salt is reused only within one feature",
+                field="salt_from",
+            )
+        return earlier.salt_hex
+
+    def edit(
+        self,
+        rollout_id: str,
+        plan: RolloutPlan,
+        *,
+        actor: str,
+        reason: str,
+        etag: str = "",
     ) -> RolloutRow:
+        """A new plan version: only stages after the current one change, never below it."""
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            rollout = rollouts.get_rollout(session, rollout_id)
+            self._check_etag(rollout, etag)
+            if rollout.state not in (states.DRAFT, *states.ROLLOUT_ACTIVE):
+                raise FailedPrecondition(
+                    f"cannot edit rollout {rollout_id}: it is {rollout.state}", field="rollout_id"
+                )
+            old = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
+            check_edit(old, plan, rollout.current_stage)
+            before, after = old.to_dict(), plan.to_dict()
+            diff = {k: [before[k], after[k]] for k in after if before[k] != after[k]}
+            if not diff:
+                raise InvalidArgument("the new plan is the same as the current one", field="plan")
+            result = rollouts.transition(
+                session,
+                rollout,
+                to_state=rollout.state,
+                actor=actor,
+                action="edit",
+                reason=reason or f"plan version {rollout.plan_version + 1} by {actor}",
+                now=now,
+                diff=diff,
+                stages_json=plan.stages_json(),
+                gate_json=plan.gate_json(),
+                plan_version=rollout.plan_version + 1,
+            )
+        self._on_change()
+        return result
+
+    @staticmethod
+    def _check_etag(rollout: RolloutRow, etag: str) -> None:
+        if etag and etag != str(rollout.revision):
+            raise Aborted(
+                f"rollout {rollout.rollout_id} changed since you read it (etag {etag}, now "
+                f"{rollout.revision}); read it again",
+                field="etag",
+            )
+
+    def run(
+        self,
+        command: str,
+        rollout_id: str,
+        *,
+        actor: str | Actor,
+        reason: str,
+        etag: str = "",
+    ) -> RolloutRow:
+        who = actor if isinstance(actor, Actor) else Actor(actor, ADMIN_ROLE)
         allowed_from, to_state = _MOVES[command]
         now = self._clock.now()
         with self._store.transaction() as session:
             rollout = rollouts.get_rollout(session, rollout_id)
-            if etag and etag != str(rollout.revision):
-                raise Aborted(
-                    f"rollout {rollout_id} changed since you read it (etag {etag}, now "
-                    f"{rollout.revision}); read it again",
-                    field="etag",
-                )
+            self._check_etag(rollout, etag)
             if rollout.state not in allowed_from:
                 raise FailedPrecondition(
                     f"cannot {command} rollout {rollout_id}: it is {rollout.state}, "
@@ -129,25 +229,47 @@ class RolloutCommands:
                 )
             if command == "start":
                 self._check_no_conflict(session, rollout)
-            changes: dict[str, object] = {}
+            changes: dict[str, Any] = {}
             if command == "promote":
+                self._check_approver(rollout, who)
                 changes["promoted"] = True
             elif command == "resume":
-                changes["stage_started_at"] = now  # a fresh soak and gate window
+                # A fresh soak and gate window; breaches before the pause are forgotten.
+                changes |= {"stage_started_at": now, "gate_state": {}, "phase": ""}
+            elif command in ("pause", "abort", "rollback", "kill"):
+                changes["phase"] = ""
             result = rollouts.transition(
                 session,
                 rollout,
                 to_state=to_state,
-                actor=actor,
+                actor=who.name,
                 action=command,
-                reason=reason or f"{command} by {actor}",
+                reason=reason or f"{command} by {who.name}",
                 now=now,
                 **changes,
             )
             if command == "rollback":
                 revert_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
+            elif command == "kill":
+                deactivate_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
         self._on_change()
         return result
+
+    @staticmethod
+    def _check_approver(rollout: RolloutRow, who: Actor) -> None:
+        """At a stage that advances on approval, only admin or a plan's approver may promote."""
+        plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
+        stage = plan.stages[rollout.current_stage] if rollout.current_stage >= 0 else None
+        if stage is None or stage.advance != "approval":
+            return
+        if who.role == ADMIN_ROLE or {who.role, who.name} & set(plan.approvers):
+            return
+        allowed = ", ".join(["admin", *plan.approvers])
+        raise PermissionDenied(
+            f"stage {rollout.current_stage + 1} of rollout {rollout.rollout_id} advances on "
+            f"approval: {who.name} ({who.role}) may not approve it; ask one of: {allowed}",
+            field="rollout_id",
+        )
 
     def _check_no_conflict(self, session: Session, rollout: RolloutRow) -> None:
         """Refuse a second running rollout of a feature whose eligibility may overlap.
@@ -166,3 +288,29 @@ class RolloutCommands:
                     "abort or finish it first",
                     field="rollout_id",
                 )
+
+
+def check_edit(old: RolloutPlan, new: RolloutPlan, current_stage: int) -> None:
+    """An edit changes only stages after the current one, and never goes below it.
+
+    What decides who is exposed or compared (the holdout, the salt, the cohort)
+    cannot change once a rollout exists: devices would silently switch sides.
+    """
+    if new.holdout_ppm != old.holdout_ppm:
+        raise InvalidArgument("the holdout of an existing rollout is fixed", field="holdout")
+    if new.salt_from != old.salt_from:
+        raise InvalidArgument("the salt of an existing rollout is fixed", field="salt_from")
+    if (new.cohort is None) != (old.cohort is None) or (
+        new.cohort is not None and new.stages[0] != old.stages[0] and current_stage >= 0
+    ):
+        raise InvalidArgument("the cohort of an existing rollout is fixed", field="cohort")
+    fixed = current_stage + 1  # stages up to and including the current one
+    for i in range(min(fixed, len(old.stages))):
+        if i >= len(new.stages) or new.stages[i] != old.stages[i]:
+            what = "current" if i == current_stage else "past"
+            offset = 1 if old.cohort is not None else 0
+            raise InvalidArgument(
+                f"stage {i + 1} is a {what} stage and cannot change (only stages after "
+                f"stage {fixed} may be edited)",
+                field="cohort" if i < offset else f"stages[{i - offset}]",
+            )

@@ -1,4 +1,4 @@
-"""The rollout engine: exposes stages, evaluates the gate, advances, completes.
+"""The rollout engine: exposes stages, evaluates the gates, advances, completes.
 
 Every decision happens inside one transaction that also records it in the
 audit log, guarded by the rollout's revision. A control plane killed at any
@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlmodel import Session
 
 from ota.clock import Clock, utc
 from ota.domain import states
-from ota.domain.plan import RolloutPlan
+from ota.domain.plan import Gate, RolloutPlan
 from ota.errors import Aborted, OtaError
 from ota.rollout.exposure import expose_current_stage, revert_exposed
+from ota.rollout.gates import ADOPTION_HEALTH, HealthSource, read_gate
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.rollout.progress import read_progress
 from ota.store import bundles, desired, rollouts
@@ -32,10 +35,6 @@ ENGINE = "engine"
 RENEW_BATCH = 500
 
 
-def _pct(ppm: int) -> str:
-    return f"{ppm / 10_000:g}%"
-
-
 class RolloutEngine:
     def __init__(
         self,
@@ -46,6 +45,7 @@ class RolloutEngine:
         on_notify: Callable[[], None],
         desired_ttl: timedelta,
         interval: float = 0.25,
+        health: HealthSource = ADOPTION_HEALTH,
     ) -> None:
         self._store = store
         self._signer = signer
@@ -53,6 +53,7 @@ class RolloutEngine:
         self._on_notify = on_notify
         self._ttl = desired_ttl
         self._interval = interval
+        self._health = health
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ota-engine", daemon=True)
@@ -113,8 +114,23 @@ class RolloutEngine:
         if rollout.current_stage < 0:
             rollout = self._enter_stage(session, rollout, plan, 0)
         stage = plan.stages[rollout.current_stage]
+
+        verdict = self._judge_gates(session, rollout, plan, now)
+        rollout = verdict.rollout
+        if verdict.stop is not None:
+            return self._trip(session, rollout, verdict.stop, now)
+
+        if not plan.exposure_allowed(now):
+            self._set_phase(
+                session,
+                rollout,
+                "deferred",
+                f"outside the maintenance windows or on a blackout date ({now:%a %Y-%m-%d %H:%M}Z)",
+                now,
+            )
+            return 0
         notified = expose_current_stage(
-            session, rollout, bundle, stage.ppm, self._signer, now=now, ttl=self._ttl
+            session, rollout, bundle, plan, self._signer, now=now, ttl=self._ttl
         )
         if notified:
             rollouts.record(
@@ -122,33 +138,64 @@ class RolloutEngine:
                 rollout,
                 actor=ENGINE,
                 action="expose",
-                reason=f"notified {notified} devices at {_pct(stage.ppm)}",
+                reason=f"notified {notified} devices at stage {rollout.current_stage + 1} "
+                f"({stage.label})",
                 now=now,
+                diff={"notified": notified},
             )
+        if verdict.hold is not None:
+            self._set_phase(session, rollout, "held", verdict.hold, now)
+            return notified
+
         progress = read_progress(session, rollout.rollout_id)
-        # The gate judges outcomes since the current stage started (or the rollout was
-        # resumed): a resume after a trip is a decision to look at fresh evidence.
-        window = read_progress(session, rollout.rollout_id, changed_since=rollout.stage_started_at)
-        gate = plan.gate
-        if gate.breached(window.failed, window.finished):
-            rate = window.failed / window.finished
-            reason = (
-                f"install-failure gate tripped: {window.failed} of {window.finished} finished "
-                f"devices failed ({rate:.1%} > {_pct(gate.max_failure_ppm)}, "
-                f"min sample {gate.min_sample})"
-            )
-            if gate.action == "rollback":
+        soaked = rollout.promoted or (
+            rollout.stage_started_at is not None
+            and now >= utc(rollout.stage_started_at) + timedelta(seconds=stage.min_soak_seconds)
+        )
+        last = rollout.current_stage + 1 == len(plan.stages)
+        if last:
+            if soaked and progress.finished == progress.exposed:
+                # Complete only once every exposed device has finished, so the final
+                # figures are final; stragglers keep the rollout RUNNING at 100 %.
                 rollouts.transition(
                     session,
                     rollout,
-                    to_state=states.ROLLED_BACK,
+                    to_state=states.COMPLETED,
                     actor=ENGINE,
-                    action="rollback",
-                    reason=reason,
+                    action="complete",
+                    reason=(
+                        f"all {len(plan.stages)} stages done: "
+                        f"{progress.finished - progress.failed} installed, "
+                        f"{progress.failed} failed of {progress.exposed} exposed"
+                    ),
                     now=now,
+                    phase="",
                 )
-                notified += revert_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
             else:
+                self._set_phase(session, rollout, "soaking", "", now)
+            return notified
+
+        # Advance on evidence from this stage's own devices, not earlier ones.
+        this_stage = read_progress(session, rollout.rollout_id, stage=rollout.current_stage)
+        needed = min(_evidence_needed(plan), this_stage.exposed)
+        missing = []
+        if not soaked:
+            missing.append(f"soak of {stage.min_soak_seconds}s")
+        if this_stage.finished < needed:
+            missing.append(f"{needed - this_stage.finished} more finished devices")
+        if progress.exposed < stage.min_exposed:
+            missing.append(f"{stage.min_exposed - progress.exposed} more exposed devices")
+        if missing:
+            deadline = stage.deadline_seconds
+            if (
+                deadline
+                and rollout.stage_started_at is not None
+                and now >= utc(rollout.stage_started_at) + timedelta(seconds=deadline)
+            ):
+                reason = (
+                    f"stage {rollout.current_stage + 1} ({stage.label}) missed its deadline of "
+                    f"{deadline}s: still waiting for {', '.join(missing)}"
+                )
                 rollouts.transition(
                     session,
                     rollout,
@@ -157,37 +204,121 @@ class RolloutEngine:
                     action="pause",
                     reason=reason,
                     now=now,
+                    phase="",
                 )
-            log.warning("rollout %s: %s", rollout.rollout_id, reason)
+                log.warning("rollout %s: %s", rollout.rollout_id, reason)
+            else:
+                self._set_phase(session, rollout, "soaking", "", now)
             return notified
-        soaked = rollout.promoted or (
-            rollout.stage_started_at is not None
-            and now >= utc(rollout.stage_started_at) + timedelta(seconds=stage.min_soak_seconds)
-        )
-        if not soaked:
-            return notified
-        if rollout.current_stage + 1 < len(plan.stages):
-            # Advance on evidence from this stage's own devices, not earlier ones.
-            this_stage = read_progress(session, rollout.rollout_id, stage=rollout.current_stage)
-            if this_stage.finished >= min(gate.min_sample, this_stage.exposed):
-                self._enter_stage(session, rollout, plan, rollout.current_stage + 1)
-                self.wake()  # expose the next stage now rather than a tick later
-        elif progress.finished == progress.exposed:
-            # Complete only once every exposed device has finished, so the final
-            # figures are final; stragglers keep the rollout RUNNING at 100 %.
-            rollouts.transition(
+        if stage.advance == "approval" and not rollout.promoted:
+            self._set_phase(
                 session,
                 rollout,
-                to_state=states.COMPLETED,
-                actor=ENGINE,
-                action="complete",
-                reason=(
-                    f"all {len(plan.stages)} stages done: {progress.finished - progress.failed} "
-                    f"installed, {progress.failed} failed of {progress.exposed} exposed"
-                ),
-                now=now,
+                "awaiting_approval",
+                f"stage {rollout.current_stage + 1} ({stage.label}) is ready: "
+                f"{this_stage.finished} of {this_stage.exposed} finished, "
+                f"{this_stage.failed} failed; `ota rollout promote` to go on",
+                now,
             )
+            return notified
+        self._enter_stage(session, rollout, plan, rollout.current_stage + 1)
+        self.wake()  # expose the next stage now rather than a tick later
         return notified
+
+    def _judge_gates(
+        self, session: Session, rollout: RolloutRow, plan: RolloutPlan, now: datetime
+    ) -> _Verdict:
+        """Read every gate, count breaches on new evidence, and say what must happen."""
+        state: dict[str, Any] = dict(rollout.gate_state or {})
+        stop: tuple[Gate, str, dict[str, Any]] | None = None
+        hold: str | None = None
+        changed = False
+        for index, gate in enumerate(plan.gates):
+            reading = read_gate(session, rollout, gate, self._health, now)
+            key = f"{index}:{gate.key}"
+            streak = dict(state.get(key, {"n": 0, "sample": -1, "told": False}))
+            if not reading.breached:
+                fresh = {"n": 0, "sample": -1, "told": False}
+                if streak != fresh:
+                    state[key], changed = fresh, True
+                continue
+            if reading.sample != streak["sample"]:  # a breach counts once per new evidence
+                streak = {"n": streak["n"] + 1, "sample": reading.sample, "told": streak["told"]}
+                state[key], changed = streak, True
+            if streak["n"] < gate.breaches_to_trip:
+                continue
+            reason = (
+                f"{gate.metric.replace('_', '-')} gate tripped (gate {index + 1}, "
+                f"{streak['n']} breach(es) in a row): {reading.describe()}"
+            )
+            figures = {"gate": index, **reading.figures(), "breaches": streak["n"]}
+            if gate.observe_only:
+                if not streak["told"]:
+                    state[key] = {**streak, "told": True}
+                    changed = True
+                    rollouts.record(
+                        session,
+                        rollout,
+                        actor=ENGINE,
+                        action="gate-observed",
+                        reason=f"{reason}; observe-only, would {gate.action}",
+                        now=now,
+                        diff={"figures": figures},
+                    )
+                continue
+            if gate.action == "hold":
+                hold = hold or reason
+            elif stop is None or (gate.action == "rollback" and stop[0].action != "rollback"):
+                stop = (gate, reason, figures)
+        if changed:
+            rollouts.set_quietly(session, rollout, gate_state=state)
+        return _Verdict(rollout, stop, hold)
+
+    def _trip(
+        self,
+        session: Session,
+        rollout: RolloutRow,
+        stop: tuple[Gate, str, dict[str, Any]],
+        now: datetime,
+    ) -> int:
+        gate, reason, figures = stop
+        notified = 0
+        to_state = states.ROLLED_BACK if gate.action == "rollback" else states.PAUSED
+        rollouts.transition(
+            session,
+            rollout,
+            to_state=to_state,
+            actor=ENGINE,
+            action=gate.action,
+            reason=reason,
+            now=now,
+            diff={"figures": figures},
+            phase="",
+        )
+        if gate.action == "rollback":
+            notified = revert_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
+        log.warning("rollout %s: %s", rollout.rollout_id, reason)
+        return notified
+
+    def _set_phase(
+        self, session: Session, rollout: RolloutRow, phase: str, reason: str, now: datetime
+    ) -> RolloutRow:
+        """Record what a running rollout waits for; entering or leaving a wait is audited."""
+        if rollout.phase == phase:
+            return rollout
+        if phase in AUDITED_PHASES or rollout.phase in AUDITED_PHASES:
+            return rollouts.transition(
+                session,
+                rollout,
+                to_state=states.RUNNING,
+                actor=ENGINE,
+                action=phase if phase in AUDITED_PHASES else f"end-{rollout.phase}",
+                reason=reason or f"no longer {rollout.phase.replace('_', ' ')}",
+                now=now,
+                phase=phase,
+            )
+        rollouts.set_quietly(session, rollout, phase=phase)
+        return rollout
 
     def _enter_stage(
         self, session: Session, rollout: RolloutRow, plan: RolloutPlan, index: int
@@ -200,11 +331,30 @@ class RolloutEngine:
             actor=ENGINE,
             action="advance",
             reason=(
-                f"stage {index + 1} of {len(plan.stages)}: {_pct(stage.ppm)}, "
+                f"stage {index + 1} of {len(plan.stages)}: {stage.label}, "
                 f"soak {stage.min_soak_seconds}s"
+                + (", advances on approval" if stage.advance == "approval" else "")
             ),
             now=self._clock.now(),
             current_stage=index,
             stage_started_at=self._clock.now(),
             promoted=False,
+            phase="exposing",
+            gate_state={},
         )
+
+
+AUDITED_PHASES = ("deferred", "held", "awaiting_approval")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    rollout: RolloutRow
+    stop: tuple[Gate, str, dict[str, Any]] | None
+    hold: str | None
+
+
+def _evidence_needed(plan: RolloutPlan) -> int:
+    """How many of a stage's devices must finish before it advances: the gates' minimum sample."""
+    samples = [g.min_sample for g in plan.gates if g.metric == "install_failure"]
+    return min(samples) if samples else 1

@@ -1,13 +1,19 @@
-"""Who a rollout exposes: eligible devices whose bucket falls under the stage's ppm."""
+"""Who a rollout exposes: eligible devices, outside the holdout, under the stage.
+
+One classification serves the engine (who to expose now) and the dry run (who
+each stage would expose, who is left out and why), so the two never disagree.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlmodel import Session
 
-from ota.domain.bucketing import is_exposed
+from ota.domain.bucketing import is_control, is_exposed
+from ota.domain.plan import RolloutPlan, Stage
 from ota.domain.selector import Selector
 from ota.domain.version import Version
 from ota.errors import InvalidArgument
@@ -15,47 +21,92 @@ from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.store import desired, fleet, rollouts
 from ota.store.models import BundleRow, DeviceRow, RolloutRow
 
+# Why a device of the fleet is left out of a rollout.
+NOT_ELIGIBLE = "not_eligible"  # the selector does not match it, or it is revoked
+INCOMPATIBLE = "incompatible"  # the bundle was not signed for its model or firmware
+HOLDOUT = "holdout"  # the control group: never exposed, compared against
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A device that the rollout may expose: eligible and outside the holdout."""
+
+    device: DeviceRow
+    labels: dict[str, str]
+
+
+def compatible(device: DeviceRow, bundle: BundleRow) -> bool:
+    models = set(json.loads(bundle.models_json))
+    if models and device.model not in models:
+        return False
+    if not bundle.min_firmware:
+        return True
+    try:
+        return Version.parse(device.firmware) >= Version.parse(bundle.min_firmware)
+    except InvalidArgument:
+        return False
+
+
+def classify(
+    devices: list[DeviceRow], rollout: RolloutRow, bundle: BundleRow, plan: RolloutPlan
+) -> tuple[list[Candidate], dict[str, list[DeviceRow]]]:
+    """Split devices into candidates and the excluded, by reason."""
+    selector = Selector.parse(rollout.selector)
+    salt = bytes.fromhex(rollout.salt_hex)
+    candidates: list[Candidate] = []
+    excluded: dict[str, list[DeviceRow]] = {NOT_ELIGIBLE: [], INCOMPATIBLE: [], HOLDOUT: []}
+    for device in devices:
+        attributes = fleet.attributes(device)
+        if device.revoked or not selector.matches(attributes):
+            excluded[NOT_ELIGIBLE].append(device)
+        elif not compatible(device, bundle):
+            excluded[INCOMPATIBLE].append(device)
+        elif plan.holdout_ppm and is_control(salt, device.device_id, plan.holdout_ppm):
+            excluded[HOLDOUT].append(device)
+        else:
+            candidates.append(Candidate(device, dict(attributes.labels)))
+    return candidates, excluded
+
+
+def exposed_at(candidate: Candidate, salt: bytes, plan: RolloutPlan, stage_index: int) -> bool:
+    """Whether the plan exposes this candidate by stage `stage_index` (cumulative)."""
+    cohort = plan.cohort
+    if cohort is not None and cohort.contains(candidate.device.device_id, candidate.labels):
+        return True
+    stage: Stage = plan.stages[stage_index]
+    return stage.ppm > 0 and is_exposed(salt, candidate.device.device_id, stage.ppm)
+
 
 def eligible_devices(session: Session, rollout: RolloutRow, bundle: BundleRow) -> list[DeviceRow]:
     """Devices the selector matches and the bundle was signed for (model, minimum firmware)."""
-    models = set(json.loads(bundle.models_json))
-    floor = Version.parse(bundle.min_firmware) if bundle.min_firmware else None
     devices = fleet.select_devices(session, Selector.parse(rollout.selector))
-    return [
-        d
-        for d in devices
-        if (not models or d.model in models) and (floor is None or _firmware_at_least(d, floor))
-    ]
-
-
-def _firmware_at_least(device: DeviceRow, floor: Version) -> bool:
-    try:
-        return Version.parse(device.firmware) >= floor
-    except InvalidArgument:
-        return False
+    return [d for d in devices if compatible(d, bundle)]
 
 
 def expose_current_stage(
     session: Session,
     rollout: RolloutRow,
     bundle: BundleRow,
-    ppm: int,
+    plan: RolloutPlan,
     signer: DesiredStateSigner,
     *,
     now: datetime,
     ttl: timedelta,
 ) -> int:
-    """Expose every eligible device the stage covers and that is not exposed yet.
+    """Expose every candidate the current stage covers and that is not exposed yet.
 
     Idempotent: run on every engine tick, it picks up devices registered after
     the start, and after a crash it finishes an exposure that was cut short.
     """
     salt = bytes.fromhex(rollout.salt_hex)
     already = rollouts.exposed_device_ids(session, rollout.rollout_id)
+    candidates, _ = classify(
+        fleet.select_devices(session, Selector.parse(rollout.selector)), rollout, bundle, plan
+    )
     new = [
-        d
-        for d in eligible_devices(session, rollout, bundle)
-        if d.device_id not in already and is_exposed(salt, d.device_id, ppm)
+        c.device
+        for c in candidates
+        if c.device.device_id not in already and exposed_at(c, salt, plan, rollout.current_stage)
     ]
     if not new:
         return 0
@@ -79,4 +130,20 @@ def revert_exposed(
     if not ids:
         return 0
     desired.revert(session, ids, rollout.feature, rollout.rollout_id)
+    return issue_desired_states(session, ids, signer, now=now, ttl=ttl)
+
+
+def deactivate_exposed(
+    session: Session,
+    rollout: RolloutRow,
+    signer: DesiredStateSigner,
+    *,
+    now: datetime,
+    ttl: timedelta,
+) -> int:
+    """The kill switch: the feature off on every device this rollout exposed, at once."""
+    ids = sorted(rollouts.exposed_device_ids(session, rollout.rollout_id))
+    if not ids:
+        return 0
+    desired.deactivate(session, ids, rollout.feature, rollout.rollout_id)
     return issue_desired_states(session, ids, signer, now=now, ttl=ttl)

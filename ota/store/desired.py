@@ -56,6 +56,18 @@ def revert(session: Session, device_ids: Sequence[str], feature: str, rollout_id
         session.add(row)
 
 
+def deactivate(session: Session, device_ids: Sequence[str], feature: str, rollout_id: str) -> int:
+    """Switch `feature` off on each device whose assignment `rollout_id` still owns."""
+    count = 0
+    for row in features_of(session, device_ids, feature).values():
+        if row.rollout_id != rollout_id or (not row.active and not row.revert):
+            continue
+        row.active, row.revert = False, False
+        session.add(row)
+        count += 1
+    return count
+
+
 def features_of(
     session: Session, device_ids: Sequence[str], feature: str
 ) -> dict[str, DeviceFeatureRow]:

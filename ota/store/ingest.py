@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
-from sqlalchemy import Insert, tuple_
+from sqlalchemy import Insert, Table, bindparam, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from ota.domain.states import RANK, SETTLED
+from ota.clock import utc
+from ota.domain.durations import duration_bucket, time_bucket
+from ota.domain.states import FUNNEL, RANK, SETTLED
+from ota.store import adoption
 from ota.store.models import (
     DeviceEventRow,
     DeviceRow,
@@ -19,6 +24,15 @@ from ota.store.models import (
     RolloutDeviceRow,
     RolloutRow,
 )
+
+
+@dataclass(frozen=True)
+class HealthFigures:
+    """A health sample a device sends after activation."""
+
+    crashes: int
+    feature_errors: int
+    uptime_seconds: int
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class IncomingEvent:
     detail: str
     bundle_sha256: str
     device_time: datetime | None
+    health: HealthFigures | None = None
 
 
 @dataclass(frozen=True)
@@ -53,9 +68,14 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
     """Store new events and apply them to rollout progress, in the caller's transaction."""
     dropped: Counter[str] = Counter()
     device_ids = {e.device_id for e in events}
-    known_devices = set(
-        session.exec(select(DeviceRow.device_id).where(col(DeviceRow.device_id).in_(device_ids)))
+    firmware = dict(
+        session.exec(
+            select(DeviceRow.device_id, DeviceRow.firmware).where(
+                col(DeviceRow.device_id).in_(device_ids)
+            )
+        ).all()
     )
+    known_devices = set(firmware)
     rollout_ids = {e.rollout_id for e in events if e.rollout_id}
     known_rollouts = set(
         session.exec(
@@ -63,12 +83,16 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
         )
     )
     accepted: list[IncomingEvent] = []
+    batch_keys: set[tuple[str, int]] = set()
     for event in events:
         if event.device_id not in known_devices:
             dropped["unknown_device"] += 1
         elif event.rollout_id and event.rollout_id not in known_rollouts:
             dropped["unknown_rollout"] += 1
+        elif (event.device_id, event.seq) in batch_keys:
+            continue  # re-sent within one batch: a duplicate, like one already stored
         else:
+            batch_keys.add((event.device_id, event.seq))
             accepted.append(event)
     if not accepted:
         count_drops(session, dropped)
@@ -98,25 +122,93 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
         )
     }
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
-    _apply_progress(session, fresh, now)
+    _apply_progress(session, fresh, now, firmware)
     count_drops(session, dropped)
-    return IngestResult(len(fresh), len(accepted) - len(fresh), dropped)
+    return IngestResult(len(fresh), len(events) - sum(dropped.values()) - len(fresh), dropped)
 
 
-def _apply_progress(session: Session, events: Sequence[IncomingEvent], now: datetime) -> None:
+class _Progress(SimpleNamespace):
+    """A progress row (`RolloutDeviceRow`) as plain attributes, read and written with Core."""
+
+    def params(self) -> dict[str, Any]:
+        return {f"p_{name}": getattr(self, name) for name in _WRITTEN}
+
+
+_WRITTEN = (
+    "rollout_id",
+    "device_id",
+    "state",
+    "reason",
+    "furthest_rank",
+    "last_seq",
+    "updated_at",
+    "notified_at",
+    "downloaded_at",
+    "verified_at",
+    "installed_at",
+    "active_at",
+)
+_PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+_UPDATE_PROGRESS = (
+    update(_PROGRESS)
+    .where(
+        _PROGRESS.c.rollout_id == bindparam("p_rollout_id"),
+        _PROGRESS.c.device_id == bindparam("p_device_id"),
+    )
+    .values({name: bindparam(f"p_{name}") for name in _WRITTEN[2:]})
+)
+
+# The progress row's column recording when a device first reached each step.
+_STEP_TIMES = {
+    "NOTIFIED": "notified_at",
+    "DOWNLOADED": "downloaded_at",
+    "VERIFIED": "verified_at",
+    "INSTALLED": "installed_at",
+    "ACTIVE": "active_at",
+}
+# A device clock further off than this is not trusted for step times.
+_CLOCK_TOLERANCE = timedelta(hours=1)
+# States after which the device runs a version of the feature (the event's version),
+# or none at all.
+_RUNS_VERSION = ("ACTIVE", "ROLLED_BACK")
+
+
+def _apply_progress(
+    session: Session, events: Sequence[IncomingEvent], now: datetime, firmware: dict[str, str]
+) -> None:
     keys = {(e.rollout_id, e.device_id) for e in events if e.rollout_id}
     if not keys:
         return
-    query = select(RolloutDeviceRow).where(
-        tuple_(col(RolloutDeviceRow.rollout_id), col(RolloutDeviceRow.device_id)).in_(list(keys))
-    )
-    progress = {(r.rollout_id, r.device_id): r for r in session.exec(query)}
+    deltas = adoption.AdoptionDeltas()
+    for e in events:
+        if e.rollout_id:
+            deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=time_bucket(now))
+    # Core, not the ORM: this runs for every event of the fleet (DESIGN §2).
+    table: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+    query = table.select().where(tuple_(table.c.rollout_id, table.c.device_id).in_(list(keys)))
+    progress = {
+        (r["rollout_id"], r["device_id"]): _Progress(**r) for r in session.execute(query).mappings()
+    }
+    changed: dict[tuple[str, str], _Progress] = {}
+    features = {(e.device_id, e.feature) for e in events if e.feature}
+    running = adoption.running_versions(session, features)
     for event in sorted(events, key=lambda e: e.seq):
         row = progress.get((event.rollout_id, event.device_id))
+        if row is not None and event.health is not None:
+            # A health sample is a fact whenever it arrives, late or not.
+            _count_health(row, event.health, firmware.get(event.device_id, ""), deltas)
         if row is None or event.seq <= row.last_seq:
             # Not exposed by this rollout, or a late event: it is kept, but the
             # device's state only moves forward in its own sequence order.
             continue
+        _count(
+            row,
+            event,
+            now=now,
+            firmware=firmware.get(event.device_id, ""),
+            deltas=deltas,
+            running=running,
+        )
         row.last_seq = event.seq
         if event.state == "FAILED":
             # Kept after a later revert: the report still shows why it failed.
@@ -125,7 +217,94 @@ def _apply_progress(session: Session, events: Sequence[IncomingEvent], now: date
             row.state = event.state
         row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
         row.updated_at = now
-        session.add(row)
+        changed[(row.rollout_id, row.device_id)] = row
+    if changed:
+        session.execute(_UPDATE_PROGRESS, [row.params() for row in changed.values()])
+    adoption.write(session, deltas)
+
+
+def _count(
+    row: _Progress,
+    event: IncomingEvent,
+    *,
+    now: datetime,
+    firmware: str,
+    deltas: adoption.AdoptionDeltas,
+    running: dict[tuple[str, str], str],
+) -> None:
+    """What this event changes in the aggregates (called before the row moves)."""
+    cohort = (row.stage, row.model, row.region, firmware)
+    rid = row.rollout_id
+    when = event.device_time
+    if when is None or abs(utc(when) - now) > _CLOCK_TOLERANCE:
+        when = now
+    when = utc(when)
+    bucket = time_bucket(now)
+    previous = utc(row.exposed_at)
+    for step in FUNNEL[1:]:
+        stamp = getattr(row, _STEP_TIMES[step])
+        if stamp is not None:
+            previous = utc(stamp)
+        elif RANK[step] <= RANK.get(event.state, 0):
+            at = max(when, previous)
+            setattr(row, _STEP_TIMES[step], at)
+            deltas.add(rid, "reached", step, cohort, bucket=bucket)
+            step_seconds = (at - previous).total_seconds()
+            deltas.add(rid, "step_time", step, cohort, bucket=duration_bucket(step_seconds))
+            if step in ("INSTALLED", "ACTIVE"):
+                total = (at - utc(row.exposed_at)).total_seconds()
+                deltas.add(rid, "latency", step, cohort, bucket=duration_bucket(total))
+            previous = at
+    new_state = row.state if event.state == "FAILED" and row.state in SETTLED else event.state
+    if new_state != row.state:
+        if row.state != "TARGETED":
+            deltas.add(rid, "state", row.state, cohort, value=-1)
+        deltas.add(rid, "state", new_state, cohort)
+        if new_state in ("FAILED", "ROLLED_BACK", "DEACTIVATED"):
+            deltas.add(rid, "entered", new_state, cohort, bucket=bucket)
+    if event.state == "FAILED" and event.error_code != row.reason:
+        if row.reason:
+            deltas.add(rid, "failed", row.reason, cohort, value=-1)
+        deltas.add(rid, "failed", event.error_code, cohort)
+    if event.feature and new_state != row.state:
+        _count_version(event, new_state, bucket, deltas, running)
+
+
+def _count_health(
+    row: _Progress, health: HealthFigures, firmware: str, deltas: adoption.AdoptionDeltas
+) -> None:
+    cohort = (row.stage, row.model, row.region, firmware)
+    rid = row.rollout_id
+    deltas.add(rid, "health", "samples", cohort)
+    deltas.add(rid, "health", "crashes", cohort, value=health.crashes)
+    deltas.add(rid, "health", "feature_errors", cohort, value=health.feature_errors)
+    if health.crashes or health.feature_errors:
+        deltas.add(rid, "health", "unhealthy_samples", cohort)
+
+
+def _count_version(
+    event: IncomingEvent,
+    state: str,
+    bucket: int,
+    deltas: adoption.AdoptionDeltas,
+    running: dict[tuple[str, str], str],
+) -> None:
+    if state in _RUNS_VERSION:
+        now_running = event.version
+    elif state == "DEACTIVATED":
+        now_running = ""
+    else:
+        return
+    key = (event.device_id, event.feature)
+    before = running.get(key, "")
+    if before == now_running:
+        return
+    if before:
+        deltas.versions[(event.feature, before, bucket)] -= 1
+    if now_running:
+        deltas.versions[(event.feature, now_running, bucket)] += 1
+    running[key] = now_running
+    deltas.running[key] = now_running
 
 
 def count_drops(session: Session, dropped: Counter[str]) -> None:

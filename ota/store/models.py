@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -118,8 +119,16 @@ class RolloutRow(SQLModel, table=True):
     version: str = Field(max_length=32)
     bundle_name: str
     selector: str = ""
+    # The plan (ota.domain.plan.RolloutPlan) as two JSON texts: its stages, and the rest.
     stages_json: str
     gate_json: str
+    # Bumped by every accepted `edit`; version 1 is the plan the rollout was created with.
+    plan_version: int = 1
+    # What a RUNNING rollout is doing at its stage: exposing, soaking, awaiting_approval,
+    # held (a gate said stay) or deferred (outside its maintenance windows).
+    phase: str = Field(default="", max_length=32)
+    # Per gate: consecutive breaches and the sample they were judged on (breaches_to_trip).
+    gate_state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     state: str = Field(index=True, max_length=16)
     current_stage: int = -1
     stage_started_at: datetime | None = None
@@ -152,6 +161,13 @@ class RolloutDeviceRow(SQLModel, table=True):
     last_seq: int = 0
     exposed_at: datetime
     updated_at: datetime
+    # When the device first reached each step (from the event's device time, else
+    # arrival): time to install, time to first use and step times in reports.
+    notified_at: datetime | None = None
+    downloaded_at: datetime | None = None
+    verified_at: datetime | None = None
+    installed_at: datetime | None = None
+    active_at: datetime | None = None
 
 
 class DeviceEventRow(SQLModel, table=True):
@@ -189,6 +205,8 @@ class RolloutAuditRow(SQLModel, table=True):
     to_state: str
     stage: int
     reason: str = ""
+    # What changed: {"field": [before, after]}, or the plan of a create / edit.
+    diff: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class IngestDropRow(SQLModel, table=True):
@@ -198,3 +216,47 @@ class IngestDropRow(SQLModel, table=True):
 
     reason: str = Field(primary_key=True, max_length=64)
     count: int = 0
+
+
+class AdoptionStatRow(SQLModel, table=True):
+    """An incrementally maintained adoption aggregate (written by ingest, read by reports).
+
+    `metric` says what `value` counts: `reached` (devices that first got to step
+    `key`, in time `bucket`), `state` (devices now in state `key`, among those
+    that reported), `failed` (devices whose failure reason is `key`),
+    `step_time` / `latency` (devices whose duration falls in log bucket `bucket`
+    for step `key`), `health` (sums of health sample fields `key`).
+    """
+
+    __tablename__ = "adoption_stat"
+
+    rollout_id: str = Field(primary_key=True, max_length=32)
+    metric: str = Field(primary_key=True, max_length=16)
+    key: str = Field(primary_key=True, max_length=32)
+    stage: int = Field(primary_key=True)
+    model: str = Field(primary_key=True, max_length=64)
+    region: str = Field(primary_key=True, max_length=64)
+    firmware: str = Field(primary_key=True, max_length=32)
+    bucket: int = Field(primary_key=True)
+    value: int = 0
+
+
+class FeatureVersionStatRow(SQLModel, table=True):
+    """Net change, per time bucket, in the devices running each version of a feature."""
+
+    __tablename__ = "feature_version_stat"
+
+    feature: str = Field(primary_key=True, max_length=64)
+    version: str = Field(primary_key=True, max_length=32)
+    bucket: int = Field(primary_key=True)
+    value: int = 0
+
+
+class DeviceVersionRow(SQLModel, table=True):
+    """The version of a feature a device last reported running (active or reverted to)."""
+
+    __tablename__ = "device_version"
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    feature: str = Field(primary_key=True, max_length=64)
+    version: str = Field(max_length=32)

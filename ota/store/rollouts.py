@@ -15,7 +15,13 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from ota.errors import Aborted, NotFound
-from ota.store.models import DeviceRow, RolloutAuditRow, RolloutDeviceRow, RolloutRow
+from ota.store.models import (
+    AdoptionStatRow,
+    DeviceRow,
+    RolloutAuditRow,
+    RolloutDeviceRow,
+    RolloutRow,
+)
 
 
 def get_rollout(session: Session, rollout_id: str) -> RolloutRow:
@@ -50,10 +56,23 @@ def transition(
     action: str,
     reason: str,
     now: datetime,
+    diff: dict[str, Any] | None = None,
     **changes: Any,
 ) -> RolloutRow:
-    """Move a rollout to `to_state` if nobody changed it since it was read; audit it."""
+    """Move a rollout to `to_state` if nobody changed it since it was read; audit it.
+
+    The audit entry's diff holds every field that changed (`[before, after]`),
+    plus whatever the caller adds (a plan, gate figures).
+    """
     values = {"state": to_state, "updated_at": now, "revision": rollout.revision + 1, **changes}
+    # Read before the update: the ORM refreshes `rollout` from the UPDATE it runs.
+    from_state, from_stage = rollout.state, rollout.current_stage
+    changed = {
+        name: [_plain(getattr(rollout, name)), _plain(value)]
+        for name, value in values.items()
+        if name not in ("updated_at", "revision", "state_reason")
+        and _plain(getattr(rollout, name)) != _plain(value)
+    }
     if reason:
         values["state_reason"] = reason
     result = session.execute(
@@ -73,14 +92,31 @@ def transition(
             time=now,
             actor=actor,
             action=action,
-            from_state=rollout.state,
+            from_state=from_state,
             to_state=to_state,
-            stage=changes.get("current_stage", rollout.current_stage),
+            stage=changes.get("current_stage", from_stage),
             reason=reason,
+            diff={**changed, **(diff or {})} or None,
         )
     )
     session.expire(rollout)
     return get_rollout(session, rollout.rollout_id)
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def set_quietly(session: Session, rollout: RolloutRow, **values: Any) -> None:
+    """Bookkeeping under the lock the caller holds (gate streaks): no revision, no audit."""
+    session.execute(
+        update(RolloutRow)
+        .where(col(RolloutRow.rollout_id) == rollout.rollout_id)
+        .where(col(RolloutRow.revision) == rollout.revision)
+        .values(**values)
+    )
+    for name, value in values.items():
+        setattr(rollout, name, value)
 
 
 def lock_if(session: Session, rollout: RolloutRow, state: str) -> bool:
@@ -146,6 +182,18 @@ def state_counts(
     return {state: int(n) for state, n in session.exec(query)}
 
 
+def offline_counts(session: Session, rollout_id: str) -> tuple[int, int]:
+    """(offline, exposed) over the devices the rollout exposed, as the broker last saw them."""
+    query = (
+        select(DeviceRow.online, func.count())
+        .join(RolloutDeviceRow, col(RolloutDeviceRow.device_id) == col(DeviceRow.device_id))
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .group_by(col(DeviceRow.online))
+    )
+    counts = {bool(online): int(n) for online, n in session.exec(query)}
+    return counts.get(False, 0), sum(counts.values())
+
+
 def stage_exposure(session: Session, rollout_id: str) -> dict[int, int]:
     query = (
         select(RolloutDeviceRow.stage, func.count())
@@ -166,7 +214,14 @@ def audit_log(session: Session, rollout_id: str, *, after_id: int = 0) -> list[R
 
 
 def record(
-    session: Session, rollout: RolloutRow, *, actor: str, action: str, reason: str, now: datetime
+    session: Session,
+    rollout: RolloutRow,
+    *,
+    actor: str,
+    action: str,
+    reason: str,
+    now: datetime,
+    diff: dict[str, Any] | None = None,
 ) -> None:
     """Audit a decision that does not change the rollout's state (e.g. a stage's exposure)."""
     session.add(
@@ -179,5 +234,26 @@ def record(
             to_state=rollout.state,
             stage=rollout.current_stage,
             reason=reason,
+            diff=diff,
         )
     )
+
+
+def fleet_devices(session: Session) -> list[DeviceRow]:
+    """Every registered device, revoked or not, in id order (what a dry run classifies)."""
+    return list(session.exec(select(DeviceRow).order_by(col(DeviceRow.device_id))))
+
+
+def health_totals(session: Session, rollout_id: str) -> dict[str, int]:
+    """Health samples of the rollout's exposed devices, summed by field (samples, crashes, ...).
+
+    Read from the adoption aggregates that ingest maintains (`adoption_stat`,
+    metric `health`); they are totals over the rollout, not time-bucketed.
+    """
+    query = (
+        select(AdoptionStatRow.key, func.sum(AdoptionStatRow.value))
+        .where(AdoptionStatRow.rollout_id == rollout_id)
+        .where(AdoptionStatRow.metric == "health")
+        .group_by(col(AdoptionStatRow.key))
+    )
+    return {key: int(total or 0) for key, total in session.exec(query)}

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from google.protobuf.message import DecodeError
 
 from ota.domain.states import ALL_STATES, FAILURE_REASONS
-from ota.store.ingest import IncomingEvent
+from ota.store.ingest import HealthFigures, IncomingEvent
 from ota.v1 import common_pb2
 
 # Sequence numbers are stored as signed 64-bit integers.
@@ -75,6 +75,15 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
         detail=event.detail,
         bundle_sha256=event.bundle_sha256.hex(),
         device_time=_timestamp(event.time),
+        health=(
+            HealthFigures(
+                event.health.crash_count,
+                event.health.feature_error_count,
+                event.health.uptime_seconds,
+            )
+            if event.HasField("health")
+            else None
+        ),
     )
 
 

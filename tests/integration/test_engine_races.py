@@ -12,7 +12,7 @@ from securesystemslib.signer import CryptoSigner
 
 from ota.clock import ManualClock
 from ota.domain import states
-from ota.domain.plan import FailureGate, RolloutPlan, Stage
+from ota.domain.plan import RolloutPlan, Stage, install_failure_gate
 from ota.rollout.commands import NewRollout, RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.store import bundles, fleet, rollouts
@@ -69,7 +69,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def _start(rig: Rig, stages: tuple[Stage, ...]) -> str:
-    plan = RolloutPlan(stages, FailureGate(max_failure_ppm=100_000, min_sample=5, action="pause"))
+    plan = RolloutPlan(
+        stages, (install_failure_gate(max_failure_ppm=100_000, min_sample=5, action="pause"),)
+    )
     row = rig.commands.create(NewRollout("f", "1.0", "", plan, ""), actor="t")
     rig.commands.run("start", row.rollout_id, actor="t", reason="")
     return row.rollout_id

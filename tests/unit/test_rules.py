@@ -8,7 +8,7 @@ import pytest
 
 from ota.api.paging import page_after, page_size, page_token
 from ota.config import load_server_config
-from ota.domain.plan import FailureGate, RolloutPlan, Stage, parse_stages
+from ota.domain.plan import RolloutPlan, Stage, install_failure_gate, parse_stages
 from ota.errors import InvalidArgument
 from ota.transport.codec import Dropped, decode_event
 from ota.transport.topics import Topics
@@ -22,16 +22,16 @@ def test_stages_parse_from_percentages_and_must_not_decrease() -> None:
         Stage(1_000_000, 30),
     )
     with pytest.raises(InvalidArgument) as e:
-        RolloutPlan(parse_stages("50%,10%"), FailureGate())
+        RolloutPlan(parse_stages("50%,10%"))
     assert e.value.field == "stages[1].ppm"
     for bad in ("", "abc", "101%"):
         with pytest.raises(InvalidArgument):
-            RolloutPlan(parse_stages(bad), FailureGate())
+            RolloutPlan(parse_stages(bad))
 
 
 def test_plan_survives_its_json_form() -> None:
     plan = RolloutPlan(
-        parse_stages("5%,100%", soak_seconds=60), FailureGate(20_000, 10, "rollback")
+        parse_stages("5%,100%", soak_seconds=60), (install_failure_gate(20_000, 10, "rollback"),)
     )
     assert RolloutPlan.from_json(plan.stages_json(), plan.gate_json()) == plan
 
@@ -43,15 +43,15 @@ def test_plan_survives_its_json_form() -> None:
 def test_gate_needs_its_minimum_sample_and_an_excess_rate(
     failed: int, finished: int, tripped: bool
 ) -> None:
-    gate = FailureGate(max_failure_ppm=50_000, min_sample=5, action="pause")
+    gate = install_failure_gate(max_failure_ppm=50_000, min_sample=5, action="pause")
     assert gate.breached(failed, finished) is tripped
 
 
 def test_gate_refuses_nonsense() -> None:
     with pytest.raises(InvalidArgument):
-        FailureGate(action="explode")
+        install_failure_gate(action="explode")
     with pytest.raises(InvalidArgument):
-        FailureGate(min_sample=0)
+        install_failure_gate(min_sample=0)
 
 
 def test_decoding_names_the_drop_reason() -> None:

@@ -1,0 +1,52 @@
+"""Durations and times as histogram buckets: what ingest counts and reports read.
+
+Durations fall in logarithmic buckets (four per doubling, so a bucket's upper
+bound is at most 19 % above any duration in it); times fall in fixed-width
+buckets. Both are integers, so aggregates can be summed by key in SQL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+PER_DOUBLING = 4
+TIME_BUCKET_SECONDS = 60
+
+
+def duration_bucket(seconds: float) -> int:
+    """The bucket of a duration; durations under 10 ms share bucket 0."""
+    ms = max(seconds, 0.0) * 1000.0
+    if ms < 10.0:
+        return 0
+    return max(1, math.floor(math.log2(ms / 10.0) * PER_DOUBLING) + 1)
+
+
+def bucket_upper_seconds(bucket: int) -> float:
+    """The largest duration in a bucket (the value a percentile reports)."""
+    return float(0.01 * 2.0 ** (bucket / PER_DOUBLING))
+
+
+def percentile_seconds(histogram: Mapping[int, int], fraction: float) -> float:
+    """The duration below which `fraction` of the counted devices fall (bucket upper bound)."""
+    total = sum(histogram.values())
+    if total <= 0:
+        return 0.0
+    rank = max(1, math.ceil(fraction * total))
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_upper_seconds(bucket)
+    return bucket_upper_seconds(max(histogram))
+
+
+def time_bucket(when: datetime) -> int:
+    """Epoch seconds of the start of `when`'s time bucket."""
+    epoch = int(when.replace(tzinfo=when.tzinfo or UTC).timestamp())
+    return epoch - epoch % TIME_BUCKET_SECONDS
+
+
+def bucket_time(bucket: int) -> datetime:
+    return datetime.fromtimestamp(bucket, UTC)

@@ -1,0 +1,362 @@
+"""Plans as code: a YAML or JSON document into a validated rollout plan.
+
+```yaml
+feature: lane-assist
+version: 2.0.0
+selector: 'model in (ev6, ev9) and region = "eu"'
+salt_from: r-1a2b3c4d            # optional: same canary cohort as that rollout
+holdout: 10%                     # control group, top slice of hash space, at most 50%
+approvers: [release-lead]        # besides admin, who may promote an approval stage
+cohort: {name: internal, devices: [car-001, car-002], min_soak: 1h, advance: approval}
+stages:
+  - {exposure: 1%, min_soak: 30m, min_exposed: 5, deadline: 2h}
+  - {exposure: 10%, advance: approval}
+  - {exposure: 100%}
+gates:
+  - {metric: install_failure, max: 5%, min_sample: 5, action: pause}
+  - {metric: crash_rate, max: 2%, versus_holdout: true, window: 1h, breaches_to_trip: 3,
+     action: rollback}
+  - {metric: offline_ratio, max: 30%, action: hold, observe_only: true}
+maintenance_windows: [{days: [mon, tue, wed, thu], start: "01:00", end: "05:00"}]  # UTC
+blackout_dates: [2026-12-24, 2026-12-25]
+```
+
+Every error names the field as the document spells it (`stages[1].exposure`),
+unknown fields are refused, and JSON is read as the YAML subset it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import yaml
+
+from ota.domain.plan import (
+    DAYS,
+    Cohort,
+    Gate,
+    MaintenanceWindow,
+    RolloutPlan,
+    Stage,
+)
+from ota.domain.selector import Selector
+from ota.errors import InvalidArgument
+
+_TOP = {
+    "feature",
+    "version",
+    "selector",
+    "salt_from",
+    "holdout",
+    "approvers",
+    "cohort",
+    "stages",
+    "gates",
+    "maintenance_windows",
+    "blackout_dates",
+}
+_STAGE = {"exposure", "ppm", "name", "min_soak", "min_exposed", "deadline", "advance"}
+_COHORT = {"name", "devices", "label", "min_soak", "min_exposed", "deadline", "advance"}
+_GATE = {
+    "metric",
+    "max",
+    "min_sample",
+    "window",
+    "breaches_to_trip",
+    "action",
+    "observe_only",
+    "versus_holdout",
+}
+_WINDOW = {"days", "start", "end"}
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+@dataclass(frozen=True)
+class PlanDocument:
+    feature: str
+    version: str
+    selector: str
+    plan: RolloutPlan
+
+
+def parse_plan_document(text: str) -> PlanDocument:
+    """Validate a plan file's text; every error names the field."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InvalidArgument(f"not valid YAML or JSON{where}", field="plan") from exc
+    top = _mapping(doc, "plan", _TOP)
+    feature = _text(top, "feature", "", required=True)
+    version = _text(top, "version", "", required=True)
+    selector = _text(top, "selector", "")
+    Selector.parse(selector, field_name="selector")
+    return PlanDocument(feature, version, selector, plan_from_mapping(top))
+
+
+def plan_from_mapping(top: Mapping[str, Any]) -> RolloutPlan:
+    """The plan part of a document (stages, gates, holdout, windows ...)."""
+    stages_doc = top.get("stages")
+    if not isinstance(stages_doc, list) or not stages_doc:
+        raise InvalidArgument("a list of at least one stage is required", field="stages")
+    stages: list[Stage] = []
+    if top.get("cohort") is not None:
+        stages.append(_cohort_stage(_mapping(top["cohort"], "cohort", _COHORT)))
+    offset = len(stages)
+    for i, item in enumerate(stages_doc):
+        stages.append(_stage(_mapping(item, f"stages[{i}]", _STAGE), f"stages[{i}]"))
+    gates_doc = top.get("gates")
+    gates = (
+        tuple(
+            _gate(_mapping(g, f"gates[{i}]", _GATE), f"gates[{i}]")
+            for i, g in enumerate(_list(gates_doc, "gates"))
+        )
+        if gates_doc is not None
+        else None
+    )
+    windows = tuple(
+        _window(_mapping(w, f"maintenance_windows[{i}]", _WINDOW), f"maintenance_windows[{i}]")
+        for i, w in enumerate(_list(top.get("maintenance_windows", []), "maintenance_windows"))
+    )
+    blackout = tuple(
+        _date(d, f"blackout_dates[{i}]")
+        for i, d in enumerate(_list(top.get("blackout_dates", []), "blackout_dates"))
+    )
+    approvers = tuple(
+        _item_text(a, f"approvers[{i}]")
+        for i, a in enumerate(_list(top.get("approvers", []), "approvers"))
+    )
+    holdout = _ppm(top["holdout"], "holdout") if "holdout" in top else 0
+    kwargs: dict[str, Any] = {
+        "holdout_ppm": holdout,
+        "windows": windows,
+        "blackout_dates": blackout,
+        "approvers": approvers,
+        "salt_from": _text(top, "salt_from", ""),
+    }
+    if gates is not None:
+        kwargs["gates"] = gates
+    try:
+        return RolloutPlan(tuple(stages), **kwargs)
+    except InvalidArgument as exc:
+        # The plan numbers stages after the cohort; the document numbers them without it.
+        raise InvalidArgument(exc.message, field=_renumber(exc.field, offset)) from exc
+
+
+def _renumber(field: str | None, offset: int) -> str | None:
+    if not field or not offset:
+        return field
+    match = re.match(r"^stages\[(\d+)\](.*)$", field)
+    if match is None:
+        return field
+    index = int(match.group(1)) - offset
+    return f"cohort{match.group(2)}" if index < 0 else f"stages[{index}]{match.group(2)}"
+
+
+def _stage(doc: Mapping[str, Any], where: str) -> Stage:
+    if ("exposure" in doc) == ("ppm" in doc):
+        raise InvalidArgument("give exactly one of exposure (e.g. 10%) or ppm", field=where)
+    if "ppm" in doc:
+        ppm = _int(doc, "ppm", where)
+        field = "ppm"
+    else:
+        ppm = _ppm(doc["exposure"], f"{where}.exposure")
+        field = "exposure"
+    if ppm == 0:
+        raise InvalidArgument("a stage must expose more than 0", field=f"{where}.{field}")
+    return Stage(ppm=ppm, **_timing(doc, where), name=_text(doc, "name", where))
+
+
+def _cohort_stage(doc: Mapping[str, Any]) -> Stage:
+    devices = tuple(
+        _item_text(d, f"cohort.devices[{i}]")
+        for i, d in enumerate(_list(doc.get("devices", []), "cohort.devices"))
+    )
+    try:
+        cohort = Cohort(
+            name=_text(doc, "name", "cohort") or "cohort",
+            devices=devices,
+            label=_text(doc, "label", "cohort"),
+        )
+    except InvalidArgument as exc:
+        field = exc.field if exc.field and exc.field.startswith("cohort") else "cohort"
+        raise InvalidArgument(exc.message, field=field) from exc
+    return Stage(ppm=0, **_timing(doc, "cohort"), name=cohort.name, cohort=cohort)
+
+
+def _timing(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    advance = _text(doc, "advance", where) or "auto"
+    if advance not in ("auto", "approval"):
+        raise InvalidArgument(
+            f"must be auto or approval, got {advance!r}", field=f"{where}.advance"
+        )
+    return {
+        "min_soak_seconds": _duration(doc.get("min_soak", 0), f"{where}.min_soak"),
+        "min_exposed": _int(doc, "min_exposed", where) if "min_exposed" in doc else 0,
+        "deadline_seconds": _duration(doc.get("deadline", 0), f"{where}.deadline"),
+        "advance": advance,
+    }
+
+
+def _gate(doc: Mapping[str, Any], where: str) -> Gate:
+    if "metric" not in doc:
+        raise InvalidArgument(
+            "every gate needs a metric (install_failure, crash_rate, feature_error_rate, "
+            "offline_ratio)",
+            field=f"{where}.metric",
+        )
+    if "max" not in doc:
+        raise InvalidArgument(
+            "the highest tolerated rate is required, e.g. 5%", field=f"{where}.max"
+        )
+    try:
+        return Gate(
+            metric=_text(doc, "metric", where),
+            max_ppm=_ppm(doc["max"], f"{where}.max"),
+            min_sample=_int(doc, "min_sample", where) if "min_sample" in doc else 5,
+            window_seconds=_duration(doc.get("window", 0), f"{where}.window"),
+            breaches_to_trip=(
+                _int(doc, "breaches_to_trip", where) if "breaches_to_trip" in doc else 1
+            ),
+            action=_text(doc, "action", where) or "pause",
+            observe_only=_bool(doc, "observe_only", where),
+            versus_holdout=_bool(doc, "versus_holdout", where),
+        )
+    except InvalidArgument as exc:
+        if exc.field and exc.field.startswith(where):
+            raise
+        raise InvalidArgument(exc.message, field=f"{where}.{exc.field}") from exc
+
+
+def _window(doc: Mapping[str, Any], where: str) -> MaintenanceWindow:
+    for name in ("days", "start", "end"):
+        if name not in doc:
+            raise InvalidArgument("is required", field=f"{where}.{name}")
+    days = []
+    for i, d in enumerate(_list(doc["days"], f"{where}.days")):
+        name = str(d).strip().lower()[:3]
+        if name not in DAYS:
+            raise InvalidArgument(f"{d!r} is not a day (mon..sun)", field=f"{where}.days[{i}]")
+        days.append(DAYS.index(name))
+    try:
+        return MaintenanceWindow(
+            tuple(days),
+            _minute(doc["start"], f"{where}.start"),
+            _minute(doc["end"], f"{where}.end"),
+        )
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.message, field=f"{where}.{exc.field}") from exc
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument("must be a mapping of fields", field=where)
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        prefix = "" if where == "plan" else f"{where}."
+        raise InvalidArgument(
+            f"unknown field (known: {', '.join(sorted(allowed))})", field=f"{prefix}{unknown[0]}"
+        )
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidArgument("must be a list", field=where)
+    return value
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _item_text(value: Any, field: str) -> str:
+    text = _text({"item": value}, "item", "", required=True, field=field)
+    if not text:
+        raise InvalidArgument("must not be empty", field=field)
+    return text
+
+
+def _text(
+    doc: Mapping[str, Any], key: str, where: str, *, required: bool = False, field: str = ""
+) -> str:
+    value = doc.get(key)
+    field = field or _name(where, key)
+    if value is None:
+        if required:
+            raise InvalidArgument("is required", field=field)
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidArgument("must be text", field=field)
+    return str(value).strip()
+
+
+def _int(doc: Mapping[str, Any], key: str, where: str) -> int:
+    value = doc[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(
+            f"must be a whole number >= 0, got {value!r}", field=_name(where, key)
+        )
+    return value
+
+
+def _bool(doc: Mapping[str, Any], key: str, where: str) -> bool:
+    value = doc.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument("must be true or false", field=_name(where, key))
+    return value
+
+
+def _ppm(value: Any, field: str) -> int:
+    """`10%`, `0.5%` or a ppm integer."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            ppm = round(float(value.strip()[:-1]) * 10_000)
+        except ValueError as exc:
+            raise InvalidArgument(f"{value!r} is not a percentage", field=field) from exc
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ppm = value
+    else:
+        raise InvalidArgument(
+            f"give a percentage like 10% or a ppm integer, got {value!r}", field=field
+        )
+    if not 0 <= ppm <= 1_000_000:
+        raise InvalidArgument(f"must be between 0% and 100%, got {value!r}", field=field)
+    return ppm
+
+
+def _duration(value: Any, field: str) -> int:
+    """`90` (seconds), `30s`, `15m`, `2h`, `1d`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _DURATION.match(str(value)) if isinstance(value, str) else None
+    if match is None:
+        raise InvalidArgument(
+            f"give a duration like 30s, 15m, 2h or 1d, got {value!r}", field=field
+        )
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _minute(value: Any, field: str) -> int:
+    # YAML 1.1 reads an unquoted 01:00 as the sexagesimal integer 60 (minutes): accept it.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.match(r"^\s*(\d{1,2}):(\d{2})\s*$", str(value))
+    if match is None or int(match.group(2)) > 59:
+        raise InvalidArgument(f"give a time of day HH:MM (UTC), got {value!r}", field=field)
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+def _date(value: Any, field: str) -> date:
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError as exc:
+        raise InvalidArgument(f"give a date YYYY-MM-DD, got {value!r}", field=field) from exc

@@ -1,0 +1,215 @@
+"""Plans as code: every bad plan is refused with the field named; good plans mean what they say."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+
+import pytest
+
+from ota.domain.plan import Gate, MaintenanceWindow, RolloutPlan
+from ota.domain.plan_document import parse_plan_document
+from ota.errors import InvalidArgument
+from ota.rollout.commands import check_edit
+
+GOOD = """
+feature: lane-assist
+version: 2.0.0
+selector: 'model in (ev6, ev9) and region = "eu"'
+salt_from: r-00000001
+holdout: 10%
+approvers: [release-lead]
+cohort: {name: internal, devices: [car-001, car-002], min_soak: 1h, advance: approval}
+stages:
+  - {exposure: 1%, min_soak: 30m, min_exposed: 5, deadline: 2h}
+  - {ppm: 100000, advance: approval}
+  - {exposure: 100%}
+gates:
+  - {metric: install_failure, max: 5%, min_sample: 5, action: pause}
+  - {metric: crash_rate, max: 2%, versus_holdout: true, window: 1h, breaches_to_trip: 3,
+     action: rollback}
+  - {metric: offline_ratio, max: 30%, action: hold, observe_only: true}
+maintenance_windows: [{days: [mon, tue, wed, thu], start: "01:00", end: "05:00"}]
+blackout_dates: [2026-12-24, "2026-12-25"]
+"""
+
+
+def _doc(**changes: object) -> str:
+    """GOOD as JSON with top-level fields replaced (None removes one)."""
+    import yaml
+
+    doc = yaml.safe_load(GOOD)
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return json.dumps(doc, default=str)
+
+
+def test_a_full_plan_reads_as_written() -> None:
+    doc = parse_plan_document(GOOD)
+    plan = doc.plan
+    assert (doc.feature, doc.version) == ("lane-assist", "2.0.0")
+    assert [s.ppm for s in plan.stages] == [0, 10_000, 100_000, 1_000_000]
+    cohort = plan.stages[0]
+    assert cohort.cohort is not None and cohort.cohort.devices == ("car-001", "car-002")
+    assert (cohort.min_soak_seconds, cohort.advance, cohort.label) == (3600, "approval", "internal")
+    first = plan.stages[1]
+    assert (first.min_soak_seconds, first.min_exposed, first.deadline_seconds) == (1800, 5, 7200)
+    assert plan.stages[2].advance == "approval"
+    assert plan.holdout_ppm == 100_000
+    assert plan.gates[1] == Gate(
+        "crash_rate",
+        20_000,
+        window_seconds=3600,
+        breaches_to_trip=3,
+        action="rollback",
+        versus_holdout=True,
+    )
+    assert plan.gates[2].observe_only and plan.gates[2].action == "hold"
+    assert plan.windows == (MaintenanceWindow((0, 1, 2, 3), 60, 300),)
+    assert plan.blackout_dates == (date(2026, 12, 24), date(2026, 12, 25))
+    assert plan.approvers == ("release-lead",)
+    assert plan.salt_from == "r-00000001"
+    # The stored form gives the same plan back, and JSON reads as YAML does.
+    assert RolloutPlan.from_json(plan.stages_json(), plan.gate_json()) == plan
+    assert parse_plan_document(_doc()).plan == plan
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("feature: [", "plan"),
+        ("- just a list", "plan"),
+        (_doc(colour="blue"), "colour"),
+        (_doc(feature=None), "feature"),
+        (_doc(selector="model ~ ev6"), "selector"),
+        (_doc(stages=[]), "stages"),
+        (_doc(stages=[{"exposure": "10%"}, {"exposure": "5%"}]), "stages[1].ppm"),
+        (_doc(stages=[{"exposure": "10%", "soak": "1h"}]), "stages[0].soak"),
+        (_doc(stages=[{"exposure": "10%", "ppm": 100_000}]), "stages[0]"),
+        (_doc(stages=[{"exposure": "120%"}]), "stages[0].exposure"),
+        (_doc(stages=[{"exposure": "0%"}]), "stages[0].exposure"),
+        (_doc(stages=[{"exposure": "ten"}]), "stages[0].exposure"),
+        (_doc(stages=[{"exposure": "10%", "min_soak": "soon"}]), "stages[0].min_soak"),
+        (_doc(stages=[{"exposure": "10%", "deadline": -5}]), "stages[0].deadline"),
+        (_doc(stages=[{"exposure": "10%", "min_exposed": -1}]), "stages[0].min_exposed"),
+        (_doc(stages=[{"exposure": "10%", "advance": "whenever"}]), "stages[0].advance"),
+        (_doc(stages=[{"exposure": "100%", "advance": "approval"}]), "stages[0].advance"),
+        (_doc(holdout="60%"), "holdout"),
+        (_doc(holdout=600_000), "holdout"),
+        (_doc(gates=[{"max": "5%"}]), "gates[0].metric"),
+        (_doc(gates=[{"metric": "latency", "max": "5%"}]), "gates[0].metric"),
+        (_doc(gates=[{"metric": "crash_rate"}]), "gates[0].max"),
+        (_doc(gates=[{"metric": "crash_rate", "max": "5%", "action": "panic"}]), "gates[0].action"),
+        (
+            _doc(gates=[{"metric": "crash_rate", "max": "5%", "min_sample": 0}]),
+            "gates[0].min_sample",
+        ),
+        (
+            _doc(gates=[{"metric": "crash_rate", "max": "5%", "breaches_to_trip": 0}]),
+            "gates[0].breaches_to_trip",
+        ),
+        (
+            _doc(gates=[{"metric": "install_failure", "max": "5%", "versus_holdout": True}]),
+            "gates[0].versus_holdout",
+        ),
+        (
+            _doc(
+                holdout=None, gates=[{"metric": "crash_rate", "max": "5%", "versus_holdout": True}]
+            ),
+            "gates[0].versus_holdout",
+        ),
+        (_doc(gates=[{"metric": "crash_rate", "max": "5%", "muted": True}]), "gates[0].muted"),
+        (_doc(cohort={"name": "internal"}), "cohort"),
+        (_doc(cohort={"devices": ["a"], "label": "fleet=internal"}), "cohort"),
+        (_doc(cohort={"label": "internal"}), "cohort.label"),
+        (
+            _doc(maintenance_windows=[{"days": ["someday"], "start": "01:00", "end": "02:00"}]),
+            "maintenance_windows[0].days[0]",
+        ),
+        (
+            _doc(maintenance_windows=[{"days": ["mon"], "start": "25:00", "end": "02:00"}]),
+            "maintenance_windows[0].start",
+        ),
+        (
+            _doc(maintenance_windows=[{"days": ["mon"], "start": "01:00"}]),
+            "maintenance_windows[0].end",
+        ),
+        (_doc(blackout_dates=["christmas"]), "blackout_dates[0]"),
+        (_doc(approvers=[""]), "approvers[0]"),
+    ],
+)
+def test_a_bad_plan_is_refused_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(text)
+    assert e.value.field == field, str(e.value)
+
+
+def test_a_decreasing_stage_after_a_cohort_is_named_as_the_document_numbers_it() -> None:
+    text = _doc(stages=[{"exposure": "10%"}, {"exposure": "20%"}, {"exposure": "15%"}])
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(text)
+    assert e.value.field == "stages[2].ppm"
+
+
+def test_maintenance_windows_and_blackout_dates() -> None:
+    plan = parse_plan_document(GOOD).plan
+    monday_2am = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    assert plan.exposure_allowed(monday_2am)
+    assert not plan.exposure_allowed(monday_2am.replace(hour=5))  # the end is exclusive
+    assert not plan.exposure_allowed(datetime(2026, 11, 27, 2, 0, tzinfo=UTC))  # a Friday
+    assert not plan.exposure_allowed(datetime(2026, 12, 24, 2, 0, tzinfo=UTC))  # Thursday, blackout
+    # A window that wraps midnight belongs to the day it starts on.
+    night = MaintenanceWindow((4,), 22 * 60, 4 * 60)  # Friday 22:00 to Saturday 04:00
+    assert night.contains(datetime(2026, 11, 27, 23, 0, tzinfo=UTC))
+    assert night.contains(datetime(2026, 11, 28, 3, 0, tzinfo=UTC))
+    assert not night.contains(datetime(2026, 11, 27, 3, 0, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("bad", "sample", "control_bad", "control_sample", "tripped"),
+    [
+        (3, 20, 2, 20, False),  # 15% vs 10%: 5 points, not more than 5%
+        (4, 20, 2, 20, True),  # 20% vs 10%
+        (4, 20, 2, 4, False),  # the holdout is below its minimum sample
+        (20, 20, 0, 0, False),
+    ],
+)
+def test_a_health_gate_against_the_holdout_judges_the_difference(
+    bad: int, sample: int, control_bad: int, control_sample: int, tripped: bool
+) -> None:
+    gate = Gate("crash_rate", 50_000, min_sample=5, versus_holdout=True)
+    result = gate.breached(bad, sample, control_bad=control_bad, control_sample=control_sample)
+    assert result is tripped
+
+
+def test_edits_change_only_future_stages_and_nothing_that_decides_who_is_compared() -> None:
+    old = parse_plan_document(_doc(cohort=None)).plan
+    later = _doc(
+        cohort=None, stages=[{"exposure": "1%"}, {"exposure": "50%"}, {"exposure": "100%"}]
+    )
+    new = parse_plan_document(later).plan
+    check_edit(old, new, current_stage=-1)  # a DRAFT: every stage is in the future
+    with pytest.raises(InvalidArgument) as e:
+        check_edit(old, new, current_stage=0)  # stage 1 ran with other settings
+    assert e.value.field == "stages[0]"
+    same_start = _doc(
+        cohort=None,
+        stages=[
+            {"exposure": "1%", "min_soak": "30m", "min_exposed": 5, "deadline": "2h"},
+            {"exposure": "20%"},
+            {"exposure": "100%"},
+        ],
+    )
+    check_edit(old, parse_plan_document(same_start).plan, current_stage=0)
+    with pytest.raises(InvalidArgument) as e:
+        check_edit(old, parse_plan_document(same_start).plan, current_stage=1)
+    assert e.value.field == "stages[1]"
+    with pytest.raises(InvalidArgument) as e:
+        check_edit(old, parse_plan_document(_doc(cohort=None, holdout="5%")).plan, -1)
+    assert e.value.field == "holdout"
+    with pytest.raises(InvalidArgument) as e:
+        check_edit(old, parse_plan_document(_doc(cohort=None, salt_from="r-2")).plan, -1)
+    assert e.value.field == "salt_from"
