@@ -26,6 +26,7 @@ BENCHMARKS = {
     "control-api": "bench.control_api",
     "telemetry-ingest": "bench.telemetry_ingest",
     "download": "bench.download",
+    "report": "bench.report",
     "rollout-e2e": "bench.rollout_e2e",
 }
 

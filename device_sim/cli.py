@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
-from device_sim.profile import ClockSkew, FailureProfile, compose_fleet
+from device_sim.profile import ClockSkew, FailureProfile, HealthProfile, compose_fleet
 from device_sim.source import Deadlines
 from ota.errors import OtaError
 from ota.trust.device import RetryPolicy
@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL[@VERSION]=P",
         help="install failure probability, e.g. ev9@2.0.0=1.0 (repeat)",
+    )
+    run.add_argument(
+        "--crash",
+        action="append",
+        default=[],
+        metavar="MODEL[@VERSION]=P",
+        help="probability that a health sample reports a crash, e.g. '*@2.0.0=1.0' "
+        "(MODEL or VERSION may be *; repeat)",
+    )
+    run.add_argument(
+        "--health-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="every online device sends a health sample this often (0: only on activation)",
     )
     run.add_argument(
         "--clock-skew",
@@ -109,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             trusted_root=root,
             state_dir=state_dir,
             failures=FailureProfile.parse(args.fail),
+            health=HealthProfile.parse(args.crash),
+            health_interval=max(args.health_interval, 0.0),
             seed=args.seed,
             clock_skew=ClockSkew.parse(args.clock_skew) if args.clock_skew else None,
             retry=RetryPolicy(attempts=_positive(args.download_attempts, "download_attempts")),

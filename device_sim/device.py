@@ -27,7 +27,7 @@ import aiomqtt
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from device_sim.profile import DeviceProfile, FailureProfile
+from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
 from ota.domain.states import SETTLED
@@ -79,6 +79,10 @@ class DeviceRecord:
     duplicates_sent: int = 0  # events published a second time with the same seq
     health_samples: dict[str, int] = field(default_factory=dict)  # rollout_id -> samples
     crashes: dict[str, int] = field(default_factory=dict)  # rollout_id -> crashes reported
+    # Periodic samples (not tied to a rollout), by the feature version sampled
+    # ("feature@version", or "" when the device runs no feature).
+    periodic_samples: dict[str, int] = field(default_factory=dict)
+    periodic_crashes: dict[str, int] = field(default_factory=dict)
 
 
 class PowerCut(Exception):
@@ -110,6 +114,8 @@ class SimDevice:
         record: DeviceRecord | None = None,
         crash_after_download: Callable[[common_pb2.FeatureAssignment], bool] | None = None,
         crash_rate: float = 0.0,
+        health: HealthProfile | None = None,
+        health_interval: float = 0.0,
         duplicate_every: int = 0,
     ) -> None:
         self.profile = profile
@@ -125,9 +131,12 @@ class SimDevice:
         self.record = record or DeviceRecord()
         self.sequence = EventSequence(seq_file)
         self.crash_after_download = crash_after_download
-        # After activation the device sends one health sample; with this probability
-        # it reports a crash of the feature.
-        self.crash_rate = crash_rate
+        # After activation the device sends one health sample, and while online one
+        # every `health_interval` seconds (0: never) for each feature it runs, or one
+        # for the device when it runs none. `health` says how likely a sample reports
+        # a crash, per model and version; `crash_rate` is the same for every version.
+        self.health = HealthProfile({("*", "*"): crash_rate}).merged(health or HealthProfile())
+        self.health_interval = health_interval
         # Every n-th event is published twice with the same seq (a lost PUBACK, say).
         self.duplicate_every = duplicate_every
         self.connected = asyncio.Event()
@@ -197,25 +206,37 @@ class SimDevice:
                 self.topics.state(self.device_id), self._reported(online=True), qos=1, retain=True
             )
             self.connected.set()
-            if not self._booted:
-                await self.resume()
-                self._booted = True  # not before: a session lost mid-resume resumes again
-            if self.pull_desired is not None:
-                # A broker without persistence has no retained state to give: ask the
-                # control plane directly. The same checks apply; a duplicate is stale.
-                try:
-                    pulled = await self._blocking(self.pull_desired, self.device_id)
-                except grpc.RpcError as exc:
-                    log.info("%s: could not pull its desired state: %s", self.device_id, exc)
-                    pulled = None
-                if pulled:
-                    before = self.trust.accepted_generation
-                    await self.on_desired(pulled)
-                    self._late = range(before, self.trust.accepted_generation)
-            async for message in client.messages:
-                payload = message.payload
-                if isinstance(payload, bytes | bytearray) and payload:
-                    await self.on_desired(bytes(payload))
+            sampler = (
+                asyncio.create_task(self._sample_health()) if self.health_interval > 0 else None
+            )
+            try:
+                await self._serve(client)
+            finally:
+                if sampler is not None:
+                    sampler.cancel()
+                    await asyncio.gather(sampler, return_exceptions=True)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """One connected session: finish left-over work, then follow the desired state."""
+        if not self._booted:
+            await self.resume()
+            self._booted = True  # not before: a session lost mid-resume resumes again
+        if self.pull_desired is not None:
+            # A broker without persistence has no retained state to give: ask the
+            # control plane directly. The same checks apply; a duplicate is stale.
+            try:
+                pulled = await self._blocking(self.pull_desired, self.device_id)
+            except grpc.RpcError as exc:
+                log.info("%s: could not pull its desired state: %s", self.device_id, exc)
+                pulled = None
+            if pulled:
+                before = self.trust.accepted_generation
+                await self.on_desired(pulled)
+                self._late = range(before, self.trust.accepted_generation)
+        async for message in client.messages:
+            payload = message.payload
+            if isinstance(payload, bytes | bytearray) and payload:
+                await self.on_desired(bytes(payload))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -322,10 +343,14 @@ class SimDevice:
         self.features.settle(a)
         await self._save()
 
+    def _draw_crash(self, version: str) -> int:
+        rate = self.health.crash_rate(self.profile.model, version)
+        # No draw without a crash rate: the failure draws of seeded fleets stay as they were.
+        return 1 if rate and self.rng.random() < rate else 0
+
     def _health_sample(self, a: common_pb2.FeatureAssignment) -> common_pb2.HealthSample:
         """The first health sample, sent with ACTIVE: did the feature crash on start?"""
-        # No draw without a crash rate: the failure draws of seeded fleets stay as they were.
-        crashes = 1 if self.crash_rate and self.rng.random() < self.crash_rate else 0
+        crashes = self._draw_crash(a.version)
         health = common_pb2.HealthSample(
             crash_count=crashes, feature_error_count=crashes, uptime_seconds=0
         )
@@ -334,6 +359,46 @@ class SimDevice:
             r.health_samples[a.rollout_id] = r.health_samples.get(a.rollout_id, 0) + 1
             r.crashes[a.rollout_id] = r.crashes.get(a.rollout_id, 0) + crashes
         return health
+
+    async def _sample_health(self) -> None:
+        """While connected, send a health sample every `health_interval` seconds.
+
+        One per feature the device runs (its event names the feature and version
+        running, in state ACTIVE, or DEACTIVATED when switched off), or one with no
+        feature when it runs none. The samples name no rollout: the control plane
+        attributes them, to the rollout that exposed the device or to the rollout
+        whose holdout it is in, so a device never needs to know it is held out.
+        """
+        started = self.clock.now()
+        while True:
+            await asyncio.sleep(self.health_interval * (0.5 + self.rng.random()))
+            if not self.connected.is_set():
+                continue
+            uptime = int((self.clock.now() - started).total_seconds())
+            running = sorted(self.installed.items())
+            targets = [(name, b.version, b.sha256, b.active) for name, b in running] or [
+                ("", "", b"", True)
+            ]
+            for feature, version, sha256, active in targets:
+                crashes = self._draw_crash(version) if active else 0
+                key = f"{feature}@{version}" if feature else ""
+                r = self.record
+                r.periodic_samples[key] = r.periodic_samples.get(key, 0) + 1
+                r.periodic_crashes[key] = r.periodic_crashes.get(key, 0) + crashes
+                try:
+                    await self.report(
+                        common_pb2.FeatureAssignment(
+                            feature=feature, version=version, sha256=sha256
+                        ),
+                        "ACTIVE" if active else "DEACTIVATED",
+                        health=common_pb2.HealthSample(
+                            crash_count=crashes,
+                            feature_error_count=crashes,
+                            uptime_seconds=max(uptime, 0),
+                        ),
+                    )
+                except aiomqtt.MqttError:
+                    break  # the session is going; the next one samples again
 
     async def _deactivate(
         self, a: common_pb2.FeatureAssignment, current: InstalledBundle | None

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from device_sim.device import DeviceRecord, SimDevice
-from device_sim.profile import DeviceProfile, FailureProfile, SkewedClock
+from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile, SkewedClock
 from device_sim.source import Deadlines, GrpcSource
 from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
@@ -67,6 +67,10 @@ class FleetSettings:
     durable: bool = False
     # Probability, per model, that a device's health sample after activation reports a crash.
     crash_rates: dict[str, float] = field(default_factory=dict)
+    # Crash probability per model and feature version (overrides `crash_rates`).
+    health: HealthProfile = field(default_factory=HealthProfile)
+    # Seconds between the periodic health samples of every online device (0: none).
+    health_interval: float = 0.0
     # Every n-th event of each device is published twice with the same seq (0: never).
     duplicate_every: int = 0
 
@@ -129,6 +133,22 @@ class SimulatedFleet:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._connect_all(address), self._loop)
         future.result(timeout=timeout)
+
+    def add(self, profiles: list[DeviceProfile], *, timeout: float = 120.0) -> list[SimDevice]:
+        """Register more devices while the fleet runs (late registrations) and connect them."""
+        assert self._address is not None, "start() the fleet first"
+        address = self._address
+        secrets, _, _ = provision(self._channel, self.settings.admin_token, profiles)
+        self._secrets.update(secrets)
+        self.profiles = [*self.profiles, *profiles]
+
+        async def join() -> list[SimDevice]:
+            new = [self._device(p) for p in profiles]
+            self.devices.extend(new)
+            await self._connect(new, address)
+            return new
+
+        return asyncio.run_coroutine_threadsafe(join(), self._loop).result(timeout=timeout)
 
     def device(self, device_id: str) -> SimDevice:
         """The running device with this id."""
@@ -198,10 +218,15 @@ class SimulatedFleet:
             features=InstalledFeatures.load(state_dir / STATE_FILE, durable=settings.durable),
             record=record,
             crash_rate=settings.crash_rates.get(p.model, 0.0),
+            health=settings.health,
+            health_interval=settings.health_interval,
             duplicate_every=settings.duplicate_every,
         )
 
     async def _connect_all(self, address: BrokerAddress) -> None:
+        await self._connect(self.devices, address)
+
+    async def _connect(self, devices: list[SimDevice], address: BrokerAddress) -> None:
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
         async def connect(device: SimDevice) -> None:
@@ -211,7 +236,7 @@ class SimulatedFleet:
                 )
                 await device.connected.wait()
 
-        await asyncio.gather(*(connect(d) for d in self.devices))
+        await asyncio.gather(*(connect(d) for d in devices))
 
     def disconnect(self, device_ids: list[str], *, timeout: float = 60.0) -> None:
         """Take devices offline (churn): each says `online=false` and drops its connection.

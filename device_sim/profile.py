@@ -48,6 +48,54 @@ class FailureProfile:
         return rng.random() < p
 
 
+@dataclass(frozen=True)
+class HealthProfile:
+    """Crash probability per health sample, by (model, feature version).
+
+    `*` matches any model or any version; a device that does not run the
+    feature samples as version `*` only. The most specific rule wins:
+    (model, version), then (model, `*`), then (`*`, version), then (`*`, `*`).
+    Each sample that crashes reports one crash and one feature error.
+    """
+
+    rates: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> HealthProfile:
+        """Each spec is MODEL[@VERSION]=PROBABILITY, e.g. `*@2.0.0=1.0` or `ev9=0.2`."""
+        rates: dict[tuple[str, str], float] = {}
+        for spec in specs:
+            try:
+                target, prob = spec.split("=", 1)
+                model, _, version = target.partition("@")
+                p = float(prob)
+                if not model:
+                    raise ValueError(spec)
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"{spec!r} is not MODEL[@VERSION]=PROBABILITY", field="crash"
+                ) from exc
+            if not 0.0 <= p <= 1.0:
+                raise InvalidArgument(f"probability in {spec!r} must be in [0, 1]", field="crash")
+            rates[(model, version or "*")] = p
+        return cls(rates)
+
+    @classmethod
+    def per_model(cls, rates: dict[str, float]) -> HealthProfile:
+        """The same probability for every version of each model (`{"ev9": 1.0}`)."""
+        return cls({(model, "*"): p for model, p in rates.items()})
+
+    def crash_rate(self, model: str, version: str) -> float:
+        for key in ((model, version), (model, "*"), ("*", version), ("*", "*")):
+            if key in self.rates:
+                return self.rates[key]
+        return 0.0
+
+    def merged(self, other: HealthProfile) -> HealthProfile:
+        """These rules, with `other`'s taking precedence where both set one."""
+        return HealthProfile(self.rates | other.rates)
+
+
 def compose_fleet(
     count: int, *, models: list[str], regions: list[str], firmware: str, prefix: str = "sim"
 ) -> list[DeviceProfile]:

@@ -15,7 +15,7 @@ from ota.domain.plan import RolloutPlan, Stage, install_failure_gate
 from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
 from ota.rollout.commands import Actor, NewRollout, RolloutCommands
-from ota.rollout.exposure import eligible_devices
+from ota.rollout.exposure import eligible_count
 from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
@@ -117,7 +117,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 row,
                 device_states=rollouts.state_counts(session, row.rollout_id),
                 stage_exposure=rollouts.stage_exposure(session, row.rollout_id),
-                eligible=len(eligible_devices(session, row, bundle)),
+                eligible=eligible_count(session, row, bundle),
             )
 
     def CreateRollout(

@@ -26,7 +26,7 @@ from ota.domain.durations import (
 )
 from ota.domain.plan import RolloutPlan
 from ota.domain.states import FUNNEL, SETTLED
-from ota.rollout.exposure import eligible_devices
+from ota.rollout.exposure import eligible_count
 from ota.store import bundles, rollouts
 from ota.store.models import (
     AdoptionStatRow,
@@ -210,7 +210,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     rollout = rollouts.get_rollout(session, rollout_id)
     plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
     bundle = bundles.get_bundle(session, rollout.bundle_name)
-    eligible = len(eligible_devices(session, rollout, bundle))
+    eligible = eligible_count(session, rollout, bundle)
     current_ppm = plan.stages[rollout.current_stage].ppm if rollout.current_stage >= 0 else 0
     stats = _stats(session, rollout_id)
     states = rollouts.state_counts(session, rollout_id)

@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from ota.domain.bucketing import is_control, is_exposed
 from ota.domain.plan import RolloutPlan, Stage
-from ota.domain.selector import Selector
+from ota.domain.selector import DeviceAttributes, Selector
 from ota.domain.version import Version
 from ota.errors import InvalidArgument
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
@@ -35,7 +35,7 @@ class Candidate:
     labels: dict[str, str]
 
 
-def compatible(device: DeviceRow, bundle: BundleRow) -> bool:
+def compatible(device: DeviceRow | DeviceAttributes, bundle: BundleRow) -> bool:
     models = set(json.loads(bundle.models_json))
     if models and device.model not in models:
         return False
@@ -81,6 +81,22 @@ def eligible_devices(session: Session, rollout: RolloutRow, bundle: BundleRow) -
     """Devices the selector matches and the bundle was signed for (model, minimum firmware)."""
     devices = fleet.select_devices(session, Selector.parse(rollout.selector))
     return [d for d in devices if compatible(d, bundle)]
+
+
+def eligible_count(session: Session, rollout: RolloutRow, bundle: BundleRow) -> int:
+    """`len(eligible_devices(...))`, counted in SQL per distinct device attributes.
+
+    Reports, GetRollout and WatchRollout need only the number: this costs one
+    aggregate query over the device table plus a test per attribute group, not
+    one ORM object and one selector test per device.
+    """
+    selector = Selector.parse(rollout.selector)
+    models = json.loads(bundle.models_json)
+    return sum(
+        g.devices
+        for g in fleet.attribute_groups(session, selector, models=models)
+        if selector.matches(g.attributes) and compatible(g.attributes, bundle)
+    )
 
 
 def expose_current_stage(

@@ -3,10 +3,11 @@
 Install failures and offline devices come from the rollout's progress rows and
 the fleet. Post-activation health (crash and feature-error rates) comes from a
 `HealthSource`, for the exposed devices and for the holdout. The one wired in,
-`ADOPTION_HEALTH`, reads the health totals ingest keeps per rollout: rates are
-per health sample, over the whole rollout (the aggregates are not bucketed by
-time, so a gate's window does not narrow them), and the holdout has no figures
-yet (its devices report no rollout), so a gate `versus_holdout` never trips.
+`ADOPTION_HEALTH`, reads the per-minute health sums ingest keeps per rollout
+(`ota.store.adoption`): rates are per health sample, from the minute the gate's
+window opens in. The exposed side counts samples of devices the rollout exposed
+while they run its version; the control side counts samples of the devices in
+its holdout, which devices send without knowing they are held out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlmodel import Session
 from ota.clock import utc
 from ota.domain.plan import Gate
 from ota.rollout.progress import read_progress
-from ota.store import rollouts
+from ota.store import adoption, rollouts
 from ota.store.models import RolloutRow
 
 
@@ -55,9 +56,7 @@ class _AdoptionHealth:
     def health(
         self, session: Session, rollout: RolloutRow, *, since: datetime, control: bool
     ) -> HealthFigures:
-        if control:
-            return HealthFigures()
-        totals = rollouts.health_totals(session, rollout.rollout_id)
+        totals = adoption.health_since(session, rollout.rollout_id, control=control, since=since)
         return HealthFigures(
             sampled=totals.get("samples", 0),
             crashing=totals.get("crashes", 0),
@@ -90,11 +89,16 @@ class GateReading:
             "metric": self.gate.metric,
             "bad": self.bad,
             "sample": self.sample,
+            "rate_ppm": _ppm(self.bad, self.sample),
             "max_ppm": self.gate.max_ppm,
             "min_sample": self.gate.min_sample,
         }
         if self.gate.versus_holdout:
-            out |= {"control_bad": self.control_bad, "control_sample": self.control_sample}
+            out |= {
+                "control_bad": self.control_bad,
+                "control_sample": self.control_sample,
+                "control_rate_ppm": _ppm(self.control_bad, self.control_sample),
+            }
         return out
 
     def describe(self) -> str:
@@ -109,6 +113,11 @@ class GateReading:
             )
             text += f" vs {self.control_bad} of {self.control_sample} in the holdout ({control})"
         return text
+
+
+def _ppm(bad: int, sample: int) -> int:
+    """A rate in parts per million (0 without a sample), as the audit log records it."""
+    return bad * 1_000_000 // sample if sample else 0
 
 
 _WHAT = {

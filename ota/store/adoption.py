@@ -3,18 +3,49 @@
 Ingest collects the changes of one batch in an `AdoptionDeltas` and writes them
 with one upsert per table (`value = value + excluded.value`), in the batch's
 transaction, so a report never has to look at the events themselves.
+
+Health samples are summed per rollout, per minute (`bucket`), under two
+metrics: `health` for the devices the rollout exposed (samples of the
+rollout's version) and `holdout_health` for the devices in its holdout (the
+control group, which never runs it). `HealthAttribution` decides which rollouts
+a sample that names none counts for; `health_since` reads the sums from a
+moment on, which is what the health gates judge.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Table, delete, tuple_
+from sqlalchemy import Insert, Table, delete, func, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from ota.store.models import AdoptionStatRow, DeviceVersionRow, FeatureVersionStatRow
+from ota.domain.bucketing import is_control
+from ota.domain.durations import time_bucket
+from ota.domain.plan import RolloutPlan
+from ota.domain.selector import DeviceAttributes, Selector
+from ota.domain.states import ROLLOUT_ACTIVE
+from ota.domain.version import Version
+from ota.errors import InvalidArgument
+from ota.store.models import (
+    AdoptionStatRow,
+    BundleRow,
+    DeviceRow,
+    DeviceVersionRow,
+    FeatureVersionStatRow,
+    RolloutDeviceRow,
+    RolloutRow,
+)
+
+# Metrics of `adoption_stat` holding health sample sums (keys: samples, crashes,
+# feature_errors, unhealthy_samples), for the exposed devices and for the holdout.
+HEALTH = "health"
+HOLDOUT_HEALTH = "holdout_health"
 
 
 class AdoptionDeltas:
@@ -95,3 +126,148 @@ def write(session: Session, deltas: AdoptionDeltas) -> None:
         ]
         if kept:
             session.execute(running.insert(), kept)
+
+
+def health_since(
+    session: Session, rollout_id: str, *, control: bool, since: datetime | None = None
+) -> dict[str, int]:
+    """Health sample sums (samples, crashes, ...) of a rollout's exposed devices or holdout.
+
+    From the minute `since` falls in on (the sums are per minute, so up to a
+    minute before `since` is included), or over the whole rollout.
+    """
+    query = (
+        select(AdoptionStatRow.key, func.sum(AdoptionStatRow.value))
+        .where(AdoptionStatRow.rollout_id == rollout_id)
+        .where(AdoptionStatRow.metric == (HOLDOUT_HEALTH if control else HEALTH))
+    )
+    if since is not None:
+        query = query.where(AdoptionStatRow.bucket >= time_bucket(since))
+    query = query.group_by(col(AdoptionStatRow.key))
+    return {key: int(total or 0) for key, total in session.exec(query)}
+
+
+@dataclass(frozen=True)
+class _LiveRollout:
+    row: RolloutRow
+    salt: bytes
+    holdout_ppm: int
+    selector: Selector
+    bundle: BundleRow | None
+
+
+@dataclass(frozen=True)
+class HealthTarget:
+    """One rollout a health sample counts for: as an exposed device's, or the holdout's."""
+
+    rollout_id: str
+    metric: str  # HEALTH or HOLDOUT_HEALTH
+    cohort: tuple[int, str, str, str]  # stage (-1 for the holdout), model, region, firmware
+
+
+def _compatible(device: DeviceRow, bundle: BundleRow | None) -> bool:
+    """The rule of `ota.rollout.exposure.compatible`: signed for its model and firmware."""
+    if bundle is None:
+        return False
+    models = set(json.loads(bundle.models_json))
+    if models and device.model not in models:
+        return False
+    if not bundle.min_firmware:
+        return True
+    try:
+        return Version.parse(device.firmware) >= Version.parse(bundle.min_firmware)
+    except InvalidArgument:
+        return False
+
+
+class HealthAttribution:
+    """Which running (or paused) rollouts a health sample that names no rollout counts for.
+
+    Devices send periodic samples without knowing about rollouts, naming the
+    feature and version they run (or no feature). A sample counts
+
+    - as an exposed device's for a rollout that exposed the device, when it
+      runs that rollout's feature at the rollout's version (a device reverted
+      or switched off no longer samples the treatment), and
+    - as the holdout's for a rollout of that feature (or any rollout, for a
+      sample naming no feature) whose holdout the device is in: eligible under
+      its selector, compatible with its bundle, and in the top slice of hash
+      space (`ota.domain.bucketing.is_control` with the rollout's salt), the
+      same test that kept it from being exposed.
+    """
+
+    def __init__(self, session: Session, device_ids: Collection[str]) -> None:
+        self._live: list[_LiveRollout] = []
+        rows = session.exec(select(RolloutRow).where(col(RolloutRow.state).in_(ROLLOUT_ACTIVE)))
+        for row in rows:
+            try:
+                holdout_ppm = RolloutPlan.from_json(row.stages_json, row.gate_json).holdout_ppm
+            except (InvalidArgument, ValueError, TypeError, KeyError):
+                holdout_ppm = 0  # a plan this code cannot read: count no holdout for it
+            self._live.append(
+                _LiveRollout(
+                    row,
+                    bytes.fromhex(row.salt_hex),
+                    holdout_ppm,
+                    Selector.parse(row.selector),
+                    session.get(BundleRow, row.bundle_name),
+                )
+            )
+        self._devices: dict[str, DeviceRow] = {}
+        self._progress: dict[tuple[str, str], tuple[int, str, str]] = {}
+        if not self._live or not device_ids:
+            return
+        ids = set(device_ids)
+        self._devices = {
+            d.device_id: d
+            for d in session.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(ids)))
+        }
+        progress: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+        query = (
+            progress.select()
+            .with_only_columns(
+                progress.c.rollout_id,
+                progress.c.device_id,
+                progress.c.stage,
+                progress.c.model,
+                progress.c.region,
+            )
+            .where(
+                progress.c.rollout_id.in_([r.row.rollout_id for r in self._live]),
+                progress.c.device_id.in_(ids),
+            )
+        )
+        for rid, did, stage, model, region in session.execute(query):
+            self._progress[(rid, did)] = (stage, model, region)
+
+    def targets(self, device_id: str, feature: str, version: str) -> list[HealthTarget]:
+        device = self._devices.get(device_id)
+        if device is None:
+            return []
+        out: list[HealthTarget] = []
+        for live in self._live:
+            rollout = live.row
+            if feature and feature != rollout.feature:
+                continue
+            exposed = self._progress.get((rollout.rollout_id, device_id))
+            if exposed is not None:
+                if feature == rollout.feature and version == rollout.version:
+                    stage, model, region = exposed
+                    cohort = (stage, model, region, device.firmware)
+                    out.append(HealthTarget(rollout.rollout_id, HEALTH, cohort))
+            elif self._held_out(live, device) and version != rollout.version:
+                cohort = (-1, device.model, device.region, device.firmware)
+                out.append(HealthTarget(rollout.rollout_id, HOLDOUT_HEALTH, cohort))
+        return out
+
+    @staticmethod
+    def _held_out(live: _LiveRollout, device: DeviceRow) -> bool:
+        if not live.holdout_ppm or device.revoked:
+            return False
+        if not is_control(live.salt, device.device_id, live.holdout_ppm):
+            return False
+        labels: dict[str, str] = json.loads(device.labels_json)
+        attributes = DeviceAttributes(
+            device.device_id, device.model, device.region, device.firmware, labels
+        )
+        return live.selector.matches(attributes) and _compatible(device, live.bundle)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import ColumnElement, Table, func
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from ota.broker.passwords import check_username
@@ -74,14 +77,72 @@ def attributes(row: DeviceRow) -> DeviceAttributes:
     return DeviceAttributes(row.device_id, row.model, row.region, row.firmware, labels)
 
 
+_DEVICE: Table = DeviceRow.__table__  # type: ignore[attr-defined]
+# Selector attributes compared as plain strings, so SQL can apply their terms as is
+# (firmware compares as a version and labels live in JSON: those stay in Python).
+_PLAIN = ("model", "region", "device_id")
+
+
+def _prefilter(selector: Selector, models: Collection[str] = ()) -> list[ColumnElement[bool]]:
+    """SQL conditions every non-revoked device the selector matches satisfies.
+
+    Only a narrowing: callers still test `selector.matches` on what comes back.
+    `models`, when not empty, also restricts the device model to that set.
+    """
+    conditions: list[ColumnElement[bool]] = [_DEVICE.c.revoked.is_(False)]
+    for term in selector.terms:
+        if term.attr not in _PLAIN:
+            continue
+        column = _DEVICE.c[term.attr]
+        if term.op in ("=", "in"):
+            conditions.append(column.in_(term.values))
+        elif term.op in ("!=", "not in"):
+            conditions.append(column.not_in(term.values))
+    if models:
+        conditions.append(_DEVICE.c.model.in_(sorted(models)))
+    return conditions
+
+
 def select_devices(session: Session, selector: Selector) -> list[DeviceRow]:
     """Every device not revoked that the selector matches, in id order."""
     rows = session.exec(
-        select(DeviceRow)
-        .where(col(DeviceRow.revoked).is_(False))
-        .order_by(col(DeviceRow.device_id))
+        select(DeviceRow).where(*_prefilter(selector)).order_by(col(DeviceRow.device_id))
     )
     return [row for row in rows if selector.matches(attributes(row))]
+
+
+@dataclass(frozen=True)
+class AttributeGroup:
+    """Devices sharing every attribute a selector or bundle can test (but their ids)."""
+
+    attributes: DeviceAttributes  # device_id is "" unless the selector tests it
+    devices: int
+
+
+def attribute_groups(
+    session: Session, selector: Selector, *, models: Collection[str] = ()
+) -> list[AttributeGroup]:
+    """Non-revoked devices the selector may match, counted per distinct attributes.
+
+    A fleet has few distinct (model, region, firmware, labels), so this is one
+    aggregate query and a handful of selector tests instead of one per device.
+    When the selector tests device ids, each device is its own group.
+    """
+    by_id = any(term.attr == "device_id" for term in selector.terms)
+    keys: list[Any] = [_DEVICE.c.model, _DEVICE.c.region, _DEVICE.c.firmware, _DEVICE.c.labels_json]
+    if by_id:
+        keys.append(_DEVICE.c.device_id)
+    query = core_select(*keys, func.count()).where(*_prefilter(selector, models)).group_by(*keys)
+    groups: list[AttributeGroup] = []
+    for row in session.execute(query):
+        labels: dict[str, str] = json.loads(row[3])
+        device_id = row[4] if by_id else ""
+        groups.append(
+            AttributeGroup(
+                DeviceAttributes(device_id, row[0], row[1], row[2], labels), int(row[-1])
+            )
+        )
+    return groups
 
 
 def list_devices(

@@ -122,7 +122,10 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
         )
     }
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
-    _apply_progress(session, fresh, now, firmware)
+    deltas = adoption.AdoptionDeltas()
+    _apply_progress(session, fresh, now, firmware, deltas)
+    _attribute_health(session, fresh, now, deltas)
+    adoption.write(session, deltas)
     count_drops(session, dropped)
     return IngestResult(len(fresh), len(events) - sum(dropped.values()) - len(fresh), dropped)
 
@@ -174,12 +177,15 @@ _RUNS_VERSION = ("ACTIVE", "ROLLED_BACK")
 
 
 def _apply_progress(
-    session: Session, events: Sequence[IncomingEvent], now: datetime, firmware: dict[str, str]
+    session: Session,
+    events: Sequence[IncomingEvent],
+    now: datetime,
+    firmware: dict[str, str],
+    deltas: adoption.AdoptionDeltas,
 ) -> None:
     keys = {(e.rollout_id, e.device_id) for e in events if e.rollout_id}
     if not keys:
         return
-    deltas = adoption.AdoptionDeltas()
     for e in events:
         if e.rollout_id:
             deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=time_bucket(now))
@@ -196,7 +202,10 @@ def _apply_progress(
         row = progress.get((event.rollout_id, event.device_id))
         if row is not None and event.health is not None:
             # A health sample is a fact whenever it arrives, late or not.
-            _count_health(row, event.health, firmware.get(event.device_id, ""), deltas)
+            cohort = (row.stage, row.model, row.region, firmware.get(event.device_id, ""))
+            _count_health(
+                row.rollout_id, adoption.HEALTH, cohort, event.health, now=now, deltas=deltas
+            )
         if row is None or event.seq <= row.last_seq:
             # Not exposed by this rollout, or a late event: it is kept, but the
             # device's state only moves forward in its own sequence order.
@@ -220,7 +229,30 @@ def _apply_progress(
         changed[(row.rollout_id, row.device_id)] = row
     if changed:
         session.execute(_UPDATE_PROGRESS, [row.params() for row in changed.values()])
-    adoption.write(session, deltas)
+
+
+def _attribute_health(
+    session: Session,
+    events: Sequence[IncomingEvent],
+    now: datetime,
+    deltas: adoption.AdoptionDeltas,
+) -> None:
+    """Count the periodic health samples (naming no rollout) for the rollouts they concern."""
+    samples = [e for e in events if e.health is not None and not e.rollout_id]
+    if not samples:
+        return
+    attribution = adoption.HealthAttribution(session, {e.device_id for e in samples})
+    for event in samples:
+        assert event.health is not None
+        for target in attribution.targets(event.device_id, event.feature, event.version):
+            _count_health(
+                target.rollout_id,
+                target.metric,
+                target.cohort,
+                event.health,
+                now=now,
+                deltas=deltas,
+            )
 
 
 def _count(
@@ -271,15 +303,21 @@ def _count(
 
 
 def _count_health(
-    row: _Progress, health: HealthFigures, firmware: str, deltas: adoption.AdoptionDeltas
+    rid: str,
+    metric: str,
+    cohort: tuple[int, str, str, str],
+    health: HealthFigures,
+    *,
+    now: datetime,
+    deltas: adoption.AdoptionDeltas,
 ) -> None:
-    cohort = (row.stage, row.model, row.region, firmware)
-    rid = row.rollout_id
-    deltas.add(rid, "health", "samples", cohort)
-    deltas.add(rid, "health", "crashes", cohort, value=health.crashes)
-    deltas.add(rid, "health", "feature_errors", cohort, value=health.feature_errors)
+    """Add one sample to a rollout's health sums, in the minute it arrived."""
+    bucket = time_bucket(now)
+    deltas.add(rid, metric, "samples", cohort, bucket=bucket)
+    deltas.add(rid, metric, "crashes", cohort, bucket=bucket, value=health.crashes)
+    deltas.add(rid, metric, "feature_errors", cohort, bucket=bucket, value=health.feature_errors)
     if health.crashes or health.feature_errors:
-        deltas.add(rid, "health", "unhealthy_samples", cohort)
+        deltas.add(rid, metric, "unhealthy_samples", cohort, bucket=bucket)
 
 
 def _count_version(
