@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func
+from sqlalchemy import Table
 from sqlmodel import Session, col, select
 
 from ota.clock import utc
@@ -25,9 +25,9 @@ from ota.domain.durations import (
     percentile_seconds,
 )
 from ota.domain.plan import RolloutPlan
-from ota.domain.states import FUNNEL, SETTLED
-from ota.rollout.exposure import eligible_count
-from ota.store import bundles, rollouts
+from ota.domain.states import ALL_STATES, FUNNEL, SETTLED
+from ota.rollout.exposure import reported_eligible
+from ota.store import adoption, bundles, rollouts
 from ota.store.models import (
     AdoptionStatRow,
     DeviceRow,
@@ -210,28 +210,38 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     rollout = rollouts.get_rollout(session, rollout_id)
     plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
     bundle = bundles.get_bundle(session, rollout.bundle_name)
-    eligible = eligible_count(session, rollout, bundle)
+    eligible = reported_eligible(session, rollout, bundle)
     current_ppm = plan.stages[rollout.current_stage].ppm if rollout.current_stage >= 0 else 0
     stats = _stats(session, rollout_id)
-    states = rollouts.state_counts(session, rollout_id)
-    per_stage = rollouts.stage_exposure(session, rollout_id)
-    exposed = sum(states.values())
-    target = eligible * current_ppm // PPM_MAX
-
+    per_stage: dict[int, int] = defaultdict(int)
+    cohort_exposure: dict[tuple[str, str], int] = defaultdict(int)
+    reported: dict[str, int] = defaultdict(int)
     reasons: dict[str, int] = defaultdict(int)
     failures_by_cohort: dict[tuple[str, str, str], int] = defaultdict(int)
+    newest_event_bucket: int | None = None
     for s in stats:
-        if s.metric == "failed":
+        if s.metric == adoption.EXPOSED:
+            per_stage[s.stage] += s.value
+            for d in DIMENSIONS:
+                cohort_exposure[(d, s.dim(d))] += s.value
+        elif s.metric == "state":
+            reported[s.key] += s.value
+        elif s.metric == "failed":
             reasons[s.key] += s.value
             for d in DIMENSIONS:
                 failures_by_cohort[(s.key, d, s.dim(d))] += s.value
-    cohort_exposure = _cohort_exposure(session, rollout_id)
+        elif s.metric == "events" and s.value:
+            newest_event_bucket = max(s.bucket, newest_event_bucket or s.bucket)
+    exposed = sum(per_stage.values())
+    # `state` counts devices that reported, by state; the rest of the exposed are TARGETED.
+    states = {k: v for k, v in reported.items() if v and k != "TARGETED"}
+    if exposed - sum(states.values()):
+        states["TARGETED"] = exposed - sum(states.values())
+    target = eligible * current_ppm // PPM_MAX
     stragglers = _stragglers(session, rollout_id, now)
-    data_time = session.exec(
-        select(func.max(RolloutDeviceRow.updated_at)).where(
-            RolloutDeviceRow.rollout_id == rollout_id, col(RolloutDeviceRow.last_seq) > 0
-        )
-    ).one()
+    # Data freshness: the start of the newest minute in which an event of the rollout was
+    # stored (the aggregates are per minute).
+    data_time = bucket_time(newest_event_bucket) if newest_event_bucket is not None else None
     not_notified = states.get("TARGETED", 0)
     failed_now = states.get("FAILED", 0)
     applied = sum(states.get(s, 0) for s in SETTLED)
@@ -251,7 +261,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     return AdoptionReport(
         rollout=rollout,
         generated_at=now,
-        data_time=utc(data_time) if data_time else None,
+        data_time=data_time,
         eligible=eligible,
         target_exposed=target,
         exposed=exposed,
@@ -282,27 +292,19 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
 
 
 def _stats(session: Session, rollout_id: str) -> list[_Stat]:
-    rows = session.exec(select(AdoptionStatRow).where(AdoptionStatRow.rollout_id == rollout_id))
-    return [
-        _Stat(r.metric, r.key, r.stage, r.model, r.region, r.firmware, r.bucket, r.value)
-        for r in rows
-    ]
-
-
-def _cohort_exposure(session: Session, rollout_id: str) -> dict[tuple[str, str], int]:
-    rows = session.exec(
-        select(RolloutDeviceRow.model, RolloutDeviceRow.region, DeviceRow.firmware, func.count())
-        .join(DeviceRow, col(DeviceRow.device_id) == col(RolloutDeviceRow.device_id))
-        .where(RolloutDeviceRow.rollout_id == rollout_id)
-        .group_by(
-            col(RolloutDeviceRow.model), col(RolloutDeviceRow.region), col(DeviceRow.firmware)
-        )
-    ).all()
-    out: dict[tuple[str, str], int] = defaultdict(int)
-    for model, region, firmware, n in rows:
-        for d, v in (("model", model), ("region", region), ("firmware", firmware)):
-            out[(d, v)] += int(n)
-    return out
+    # Core rows, not ORM objects: a report reads every aggregate row of the rollout.
+    table: Table = AdoptionStatRow.__table__  # type: ignore[attr-defined]
+    query = table.select().with_only_columns(
+        table.c.metric,
+        table.c.key,
+        table.c.stage,
+        table.c.model,
+        table.c.region,
+        table.c.firmware,
+        table.c.bucket,
+        table.c.value,
+    )
+    return [_Stat(*r) for r in session.execute(query.where(table.c.rollout_id == rollout_id))]
 
 
 def _cohorts(stats: list[_Stat], exposure: dict[tuple[str, str], int]) -> list[Cohort]:
@@ -392,12 +394,14 @@ def _health(stats: list[_Stat], holdout_ppm: int) -> HealthComparison:
 
 def _stragglers(session: Session, rollout_id: str, now: datetime) -> Stragglers:
     """Exposed devices not done yet (neither settled nor failed), by reachability."""
-    done = (*SETTLED, "FAILED")
+    # Listing the states not done (not a NOT IN) lets the (rollout_id, state) index
+    # find the stragglers alone: the cost is theirs, not the exposed devices'.
+    not_done = [s for s in ALL_STATES if s not in (*SETTLED, "FAILED")]
     rows = session.exec(
         select(DeviceRow.online, DeviceRow.last_seen_at)
         .join(RolloutDeviceRow, col(DeviceRow.device_id) == col(RolloutDeviceRow.device_id))
         .where(RolloutDeviceRow.rollout_id == rollout_id)
-        .where(col(RolloutDeviceRow.state).not_in(done))
+        .where(col(RolloutDeviceRow.state).in_(not_done))
     ).all()
     histogram = dict.fromkeys(LAST_SEEN_BUCKETS, 0)
     unreachable = 0

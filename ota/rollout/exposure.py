@@ -15,6 +15,7 @@ from sqlmodel import Session
 from ota.domain.bucketing import is_control, is_exposed
 from ota.domain.plan import RolloutPlan, Stage
 from ota.domain.selector import DeviceAttributes, Selector
+from ota.domain.states import DRAFT
 from ota.domain.version import Version
 from ota.errors import InvalidArgument
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
@@ -99,6 +100,18 @@ def eligible_count(session: Session, rollout: RolloutRow, bundle: BundleRow) -> 
     )
 
 
+def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) -> int:
+    """The eligible count a report shows, without counting the fleet when it can.
+
+    A running rollout's count is maintained by the engine on every tick
+    (`expose_current_stage`); a paused or finished one keeps the last count.
+    A draft, or a rollout the engine has not counted yet, is counted now.
+    """
+    if rollout.state == DRAFT or rollout.eligible is None:
+        return eligible_count(session, rollout, bundle)
+    return rollout.eligible
+
+
 def expose_current_stage(
     session: Session,
     rollout: RolloutRow,
@@ -116,9 +129,12 @@ def expose_current_stage(
     """
     salt = bytes.fromhex(rollout.salt_hex)
     already = rollouts.exposed_device_ids(session, rollout.rollout_id)
-    candidates, _ = classify(
+    candidates, excluded = classify(
         fleet.select_devices(session, Selector.parse(rollout.selector)), rollout, bundle, plan
     )
+    eligible = len(candidates) + len(excluded[HOLDOUT])  # == eligible_count(...)
+    if rollout.eligible != eligible:
+        rollouts.set_quietly(session, rollout, eligible=eligible)
     new = [
         c.device
         for c in candidates

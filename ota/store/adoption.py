@@ -46,6 +46,9 @@ from ota.store.models import (
 # feature_errors, unhealthy_samples), for the exposed devices and for the holdout.
 HEALTH = "health"
 HOLDOUT_HEALTH = "holdout_health"
+# Devices a rollout exposed (key ""), per stage, model, region, firmware at exposure,
+# in the time bucket of their exposure: written by `ota.store.rollouts.expose`.
+EXPOSED = "exposed"
 
 
 class AdoptionDeltas:

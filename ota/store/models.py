@@ -132,6 +132,10 @@ class RolloutRow(SQLModel, table=True):
     state: str = Field(index=True, max_length=16)
     current_stage: int = -1
     stage_started_at: datetime | None = None
+    # Eligible devices (selector matches, bundle compatible, holdout included) as of the
+    # engine's last tick; None until the engine has counted them (see
+    # `ota.rollout.exposure.reported_eligible`).
+    eligible: int | None = None
     # Set by `promote`: the current stage's soak is skipped.
     promoted: bool = False
     salt_hex: str = Field(max_length=64)

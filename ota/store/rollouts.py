@@ -14,7 +14,9 @@ from typing import Any
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
+from ota.domain.durations import time_bucket
 from ota.errors import Aborted, NotFound
+from ota.store import adoption
 from ota.store.models import (
     AdoptionStatRow,
     DeviceRow,
@@ -144,8 +146,22 @@ def exposed_device_ids(session: Session, rollout_id: str) -> set[str]:
 def expose(
     session: Session, rollout_id: str, devices: Iterable[DeviceRow], stage: int, now: datetime
 ) -> int:
+    """Add progress rows for newly exposed devices, and count them in the aggregates.
+
+    The `exposed` metric of `adoption_stat` (per stage, model, region, firmware at
+    exposure) is what reports read for exposure, state and cohort figures.
+    """
     count = 0
+    deltas = adoption.AdoptionDeltas()
+    bucket = time_bucket(now)
     for device in devices:
+        deltas.add(
+            rollout_id,
+            adoption.EXPOSED,
+            "",
+            (stage, device.model, device.region, device.firmware),
+            bucket=bucket,
+        )
         session.add(
             RolloutDeviceRow(
                 rollout_id=rollout_id,
@@ -159,6 +175,7 @@ def expose(
             )
         )
         count += 1
+    adoption.write(session, deltas)
     return count
 
 
