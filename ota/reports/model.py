@@ -369,27 +369,38 @@ def _latency(name: str, step: str, stats: list[_Stat]) -> Latency:
 
 def _health(stats: list[_Stat], holdout_ppm: int) -> HealthComparison:
     sums: dict[str, int] = defaultdict(int)
+    control: dict[str, int] = defaultdict(int)
     for s in stats:
         if s.metric == "health":
             sums[s.key] += s.value
+        elif s.metric == adoption.HOLDOUT_HEALTH:
+            control[s.key] += s.value
         elif s.metric == "reached" and s.key == "ACTIVE":
             sums["devices"] += s.value
+    exposed = _health_group("exposed", sums["devices"], sums)
+    if not holdout_ppm:
+        return HealthComparison(exposed, None, NO_HOLDOUT)
+    if not control["samples"]:
+        note = (
+            f"holdout of {holdout_ppm / 10_000:g}% configured; no health samples from its "
+            "devices yet, so there is no control figure"
+        )
+        return HealthComparison(exposed, None, note)
+    # Holdout devices are recognised per sample, not enumerated: their count is not kept.
+    note = f"holdout of {holdout_ppm / 10_000:g}%: rates per health sample, exposed vs holdout"
+    return HealthComparison(exposed, _health_group("holdout", 0, control), note)
+
+
+def _health_group(name: str, devices: int, sums: dict[str, int]) -> HealthGroup:
     samples = sums["samples"]
-    exposed = HealthGroup(
-        "exposed",
-        sums["devices"],
+    return HealthGroup(
+        name,
+        devices,
         samples,
         sums["crashes"],
         sums["feature_errors"],
         sums["unhealthy_samples"] * PPM_MAX // samples if samples else 0,
     )
-    note = (
-        f"holdout of {holdout_ppm / 10_000:g}% configured; its devices report no health "
-        "for this rollout yet, so there is no control figure"
-        if holdout_ppm
-        else NO_HOLDOUT
-    )
-    return HealthComparison(exposed, None, note)
 
 
 def _stragglers(session: Session, rollout_id: str, now: datetime) -> Stragglers:

@@ -152,6 +152,12 @@ def test_post_activation_crashes_versus_the_holdout_trip_a_rollback(
         assert figures["control_bad"] == 0 and figures["control_sample"] >= 10
         assert figures["control_rate_ppm"] == 0
         assert figures["max_ppm"] == 200_000
+
+        # The product manager's report shows the same comparison.
+        health = report(client, created.rollout_id).health
+        assert health.exposed.crashes >= figures["bad"] and health.exposed.unhealthy_ppm > 0
+        assert health.control.name == "holdout" and health.control.samples >= 10
+        assert health.control.crashes == 0 and health.control.unhealthy_ppm == 0
     finally:
         client.close()
         fleet.stop()
