@@ -113,3 +113,35 @@ def wait_for(condition: Callable[[], bool], *, what: str, timeout: float = 60.0)
 
 def report_states(r: report_pb2.RolloutReport) -> dict[str, int]:
     return {c.key: c.count for c in r.current_states if c.key != "TARGETED"}
+
+
+def create_from_plan(client: Client, plan: str) -> rollout_pb2.Rollout:
+    """CreateRollout from a plan document (YAML or JSON)."""
+    r: rollout_pb2.Rollout = client.rollouts.CreateRollout(
+        rollout_pb2.CreateRolloutRequest(plan_document=plan), metadata=client.metadata
+    )
+    return r
+
+
+def command(client: Client, verb: str, rollout_id: str) -> rollout_pb2.Rollout:
+    """Run a rollout command by its RPC verb: Start, Pause, Promote, Kill, ..."""
+    r: rollout_pb2.Rollout = getattr(client.rollouts, f"{verb}Rollout")(
+        rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason=f"test {verb}"),
+        metadata=client.metadata,
+    )
+    return r
+
+
+def get_rollout(client: Client, rollout_id: str) -> rollout_pb2.Rollout:
+    r: rollout_pb2.Rollout = client.rollouts.GetRollout(
+        rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
+    )
+    return r
+
+
+def history(client: Client, rollout_id: str) -> list[rollout_pb2.RolloutEvent]:
+    return list(
+        client.rollouts.ListRolloutEvents(
+            rollout_pb2.ListRolloutEventsRequest(rollout_id=rollout_id), metadata=client.metadata
+        ).events
+    )

@@ -21,6 +21,10 @@ from ota.v1 import rollout_pb2
 from tests.e2e.scenario import (
     MODELS,
     REGIONS,
+    command,
+    create_from_plan,
+    get_rollout,
+    history,
     publish,
     report,
     report_states,
@@ -33,36 +37,6 @@ pytestmark = pytest.mark.e2e
 
 HALF = 500_000
 QUARTER = 250_000
-
-
-def _create(client: Client, plan: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = client.rollouts.CreateRollout(
-        rollout_pb2.CreateRolloutRequest(plan_document=plan), metadata=client.metadata
-    )
-    return r
-
-
-def _do(client: Client, verb: str, rollout_id: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = getattr(client.rollouts, f"{verb}Rollout")(
-        rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason=f"test {verb}"),
-        metadata=client.metadata,
-    )
-    return r
-
-
-def _get(client: Client, rollout_id: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = client.rollouts.GetRollout(
-        rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
-    )
-    return r
-
-
-def _history(client: Client, rollout_id: str) -> list[rollout_pb2.RolloutEvent]:
-    return list(
-        client.rollouts.ListRolloutEvents(
-            rollout_pb2.ListRolloutEventsRequest(rollout_id=rollout_id), metadata=client.metadata
-        ).events
-    )
 
 
 def test_post_activation_crashes_versus_the_holdout_trip_a_rollback(
@@ -93,7 +67,7 @@ def test_post_activation_crashes_versus_the_holdout_trip_a_rollback(
             what="1.0.0 on every device",
         )
         publish(client, stack, tmp_path, "2.0.0", size=12_000)
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 2.0.0\nholdout: 25%\n"
             "stages: [{exposure: 50%, min_soak: 1h}, {exposure: 100%}]\n"
@@ -109,13 +83,16 @@ def test_post_activation_crashes_versus_the_holdout_trip_a_rollback(
             if d.device_id not in control and is_exposed(salt, d.device_id, HALF)
         }
         assert control and exposed
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
-            lambda: _get(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK,
+            lambda: (
+                get_rollout(client, created.rollout_id).state
+                == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
+            ),
             what="the crash gate versus the holdout to roll back",
             timeout=90,
         )
-        rolled = _get(client, created.rollout_id)
+        rolled = get_rollout(client, created.rollout_id)
         assert rolled.current_stage == 0
         assert rolled.exposed == len(exposed)
         assert "crash-rate gate tripped" in rolled.state_reason
@@ -142,7 +119,7 @@ def test_post_activation_crashes_versus_the_holdout_trip_a_rollback(
         )
 
         # The decision carries the figures: treatment against control, as rates.
-        decision = next(e for e in _history(client, created.rollout_id) if e.action == "rollback")
+        decision = next(e for e in history(client, created.rollout_id) if e.action == "rollback")
         assert decision.actor == "engine"
         assert decision.to_state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
         figures = json.loads(decision.diff_json)["figures"]
@@ -170,7 +147,7 @@ def test_a_failing_model_trips_the_install_gate_and_the_rollout_pauses(
     client = Client.connect(stack.server, stack.admin_token)
     try:
         publish(client, stack, tmp_path, "1.0.0")
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\n"
             "stages: [{exposure: 50%, min_soak: 1h}, {exposure: 100%}]\n"
@@ -180,12 +157,14 @@ def test_a_failing_model_trips_the_install_gate_and_the_rollout_pauses(
         exposed = [d for d in fleet.devices if is_exposed(salt, d.device_id, HALF)]
         failing = sum(d.profile.model == "ev9" for d in exposed)
         assert failing >= 1 and len(exposed) - failing >= 5
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
-            lambda: _get(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_PAUSED,
+            lambda: (
+                get_rollout(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_PAUSED
+            ),
             what="the install gate to pause the rollout",
         )
-        paused = _get(client, created.rollout_id)
+        paused = get_rollout(client, created.rollout_id)
         assert paused.current_stage == 0
         assert paused.exposed == len(exposed)
         assert "install-failure gate tripped" in paused.state_reason
@@ -204,10 +183,10 @@ def test_a_failing_model_trips_the_install_gate_and_the_rollout_pauses(
         assert {d.device_id for d in fleet.devices if "lane-assist" in d.installed} == {
             d.device_id for d in exposed if d.profile.model != "ev9"
         }
-        after = _get(client, created.rollout_id)
+        after = get_rollout(client, created.rollout_id)
         assert after.state == rollout_pb2.ROLLOUT_STATE_PAUSED and after.exposed == len(exposed)
 
-        decision = next(e for e in _history(client, created.rollout_id) if e.action == "pause")
+        decision = next(e for e in history(client, created.rollout_id) if e.action == "pause")
         assert decision.actor == "engine"
         figures = json.loads(decision.diff_json)["figures"]
         assert figures["metric"] == "install_failure"
@@ -225,7 +204,7 @@ def test_a_device_registered_after_the_start_joins_the_stage_its_bucket_falls_in
     client = Client.connect(stack.server, stack.admin_token)
     try:
         publish(client, stack, tmp_path, "1.0.0")
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\nholdout: 20%\n"
             "stages: [{exposure: 50%, min_soak: 1h}, {exposure: 100%}]\n",
@@ -237,7 +216,7 @@ def test_a_device_registered_after_the_start_joins_the_stage_its_bucket_falls_in
             return {i for i in ids if not is_control(salt, i, 200_000) and is_exposed(salt, i, ppm)}
 
         first_ids = [d.device_id for d in fleet.devices]
-        _do(client, "Start", rid)
+        command(client, "Start", rid)
         wait_for(
             lambda: dict(fleet.outcomes(rid)) == {"ACTIVE": len(at(HALF, first_ids))},
             what="stage 1 active on the first fleet",
@@ -254,16 +233,16 @@ def test_a_device_registered_after_the_start_joins_the_stage_its_bucket_falls_in
             lambda: dict(fleet.outcomes(rid)) == {"ACTIVE": len(at(HALF, all_ids))},
             what="the late devices of stage 1 to install",
         )
-        assert _get(client, rid).exposed == len(at(HALF, all_ids))
-        assert _get(client, rid).current_stage == 0
+        assert get_rollout(client, rid).exposed == len(at(HALF, all_ids))
+        assert get_rollout(client, rid).current_stage == 0
         installed = {d.device_id for d in fleet.devices if "lane-assist" in d.installed}
         assert installed == at(HALF, all_ids)
         assert installed & set(late_ids) == joining
 
         # Promoted to 100 %: every device outside the holdout, late or not.
-        _do(client, "Promote", rid)
+        command(client, "Promote", rid)
         wait_for(
-            lambda: _get(client, rid).state == rollout_pb2.ROLLOUT_STATE_COMPLETED,
+            lambda: get_rollout(client, rid).state == rollout_pb2.ROLLOUT_STATE_COMPLETED,
             what="completion after promotion",
         )
         everyone = at(1_000_000, all_ids)

@@ -23,6 +23,9 @@ from tests.conftest import endpoint
 from tests.e2e.scenario import (
     MODELS,
     REGIONS,
+    command,
+    create_from_plan,
+    get_rollout,
     publish,
     report,
     report_states,
@@ -31,28 +34,6 @@ from tests.e2e.scenario import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def _create(client: Client, plan: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = client.rollouts.CreateRollout(
-        rollout_pb2.CreateRolloutRequest(plan_document=plan), metadata=client.metadata
-    )
-    return r
-
-
-def _do(client: Client, verb: str, rollout_id: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = getattr(client.rollouts, f"{verb}Rollout")(
-        rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason=f"test {verb}"),
-        metadata=client.metadata,
-    )
-    return r
-
-
-def _get(client: Client, rollout_id: str) -> rollout_pb2.Rollout:
-    r: rollout_pb2.Rollout = client.rollouts.GetRollout(
-        rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
-    )
-    return r
 
 
 def _active(client: Client, rollout_id: str) -> int:
@@ -66,7 +47,7 @@ def test_an_approval_stage_waits_until_promoted_and_holdouts_are_never_exposed(
     client = Client.connect(stack.server, stack.admin_token)
     try:
         publish(client, stack, tmp_path, "1.0.0")
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\nholdout: 25%\n"
             "cohort: {name: internal, devices: [sim-000000, sim-000001, sim-000002],"
@@ -89,18 +70,20 @@ def test_an_approval_stage_waits_until_promoted_and_holdouts_are_never_exposed(
             (40 - len(control), 40 - len(control) - len(cohort)),
         ]
 
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
-            lambda: _get(client, created.rollout_id).phase == "awaiting_approval",
+            lambda: get_rollout(client, created.rollout_id).phase == "awaiting_approval",
             what="the cohort stage to await approval",
         )
         assert _active(client, created.rollout_id) == len(cohort)
         # It stays at the cohort until someone approves.
-        assert _get(client, created.rollout_id).exposed == len(cohort)
-        promoted = _do(client, "Promote", created.rollout_id)
+        assert get_rollout(client, created.rollout_id).exposed == len(cohort)
+        promoted = command(client, "Promote", created.rollout_id)
         assert promoted.state == rollout_pb2.ROLLOUT_STATE_RUNNING
         wait_for(
-            lambda: _get(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_COMPLETED,
+            lambda: (
+                get_rollout(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+            ),
             what="completion after approval",
         )
         assert dict(fleet.outcomes(created.rollout_id)) == {"ACTIVE": 40 - len(control)}
@@ -118,20 +101,22 @@ def test_the_kill_switch_deactivates_every_device_within_seconds(
     client = Client.connect(stack.server, stack.admin_token)
     try:
         publish(client, stack, tmp_path, "1.0.0")
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\n"
             "stages: [{exposure: 50%, min_soak: 1h}, {exposure: 100%}]\n",
         )
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
             lambda: (
-                _active(client, created.rollout_id) == _get(client, created.rollout_id).exposed > 0
+                _active(client, created.rollout_id)
+                == get_rollout(client, created.rollout_id).exposed
+                > 0
             ),
             what="stage 1 active",
         )
-        exposed = _get(client, created.rollout_id).exposed
-        killed = _do(client, "Kill", created.rollout_id)
+        exposed = get_rollout(client, created.rollout_id).exposed
+        killed = command(client, "Kill", created.rollout_id)
         assert killed.state == rollout_pb2.ROLLOUT_STATE_KILLED
         wait_for(
             lambda: dict(fleet.outcomes(created.rollout_id)) == {"DEACTIVATED": exposed},
@@ -162,23 +147,25 @@ def test_a_maintenance_window_defers_exposure(tmp_path: Path, broker: BrokerHand
     try:
         publish(client, stack, tmp_path, "1.0.0")
         days = sorted({opens.strftime("%a").lower(), closes.strftime("%a").lower()})
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\n"
             f"maintenance_windows: [{{days: [{', '.join(days)}], start: '{opens:%H:%M}', "
             f"end: '{closes:%H:%M}'}}]\n"
             "stages: [{exposure: 100%}]\n",
         )
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
-            lambda: _get(client, created.rollout_id).phase == "deferred",
+            lambda: get_rollout(client, created.rollout_id).phase == "deferred",
             what="exposure deferred outside the window",
         )
-        assert _get(client, created.rollout_id).exposed == 0
+        assert get_rollout(client, created.rollout_id).exposed == 0
         assert not fleet.outcomes(created.rollout_id)
         clock.set(opens + timedelta(minutes=1))
         wait_for(
-            lambda: _get(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_COMPLETED,
+            lambda: (
+                get_rollout(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+            ),
             what="exposure once the window opened",
         )
         assert dict(fleet.outcomes(created.rollout_id)) == {"ACTIVE": 20}
@@ -254,18 +241,21 @@ def test_post_activation_crashes_trip_a_rollback(stack: DevStack, tmp_path: Path
     client = Client.connect(stack.server, stack.admin_token)
     try:
         publish(client, stack, tmp_path, "1.0.0")
-        created = _create(
+        created = create_from_plan(
             client,
             "feature: lane-assist\nversion: 1.0.0\n"
             "stages: [{exposure: 50%, min_soak: 1h}, {exposure: 100%}]\n"
             "gates: [{metric: crash_rate, max: 10%, min_sample: 6, action: rollback}]\n",
         )
-        _do(client, "Start", created.rollout_id)
+        command(client, "Start", created.rollout_id)
         wait_for(
-            lambda: _get(client, created.rollout_id).state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK,
+            lambda: (
+                get_rollout(client, created.rollout_id).state
+                == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
+            ),
             what="the crash gate to roll back",
         )
-        rolled = _get(client, created.rollout_id)
+        rolled = get_rollout(client, created.rollout_id)
         assert rolled.current_stage == 0
         assert "crash-rate gate tripped" in rolled.state_reason
         wait_for(
