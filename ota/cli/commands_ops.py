@@ -23,6 +23,7 @@ from ota.reports import html as report_html
 from ota.trust.keys import load_public_key
 from ota.v1 import (
     bundle_pb2,
+    common_pb2,
     fleet_pb2,
     report_pb2,
     rollout_pb2,
@@ -429,8 +430,6 @@ def fleet_get(args: argparse.Namespace) -> int:
     console.print(
         f"{d.device_id}  model {d.model}  region {d.region}  firmware {d.firmware}  online {d.online}"
     )
-    from ota.v1 import common_pb2
-
     table(
         "Events",
         ["seq", "rollout", "state", "reason"],
