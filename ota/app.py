@@ -18,6 +18,7 @@ from ota.api.fleet import BrokerAccounts, FleetServicer
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
+from ota.api.tokens import TokenServicer
 from ota.broker.passwords import PasswordFile
 from ota.clock import Clock, SystemClock
 from ota.config import ServerConfig
@@ -150,7 +151,7 @@ class ControlPlane:
             notify()
 
         commands = RolloutCommands(store, director, clock, desired_ttl=ttl, on_change=command_done)
-        auth = Authenticator(store, config.tokens)
+        auth = Authenticator(store, config.tokens, clock)
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
@@ -168,6 +169,7 @@ class ControlPlane:
                 topic_root=config.topic_root,
             ),
             reports=ReportServicer(store, clock),
+            tokens=TokenServicer(store, clock, auth),
         )
         ingester = Ingester(
             link,

@@ -31,6 +31,7 @@ from ota.v1 import (
     fleet_pb2_grpc,
     report_pb2_grpc,
     rollout_pb2_grpc,
+    token_pb2_grpc,
 )
 
 CHUNK = 256 * 1024
@@ -81,6 +82,10 @@ class Client:
     @property
     def reports(self) -> report_pb2_grpc.ReportServiceStub:
         return report_pb2_grpc.ReportServiceStub(self.channel)
+
+    @property
+    def tokens(self) -> token_pb2_grpc.TokenServiceStub:
+        return token_pb2_grpc.TokenServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

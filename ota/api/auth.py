@@ -1,7 +1,9 @@
 """Who may call what: bearer tokens with roles, device credentials, default deny.
 
 Operators present `authorization: Bearer <token>`; the token maps to a role
-(admin, release, viewer). Devices present `Bearer device:<device_id>:<secret>`
+(admin, release, viewer). Tokens come from the config (the bootstrap admin)
+or from the database (`TokenService`), where only their digest is kept and
+a revocation takes effect on the next call, on every replica. Devices present `Bearer device:<device_id>:<secret>`
 and reach only the device methods, and only for themselves (servicers check
 the device id with `caller_device`). A method missing from `METHOD_ROLES` is
 denied to everyone.
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from ota.clock import Clock, SystemClock
 from ota.errors import PermissionDenied, Unauthenticated
 from ota.store import fleet
+from ota.store import tokens as api_tokens
 from ota.store.session import Store
 
 ADMIN, RELEASE, VIEWER, DEVICE = "admin", "release", "viewer", "device"
@@ -24,11 +28,12 @@ OPERATORS = frozenset({ADMIN, RELEASE, VIEWER})
 WRITERS = frozenset({ADMIN, RELEASE})
 _ALL = OPERATORS | {DEVICE}
 
-_B, _R, _F, _P = (
+_B, _R, _F, _P, _T = (
     "/ota.v1.BundleService/",
     "/ota.v1.RolloutService/",
     "/ota.v1.FleetService/",
     "/ota.v1.ReportService/",
+    "/ota.v1.TokenService/",
 )
 
 METHOD_ROLES: dict[str, frozenset[str]] = {
@@ -62,6 +67,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _F + "RevokeDevice": frozenset({ADMIN}),
     _P + "GetRolloutReport": OPERATORS,
     _P + "GetFeatureReport": OPERATORS,
+    _T + "CreateToken": frozenset({ADMIN}),
+    _T + "ListTokens": frozenset({ADMIN}),
+    _T + "RevokeToken": frozenset({ADMIN}),
 }
 # Health and reflection are open: load balancers and grpcurl call them unauthenticated.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -93,8 +101,9 @@ def caller_of(context: grpc.ServicerContext) -> Caller:
 class Authenticator:
     """Resolves tokens to callers; caches device secrets it has verified."""
 
-    def __init__(self, store: Store, tokens: dict[str, str]) -> None:
+    def __init__(self, store: Store, tokens: dict[str, str], clock: Clock | None = None) -> None:
         self._store = store
+        self._clock = clock or SystemClock()
         # token -> "role" or "role:name" (the name is what the audit log shows)
         self._tokens = dict(tokens)
         self._verified: dict[str, str] = {}
@@ -124,6 +133,12 @@ class Authenticator:
                     with self._lock:
                         self._verified[token] = parts[1]
                     return Caller(DEVICE, parts[1])
+        elif token.startswith(api_tokens.PREFIX):
+            # Not cached: a revocation must hold on the very next call, on every replica.
+            with self._store.transaction() as session:
+                row = api_tokens.authenticate(session, token, self._clock.now())
+            if row is not None:
+                return Caller(row.role, row.display_name)
         raise Unauthenticated("the bearer token is not valid")
 
     def caller(self, context: grpc.ServicerContext) -> Caller:

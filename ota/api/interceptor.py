@@ -89,6 +89,8 @@ def _wrap(handler: Handler, check: Callable[[], object]) -> Handler:
                 check()
                 yield from behavior(request, context)
             except Exception as exc:
+                if isinstance(exc, grpc.RpcError) and not context.is_active():
+                    return  # the client went away mid-stream (a reflection client closing)
                 _abort(context, exc)
 
         return call

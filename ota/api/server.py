@@ -1,4 +1,4 @@
-"""The gRPC server: the four services, health, reflection, on a real port."""
+"""The gRPC server: the five services, health, reflection, on a real port."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ota.api.fleet import FleetServicer
 from ota.api.interceptor import OtaInterceptor
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutServicer
+from ota.api.tokens import TokenServicer
 from ota.errors import Unavailable
 from ota.v1 import (
     bundle_pb2,
@@ -24,6 +25,8 @@ from ota.v1 import (
     report_pb2_grpc,
     rollout_pb2,
     rollout_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
 )
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -37,6 +40,7 @@ def build_server(
     rollouts: RolloutServicer,
     fleet: FleetServicer,
     reports: ReportServicer,
+    tokens: TokenServicer,
     workers: int = 32,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and bind (not start) the server; returns it with the bound port."""
@@ -52,6 +56,7 @@ def build_server(
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(rollouts, server)
     fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet, server)
     report_pb2_grpc.add_ReportServiceServicer_to_server(reports, server)
+    token_pb2_grpc.add_TokenServiceServicer_to_server(tokens, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -59,6 +64,7 @@ def build_server(
         rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
         fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
         report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+        token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     ]
     reflection.enable_server_reflection(
         [

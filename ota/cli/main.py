@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from ota.cli import commands_admin, commands_ops
+from ota.cli import commands_admin, commands_ops, commands_tokens
 from ota.errors import OtaError
 
 EXIT_USAGE = 2
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
     commands_admin.register(nouns)
     commands_ops.register(nouns, _add_client_options)
+    commands_tokens.register(nouns, _add_client_options)
     return parser
 
 

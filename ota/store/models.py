@@ -264,3 +264,18 @@ class DeviceVersionRow(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=128)
     feature: str = Field(primary_key=True, max_length=64)
     version: str = Field(max_length=32)
+
+
+class ApiTokenRow(SQLModel, table=True):
+    """An operator's API token: only its SHA-256 digest is kept."""
+
+    __tablename__ = "api_token"
+
+    token_id: str = Field(primary_key=True, max_length=32)
+    token_sha256: str = Field(unique=True, max_length=64)
+    display_name: str = Field(max_length=128)
+    role: str = Field(max_length=16)
+    creator: str = Field(default="", max_length=128)
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None

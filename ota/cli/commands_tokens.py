@@ -1,0 +1,114 @@
+"""`ota tokens`: operator API tokens, managed by admins over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ota.cli.output import console, emit_json, table
+from ota.client import Client
+from ota.v1 import token_pb2
+
+ROLES = ("admin", "release", "viewer")
+
+
+def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    verbs = nouns.add_parser(
+        "tokens",
+        aliases=["token"],
+        help="operator API tokens (admin)",
+        description="Bearer tokens for operators and automation. The server keeps only a "
+        "digest: a token is shown once, at creation. Revocation takes effect on the next "
+        "call. Tokens in the server's config keep working (the bootstrap admin).",
+    ).add_subparsers(dest="verb", required=True)
+    p = verbs.add_parser("create", help="a new token; prints it once")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--name", required=True, help="who or what holds it (shown in the audit log)")
+    client_options(p)
+    p.set_defaults(handler=tokens_create)
+    p = verbs.add_parser("list", help="tokens, revoked ones too")
+    p.add_argument("--active", action="store_true", help="only tokens not revoked")
+    client_options(p)
+    p.set_defaults(handler=tokens_list)
+    p = verbs.add_parser("revoke", help="revoke a token at once")
+    p.add_argument("token_id", metavar="ID", help="the token's id (or tokens/ID)")
+    client_options(p)
+    p.set_defaults(handler=tokens_revoke)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client.connect(args.server, args.token)
+
+
+def _when(ts: Timestamp, present: bool) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if present else "-"
+
+
+def tokens_create(args: argparse.Namespace) -> int:
+    client = _client(args)
+    response = client.tokens.CreateToken(
+        token_pb2.CreateTokenRequest(token=token_pb2.Token(display_name=args.name, role=args.role)),
+        metadata=client.metadata,
+    )
+    if args.format == "json":
+        emit_json(response)
+    else:
+        t = response.token
+        console.print(f"created token {t.token_id} ({t.display_name}, {t.role})")
+        console.print(f"token {response.secret}  (shown once: store it now)")
+    return 0
+
+
+def tokens_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    found: list[token_pb2.Token] = []
+    page = ""
+    while True:
+        response = client.tokens.ListTokens(
+            token_pb2.ListTokensRequest(page_token=page, active_only=args.active),
+            metadata=client.metadata,
+        )
+        found.extend(response.tokens)
+        page = response.next_page_token
+        if not page:
+            break
+    if args.format == "json":
+        emit_json({"tokens": [_json(t) for t in found]})
+    else:
+        table(
+            f"Tokens ({len(found)})",
+            ["id", "name", "role", "created", "last used", "revoked"],
+            [
+                [
+                    t.token_id,
+                    t.display_name,
+                    t.role,
+                    _when(t.create_time, t.HasField("create_time")),
+                    _when(t.last_use_time, t.HasField("last_use_time")),
+                    _when(t.revoke_time, t.revoked),
+                ]
+                for t in found
+            ],
+        )
+    return 0
+
+
+def _json(t: token_pb2.Token) -> dict[str, Any]:
+    out: dict[str, Any] = MessageToDict(t, preserving_proto_field_name=True)
+    out.setdefault("revoked", False)
+    return out
+
+
+def tokens_revoke(args: argparse.Namespace) -> int:
+    client = _client(args)
+    name = args.token_id if args.token_id.startswith("tokens/") else f"tokens/{args.token_id}"
+    t = client.tokens.RevokeToken(token_pb2.RevokeTokenRequest(name=name), metadata=client.metadata)
+    if args.format == "json":
+        emit_json(t)
+    else:
+        console.print(f"revoked token {t.token_id} ({t.display_name}, {t.role})")
+    return 0
