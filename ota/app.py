@@ -29,6 +29,7 @@ from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import migrate, open_database
 from ota.store.session import Store
+from ota.tls import ServerTls
 from ota.transport.ingester import Ingester
 from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
@@ -84,6 +85,16 @@ def _read(path: Path, what: str) -> bytes:
         ) from exc
 
 
+def server_tls(config: ServerConfig) -> ServerTls | None:
+    if not config.tls_cert_file:
+        return None
+    return ServerTls(
+        Path(config.tls_cert_file),
+        Path(config.tls_key_file),
+        Path(config.tls_client_ca_file) if config.tls_client_ca_file else None,
+    )
+
+
 @dataclass
 class ControlPlane:
     """A running control plane: gRPC server, engine, publisher, ingester."""
@@ -128,6 +139,7 @@ class ControlPlane:
             password=config.mqtt_password,
             topics=topics,
             receive_maximum=max(2 * config.ingest_batch_size, 100),
+            ca_file=config.mqtt_ca_file,
         )
         publisher = DesiredStatePublisher(link, store)
         changes = RolloutChanges()
@@ -170,6 +182,7 @@ class ControlPlane:
             ),
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
+            tls=server_tls(config),
         )
         ingester = Ingester(
             link,

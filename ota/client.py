@@ -13,6 +13,8 @@ import grpc
 
 from ota.clock import SystemClock
 from ota.errors import InvalidArgument
+from ota.tls import ClientTls
+from ota.tls import channel as tls_channel
 from ota.trust.keys import load_signer
 from ota.trust.release import (
     PendingReview,
@@ -60,8 +62,9 @@ class Client:
     token: str
 
     @classmethod
-    def connect(cls, server: str, token: str) -> Client:
-        return cls(grpc.insecure_channel(server), token)
+    def connect(cls, server: str, token: str, tls: ClientTls | None = None) -> Client:
+        """A client over plaintext, or over TLS (and mTLS with a client certificate)."""
+        return cls(tls_channel(server, tls), token)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

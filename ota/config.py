@@ -43,6 +43,32 @@ class ServerConfig:
     engine_interval_seconds: float = 0.25
     ingest_batch_size: int = 500
     ingest_max_payload_bytes: int = 64 * 1024
+    # gRPC over TLS: the server's certificate chain and key (PEM); empty = plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # mTLS: clients must present a certificate this CA signed (bearer tokens still apply).
+    tls_client_ca_file: str = ""
+    # With an mqtts:// URL, the CA that signed the broker's certificate (empty = system CAs).
+    mqtt_ca_file: str = ""
+    # Prometheus metrics over HTTP, e.g. "127.0.0.1:9464"; empty = off.
+    metrics_listen: str = ""
+    # "text" for people, "json" (one object a line) for log collectors.
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidArgument(
+                "TLS needs both tls_cert_file and tls_key_file", field="tls_cert_file"
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgument(
+                "mTLS (tls_client_ca_file) needs TLS: set tls_cert_file and tls_key_file",
+                field="tls_client_ca_file",
+            )
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument(
+                f"{self.log_format!r} is not 'text' or 'json'", field="log_format"
+            )
 
 
 _ENV_PREFIX = "OTA_"

@@ -17,6 +17,7 @@ from ota.broker.process import MosquittoProcess, free_port, start_private_broker
 from ota.clock import Clock
 from ota.config import ServerConfig
 from ota.keyring import KeyPaths, generate_keyring
+from ota.tls import ClientTls, DevPki, generate_dev_pki
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class DevStack:
     control_plane: ControlPlane
     admin_token: str
     broker_process: MosquittoProcess | None = None
+    # The development CA and certificates when the stack serves gRPC over TLS.
+    pki: DevPki | None = None
+    mtls: bool = False
+
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """What a client needs to reach this stack: None for plaintext."""
+        if self.pki is None:
+            return None
+        if not self.mtls:
+            return ClientTls(ca_file=self.pki.ca_cert)
+        return ClientTls(self.pki.ca_cert, self.pki.client_cert, self.pki.client_key)
 
     @property
     def server(self) -> str:
@@ -60,7 +73,11 @@ class DevStack:
         database_url: str | None = None,
         clock: Clock | None = None,
         config_overrides: dict[str, object] | None = None,
+        tls: bool = False,
+        mtls: bool = False,
     ) -> DevStack:
+        """With `tls`, gRPC is served over TLS from a development CA (made once under
+        state_dir/tls); with `mtls` too, clients must present its client certificate."""
         state_dir = state_dir.resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         keys = KeyPaths.under(state_dir / "keys")
@@ -94,6 +111,15 @@ class DevStack:
             director_key=keys.director_key,
             tokens={admin_token: "admin"},
         )
+        pki = None
+        if tls or mtls:
+            pki = generate_dev_pki(state_dir / "tls")
+            config = replace(
+                config,
+                tls_cert_file=str(pki.server_cert),
+                tls_key_file=str(pki.server_key),
+                tls_client_ca_file=str(pki.ca_cert) if mtls else "",
+            )
         if config_overrides:
             config = replace(config, **config_overrides)  # type: ignore[arg-type]
         try:
@@ -106,13 +132,20 @@ class DevStack:
             if process is not None:
                 process.stop()
             raise
-        return cls(state_dir, keys, broker, control_plane, admin_token, process)
+        return cls(state_dir, keys, broker, control_plane, admin_token, process, pki, mtls)
 
     def env_lines(self) -> str:
         return (
             f"export OTA_SERVER={self.server}\n"
             f"export OTA_TOKEN={self.admin_token}\n"
             f"export OTA_MQTT_URL={self.mqtt_url}\n"
+            + (f"export OTA_TLS_CA={self.pki.ca_cert}\n" if self.pki else "")
+            + (
+                f"export OTA_TLS_CERT={self.pki.client_cert}\n"
+                f"export OTA_TLS_KEY={self.pki.client_key}\n"
+                if self.pki and self.mtls
+                else ""
+            )
         )
 
     def stop(self) -> None:

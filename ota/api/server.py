@@ -16,6 +16,7 @@ from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutServicer
 from ota.api.tokens import TokenServicer
 from ota.errors import Unavailable
+from ota.tls import ServerTls
 from ota.v1 import (
     bundle_pb2,
     bundle_pb2_grpc,
@@ -42,6 +43,7 @@ def build_server(
     reports: ReportServicer,
     tokens: TokenServicer,
     workers: int = 32,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and bind (not start) the server; returns it with the bound port."""
     server = grpc.server(
@@ -75,7 +77,10 @@ def build_server(
         server,
     )
     try:
-        port = server.add_insecure_port(listen)
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, tls.credentials())
     except RuntimeError as exc:
         raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:

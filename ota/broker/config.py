@@ -73,6 +73,14 @@ class BrokerSettings:
             0600 files and so can still read them on reload.
         log_to_stdout: also log to stdout (a container's log), besides the
             log file (default off).
+        tls_port: a second listener speaking MQTT over TLS (conventionally
+            8883), with the same accounts and ACL; None (default) = none. 0
+            asks `start_private_broker` for a free port.
+        tls_cafile, tls_certfile, tls_keyfile: PEM files of that listener:
+            the CA, the broker's certificate and its key (absolute paths).
+        tls_require_certificate: clients on the TLS listener must also present
+            a certificate signed by `tls_cafile` (default off: devices
+            authenticate with username and password).
     """
 
     port: int = 1883
@@ -90,6 +98,11 @@ class BrokerSettings:
     persistent_client_expiration: str | None = "30d"
     run_as_user: str | None = None
     log_to_stdout: bool = False
+    tls_port: int | None = None
+    tls_cafile: str | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_require_certificate: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -128,6 +141,15 @@ class BrokerSettings:
                 f"{self.persistent_client_expiration!r} is not a duration such as 12h or 30d",
                 field="persistent_client_expiration",
             )
+        if self.tls_port is not None:
+            if not 0 <= self.tls_port <= 65535:
+                raise InvalidArgument(f"port {self.tls_port} is outside 0-65535", field="tls_port")
+            for name in ("tls_cafile", "tls_certfile", "tls_keyfile"):
+                path = getattr(self, name)
+                if not path or not os.path.isabs(path) or any(c.isspace() for c in path):
+                    raise InvalidArgument(
+                        "a TLS listener needs an absolute path without whitespace", field=name
+                    )
         for name, text in (("bind_address", self.bind_address), ("run_as_user", self.run_as_user)):
             if text is not None and (not text or any(c.isspace() for c in text)):
                 raise InvalidArgument(f"{text!r} must be one word", field=name)
@@ -178,7 +200,7 @@ def write_broker_config(
     """
     if not control_password:
         raise InvalidArgument("must not be empty", field="control_password")
-    if settings.port == 0:
+    if settings.port == 0 or settings.tls_port == 0:
         raise InvalidArgument(
             "a config needs a real port; 0 (pick a free one) is only for start_private_broker",
             field="port",
@@ -275,6 +297,17 @@ def render_config(settings: BrokerSettings, files: BrokerFiles) -> str:
         "use_username_as_clientid true",
         "",
     ]
+    if s.tls_port is not None:
+        lines += [
+            f"listener {s.tls_port} {s.bind_address}",
+            "protocol mqtt",
+            f"cafile {s.tls_cafile}",
+            f"certfile {s.tls_certfile}",
+            f"keyfile {s.tls_keyfile}",
+            f"require_certificate {_bool(s.tls_require_certificate)}",
+            "use_username_as_clientid true",
+            "",
+        ]
     return "\n".join(lines)
 
 

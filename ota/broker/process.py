@@ -241,6 +241,8 @@ def start_private_broker(
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.bind_address, settings.bind_address)
     if settings.port == 0:
         settings = dataclasses.replace(settings, port=free_port(host))
+    if settings.tls_port == 0:
+        settings = dataclasses.replace(settings, tls_port=free_port(host))
     files = write_broker_config(state_dir, settings, control_password=control_password)
     process = MosquittoProcess(
         files, host=host, port=settings.port, binary=binary, start_timeout=start_timeout

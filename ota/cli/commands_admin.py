@@ -15,6 +15,7 @@ from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined, unuse
 from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
 
 from ota.broker.config import BrokerSettings, write_broker_config
+from ota.cli.connect import add_tls_options, connect
 from ota.cli.output import console, emit_json
 from ota.config import load_server_config
 from ota.errors import InvalidArgument
@@ -34,6 +35,14 @@ def register(nouns: Any) -> None:
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
     p.add_argument("--state-dir", type=Path, default=Path(".ota-dev"))
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve gRPC over TLS from a development CA made under STATE_DIR/tls",
+    )
+    p.add_argument(
+        "--mtls", action="store_true", help="like --tls, and clients need the CA's client cert"
+    )
     p.set_defaults(handler=dev)
 
     p = nouns.add_parser("demo", help="dev stack + simulated fleet + scripted rollouts")
@@ -46,6 +55,10 @@ def register(nouns: Any) -> None:
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--topic-root", default="ota/v1")
+    p.add_argument("--tls-port", type=int, help="also listen for MQTT over TLS here (e.g. 8883)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the TLS listener")
+    p.add_argument("--tls-cert", type=Path, help="the broker's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="the broker's private key (PEM)")
     p.set_defaults(handler=broker_config)
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
@@ -163,7 +176,7 @@ def _wait_for_signal() -> None:
 def dev(args: argparse.Namespace) -> int:
     from ota.devstack import DevStack
 
-    stack = DevStack.start(args.state_dir, grpc_port=args.port)
+    stack = DevStack.start(args.state_dir, grpc_port=args.port, tls=args.tls, mtls=args.mtls)
     try:
         env_file = stack.state_dir / "env"
         env_file.write_text(stack.env_lines())
@@ -172,6 +185,10 @@ def dev(args: argparse.Namespace) -> int:
         console.print(f"token     {stack.admin_token}")
         console.print(f"root      {stack.keys.root_json}")
         console.print(f"release   {stack.keys.release_key}")
+        if stack.pki is not None:
+            console.print(f"TLS CA    {stack.pki.ca_cert}")
+            if stack.mtls:
+                console.print(f"client    {stack.pki.client_cert} {stack.pki.client_key}")
         console.print(f"source {env_file} to point the CLI at it; Ctrl-C stops everything")
         _wait_for_signal()
     finally:
@@ -187,7 +204,15 @@ def demo(args: argparse.Namespace) -> int:
 
 def broker_config(args: argparse.Namespace) -> int:
     password = secrets.token_urlsafe(24)
-    settings = BrokerSettings(port=args.port, bind_address=args.bind, topic_root=args.topic_root)
+    settings = BrokerSettings(
+        port=args.port,
+        bind_address=args.bind,
+        topic_root=args.topic_root,
+        tls_port=args.tls_port,
+        tls_cafile=str(args.tls_ca.resolve()) if args.tls_ca else None,
+        tls_certfile=str(args.tls_cert.resolve()) if args.tls_cert else None,
+        tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
+    )
     files = write_broker_config(args.out, settings, control_password=password)
     console.print(f"wrote {files.conf}, {files.acl_file}, {files.password_file}")
     console.print(f"control plane account: {settings.control_username} / {password}")
@@ -234,11 +259,11 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token", default=os.environ.get("OTA_TOKEN", ""), help="bearer token (env OTA_TOKEN)"
     )
+    add_tls_options(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
 
 def keys_rotate_root(args: argparse.Namespace) -> int:
-    from ota.client import Client
 
     def keys(paths: list[Path]) -> list[SSlibKey] | None:
         return [load_public_key(p) for p in paths] or None
@@ -261,7 +286,7 @@ def keys_rotate_root(args: argparse.Namespace) -> int:
             raise InvalidArgument(
                 f"cannot read {args.trusted_root}: {exc.strerror}", field="trusted-root"
             ) from exc
-    client = Client.connect(args.server, args.token)
+    client = connect(args)
     try:
         plan = client.plan_root_rotation(
             change,

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ota.cli import report_render
+from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
 from ota.client import Client, PendingSigning
@@ -41,7 +42,7 @@ ROLLOUT_VERBS = {
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.connect(args.server, args.token)
+    return connect(args)
 
 
 def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:

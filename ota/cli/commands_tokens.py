@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, table
 from ota.client import Client
 from ota.v1 import token_pb2
@@ -41,7 +42,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.connect(args.server, args.token)
+    return connect(args)
 
 
 def _when(ts: Timestamp, present: bool) -> str:

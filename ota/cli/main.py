@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from ota.cli import commands_admin, commands_ops, commands_tokens
+from ota.cli.connect import add_tls_options
 from ota.errors import OtaError
 
 EXIT_USAGE = 2
@@ -30,6 +31,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token", default=os.environ.get("OTA_TOKEN", ""), help="bearer token (env OTA_TOKEN)"
     )
+    add_tls_options(p)
     p.add_argument(
         "--format",
         choices=("table", "json"),

@@ -32,13 +32,17 @@ SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 class BrokerAddress:
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise InvalidArgument(f"{url!r} is not an mqtt://host:port URL", field="mqtt_url")
-        return cls(parts.hostname, parts.port or 1883)
+        tls = parts.scheme in ("mqtts", "ssl")
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+            raise InvalidArgument(
+                f"{url!r} is not an mqtt://host:port or mqtts://host:port URL", field="mqtt_url"
+            )
+        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class MqttLink:
         topics: Topics,
         inbox_size: int = 100_000,
         receive_maximum: int = 1000,
+        ca_file: str = "",
     ) -> None:
         self._receive_maximum = receive_maximum
         self.address = BrokerAddress.parse(url)
@@ -75,6 +80,9 @@ class MqttLink:
             manual_ack=True,
         )
         self._client.username_pw_set(username, password)
+        if self.address.tls:
+            # Verifies the broker's certificate and host name; None = the system CAs.
+            self._client.tls_set(ca_certs=ca_file or None)
         self._client.max_inflight_messages_set(200)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client.on_connect = self._on_connect
