@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ota.broker.passwords import PasswordFile
 from ota.clock import Clock, SystemClock
 from ota.config import ServerConfig
 from ota.errors import InvalidArgument
+from ota.metrics import Metrics, MetricsServer
 from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.store.blobs import BlobStore
@@ -108,6 +109,8 @@ class ControlPlane:
     link: MqttLink
     store: Store
     refresher: TimestampRefresher
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_server: MetricsServer | None = None
 
     @classmethod
     def build(
@@ -164,6 +167,7 @@ class ControlPlane:
 
         commands = RolloutCommands(store, director, clock, desired_ttl=ttl, on_change=command_done)
         auth = Authenticator(store, config.tokens, clock)
+        metrics = Metrics()
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
@@ -183,6 +187,7 @@ class ControlPlane:
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
             tls=server_tls(config),
+            metrics=metrics,
         )
         ingester = Ingester(
             link,
@@ -192,7 +197,10 @@ class ControlPlane:
             max_payload_bytes=config.ingest_max_payload_bytes,
         )
         refresher = TimestampRefresher(repo)
-        return cls(config, port, server, engine, publisher, ingester, link, store, refresher)
+        metrics.watch(store, ingester)
+        return cls(
+            config, port, server, engine, publisher, ingester, link, store, refresher, metrics
+        )
 
     def start(self) -> None:
         self.link.start()
@@ -202,8 +210,21 @@ class ControlPlane:
         self.refresher.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
+        if self.config.metrics_listen:
+            self.metrics_server = self.metrics.serve(self.config.metrics_listen)
+            log.info("metrics at http://%s/metrics", self.metrics_address)
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the metrics endpoint, once started; empty when off."""
+        if self.metrics_server is None:
+            return ""
+        host = self.config.metrics_listen.rpartition(":")[0] or "0.0.0.0"
+        return f"{host}:{self.metrics_server.port}"
 
     def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.server.stop(grace=2).wait()
         self.engine.stop()
         self.refresher.stop()

@@ -60,6 +60,11 @@ class DevStack:
         return f"127.0.0.1:{self.control_plane.port}"
 
     @property
+    def metrics_url(self) -> str:
+        address = self.control_plane.metrics_address
+        return f"http://{address}/metrics" if address else ""
+
+    @property
     def mqtt_url(self) -> str:
         return f"mqtt://{self.broker.host}:{self.broker.port}"
 
@@ -75,6 +80,7 @@ class DevStack:
         config_overrides: dict[str, object] | None = None,
         tls: bool = False,
         mtls: bool = False,
+        metrics_port: int | None = 0,
     ) -> DevStack:
         """With `tls`, gRPC is served over TLS from a development CA (made once under
         state_dir/tls); with `mtls` too, clients must present its client certificate."""
@@ -110,6 +116,8 @@ class DevStack:
             timestamp_key=keys.timestamp_key,
             director_key=keys.director_key,
             tokens={admin_token: "admin"},
+            # Prometheus metrics on loopback (0: any free port); None turns them off.
+            metrics_listen="" if metrics_port is None else f"127.0.0.1:{metrics_port}",
         )
         pki = None
         if tls or mtls:

@@ -1,4 +1,4 @@
-"""One server interceptor: authorise every call, map ota errors to status codes.
+"""One server interceptor: authorise every call, map ota errors to status codes, time it.
 
 A caller's mistake gets a precise status and a message naming the field;
 only a genuine bug surfaces as INTERNAL (and is logged with its traceback).
@@ -7,6 +7,7 @@ only a genuine bug surfaces as INTERNAL (and is logged with its traceback).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import grpc
 
 from ota import errors
 from ota.api.auth import Authenticator, bearer
+from ota.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,26 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 
+Observe = Callable[[grpc.StatusCode, float], None]
+
+
+def _ignore(_code: grpc.StatusCode, _seconds: float) -> None:
+    pass
+
+
+def _final_code(context: grpc.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    if isinstance(exc, errors.OtaError):
+        return status_of(exc)
+    chosen: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    if chosen is not None:
+        return chosen
+    return grpc.StatusCode.OK if exc is None else grpc.StatusCode.INTERNAL
+
+
 class OtaInterceptor(_Interceptor):
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, metrics: Metrics | None = None) -> None:
         self._auth = auth
+        self._metrics = metrics
 
     def intercept_service(
         self,
@@ -67,31 +86,46 @@ class OtaInterceptor(_Interceptor):
             return None
         method: str = details.method
         token = bearer(details.invocation_metadata)
-        return _wrap(handler, lambda: self._auth.authorize(method, token))
+        observe: Observe = _ignore
+        metrics = self._metrics
+        if metrics is not None and method.startswith("/ota."):
+            observe = lambda code, seconds: metrics.observe_rpc(method, code, seconds)  # noqa: E731
+        return _wrap(handler, lambda: self._auth.authorize(method, token), observe)
 
 
-def _wrap(handler: Handler, check: Callable[[], object]) -> Handler:
+def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Handler:
     h: Any = handler
 
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            failure: BaseException | None = None
             try:
                 check()
                 return behavior(request, context)
             except Exception as exc:
+                failure = exc
                 _abort(context, exc)
+            finally:
+                observe(_final_code(context, failure), time.perf_counter() - start)
 
         return call
 
     def streaming(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            failure: BaseException | None = None
             try:
                 check()
                 yield from behavior(request, context)
             except Exception as exc:
+                failure = exc
                 if isinstance(exc, grpc.RpcError) and not context.is_active():
+                    failure = None
                     return  # the client went away mid-stream (a reflection client closing)
                 _abort(context, exc)
+            finally:
+                observe(_final_code(context, failure), time.perf_counter() - start)
 
         return call
 

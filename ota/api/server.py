@@ -16,6 +16,7 @@ from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutServicer
 from ota.api.tokens import TokenServicer
 from ota.errors import Unavailable
+from ota.metrics import Metrics
 from ota.tls import ServerTls
 from ota.v1 import (
     bundle_pb2,
@@ -44,11 +45,12 @@ def build_server(
     tokens: TokenServicer,
     workers: int = 32,
     tls: ServerTls | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and bind (not start) the server; returns it with the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ota-rpc"),
-        interceptors=[OtaInterceptor(auth)],
+        interceptors=[OtaInterceptor(auth, metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

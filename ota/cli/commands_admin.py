@@ -20,6 +20,7 @@ from ota.cli.output import console, emit_json
 from ota.config import load_server_config
 from ota.errors import InvalidArgument
 from ota.keyring import generate_keyring
+from ota.logs import configure_logging
 from ota.trust.keys import generate_key, load_public_key, public_key_path
 from ota.trust.rootgen import DIRECTOR_FIELD, RootChange, parse_root
 
@@ -29,7 +30,9 @@ def register(nouns: Any) -> None:
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--listen", help="gRPC listen address, e.g. 0.0.0.0:50051")
     p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
-    p.add_argument("--mqtt-url", help="mqtt://host:port")
+    p.add_argument("--mqtt-url", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--metrics-listen", help="serve Prometheus metrics here, e.g. 127.0.0.1:9464")
+    p.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
     p.set_defaults(handler=serve)
 
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
@@ -156,8 +159,12 @@ def serve(args: argparse.Namespace) -> int:
         "listen": args.listen,
         "database_url": args.database_url,
         "mqtt_url": args.mqtt_url,
+        "metrics_listen": args.metrics_listen,
+        "log_format": args.log_format,
     }
     config = load_server_config(args.config, overrides=overrides)
+    # A server says what it is doing (INFO), in the format its log collector reads.
+    configure_logging(config.log_format, verbose=True)
     plane = ControlPlane.build(config)
     plane.start()
     console.print(f"ota control plane serving on {config.listen} (port {plane.port})")
@@ -182,6 +189,7 @@ def dev(args: argparse.Namespace) -> int:
         env_file.write_text(stack.env_lines())
         console.print(f"gRPC      {stack.server}")
         console.print(f"MQTT      {stack.mqtt_url}")
+        console.print(f"metrics   {stack.metrics_url}")
         console.print(f"token     {stack.admin_token}")
         console.print(f"root      {stack.keys.root_json}")
         console.print(f"release   {stack.keys.release_key}")

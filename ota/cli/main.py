@@ -7,7 +7,6 @@ itself shows a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ import grpc
 from ota.cli import commands_admin, commands_ops, commands_tokens
 from ota.cli.connect import add_tls_options
 from ota.errors import OtaError
+from ota.logs import configure_logging
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -55,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(os.environ.get("OTA_LOG_FORMAT", "text"), verbose=args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

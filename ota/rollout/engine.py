@@ -206,7 +206,12 @@ class RolloutEngine:
                     now=now,
                     phase="",
                 )
-                log.warning("rollout %s: %s", rollout.rollout_id, reason)
+                log.warning(
+                    "rollout %s: %s",
+                    rollout.rollout_id,
+                    reason,
+                    extra={"rollout_id": rollout.rollout_id},
+                )
             else:
                 self._set_phase(session, rollout, "soaking", "", now)
             return notified
@@ -297,7 +302,9 @@ class RolloutEngine:
         )
         if gate.action == "rollback":
             notified = revert_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
-        log.warning("rollout %s: %s", rollout.rollout_id, reason)
+        log.warning(
+            "rollout %s: %s", rollout.rollout_id, reason, extra={"rollout_id": rollout.rollout_id}
+        )
         return notified
 
     def _set_phase(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from datetime import datetime
 
@@ -38,6 +39,12 @@ class Ingester:
         self._thread = threading.Thread(target=self._run, name="ota-ingest", daemon=True)
         self.stored = 0
         self.dropped: Counter[str] = Counter()
+        # Receipt to commit of the oldest message in the last committed batch.
+        self.lag_seconds = 0.0
+
+    def backlog(self) -> int:
+        """Messages received from the broker and not yet committed."""
+        return self._link.inbox.qsize()
 
     def start(self) -> None:
         self._thread.start()
@@ -121,7 +128,11 @@ class Ingester:
                     raise Dropped("bad_topic", message.topic)
             except Dropped as drop:
                 dropped[drop.reason] += 1
-                log.warning("dropped device message: %s", drop)
+                log.warning(
+                    "dropped device message: %s",
+                    drop,
+                    extra={"device_id": parsed[0] if parsed else None, "reason": drop.reason},
+                )
         now = self._clock.now()
         with self._store.transaction() as session:
             result = ingest_events(session, events, now) if events else None
@@ -130,6 +141,7 @@ class Ingester:
             count_drops(session, dropped)
         for message in batch:
             self._link.ack(message)
+        self.lag_seconds = time.monotonic() - min(m.received for m in batch)
         if result is not None:
             self.stored += result.stored
             dropped.update(result.dropped)

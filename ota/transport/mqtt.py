@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -51,6 +52,8 @@ class InboundMessage:
     payload: bytes
     mid: int
     qos: int
+    # When it reached this process (monotonic): the start of its ingest lag.
+    received: float = field(default_factory=time.monotonic)
 
 
 class MqttLink:
