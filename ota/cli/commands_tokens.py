@@ -59,8 +59,11 @@ def tokens_create(args: argparse.Namespace) -> int:
         emit_json(response)
     else:
         t = response.token
-        console.print(f"created token {t.token_id} ({t.display_name}, {t.role})")
-        console.print(f"token {response.secret}  (shown once: store it now)")
+        console.print(
+            f"created token {t.token_id} ({t.display_name}, {t.role}); "
+            "this is the only time it is shown:"
+        )
+        print(response.secret)  # plain, so a terminal never wraps or styles it
     return 0
 
 

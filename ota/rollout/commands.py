@@ -4,6 +4,7 @@ rollback, kill. Each runs in one transaction with its audit entry (actor, reason
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ota.rollout.notify import DesiredStateSigner
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
 from ota.store.session import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,9 @@ class RolloutCommands:
                 plan_version=rollout.plan_version + 1,
             )
         self._on_change()
+        log.info(
+            "rollout %s: plan edited by %s", rollout_id, actor, extra={"rollout_id": rollout_id}
+        )
         return result
 
     @staticmethod
@@ -253,6 +259,9 @@ class RolloutCommands:
             elif command == "kill":
                 deactivate_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
         self._on_change()
+        log.info(
+            "rollout %s: %s by %s", rollout_id, command, who.name, extra={"rollout_id": rollout_id}
+        )
         return result
 
     @staticmethod

@@ -1,0 +1,95 @@
+"""API token storage on SQLite and PostgreSQL: digests only, revocation, last use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from ota.api.auth import Authenticator
+from ota.clock import ManualClock, utc
+from ota.errors import NotFound, Unauthenticated
+from ota.store import tokens
+from ota.store.database import migrate, open_database
+from ota.store.models import ApiTokenRow
+from ota.store.session import Store
+from tests.integration.test_store import _reset_postgres
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+    else:
+        engine = open_database(request.getfixturevalue("postgres_url"))
+        _reset_postgres(engine)
+    migrate(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def test_only_the_digest_is_stored_and_revocation_holds_at_the_next_call(store: Store) -> None:
+    clock = ManualClock(NOW)
+    auth = Authenticator(store, {"bootstrap-admin": "admin:root"}, clock)
+    with store.transaction() as session:
+        issued = tokens.create(session, display_name="ci", role="release", creator="root", now=NOW)
+    with store.transaction() as session:
+        rows = session.exec(select(ApiTokenRow)).all()
+    assert len(rows) == 1
+    assert issued.secret not in {v for r in rows for v in r.model_dump().values() if v}
+    assert rows[0].token_sha256 == tokens.digest(issued.secret)
+
+    caller = auth.authenticate(issued.secret)
+    assert (caller.role, caller.name) == ("release", "ci")
+
+    def last_used() -> datetime | None:
+        with store.transaction() as session:
+            row = session.get(ApiTokenRow, issued.row.token_id)
+            assert row is not None
+            return utc(row.last_used_at) if row.last_used_at else None
+
+    assert last_used() == NOW
+    clock.advance(timedelta(seconds=30))
+    auth.authenticate(issued.secret)
+    assert last_used() == NOW  # written at most once a minute
+    clock.advance(timedelta(seconds=31))
+    auth.authenticate(issued.secret)
+    assert last_used() == NOW + timedelta(seconds=61)
+
+    with store.transaction() as session:
+        revoked = tokens.revoke(session, issued.row.token_id, clock.now())
+    assert revoked.revoked_at is not None
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(issued.secret)
+    with store.transaction() as session:  # revoking again changes nothing
+        again = tokens.revoke(session, issued.row.token_id, clock.now() + timedelta(hours=1))
+    assert again.revoked_at is not None and revoked.revoked_at is not None
+    assert utc(again.revoked_at) == utc(revoked.revoked_at)
+    with pytest.raises(NotFound), store.transaction() as session:
+        tokens.revoke(session, "0000000000000000", clock.now())
+    # The config token still works: the bootstrap admin.
+    assert auth.authenticate("bootstrap-admin").role == "admin"
+
+
+def test_listing_pages_and_filters_revoked_tokens(store: Store) -> None:
+    with store.transaction() as session:
+        made = [
+            tokens.create(session, display_name=f"t{i}", role="viewer", creator="root", now=NOW)
+            for i in range(5)
+        ]
+        tokens.revoke(session, made[0].row.token_id, NOW)
+    with store.transaction() as session:
+        everything = tokens.list_tokens(session, after="", limit=10, active_only=False)
+        active = tokens.list_tokens(session, after="", limit=10, active_only=True)
+        first = tokens.list_tokens(session, after="", limit=2, active_only=False)
+        rest = tokens.list_tokens(session, after=first[-1].token_id, limit=10, active_only=False)
+    assert len(everything) == 5 and len(active) == 4
+    assert made[0].row.token_id not in {t.token_id for t in active}
+    assert [t.token_id for t in [*first, *rest]] == [t.token_id for t in everything]
