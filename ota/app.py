@@ -203,6 +203,9 @@ class ControlPlane:
         )
 
     def start(self) -> None:
+        if self.config.metrics_listen:
+            # First: a port in use fails here, before any other thread runs.
+            self.metrics_server = self.metrics.serve(self.config.metrics_listen)
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -210,8 +213,7 @@ class ControlPlane:
         self.refresher.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
-        if self.config.metrics_listen:
-            self.metrics_server = self.metrics.serve(self.config.metrics_listen)
+        if self.metrics_server is not None:
             log.info("metrics at http://%s/metrics", self.metrics_address)
 
     @property

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ota.errors import InvalidArgument
+from ota.metrics import parse_listen
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class ServerConfig:
                 "mTLS (tls_client_ca_file) needs TLS: set tls_cert_file and tls_key_file",
                 field="tls_client_ca_file",
             )
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen)
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(
                 f"{self.log_format!r} is not 'text' or 'json'", field="log_format"

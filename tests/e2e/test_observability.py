@@ -161,10 +161,13 @@ def test_json_logs_carry_rollout_and_device_ids() -> None:
     assert line["device_id"] == "car-7" and "ValueError: boom" in line["exception"]
 
 
-def test_config_refuses_an_unknown_log_format_and_half_a_tls_setup() -> None:
+def test_config_refuses_bad_log_format_metrics_address_and_half_a_tls_setup() -> None:
     with pytest.raises(InvalidArgument, match="log_format"):
         ServerConfig(log_format="xml")
     with pytest.raises(InvalidArgument, match="tls_cert_file"):
         ServerConfig(tls_cert_file="/etc/ota/server.pem")
     with pytest.raises(InvalidArgument, match="tls_client_ca_file"):
         ServerConfig(tls_client_ca_file="/etc/ota/ca.pem")
+    with pytest.raises(InvalidArgument, match="metrics_listen"):
+        ServerConfig(metrics_listen="9464")
+    assert ServerConfig(metrics_listen="[::1]:9464").metrics_listen == "[::1]:9464"
