@@ -12,6 +12,7 @@ denied to everyone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _T + "ListTokens": frozenset({ADMIN}),
     _T + "RevokeToken": frozenset({ADMIN}),
 }
+# Verified device credentials are trusted this long without the database. The
+# replica that revokes a device forgets it at once; other replicas within this.
+DEVICE_CACHE_SECONDS = 30.0
 # Health and reflection are open: load balancers and grpcurl call them unauthenticated.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -106,12 +110,13 @@ class Authenticator:
         self._clock = clock or SystemClock()
         # token -> "role" or "role:name" (the name is what the audit log shows)
         self._tokens = dict(tokens)
-        self._verified: dict[str, str] = {}
+        # device token -> (device id, monotonic time the entry stops being trusted)
+        self._verified: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     def forget_device(self, device_id: str) -> None:
         with self._lock:
-            self._verified = {t: d for t, d in self._verified.items() if d != device_id}
+            self._verified = {t: e for t, e in self._verified.items() if e[0] != device_id}
 
     def authenticate(self, token: str) -> Caller:
         if not token:
@@ -122,16 +127,17 @@ class Authenticator:
             return Caller(role, name or role)
         if token.startswith("device:"):
             with self._lock:
-                device_id = self._verified.get(token)
-            if device_id is not None:
-                return Caller(DEVICE, device_id)
+                cached = self._verified.get(token)
+            if cached is not None and cached[1] > time.monotonic():
+                return Caller(DEVICE, cached[0])
             parts = token.split(":", 2)
             if len(parts) == 3:
                 with self._store.transaction() as session:
                     ok = fleet.authenticate(session, parts[1], parts[2])
                 if ok:
                     with self._lock:
-                        self._verified[token] = parts[1]
+                        expires = time.monotonic() + DEVICE_CACHE_SECONDS
+                        self._verified[token] = (parts[1], expires)
                     return Caller(DEVICE, parts[1])
         elif token.startswith(api_tokens.PREFIX):
             # Not cached: a revocation must hold on the very next call, on every replica.

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
+from ota.api import auth as auth_module
 from ota.api.auth import Authenticator
 from ota.clock import ManualClock, utc
 from ota.errors import NotFound, Unauthenticated
-from ota.store import tokens
+from ota.store import fleet, tokens
 from ota.store.database import migrate, open_database
 from ota.store.models import ApiTokenRow
 from ota.store.session import Store
@@ -93,3 +94,24 @@ def test_listing_pages_and_filters_revoked_tokens(store: Store) -> None:
     assert len(everything) == 5 and len(active) == 4
     assert made[0].row.token_id not in {t.token_id for t in active}
     assert [t.token_id for t in [*first, *rest]] == [t.token_id for t in everything]
+
+
+def test_a_device_revoked_on_another_replica_is_refused_once_its_cache_entry_expires(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with store.transaction() as session:
+        secret = fleet.register_devices(
+            session, [fleet.Registration("car-1", "ev6", "eu", "4.2", {})], NOW
+        )["car-1"]
+    token = f"device:car-1:{secret}"
+    here, there = Authenticator(store, {}), Authenticator(store, {})
+    assert there.authenticate(token).name == "car-1"  # cached on the other replica
+    with store.transaction() as session:
+        fleet.revoke(session, "car-1")
+    here.forget_device("car-1")
+    with pytest.raises(Unauthenticated):
+        here.authenticate(token)
+    assert there.authenticate(token).name == "car-1"  # within DEVICE_CACHE_SECONDS
+    monkeypatch.setattr(auth_module.time, "monotonic", lambda: 10**12)
+    with pytest.raises(Unauthenticated):
+        there.authenticate(token)
