@@ -13,6 +13,9 @@ from ota.v1 import common_pb2
 
 # Sequence numbers are stored as signed 64-bit integers.
 MAX_SEQ = 2**63
+# The widths of the store's columns for an event's text: a longer value would make
+# PostgreSQL refuse the whole batch, so it is a malformed event instead.
+MAX_TEXT = {"rollout_id": 32, "feature": 64, "version": 32}
 
 
 class Dropped(Exception):
@@ -54,6 +57,7 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
         )
     if not 0 < event.seq < MAX_SEQ:
         raise Dropped("malformed", f"event from {topic_device_id} with seq {event.seq}")
+    _check_text(event, topic_device_id)
     state = common_pb2.DeviceState.Name(event.state) if event.state in _STATE_NUMBERS else ""
     if state not in ALL_STATES:
         raise Dropped("malformed", f"unknown state {event.state} from {topic_device_id}")
@@ -85,6 +89,16 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
             else None
         ),
     )
+
+
+def _check_text(event: common_pb2.DeviceEvent, topic_device_id: str) -> None:
+    for name, width in MAX_TEXT.items():
+        if len(getattr(event, name)) > width:
+            raise Dropped("malformed", f"{name} longer than {width} from {topic_device_id}")
+    for name in (*MAX_TEXT, "detail"):
+        # Valid UTF-8, yet no SQL text column can store it.
+        if "\x00" in getattr(event, name):
+            raise Dropped("malformed", f"NUL character in {name} from {topic_device_id}")
 
 
 def decode_presence(topic_device_id: str, payload: bytes, *, max_bytes: int) -> ReportedPresence:
