@@ -31,6 +31,7 @@ from ota.store.session import Store
 from ota.transport.ingester import Ingester
 from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
+from ota.transport.ratelimit import DeviceRateLimit, DeviceRateLimiter
 from ota.transport.topics import Topics
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
@@ -154,6 +155,9 @@ class ControlPlane:
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
+        flood_guard = DeviceRateLimiter(
+            DeviceRateLimit(rate=config.ingest_device_rate, burst=config.ingest_device_burst)
+        )
         server, port, _health = build_server(
             config.listen,
             auth=auth,
@@ -166,6 +170,7 @@ class ControlPlane:
                 accounts=accounts,
                 mqtt_url=config.mqtt_url,
                 topic_root=config.topic_root,
+                flood_guard=flood_guard,
             ),
             reports=ReportServicer(store, clock),
         )
@@ -175,6 +180,7 @@ class ControlPlane:
             clock,
             batch_size=config.ingest_batch_size,
             max_payload_bytes=config.ingest_max_payload_bytes,
+            rate_limiter=flood_guard,
         )
         refresher = TimestampRefresher(repo)
         return cls(config, port, server, engine, publisher, ingester, link, store, refresher)
