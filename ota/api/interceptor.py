@@ -14,6 +14,7 @@ import grpc
 
 from ota import errors
 from ota.api.auth import Authenticator, bearer
+from ota.api.screening import screened
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _wrap(handler: Handler, check: Callable[[], object]) -> Handler:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 check()
-                return behavior(request, context)
+                return behavior(screened(request), context)
             except Exception as exc:
                 _abort(context, exc)
 
@@ -87,7 +88,7 @@ def _wrap(handler: Handler, check: Callable[[], object]) -> Handler:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 check()
-                yield from behavior(request, context)
+                yield from behavior(screened(request), context)
             except Exception as exc:
                 _abort(context, exc)
 
