@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from ota.client import Client
 from ota.devstack import DevStack
+from ota.store.database import open_database
 from ota.store.ingest import drop_counts
 from ota.v1 import common_pb2, fleet_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle, MqttProbe
@@ -81,9 +83,30 @@ def _event(device_id: str, seq: int, state: int, rollout_id: str = "") -> common
     )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, broker: BrokerHandle
+) -> Iterator[DevStack]:
+    """A stack on SQLite or PostgreSQL: duplicates meet a different upsert on each."""
+    database_url = None
+    if request.param == "postgresql":
+        database_url = request.getfixturevalue("postgres_url")
+        engine = open_database(database_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        engine.dispose()
+    dev = DevStack.start(tmp_path / "stack", broker=endpoint(broker), database_url=database_url)
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
 def test_duplicate_and_late_events_never_move_a_device_backwards(
-    stack: DevStack, broker: BrokerHandle, tmp_path: Path
+    any_db_stack: DevStack, broker: BrokerHandle, tmp_path: Path
 ) -> None:
+    stack = any_db_stack
     client = Client.connect(stack.server, stack.admin_token)
     try:
         secret = _register(client, "car-dup", "ev6")
@@ -119,6 +142,14 @@ def test_duplicate_and_late_events_never_move_a_device_backwards(
                 _event("car-dup", 2, common_pb2.DOWNLOADING, rid),
                 _event("car-dup", 4, common_pb2.INSTALLED, rid),
                 _event("car-dup", 4, common_pb2.FAILED, rid),
+                # Text no column can hold (PostgreSQL refuses NUL and over-long values):
+                # dropped as malformed, not a refused batch.
+                common_pb2.DeviceEvent(
+                    device_id="car-dup", seq=6, state=common_pb2.ACTIVE, detail="x\x00y"
+                ),
+                common_pb2.DeviceEvent(
+                    device_id="car-dup", seq=7, state=common_pb2.ACTIVE, feature="f" * 65
+                ),
                 _event("car-dup", 5, common_pb2.NOTIFIED),
             )
         wait_for(
@@ -126,6 +157,8 @@ def test_duplicate_and_late_events_never_move_a_device_backwards(
             what="the marker stored",
         )
         assert _stored_seqs(client, "car-dup")[3] == (4, common_pb2.INSTALLED)
+        with stack.control_plane.store.transaction() as session:
+            assert drop_counts(session) == {"malformed": 2}
         r = report(client, rid)
         assert report_states(r) == {"INSTALLED": 1}
         assert r.events_ingested == 4  # seq 1-4 once each; duplicates are not events
