@@ -7,6 +7,9 @@ what firmware with a bug (or a stolen identity) does: resend, reorder, flood.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -275,6 +278,16 @@ def test_a_flooding_device_is_rate_limited_and_the_rollout_completes_exactly(
             metadata=client.metadata,
         )
         assert not calm.rate_limited and calm.rate_limited_drops == 0
+        shown = subprocess.run(
+            [sys.executable, "-m", "ota.cli.main", "fleet", "get", "kiosk-flood"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=True,
+            env={**os.environ, "OTA_SERVER": stack.server, "OTA_TOKEN": stack.admin_token},
+        )
+        assert f"rate limited: {limited} messages dropped" in shown.stdout
         warnings = [r.getMessage() for r in caplog.records if r.name == "ota.transport.ratelimit"]
         assert 1 <= len(warnings) <= 1 + elapsed / 60
         assert all("kiosk-flood" in w for w in warnings)
