@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.e2e
 
 FLOOD_RATE = 5.0
 FLOOD_BURST = 100
+MARKER_SEQ = 2**31 - 2  # the largest seq but one; the garbage below never uses it
 
 
 def _register(client: Client, device_id: str, model: str) -> str:
@@ -294,3 +296,60 @@ def test_a_flooding_device_is_rate_limited_and_the_rollout_completes_exactly(
     finally:
         client.close()
         fleet.stop()
+
+
+def _garbage(rng: random.Random, device_id: str, n: int) -> Iterator[bytes]:
+    """Random bytes and mutated valid events: what a broken or hostile device sends."""
+    for i in range(n):
+        if i % 3 == 0:
+            yield rng.randbytes(rng.randrange(0, 200))
+            continue
+        event = common_pb2.DeviceEvent(
+            device_id=rng.choice([device_id, "car-other", ""]),
+            seq=rng.choice([0, 1, 2**31 - 1, 2**63 - 1, 2**64 - 1, rng.randrange(1, MARKER_SEQ)]),
+            state=rng.randrange(0, 15),
+            error_code=rng.randrange(0, 15),
+            rollout_id=rng.choice(["", "r-00000000", "r\x00", "r" * 40]),
+            feature=rng.choice(["", "lane-assist", "f\x00", "é" * 70]),
+            detail=rng.choice(["", "boom", "\x00", "x" * 5000]),
+            bundle_sha256=rng.randbytes(rng.choice([0, 32, 100])),
+            health=common_pb2.HealthSample(
+                crash_count=rng.choice([0, 1, 2**31, 2**32 - 1]),
+                uptime_seconds=rng.choice([0, 2**64 - 1]),
+            ),
+        )
+        event.time.seconds = rng.choice([0, -(2**62), 2**62, 1_700_000_000])
+        data = bytearray(event.SerializeToString())
+        for _ in range(rng.randrange(0, 3)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        yield bytes(data[: rng.randrange(len(data) + 1)] if i % 5 == 0 else data)
+
+
+def test_garbage_from_a_device_is_dropped_by_reason_and_ingest_keeps_going(
+    any_db_stack: DevStack, broker: BrokerHandle
+) -> None:
+    stack = any_db_stack
+    client = Client.connect(stack.server, stack.admin_token)
+    try:
+        secret = _register(client, "car-noise", "ev6")
+        topic = "ota/v1/devices/car-noise/events"
+        with broker.client("car-noise", secret) as car:
+            car.connect_ok()
+            for payload in _garbage(random.Random(20260501), "car-noise", 300):
+                assert not car.publish(topic, payload).is_failure
+            marker = _event("car-noise", MARKER_SEQ, common_pb2.NOTIFIED)
+            assert not car.publish(topic, marker.SerializeToString()).is_failure
+        wait_for(
+            lambda: (MARKER_SEQ, common_pb2.NOTIFIED) in _stored_seqs(client, "car-noise"),
+            what="the marker after the garbage stored",
+        )
+        with stack.control_plane.store.transaction() as session:
+            drops = drop_counts(session)
+        # Every refusal has its reason (the decoder's, or an unknown rollout named):
+        # none reached the store and failed there.
+        assert set(drops) <= {"malformed", "device_mismatch", "unknown_rollout"}, drops
+        assert sum(drops.values()) > 150
+        assert stack.control_plane.ingester.dropped.get("store_refused", 0) == 0
+    finally:
+        client.close()

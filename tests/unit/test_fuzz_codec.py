@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from ota.domain.states import ALL_STATES
 from ota.transport.codec import (
+    MAX_HEALTH_COUNT,
     MAX_SEQ,
     MAX_TEXT,
     Dropped,
@@ -32,7 +33,9 @@ text = st.text(max_size=80)
 events = st.builds(
     common_pb2.DeviceEvent,
     device_id=st.sampled_from([DEVICE, "car-2", "", "car-1\x00"]),
-    seq=st.one_of(st.integers(0, 2**64 - 1), st.integers(1, 100)),
+    seq=st.one_of(
+        st.integers(0, 2**64 - 1), st.integers(1, 100), st.sampled_from([2**31 - 1, 2**31])
+    ),
     rollout_id=text,
     bundle_sha256=st.binary(max_size=40),
     state=st.integers(0, 20),
@@ -44,7 +47,7 @@ events = st.builds(
         st.none(),
         st.builds(
             common_pb2.HealthSample,
-            crash_count=st.integers(0, 2**32 - 1),
+            crash_count=st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 3)),
             feature_error_count=st.integers(0, 2**32 - 1),
             uptime_seconds=st.integers(0, 2**64 - 1),
         ),
@@ -74,6 +77,8 @@ def _check_event(payload: bytes) -> None:
         value = getattr(event, name)
         assert len(value) <= width and "\x00" not in value, name
     assert "\x00" not in event.detail
+    if event.health is not None:
+        assert max(event.health.crashes, event.health.feature_errors) <= MAX_HEALTH_COUNT
 
 
 @FUZZ
