@@ -34,6 +34,7 @@ from ota.tls import ServerTls
 from ota.transport.ingester import Ingester
 from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
+from ota.transport.ratelimit import DeviceRateLimit, DeviceRateLimiter
 from ota.transport.topics import Topics
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
@@ -171,6 +172,9 @@ class ControlPlane:
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
+        flood_guard = DeviceRateLimiter(
+            DeviceRateLimit(rate=config.ingest_device_rate, burst=config.ingest_device_burst)
+        )
         server, port, _health = build_server(
             config.listen,
             auth=auth,
@@ -183,6 +187,7 @@ class ControlPlane:
                 accounts=accounts,
                 mqtt_url=config.mqtt_url,
                 topic_root=config.topic_root,
+                flood_guard=flood_guard,
             ),
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
@@ -195,6 +200,7 @@ class ControlPlane:
             clock,
             batch_size=config.ingest_batch_size,
             max_payload_bytes=config.ingest_max_payload_bytes,
+            rate_limiter=flood_guard,
         )
         refresher = TimestampRefresher(repo)
         metrics.watch(store, ingester)

@@ -44,6 +44,10 @@ class ServerConfig:
     engine_interval_seconds: float = 0.25
     ingest_batch_size: int = 500
     ingest_max_payload_bytes: int = 64 * 1024
+    # Messages per second one device may send (sustained, and in a burst) before
+    # the excess is dropped as "rate_limited"; 0 turns the limit off.
+    ingest_device_rate: float = 20.0
+    ingest_device_burst: int = 1000
     # gRPC over TLS: the server's certificate chain and key (PEM); empty = plaintext.
     tls_cert_file: str = ""
     tls_key_file: str = ""

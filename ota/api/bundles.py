@@ -34,6 +34,7 @@ from ota.v1 import bundle_pb2, bundle_pb2_grpc, common_pb2
 ROLES = ("root", "timestamp", "snapshot", "targets")
 MAX_BUNDLE_BYTES = 4 * 1024**3
 MAX_SIGNATURES = 64
+MAX_REQUEST_ID = 128  # the width of the stored request_id
 
 
 class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
@@ -63,10 +64,13 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 raise InvalidArgument("is required", field=f"metadata.{name}")
         name = bundles.bundle_name(meta.feature, meta.version)
         if meta.request_id:
+            _check_request_id(meta.request_id, field="metadata.request_id")
             with self._store.transaction() as session:
                 if earlier := bundles.bundle_by_request(session, meta.request_id):
+                    _same_publication(earlier, meta)
                     return self._published(earlier)
                 if waiting := bundles.pending_by_request(session, meta.request_id):
+                    _same_publication(waiting, meta)
                     return self._pending(waiting)
         with self._publishing:
             with self._store.transaction() as session:
@@ -273,7 +277,9 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
     ) -> bundle_pb2.GetMetadataResponse:
         if request.role not in ROLES:
             raise InvalidArgument(f"must be one of {', '.join(ROLES)}", field="role")
-        content = self._repo.metadata(request.role, request.version or None)
+        # Versions are stored as 32-bit integers on PostgreSQL: a larger one cannot exist.
+        in_range = request.version < 2**31
+        content = self._repo.metadata(request.role, request.version or None) if in_range else None
         if content is None:
             raise NotFound(f"no {request.role} metadata version {request.version}", field="version")
         return bundle_pb2.GetMetadataResponse(content=content)
@@ -381,6 +387,39 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             signatures_required=threshold or self._repo.release_threshold(),
             targets_version=row.targets_version,
         )
+
+
+def _check_request_id(request_id: str, *, field: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidArgument(
+            f"must be at most {MAX_REQUEST_ID} printable characters (a UUID, say)", field=field
+        )
+
+
+def _same_publication(
+    earlier: BundleRow | PendingBundleRow, meta: bundle_pb2.PublishBundleMetadata
+) -> None:
+    """A retry carries the same request_id and body; another body is a caller's mistake."""
+    if (earlier.feature, earlier.version, earlier.target_path) == (
+        meta.feature,
+        meta.version,
+        meta.target_path,
+    ) and _claimed_sha256(meta.signed_targets, meta.target_path) == earlier.sha256:
+        return
+    raise InvalidArgument(
+        f"{meta.request_id!r} was used to publish {earlier.name} with other contents; "
+        "use a new request_id for a new publication",
+        field="metadata.request_id",
+    )
+
+
+def _claimed_sha256(signed_targets: bytes, target_path: str) -> str:
+    """The sha256 the signed targets give `target_path` (only compared, never trusted)."""
+    try:
+        md = parse_targets(signed_targets, field="metadata.signed_targets")
+        return str(md.signed.targets[target_path].hashes["sha256"])
+    except (InvalidArgument, KeyError):
+        return ""
 
 
 def _signed_by(publication: Publication) -> str:

@@ -29,6 +29,12 @@ class BrokerAccounts(Protocol):
     def remove(self, username: str) -> None: ...
 
 
+class FloodFlags(Protocol):
+    """How many of a device's messages ingest dropped as over its rate, if it is flagged."""
+
+    def dropped_if_flagged(self, device_id: str) -> int | None: ...
+
+
 class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     def __init__(
         self,
@@ -39,7 +45,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         accounts: BrokerAccounts | None,
         mqtt_url: str,
         topic_root: str,
+        flood_guard: FloodFlags | None = None,
     ) -> None:
+        self._flood_guard = flood_guard
         self._store = store
         self._clock = clock
         self._auth = auth
@@ -114,8 +122,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 .order_by(col(DeviceEventRow.seq).desc())
                 .limit(limit)
             ).all()
+        flooded = self._flood_guard.dropped_if_flagged(row.device_id) if self._flood_guard else None
         return fleet_pb2.GetDeviceResponse(
-            device=convert.device(row), events=[convert.device_event(e) for e in reversed(events)]
+            device=convert.device(row),
+            events=[convert.device_event(e) for e in reversed(events)],
+            rate_limited=flooded is not None,
+            rate_limited_drops=flooded or 0,
         )
 
     def RevokeDevice(

@@ -15,6 +15,7 @@ import grpc
 
 from ota import errors
 from ota.api.auth import Authenticator, bearer
+from ota.api.screening import screened
 from ota.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Ha
             failure: BaseException | None = None
             try:
                 check()
-                return behavior(request, context)
+                return behavior(screened(request), context)
             except Exception as exc:
                 failure = exc
                 _abort(context, exc)
@@ -117,7 +118,7 @@ def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Ha
             failure: BaseException | None = None
             try:
                 check()
-                yield from behavior(request, context)
+                yield from behavior(screened(request), context)
             except Exception as exc:
                 failure = exc
                 if isinstance(exc, grpc.RpcError) and not context.is_active():

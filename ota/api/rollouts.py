@@ -22,6 +22,8 @@ from ota.store.models import RolloutRow
 from ota.store.session import Store
 from ota.v1 import rollout_pb2, rollout_pb2_grpc
 
+MAX_REQUEST_ID = 128  # the width of the stored request_id
+
 _ACTIONS = {
     rollout_pb2.GATE_ACTION_UNSPECIFIED: "pause",
     rollout_pb2.GATE_ACTION_PAUSE: "pause",
@@ -32,6 +34,11 @@ _ACTIONS = {
 
 def _new_rollout(request: rollout_pb2.CreateRolloutRequest) -> NewRollout:
     """From a plan document, or from the flat fields (what `--stages` builds)."""
+    if len(request.request_id) > MAX_REQUEST_ID or not request.request_id.isprintable():
+        raise InvalidArgument(
+            f"must be at most {MAX_REQUEST_ID} printable characters (a UUID, say)",
+            field="request_id",
+        )
     if request.plan_document:
         given = {
             "feature": bool(request.feature),

@@ -431,6 +431,11 @@ def fleet_get(args: argparse.Namespace) -> int:
     console.print(
         f"{d.device_id}  model {d.model}  region {d.region}  firmware {d.firmware}  online {d.online}"
     )
+    if response.rate_limited:
+        console.print(
+            f"rate limited: {response.rate_limited_drops} messages dropped for exceeding "
+            "the per-device ingest rate"
+        )
     table(
         "Events",
         ["seq", "rollout", "state", "reason"],

@@ -11,8 +11,15 @@ from ota.domain.states import ALL_STATES, FAILURE_REASONS
 from ota.store.ingest import HealthFigures, IncomingEvent
 from ota.v1 import common_pb2
 
-# Sequence numbers are stored as signed 64-bit integers.
-MAX_SEQ = 2**63
+# Sequence numbers are stored in 32-bit integer columns on PostgreSQL: a larger one
+# is refused on every database alike (2^31 events is decades of any honest device).
+MAX_SEQ = 2**31
+# Crashes or errors counted in one health sample; more is not a measurement, and
+# the sums they feed are 32-bit integers on PostgreSQL.
+MAX_HEALTH_COUNT = 1_000_000
+# The widths of the store's columns for an event's text: a longer value would make
+# PostgreSQL refuse the whole batch, so it is a malformed event instead.
+MAX_TEXT = {"rollout_id": 32, "feature": 64, "version": 32}
 
 
 class Dropped(Exception):
@@ -54,6 +61,11 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
         )
     if not 0 < event.seq < MAX_SEQ:
         raise Dropped("malformed", f"event from {topic_device_id} with seq {event.seq}")
+    _check_text(event, topic_device_id)
+    if event.HasField("health") and (
+        max(event.health.crash_count, event.health.feature_error_count) > MAX_HEALTH_COUNT
+    ):
+        raise Dropped("malformed", f"implausible health counts from {topic_device_id}")
     state = common_pb2.DeviceState.Name(event.state) if event.state in _STATE_NUMBERS else ""
     if state not in ALL_STATES:
         raise Dropped("malformed", f"unknown state {event.state} from {topic_device_id}")
@@ -85,6 +97,16 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
             else None
         ),
     )
+
+
+def _check_text(event: common_pb2.DeviceEvent, topic_device_id: str) -> None:
+    for name, width in MAX_TEXT.items():
+        if len(getattr(event, name)) > width:
+            raise Dropped("malformed", f"{name} longer than {width} from {topic_device_id}")
+    for name in (*MAX_TEXT, "detail"):
+        # Valid UTF-8, yet no SQL text column can store it.
+        if "\x00" in getattr(event, name):
+            raise Dropped("malformed", f"NUL character in {name} from {topic_device_id}")
 
 
 def decode_presence(topic_device_id: str, payload: bytes, *, max_bytes: int) -> ReportedPresence:

@@ -16,6 +16,7 @@ from ota.store.ingest import IncomingEvent, count_drops, ingest_events
 from ota.store.session import Store
 from ota.transport.codec import Dropped, ReportedPresence, decode_event, decode_presence
 from ota.transport.mqtt import InboundMessage, MqttLink
+from ota.transport.ratelimit import DeviceRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ class Ingester:
         *,
         batch_size: int = 500,
         max_payload_bytes: int = 64 * 1024,
+        rate_limiter: DeviceRateLimiter | None = None,
     ) -> None:
+        self._limiter = rate_limiter
+        self._limited: set[int] = set()
         self._link = link
         self._store = store
         self._clock = clock
@@ -58,6 +62,7 @@ class Ingester:
             batch = self._take_batch()
             if not batch:
                 continue
+            self._limited = self._over_limit(batch)
             delay = 0.1
             while not self._stop.is_set():
                 try:
@@ -92,6 +97,16 @@ class Ingester:
                     self.dropped["store_refused"] += 1
                     break
 
+    def _over_limit(self, batch: list[InboundMessage]) -> set[int]:
+        """Messages over their device's rate: decided once, not again when a batch is retried."""
+        if self._limiter is None:
+            return set()
+        return {
+            id(m)
+            for m in batch
+            if (parsed := self._link.topics.parse(m.topic)) and not self._limiter.admit(parsed[0])
+        }
+
     def _take_batch(self) -> list[InboundMessage]:
         try:
             first = self._link.inbox.get(timeout=0.2)
@@ -115,6 +130,9 @@ class Ingester:
                 if parsed is None:
                     raise Dropped("bad_topic", message.topic)
                 device_id, kind = parsed
+                if id(message) in self._limited:
+                    dropped["rate_limited"] += 1  # logged by the limiter, once per interval
+                    continue
                 if kind == "events":
                     events.append(
                         decode_event(device_id, message.payload, max_bytes=self._max_payload)
