@@ -24,6 +24,7 @@ from ota.config import ServerConfig
 from ota.errors import InvalidArgument
 from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
+from ota.rollout.lease import FencedStore, Lease
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import migrate, open_database
@@ -96,6 +97,7 @@ class ControlPlane:
     link: MqttLink
     store: Store
     refresher: TimestampRefresher
+    lease: Lease
 
     @classmethod
     def build(
@@ -128,7 +130,18 @@ class ControlPlane:
             topics=topics,
             receive_maximum=max(2 * config.ingest_batch_size, 100),
         )
-        publisher = DesiredStatePublisher(link, store)
+        # Every replica serves and ingests; the engine lease's holder alone does
+        # what must happen once: the engine, publishing, re-signing the timestamp.
+        lease = Lease(
+            store,
+            clock,
+            holder=config.replica_id or config.mqtt_username,
+            duration_seconds=config.lease_duration_seconds,
+            renew_seconds=config.lease_renew_seconds,
+        )
+        publisher = DesiredStatePublisher(
+            link, store, holds_lease=lease.held, poll_seconds=config.publish_poll_seconds
+        )
         changes = RolloutChanges()
         ttl = timedelta(seconds=config.desired_state_ttl_seconds)
 
@@ -137,13 +150,20 @@ class ControlPlane:
             changes.notify()
 
         engine = RolloutEngine(
-            store,
+            FencedStore(engine_db, lease),
             director,
             clock,
             on_notify=notify,
             desired_ttl=ttl,
             interval=config.engine_interval_seconds,
+            holds_lease=lease.held,
         )
+
+        def lease_acquired() -> None:
+            engine.wake()
+            publisher.wake()
+
+        lease.on_acquired = lease_acquired
 
         def command_done() -> None:
             engine.wake()
@@ -176,13 +196,14 @@ class ControlPlane:
             batch_size=config.ingest_batch_size,
             max_payload_bytes=config.ingest_max_payload_bytes,
         )
-        refresher = TimestampRefresher(repo)
-        return cls(config, port, server, engine, publisher, ingester, link, store, refresher)
+        refresher = TimestampRefresher(repo, holds_lease=lease.held)
+        return cls(config, port, server, engine, publisher, ingester, link, store, refresher, lease)
 
     def start(self) -> None:
         self.link.start()
         self.ingester.start()
         self.publisher.start()
+        self.lease.start()
         self.engine.start()
         self.refresher.start()
         self.server.start()
@@ -193,6 +214,7 @@ class ControlPlane:
         self.engine.stop()
         self.refresher.stop()
         self.publisher.stop()
+        self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()
         self.link.stop()
         self.store.engine.dispose()
