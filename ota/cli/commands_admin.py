@@ -15,6 +15,7 @@ from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined, unuse
 from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
 
 from ota.broker.config import BrokerSettings, write_broker_config
+from ota.broker.passwords import PasswordFile
 from ota.cli.output import console, emit_json
 from ota.config import load_server_config
 from ota.errors import InvalidArgument
@@ -46,6 +47,13 @@ def register(nouns: Any) -> None:
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--topic-root", default="ota/v1")
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="USERNAME",
+        help="one more control-plane account, for another `ota serve` replica (repeatable)",
+    )
     p.set_defaults(handler=broker_config)
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
@@ -187,10 +195,20 @@ def demo(args: argparse.Namespace) -> int:
 
 def broker_config(args: argparse.Namespace) -> int:
     password = secrets.token_urlsafe(24)
-    settings = BrokerSettings(port=args.port, bind_address=args.bind, topic_root=args.topic_root)
+    settings = BrokerSettings(
+        port=args.port,
+        bind_address=args.bind,
+        topic_root=args.topic_root,
+        extra_control_usernames=tuple(args.replica),
+    )
     files = write_broker_config(args.out, settings, control_password=password)
+    # Each replica has its own account: the username names its persistent session.
+    replicas = {name: secrets.token_urlsafe(24) for name in settings.extra_control_usernames}
+    PasswordFile(files.password_file).set_many(replicas)
     console.print(f"wrote {files.conf}, {files.acl_file}, {files.password_file}")
     console.print(f"control plane account: {settings.control_username} / {password}")
+    for name, secret in replicas.items():
+        console.print(f"replica account: {name} / {secret}")
     console.print(f"start it with: mosquitto -c {files.conf}")
     return 0
 
