@@ -77,6 +77,7 @@ class Lease:
         # Until this replica first holds the lease, a row naming it is its previous
         # incarnation's (a restart under the same id) and is taken back at once.
         self._reclaim = True
+        self._lapsed = False  # the term ran out while the database was away (logged once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ota-lease", daemon=True)
 
@@ -148,8 +149,10 @@ class Lease:
             # took over meanwhile.
             log.warning("could not renew the %s lease: %s", self.name, exc)
             with self._lock:
-                if self._token is not None and self._monotonic() >= self._valid_until:
+                lapsed = self._token is not None and self._monotonic() >= self._valid_until
+                if lapsed and not self._lapsed:
                     log.warning("the %s lease ran out: stopping its work", self.name)
+                self._lapsed = lapsed
             return
         with self._lock:
             was_held = self._token is not None and self._monotonic() < self._valid_until
@@ -166,6 +169,7 @@ class Lease:
             self._token = acquired
             self._valid_until = started + self._duration
             self._reclaim = False
+            self._lapsed = False
         if token is None or not was_held:
             log.info("holds the %s lease as %s (token %d)", self.name, self.holder, acquired)
             self.on_acquired()
@@ -175,14 +179,6 @@ class Lease:
         token = self.token
         if token is None or not lease_rows.fence(session, self.name, self.holder, token):
             raise LeaseLost(f"replica {self.holder} does not hold the {self.name} lease")
-
-    def wait_held(self, timeout: float) -> bool:
-        """Wait until the lease is held (tests and start-up diagnostics)."""
-        deadline = self._monotonic() + timeout
-        while not self.held():
-            if self._monotonic() >= deadline or self._stop.wait(0.05):
-                return False
-        return True
 
 
 class FencedStore(Store):
