@@ -28,6 +28,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
+from device_sim.routing import Routing
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
 from ota.domain.states import SETTLED
@@ -142,11 +143,11 @@ class SimDevice:
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
-        self._booted = False
         # Generations a session may legitimately see late: the retained copy that was
         # queued while the pull on connect fetched a newer one.
         self._late = range(0)
         self._client: aiomqtt.Client | None = None
+        self._routing: Routing | None = None
 
     @property
     def device_id(self) -> str:
@@ -201,6 +202,7 @@ class SimDevice:
             keepalive=60,
         ) as client:
             self._client = client
+            self._routing = Routing(client)
             await client.subscribe(self.topics.desired(self.device_id), qos=1)
             await client.publish(
                 self.topics.state(self.device_id), self._reported(online=True), qos=1, retain=True
@@ -218,9 +220,10 @@ class SimDevice:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """One connected session: finish left-over work, then follow the desired state."""
-        if not self._booted:
-            await self.resume()
-            self._booted = True  # not before: a session lost mid-resume resumes again
+        # Every session, not only the first after a boot: a session lost in the middle
+        # of an install (the broker restarted, say) leaves work that no newer desired
+        # state will ask for again.
+        await self.resume()
         if self.pull_desired is not None:
             # A broker without persistence has no retained state to give: ask the
             # control plane directly. The same checks apply; a duplicate is stale.
@@ -487,6 +490,11 @@ class SimDevice:
             version=a.version,
             health=health,
         )
+        assert self._client is not None
+        payload = event.SerializeToString()
+        # Raises if the broker connection is lost: the event is not counted as sent, and
+        # the next session resumes the work and reports the step again (a new seq).
+        await self._publish_event(payload)
         if a.rollout_id:
             settled = self.record.last_state.get(a.rollout_id) in SETTLED
             if not (state == "FAILED" and settled):
@@ -500,12 +508,25 @@ class SimDevice:
             if state == "FAILED":
                 self.record.failed_reason[a.rollout_id] = reason
         self.record.events_sent += 1
-        assert self._client is not None
-        payload = event.SerializeToString()
-        await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
         if self.duplicate_every and seq % self.duplicate_every == 0:
             self.record.duplicates_sent += 1
             await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
+
+    async def _publish_event(self, payload: bytes) -> None:
+        """Publish an event until the broker delivers it to a subscriber.
+
+        A PUBACK saying "no matching subscribers" means nobody got it (the broker
+        restarted and the control plane is not back yet): the same event, same
+        seq, goes again after a pause; ingest stores it once.
+        """
+        assert self._client is not None
+        delay = 0.2
+        while True:
+            await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
+            if self._routing is None or self._routing.delivered():
+                return
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
+            delay = min(delay * 2, 5.0)
 
     async def go_offline(self) -> None:
         """Say goodbye the way firmware shutting down does: retained `online=false`."""

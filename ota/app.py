@@ -26,6 +26,7 @@ from ota.errors import InvalidArgument
 from ota.metrics import Metrics, MetricsServer
 from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
+from ota.rollout.lease import FencedStore, Lease
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import migrate, open_database
@@ -110,6 +111,7 @@ class ControlPlane:
     link: MqttLink
     store: Store
     refresher: TimestampRefresher
+    lease: Lease
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
 
@@ -145,7 +147,18 @@ class ControlPlane:
             receive_maximum=max(2 * config.ingest_batch_size, 100),
             ca_file=config.mqtt_ca_file,
         )
-        publisher = DesiredStatePublisher(link, store)
+        # Every replica serves and ingests; the engine lease's holder alone does
+        # what must happen once: the engine, publishing, re-signing the timestamp.
+        lease = Lease(
+            store,
+            clock,
+            holder=config.replica_id or config.mqtt_username,
+            duration_seconds=config.lease_duration_seconds,
+            renew_seconds=config.lease_renew_seconds,
+        )
+        publisher = DesiredStatePublisher(
+            link, store, holds_lease=lease.held, poll_seconds=config.publish_poll_seconds
+        )
         changes = RolloutChanges()
         ttl = timedelta(seconds=config.desired_state_ttl_seconds)
 
@@ -154,13 +167,20 @@ class ControlPlane:
             changes.notify()
 
         engine = RolloutEngine(
-            store,
+            FencedStore(engine_db, lease),
             director,
             clock,
             on_notify=notify,
             desired_ttl=ttl,
             interval=config.engine_interval_seconds,
+            holds_lease=lease.held,
         )
+
+        def lease_acquired() -> None:
+            engine.wake()
+            publisher.wake()
+
+        lease.on_acquired = lease_acquired
 
         def command_done() -> None:
             engine.wake()
@@ -202,10 +222,20 @@ class ControlPlane:
             max_payload_bytes=config.ingest_max_payload_bytes,
             rate_limiter=flood_guard,
         )
-        refresher = TimestampRefresher(repo)
+        refresher = TimestampRefresher(repo, holds_lease=lease.held)
         metrics.watch(store, ingester)
         return cls(
-            config, port, server, engine, publisher, ingester, link, store, refresher, metrics
+            config,
+            port,
+            server,
+            engine,
+            publisher,
+            ingester,
+            link,
+            store,
+            refresher,
+            lease,
+            metrics,
         )
 
     def start(self) -> None:
@@ -215,6 +245,7 @@ class ControlPlane:
         self.link.start()
         self.ingester.start()
         self.publisher.start()
+        self.lease.start()
         self.engine.start()
         self.refresher.start()
         self.server.start()
@@ -237,6 +268,7 @@ class ControlPlane:
         self.engine.stop()
         self.refresher.stop()
         self.publisher.stop()
+        self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()
         self.link.stop()
         self.store.engine.dispose()

@@ -76,6 +76,18 @@ class ServerConfig:
             raise InvalidArgument(
                 f"{self.log_format!r} is not 'text' or 'json'", field="log_format"
             )
+    # Replicas on one PostgreSQL: each has its own id (default: its MQTT username,
+    # which must differ per replica anyway since it names the broker session).
+    # The holder of the engine lease runs the engine, publishes desired states and
+    # re-signs the timestamp; it renews every lease_renew_seconds and stops that
+    # work if it could not renew within lease_duration_seconds, after which
+    # another replica takes over.
+    replica_id: str = ""
+    lease_duration_seconds: float = 15.0
+    lease_renew_seconds: float = 5.0
+    # How often the lease holder looks for desired states committed by commands
+    # that another replica served (its own commands wake it at once).
+    publish_poll_seconds: float = 2.0
 
 
 _ENV_PREFIX = "OTA_"

@@ -1,4 +1,5 @@
-"""Fixtures over real parts: a private Mosquitto, a control plane on a real port, SQLite files.
+"""Fixtures over real parts: a private Mosquitto, a control plane on a real port, SQLite files,
+and a fresh PostgreSQL database per test when OTA_TEST_DATABASE_URL is set.
 
 The broker runs in a container when a Docker engine answers (testcontainers),
 otherwise as a private `mosquitto` child process with the project's own
@@ -9,10 +10,14 @@ generated config (auth, ACL, persistence) on a free port. The shared broker on
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from ota.devstack import BrokerEndpoint, DevStack
 from tests.broker_harness import BrokerHandle, private_broker
@@ -49,4 +54,34 @@ def postgres_url() -> str:
     url = os.environ.get("OTA_TEST_DATABASE_URL", "")
     if not url:
         pytest.skip("OTA_TEST_DATABASE_URL is not set (CI sets it)")
+    return url
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, uniquely named PostgreSQL database, dropped after the test.
+
+    OTA_TEST_DATABASE_URL is only the admin connection that creates and drops
+    it, so concurrent runs (and tests) never share a schema.
+    """
+    admin_url = make_url(postgres_url).set(drivername="postgresql+psycopg")
+    name = f"{admin_url.database or 'ota'}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            # FORCE ends connections a failed test (or a killed child process) left open.
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh empty database of each kind the store supports: a SQLite file, PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ota.db'}"
+    url: str = request.getfixturevalue("postgres_database")
     return url

@@ -16,6 +16,7 @@ from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
 
 from ota.broker.config import BrokerSettings, write_broker_config
 from ota.cli.connect import add_tls_options, connect
+from ota.broker.passwords import PasswordFile
 from ota.cli.output import console, emit_json
 from ota.config import load_server_config
 from ota.errors import InvalidArgument
@@ -62,6 +63,13 @@ def register(nouns: Any) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the TLS listener")
     p.add_argument("--tls-cert", type=Path, help="the broker's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="the broker's private key (PEM)")
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="USERNAME",
+        help="one more control-plane account, for another `ota serve` replica (repeatable)",
+    )
     p.set_defaults(handler=broker_config)
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
@@ -220,10 +228,16 @@ def broker_config(args: argparse.Namespace) -> int:
         tls_cafile=str(args.tls_ca.resolve()) if args.tls_ca else None,
         tls_certfile=str(args.tls_cert.resolve()) if args.tls_cert else None,
         tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
+        extra_control_usernames=tuple(args.replica),
     )
     files = write_broker_config(args.out, settings, control_password=password)
+    # Each replica has its own account: the username names its persistent session.
+    replicas = {name: secrets.token_urlsafe(24) for name in settings.extra_control_usernames}
+    PasswordFile(files.password_file).set_many(replicas)
     console.print(f"wrote {files.conf}, {files.acl_file}, {files.password_file}")
     console.print(f"control plane account: {settings.control_username} / {password}")
+    for name, secret in replicas.items():
+        console.print(f"replica account: {name} / {secret}")
     console.print(f"start it with: mosquitto -c {files.conf}")
     return 0
 

@@ -46,8 +46,12 @@ class RolloutEngine:
         desired_ttl: timedelta,
         interval: float = 0.25,
         health: HealthSource = ADOPTION_HEALTH,
+        holds_lease: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
+        # Among replicas only the engine lease's holder ticks (`ota.rollout.lease`);
+        # its store is then fenced, so a tick that outlives the lease writes nothing.
+        self._holds_lease = holds_lease
         self._signer = signer
         self._clock = clock
         self._on_notify = on_notify
@@ -72,7 +76,8 @@ class RolloutEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.tick()
+                if self._holds_lease is None or self._holds_lease():
+                    self.tick()
             except OtaError as exc:
                 log.warning("engine tick deferred: %s", exc)
             except Exception:

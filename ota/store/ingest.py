@@ -191,7 +191,15 @@ def _apply_progress(
             deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=time_bucket(now))
     # Core, not the ORM: this runs for every event of the fleet (DESIGN §2).
     table: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
-    query = table.select().where(tuple_(table.c.rollout_id, table.c.device_id).in_(list(keys)))
+    query = (
+        table.select()
+        .where(tuple_(table.c.rollout_id, table.c.device_id).in_(list(keys)))
+        # Replicas ingest one device's events concurrently (the shared subscription
+        # splits them): lock its progress rows, always in one order, so neither
+        # transaction overwrites the other's newer state with an older one.
+        .order_by(table.c.rollout_id, table.c.device_id)
+        .with_for_update()
+    )
     progress = {
         (r["rollout_id"], r["device_id"]): _Progress(**r) for r in session.execute(query).mappings()
     }

@@ -5,8 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+# A device's event sequence is a 64-bit counter (it survives reboots, and firmware
+# may seed it from a clock). SQLite's INTEGER is already 64-bit; PostgreSQL needs BIGINT.
+SEQ = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class DeviceRow(SQLModel, table=True):
@@ -162,7 +166,7 @@ class RolloutDeviceRow(SQLModel, table=True):
     state: str = Field(max_length=16)
     reason: str = ""
     furthest_rank: int = 0
-    last_seq: int = 0
+    last_seq: int = Field(default=0, sa_type=SEQ)
     exposed_at: datetime
     updated_at: datetime
     # When the device first reached each step (from the event's device time, else
@@ -183,7 +187,7 @@ class DeviceEventRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(max_length=128)
-    seq: int
+    seq: int = Field(sa_type=SEQ)
     rollout_id: str = Field(default="", max_length=32)
     feature: str = ""
     version: str = ""
@@ -279,3 +283,20 @@ class ApiTokenRow(SQLModel, table=True):
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+class LeaseRow(SQLModel, table=True):
+    """A lease among control-plane replicas: who does the work that must run once.
+
+    `token` grows by one on every change of hands; the holder's writes check it
+    (fencing), so a holder that lost the lease cannot write after a new one took it.
+    """
+
+    __tablename__ = "lease"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(default="", max_length=128)
+    token: int = Field(default=0, sa_type=SEQ)
+    acquired_at: datetime | None = None
+    renewed_at: datetime | None = None
+    expires_at: datetime | None = None

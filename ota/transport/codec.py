@@ -11,8 +11,9 @@ from ota.domain.states import ALL_STATES, FAILURE_REASONS
 from ota.store.ingest import HealthFigures, IncomingEvent
 from ota.v1 import common_pb2
 
-# Sequence numbers are stored in 32-bit integer columns on PostgreSQL: a larger one
-# is refused on every database alike (2^31 events is decades of any honest device).
+# Sequence numbers are refused from 2^31 on (decades of any honest device), although
+# the columns are 64-bit: one absurd seq would otherwise leave the device's later,
+# honest events looking old.
 MAX_SEQ = 2**31
 # Crashes or errors counted in one health sample; more is not a measurement, and
 # the sums they feed are 32-bit integers on PostgreSQL.

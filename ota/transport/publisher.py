@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ota.errors import OtaError
 from ota.store import desired
@@ -20,9 +21,21 @@ ACK_TIMEOUT_SECONDS = 30.0
 class DesiredStatePublisher:
     """A thread that drains the desired-state outbox whenever it is woken."""
 
-    def __init__(self, link: MqttLink, store: Store) -> None:
+    def __init__(
+        self,
+        link: MqttLink,
+        store: Store,
+        *,
+        holds_lease: Callable[[], bool] | None = None,
+        poll_seconds: float = 5.0,
+    ) -> None:
         self._link = link
         self._store = store
+        # Among replicas only the engine lease's holder publishes, so two replicas
+        # never race to leave an older retained state behind a newer one. It polls,
+        # since a command served by another replica cannot wake it.
+        self._holds_lease = holds_lease
+        self._poll = poll_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ota-publish", daemon=True)
@@ -42,7 +55,7 @@ class DesiredStatePublisher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=5.0)
+            self._wake.wait(timeout=self._poll)
             self._wake.clear()
             try:
                 while not self._stop.is_set() and self._drain_once():
@@ -59,6 +72,8 @@ class DesiredStatePublisher:
 
     def _drain_once(self) -> bool:
         """Publish one batch; True if there may be more."""
+        if self._holds_lease is not None and not self._holds_lease():
+            return False
         if not self._link.connected.is_set():
             time.sleep(0.5)
             self._wake.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 from ota.errors import OtaError
@@ -21,7 +22,10 @@ class TimestampRefresher:
         *,
         every: timedelta = timedelta(minutes=5),
         min_remaining: timedelta = timedelta(hours=12),
+        holds_lease: Callable[[], bool] | None = None,
     ) -> None:
+        # Among replicas only the engine lease's holder re-signs, once.
+        self._holds_lease = holds_lease
         self._repo = repository
         self._every = every.total_seconds()
         self._min_remaining = min_remaining
@@ -38,7 +42,9 @@ class TimestampRefresher:
     def _run(self) -> None:
         while True:
             try:
-                if self._repo.refresh_timestamp(min_remaining=self._min_remaining):
+                if (
+                    self._holds_lease is None or self._holds_lease()
+                ) and self._repo.refresh_timestamp(min_remaining=self._min_remaining):
                     log.info("re-signed the timestamp")
             except OtaError as exc:
                 log.warning("could not re-sign the timestamp, will retry: %s", exc)

@@ -13,24 +13,26 @@ import itertools
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
 from ota.client import Client
-from ota.keyring import KeyPaths, generate_keyring
+from ota.keyring import generate_keyring
 from ota.trust.device import RetryPolicy
 from ota.v1 import rollout_pb2
 from tests.broker_harness import BrokerHandle
+from tests.e2e.processes import (
+    ControlPlaneProcess,
+    listen_port,
+    serve_config,
+    try_get_rollout,
+    try_promote,
+)
 from tests.e2e.scenario import MODELS, REGIONS, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -40,113 +42,17 @@ KILLS = 20
 STAGES = [10_000, 50_000, 200_000, 500_000, 1_000_000]
 
 
-class ControlPlaneProcess:
-    """`ota serve --config FILE` as a child process that the test may SIGKILL."""
-
-    def __init__(self, config: Path, server: str, token: str, log: Path) -> None:
-        self.config, self.server, self.token, self.log = config, server, token, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ota.cli.main", "serve", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        channel = grpc.insecure_channel(self.server)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=30)
-        finally:
-            channel.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
-
-def _config(tmp_path: Path, broker: BrokerHandle, keys: KeyPaths, listen: str, token: str) -> Path:
-    pid_file = broker.files.pid_file if broker.process is not None else ""
-    values = {
-        "listen": listen,
-        "database_url": f"sqlite:///{tmp_path / 'ota.db'}",
-        "data_dir": str(tmp_path / "data"),
-        "mqtt_url": broker.url,
-        "mqtt_username": broker.control_username,
-        "mqtt_password": broker.control_password,
-        "broker_password_file": str(broker.files.password_file),
-        "broker_pid_file": str(pid_file),
-        "root_file": str(keys.root_json),
-        "initial_targets_file": str(keys.targets_json),
-        "snapshot_key": str(keys.snapshot_key),
-        "timestamp_key": str(keys.timestamp_key),
-        "director_key": str(keys.director_key),
-        "engine_interval_seconds": 0.1,
-    }
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines += ["", "[tokens]", f'{json.dumps(token)} = "admin"']
-    path = tmp_path / "ota.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _listen_port() -> int:
-    """A free port below the ephemeral range, so no outgoing connection of the fleet can
-    take it while the control plane is down (free_port() would pick an ephemeral one)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 8000), low), 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port below the ephemeral range")
-
-
-def _rollout(client: Client, rollout_id: str) -> rollout_pb2.Rollout | None:
-    try:
-        r: rollout_pb2.Rollout = client.rollouts.GetRollout(
-            rollout_pb2.GetRolloutRequest(rollout_id=rollout_id),
-            metadata=client.metadata,
-            timeout=5,
-        )
-    except grpc.RpcError:
-        return None  # between a kill and the restart
-    return r
-
-
-def _promote(client: Client, rollout_id: str) -> int | None:
-    """Promote the current stage; returns its index, or None if the call did not land."""
-    try:
-        r: rollout_pb2.Rollout = client.rollouts.PromoteRollout(
-            rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason="chaos: next stage"),
-            metadata=client.metadata,
-            timeout=5,
-        )
-    except grpc.RpcError:
-        return None  # between a kill and the restart, or a race with the engine: retry later
-    return r.current_stage
-
-
 def test_a_rollout_survives_twenty_sigkills_of_the_control_plane(
     tmp_path: Path, broker: BrokerHandle
 ) -> None:
     keys = generate_keyring(tmp_path / "keys")
     token = os.urandom(24).hex()
-    server = f"127.0.0.1:{_listen_port()}"
+    server = f"127.0.0.1:{listen_port()}"
     plane = ControlPlaneProcess(
-        _config(tmp_path, broker, keys, server, token), server, token, tmp_path / "serve.log"
+        serve_config(tmp_path / "ota.toml", broker, keys, server, token),
+        server,
+        token,
+        tmp_path / "serve.log",
     )
     plane.start()
     fleet = SimulatedFleet(
@@ -195,7 +101,7 @@ def test_a_rollout_survives_twenty_sigkills_of_the_control_plane(
         promoted: set[int] = set()
         while kills < KILLS:
             assert time.monotonic() < deadline, f"only {kills} kills before the deadline"
-            current = _rollout(client, rollout_id)
+            current = try_get_rollout(client, rollout_id)
             assert current is not None
             assert current.state == rollout_pb2.ROLLOUT_STATE_RUNNING, (
                 f"the rollout left RUNNING after {kills} kills ({current.state_reason}); "
@@ -205,7 +111,7 @@ def test_a_rollout_survives_twenty_sigkills_of_the_control_plane(
             # while kills remain.
             stage = current.current_stage
             if kills % 3 == 2 and stage not in promoted and stage < len(STAGES) - 1:
-                landed = _promote(client, rollout_id)
+                landed = try_promote(client, rollout_id)
                 if landed is not None:
                     promoted.add(landed)
             pause.wait(rng.uniform(0.05, 1.2))  # a random moment, not a wait for a condition
@@ -214,17 +120,17 @@ def test_a_rollout_survives_twenty_sigkills_of_the_control_plane(
             plane.start()
 
         def finished() -> bool:
-            r = _rollout(client, rollout_id)
+            r = try_get_rollout(client, rollout_id)
             if r is None:
                 return False
             if r.state == rollout_pb2.ROLLOUT_STATE_RUNNING and r.current_stage not in promoted:
-                landed = _promote(client, rollout_id)
+                landed = try_promote(client, rollout_id)
                 if landed is not None:
                     promoted.add(landed)
             return r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
 
         wait_for(finished, what="completion after the last restart", timeout=180)
-        final = _rollout(client, rollout_id)
+        final = try_get_rollout(client, rollout_id)
         assert final is not None and final.exposed == DEVICES
         assert dict(final.device_states) == {"ACTIVE": DEVICES}
         assert dict(fleet.outcomes(rollout_id)) == {"ACTIVE": DEVICES}

@@ -6,10 +6,8 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 from sqlmodel import select
 
 from ota.domain import states
@@ -24,15 +22,9 @@ NOW = datetime(2026, 5, 1, tzinfo=UTC)
 PATH = ["NOTIFIED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "INSTALLED", "ACTIVE"]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
-    else:
-        engine = open_database(request.getfixturevalue("postgres_url"))
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = open_database(database_url)
     migrate(engine)
     yield Store(engine)
     engine.dispose()

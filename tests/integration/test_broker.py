@@ -223,6 +223,26 @@ def test_extra_control_users_get_the_control_acl(tmp_path: Path) -> None:
             assert ingest.next_message().topic == topic("dev-a", "events")
 
 
+def test_broker_config_gives_each_replica_its_own_control_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ota.broker.config import broker_files
+    from ota.broker.process import free_port
+    from ota.cli.main import main
+
+    port = free_port()
+    out = tmp_path / "broker"
+    assert main(["broker-config", "--out", str(out), "--port", str(port), "--replica", "cp-2"]) == 0
+    printed = re.search(r"replica account: cp-2 / (\S+)", capsys.readouterr().out)
+    assert printed is not None
+    with (
+        MosquittoProcess(broker_files(out), host="127.0.0.1", port=port),
+        MqttProbe("127.0.0.1", port, "cp-2", printed.group(1)) as replica,
+    ):
+        replica.connect_ok()
+        assert replica.subscribe(SHARE).value == 1
+
+
 def test_will_on_a_devices_own_state_is_accepted_and_delivered(
     broker: BrokerHandle, devices: dict[str, str]
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlmodel import Session
@@ -20,8 +19,8 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    db = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+def store(database_url: str) -> Iterator[Store]:
+    db = open_database(database_url)
     migrate(db)
     store = Store(db)
     regs = [

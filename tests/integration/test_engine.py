@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.integration
 TTL = timedelta(hours=2)
 
 
-def test_desired_states_are_renewed_halfway_through_their_life(tmp_path: Path) -> None:
-    engine_db = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+def test_desired_states_are_renewed_halfway_through_their_life(database_url: str) -> None:
+    engine_db = open_database(database_url)
     migrate(engine_db)
     store = Store(engine_db)
     clock = ManualClock()

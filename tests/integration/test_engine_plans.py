@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
@@ -119,8 +118,8 @@ def _states(session: Session, rollout_id: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    db = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+def rig(database_url: str) -> Iterator[Rig]:
+    db = open_database(database_url)
     migrate(db)
     store = Store(db)
     clock = ManualClock(MONDAY_NOON)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
@@ -34,8 +33,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    db = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+def rig(database_url: str) -> Iterator[Rig]:
+    db = open_database(database_url)
     migrate(db)
     store = Store(db)
     clock = ManualClock()

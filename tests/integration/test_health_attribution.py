@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -25,8 +24,8 @@ HOLDOUT = 200_000
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
+def store(database_url: str) -> Iterator[Store]:
+    engine = open_database(database_url)
     migrate(engine)
     yield Store(engine)
     engine.dispose()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from sqlmodel import col, func, select
 
@@ -11,9 +14,20 @@ from ota.store.ingest import drop_counts
 from ota.store.models import DeviceEventRow
 from ota.v1 import common_pb2, fleet_pb2
 from tests.broker_harness import BrokerHandle
+from tests.conftest import endpoint
 from tests.e2e.scenario import wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def stack(tmp_path: Path, broker: BrokerHandle, database_url: str) -> Iterator[DevStack]:
+    """The dev stack over each kind of database the store supports."""
+    dev = DevStack.start(tmp_path / "stack", broker=endpoint(broker), database_url=database_url)
+    try:
+        yield dev
+    finally:
+        dev.stop()
 
 
 def _register(stack: DevStack, *ids: str) -> dict[str, str]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, text
 from sqlmodel import SQLModel
 
 from ota.domain import states
@@ -24,19 +22,9 @@ pytestmark = pytest.mark.integration
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 
 
-def _reset_postgres(engine: Engine) -> None:
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
-    else:
-        engine = open_database(request.getfixturevalue("postgres_url"))
-        _reset_postgres(engine)
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = open_database(database_url)
     migrate(engine)
     migrate(engine)  # idempotent
     yield Store(engine)
