@@ -15,8 +15,8 @@ from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined, unuse
 from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
 
 from ota.broker.config import BrokerSettings, write_broker_config
-from ota.cli.connect import add_tls_options, connect
 from ota.broker.passwords import PasswordFile
+from ota.cli.connect import add_tls_options, connect
 from ota.cli.output import console, emit_json
 from ota.config import load_server_config
 from ota.errors import InvalidArgument
