@@ -76,6 +76,7 @@ class ServerConfig:
             raise InvalidArgument(
                 f"{self.log_format!r} is not 'text' or 'json'", field="log_format"
             )
+
     # Replicas on one PostgreSQL: each has its own id (default: its MQTT username,
     # which must differ per replica anyway since it names the broker session).
     # The holder of the engine lease runs the engine, publishes desired states and
