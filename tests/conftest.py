@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,9 @@ def postgres_url() -> str:
     return url
 
 
-@pytest.fixture
-def postgres_database(postgres_url: str) -> Iterator[str]:
-    """The URL of a new, uniquely named PostgreSQL database, dropped after the test.
+@contextmanager
+def fresh_postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, uniquely named PostgreSQL database, dropped on exit.
 
     OTA_TEST_DATABASE_URL is only the admin connection that creates and drops
     it, so concurrent runs (and tests) never share a schema.
@@ -76,6 +77,13 @@ def postgres_database(postgres_url: str) -> Iterator[str]:
             # FORCE ends connections a failed test (or a killed child process) left open.
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test."""
+    with fresh_postgres_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,14 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
 
 from ota.api.server import MAX_MESSAGE_BYTES
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.store.database import open_database
 from ota.trust import add_target, load_signer, target_path_for
 from ota.v1 import bundle_pb2, fleet_pb2, report_pb2, rollout_pb2
 from tests.broker_harness import private_broker
-from tests.conftest import endpoint
+from tests.conftest import endpoint, fresh_postgres_database
 from tests.e2e.scenario import MODELS, publish
 
 pytestmark = pytest.mark.e2e
@@ -111,18 +110,15 @@ def seeded(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Seeded]:
     # PostgreSQL too: it refuses what SQLite stores (NUL characters, over-long text).
-    database_url = None
-    if request.param == "postgresql":
-        database_url = os.environ.get("OTA_TEST_DATABASE_URL", "")
-        if not database_url:
-            pytest.skip("OTA_TEST_DATABASE_URL is not set (CI sets it)")
-        engine = open_database(database_url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-        engine.dispose()
-    tmp = tmp_path_factory.mktemp("bad-input")
-    with private_broker(tmp / "broker") as broker:
+    with ExitStack() as cleanup:
+        database_url = None
+        if request.param == "postgresql":
+            admin_url = os.environ.get("OTA_TEST_DATABASE_URL", "")
+            if not admin_url:
+                pytest.skip("OTA_TEST_DATABASE_URL is not set (CI sets it)")
+            database_url = cleanup.enter_context(fresh_postgres_database(admin_url))
+        tmp = tmp_path_factory.mktemp("bad-input")
+        broker = cleanup.enter_context(private_broker(tmp / "broker"))
         stack = DevStack.start(tmp / "stack", broker=endpoint(broker), database_url=database_url)
         try:
             world = Seeded(stack, tmp)

@@ -17,11 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.store.database import open_database
 from ota.store.ingest import drop_counts
 from ota.v1 import common_pb2, fleet_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle, MqttProbe
@@ -95,12 +93,7 @@ def any_db_stack(
     """A stack on SQLite or PostgreSQL: duplicates meet a different upsert on each."""
     database_url = None
     if request.param == "postgresql":
-        database_url = request.getfixturevalue("postgres_url")
-        engine = open_database(database_url)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-        engine.dispose()
+        database_url = request.getfixturevalue("postgres_database")
     dev = DevStack.start(tmp_path / "stack", broker=endpoint(broker), database_url=database_url)
     try:
         yield dev

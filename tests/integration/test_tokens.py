@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -17,20 +16,15 @@ from ota.store import fleet, tokens
 from ota.store.database import migrate, open_database
 from ota.store.models import ApiTokenRow
 from ota.store.session import Store
-from tests.integration.test_store import _reset_postgres
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        engine = open_database(f"sqlite:///{tmp_path / 'ota.db'}")
-    else:
-        engine = open_database(request.getfixturevalue("postgres_url"))
-        _reset_postgres(engine)
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = open_database(database_url)
     migrate(engine)
     yield Store(engine)
     engine.dispose()
