@@ -5,6 +5,7 @@ devices did and every event counted once.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,60 @@ class Rollout:
     def close(self) -> None:
         self.client.close()
         self.fleet.stop()
+
+    def into_second_stage_with_devices_away(self, count: int) -> list[str]:
+        """Enter the second stage while `count` of its devices are offline; return them.
+
+        Returns once their desired states are published: when they come back they
+        find them retained and report, whatever state the database is in then.
+        """
+        current = self.get()
+        assert current is not None
+        salt = bytes.fromhex(current.salt_hex)
+        away = [
+            d.device_id
+            for d in self.fleet.devices
+            if is_exposed(salt, d.device_id, STAGES[1])
+            and not is_exposed(salt, d.device_id, STAGES[0])
+        ][:count]
+        assert len(away) >= 3
+        wait_for(lambda: self.settled(0), what="the first stage installed")
+        self.fleet.disconnect(away)
+        self.promote_to(1)
+
+        def published() -> bool:
+            with self.stack.control_plane.store.transaction() as session:
+                rows = [session.get(DesiredStateRow, d) for d in away]
+            return all(r is not None and r.published_generation == r.generation for r in rows)
+
+        wait_for(published, what="the second stage's desired states published")
+        return away
+
+    def reconnect_and_report(self, devices: list[str]) -> None:
+        """Bring `devices` back and wait until they have reported (stored or not)."""
+        before = sum(d.record.events_sent for d in self.fleet.devices)
+        self.fleet.reconnect(devices)
+        wait_for(
+            lambda: sum(d.record.events_sent for d in self.fleet.devices) >= before + len(devices),
+            what="the returning devices' events",
+        )
+
+    def assert_unavailable(self, *, write: bool = False) -> None:
+        """A read (or a command) now fails with the retryable UNAVAILABLE, not INTERNAL."""
+        with pytest.raises(grpc.RpcError) as refused:
+            if write:
+                self.client.rollouts.PauseRollout(
+                    rollout_pb2.RolloutCommandRequest(rollout_id=self.rollout_id, reason="test"),
+                    metadata=self.client.metadata,
+                    timeout=90,
+                )
+            else:
+                self.client.rollouts.GetRollout(
+                    rollout_pb2.GetRolloutRequest(rollout_id=self.rollout_id),
+                    metadata=self.client.metadata,
+                    timeout=90,
+                )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
 
 
 @pytest.fixture
@@ -214,46 +269,12 @@ def test_while_the_database_is_away_rpcs_are_unavailable_and_events_wait_unacked
     run: Rollout | None = None
     try:
         run = Rollout(stack, tmp_path)
-        current = run.get()
-        assert current is not None
-        salt = bytes.fromhex(current.salt_hex)
-        # Devices the second stage exposes; they come online while the database is away.
-        late = [
-            d.device_id
-            for d in run.fleet.devices
-            if is_exposed(salt, d.device_id, STAGES[1])
-            and not is_exposed(salt, d.device_id, STAGES[0])
-        ][:5]
-        assert len(late) >= 3
-        wait_for(lambda: run is not None and run.settled(0), what="the first stage installed")
-        run.fleet.disconnect(late)
-        run.promote_to(1)
-
-        def published_to_late() -> bool:
-            with stack.control_plane.store.transaction() as session:
-                rows = [session.get(DesiredStateRow, d) for d in late]
-            return all(r is not None and r.published_generation == r.generation for r in rows)
-
-        wait_for(published_to_late, what="the second stage's desired states published")
+        late = run.into_second_stage_with_devices_away(5)
         _set_connections(admin_url, database, allowed=False)
         try:
-            with pytest.raises(grpc.RpcError) as refused:
-                run.client.rollouts.GetRollout(
-                    rollout_pb2.GetRolloutRequest(rollout_id=run.rollout_id),
-                    metadata=run.client.metadata,
-                    timeout=30,
-                )
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
-            before = sum(d.record.events_sent for d in run.fleet.devices)
-            run.fleet.reconnect(late)
+            run.assert_unavailable()
             # They find their retained desired state and report; nothing can be stored.
-            wait_for(
-                lambda: (
-                    run is not None
-                    and sum(d.record.events_sent for d in run.fleet.devices) >= before + len(late)
-                ),
-                what="events sent while the database is away",
-            )
+            run.reconnect_and_report(late)
             # The control plane stops with those events unacknowledged: the broker keeps
             # them for its session and hands them to the next process.
             stack.control_plane.stop()
@@ -266,3 +287,25 @@ def test_while_the_database_is_away_rpcs_are_unavailable_and_events_wait_unacked
         if run is not None:
             run.close()
         stack.stop()
+
+
+def test_a_sqlite_lock_held_past_the_busy_timeout_is_unavailable_then_nothing_is_lost(
+    tmp_path: Path, stack: DevStack
+) -> None:
+    run = Rollout(stack, tmp_path)
+    try:
+        late = run.into_second_stage_with_devices_away(5)
+        # Another process holds the write lock: in WAL mode reads go on, and every write
+        # of the control plane (commands, ingest, the engine, the lease) waits out its
+        # 30 s busy timeout and fails.
+        lock = sqlite3.connect(stack.state_dir / "ota.db", isolation_level=None, timeout=60)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            run.reconnect_and_report(late)
+            run.assert_unavailable(write=True)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        run.finish()
+    finally:
+        run.close()

@@ -9,6 +9,7 @@ import pytest
 from sqlmodel import select
 
 from ota.clock import ManualClock
+from ota.config import load_server_config
 from ota.errors import InvalidArgument
 from ota.rollout.lease import FencedStore, Lease, LeaseLost
 from ota.store import lease as lease_rows
@@ -169,3 +170,18 @@ def test_lease_timing_is_validated_naming_the_setting(
     with pytest.raises(InvalidArgument) as error:
         Lease(store, ManualClock(), holder="cp", duration_seconds=duration, renew_seconds=renew)
     assert error.value.field == field
+
+
+def test_replica_and_lease_settings_come_from_the_environment() -> None:
+    config = load_server_config(
+        None,
+        env={
+            "OTA_REPLICA_ID": "cp-2",
+            "OTA_LEASE_DURATION_SECONDS": "4.5",
+            "OTA_LEASE_RENEW_SECONDS": "1",
+            "OTA_PUBLISH_POLL_SECONDS": "0.5",
+        },
+    )
+    assert (config.replica_id, config.lease_duration_seconds) == ("cp-2", 4.5)
+    assert (config.lease_renew_seconds, config.publish_poll_seconds) == (1.0, 0.5)
+    assert load_server_config(None, env={}).replica_id == ""  # then the MQTT username
