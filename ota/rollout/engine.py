@@ -21,7 +21,7 @@ from ota.clock import Clock, utc
 from ota.domain import states
 from ota.domain.plan import Gate, RolloutPlan
 from ota.errors import Aborted, OtaError
-from ota.rollout.exposure import expose_current_stage, revert_exposed
+from ota.rollout.exposure import EXPOSE_BATCH, expose_current_stage, revert_exposed
 from ota.rollout.gates import ADOPTION_HEALTH, HealthSource, read_gate
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.rollout.progress import read_progress
@@ -143,6 +143,12 @@ class RolloutEngine:
                 now=now,
                 diff={"notified": notified},
             )
+        if notified == EXPOSE_BATCH:
+            # A full batch: more of this stage may be waiting. Commit this one (the
+            # publisher sends it meanwhile) and come back at once, before judging
+            # whether the stage is done.
+            self.wake()
+            return notified
         if verdict.hold is not None:
             self._set_phase(session, rollout, "held", verdict.hold, now)
             return notified
