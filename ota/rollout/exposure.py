@@ -7,6 +7,7 @@ each stage would expose, who is left out and why), so the two never disagree.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -119,6 +120,34 @@ def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) 
     return rollout.eligible
 
 
+class QuietRollouts:
+    """Rollouts whose last full pass found nobody new to expose, to skip re-reading them.
+
+    A stage that is fully exposed would otherwise re-read every device it does
+    not cover on every tick (4 per second). The pass is repeated when the stage
+    or the eligible count changes (a device registered or revoked), and at least
+    every `rescan_seconds` anyway, which bounds how late a re-provisioned device
+    whose attributes changed (same count) joins.
+    """
+
+    def __init__(self, rescan_seconds: float = 2.0) -> None:
+        self._rescan = rescan_seconds
+        self._quiet: dict[str, tuple[int, int, float]] = {}
+
+    def may_skip(self, rollout_id: str, stage: int, eligible: int) -> bool:
+        seen = self._quiet.get(rollout_id)
+        if seen is None or seen[:2] != (stage, eligible):
+            return False
+        return time.monotonic() - seen[2] < self._rescan
+
+    def record(self, rollout_id: str, stage: int, eligible: int, *, exposed: int) -> None:
+        """After a full pass: quiet from now on if it exposed nobody."""
+        if exposed:
+            self._quiet.pop(rollout_id, None)
+        else:
+            self._quiet[rollout_id] = (stage, eligible, time.monotonic())
+
+
 # Devices exposed (signed, written) per engine step. A bounded step keeps the
 # write transaction short, so ingest is not locked out on SQLite while a large
 # stage is signed, and the publisher starts sending the first batch sooner.
@@ -135,6 +164,7 @@ def expose_current_stage(
     now: datetime,
     ttl: timedelta,
     limit: int = EXPOSE_BATCH,
+    quiet: QuietRollouts | None = None,
 ) -> int:
     """Expose up to `limit` candidates the current stage covers and that are not exposed yet.
 
@@ -149,6 +179,9 @@ def expose_current_stage(
     eligible = fleet.count_eligible(session, admitted)
     if rollout.eligible != eligible:
         rollouts.set_quietly(session, rollout, eligible=eligible)
+    stage_index = rollout.current_stage
+    if quiet is not None and quiet.may_skip(rollout.rollout_id, stage_index, eligible):
+        return 0
     holdout = plan.holdout_ppm
     new: list[fleet.DeviceInfo] = []
     for row in fleet.unexposed_devices(session, admitted, rollout.rollout_id):
@@ -158,6 +191,8 @@ def expose_current_stage(
             new.append(row)
             if len(new) == limit:
                 break
+    if quiet is not None:
+        quiet.record(rollout.rollout_id, stage_index, eligible, exposed=len(new))
     if not new:
         return 0
     ids = [d.device_id for d in new]

@@ -118,6 +118,17 @@ class Eligibility:
     models: Collection[str] = ()
     min_firmware: str = ""
 
+    @property
+    def judges_firmware(self) -> bool:
+        return bool(self.min_firmware) or any(t.attr == "firmware" for t in self.selector.terms)
+
+    def admits_firmware(self, firmware: str) -> bool:
+        """The firmware terms of the selector and the bundle's floor, for one firmware string."""
+        if not self.compatible_firmware(firmware):
+            return False
+        probe = DeviceAttributes("", "", "", firmware)
+        return all(t.matches(probe) for t in self.selector.terms if t.attr == "firmware")
+
     def compatible_firmware(self, firmware: str) -> bool:
         if not self.min_firmware:
             return True
@@ -127,7 +138,9 @@ class Eligibility:
             return False
 
 
-def eligible_where(session: Session, eligibility: Eligibility) -> list[ColumnElement[bool]]:
+def eligible_where(
+    session: Session, eligibility: Eligibility, *, judge_firmware: bool = True
+) -> list[ColumnElement[bool]]:
     """SQL conditions that hold exactly for the non-revoked devices eligibility admits.
 
     Equivalent to `selector.matches` (the reference, property-tested against this)
@@ -137,15 +150,12 @@ def eligible_where(session: Session, eligibility: Eligibility) -> list[ColumnEle
     in Python and the survivors become one `firmware IN (...)`.
     """
     conditions: list[ColumnElement[bool]] = [_DEVICE.c.revoked.is_(False)]
-    firmware_terms: list[Term] = []
     for term in eligibility.selector.terms:
-        if term.attr == "firmware":
-            firmware_terms.append(term)
-        else:
+        if term.attr != "firmware":
             conditions.append(_text_condition(session, term))
     if eligibility.models:
         conditions.append(_DEVICE.c.model.in_(sorted(eligibility.models)))
-    if firmware_terms or eligibility.min_firmware:
+    if judge_firmware and eligibility.judges_firmware:
         conditions.append(_DEVICE.c.firmware.in_(_firmware_admitted(session, eligibility)))
     return conditions
 
@@ -172,24 +182,33 @@ def _label(session: Session, name: str) -> ColumnElement[Any]:
 
 
 def _firmware_admitted(session: Session, eligibility: Eligibility) -> list[str]:
-    terms = [t for t in eligibility.selector.terms if t.attr == "firmware"]
     distinct = session.execute(
         core_select(_DEVICE.c.firmware).where(_DEVICE.c.revoked.is_(False)).distinct()
     ).scalars()
-    return sorted(
-        firmware
-        for firmware in distinct
-        if eligibility.compatible_firmware(firmware)
-        and all(t.matches(DeviceAttributes("", "", "", firmware)) for t in terms)
-    )
+    return sorted(firmware for firmware in distinct if eligibility.admits_firmware(firmware))
 
 
 def count_eligible(session: Session, eligibility: Eligibility) -> int:
-    """How many devices eligibility admits: one COUNT in SQL, no device loaded."""
-    query = (
-        core_select(func.count()).select_from(_DEVICE).where(*eligible_where(session, eligibility))
+    """How many devices eligibility admits: one query in SQL, no device loaded.
+
+    When firmware must be judged, the count is grouped by firmware and the
+    admitted groups summed, instead of first listing the distinct firmware.
+    """
+    if not eligibility.judges_firmware:
+        query = (
+            core_select(func.count())
+            .select_from(_DEVICE)
+            .where(*eligible_where(session, eligibility))
+        )
+        return int(session.execute(query).scalar_one())
+    grouped = (
+        core_select(_DEVICE.c.firmware, func.count())
+        .where(*eligible_where(session, eligibility, judge_firmware=False))
+        .group_by(_DEVICE.c.firmware)
     )
-    return int(session.execute(query).scalar_one())
+    return sum(
+        int(n) for firmware, n in session.execute(grouped) if eligibility.admits_firmware(firmware)
+    )
 
 
 def unexposed_devices(
