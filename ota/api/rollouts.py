@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+from sqlmodel import Session
 
 from ota.api import convert
 from ota.api.auth import Authenticator
@@ -15,7 +16,7 @@ from ota.domain.plan import RolloutPlan, Stage, install_failure_gate
 from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
 from ota.rollout.commands import Actor, NewRollout, RolloutCommands
-from ota.rollout.exposure import eligible_count
+from ota.rollout.exposure import reported_eligible
 from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
@@ -89,6 +90,22 @@ def _new_rollout(request: rollout_pb2.CreateRolloutRequest) -> NewRollout:
     return NewRollout(request.feature, request.version, request.selector, plan, request.request_id)
 
 
+def _message(session: Session, row: RolloutRow) -> rollout_pb2.Rollout:
+    """The API's view of a rollout, from its row and its progress rows; no fleet scan.
+
+    The eligible count of a running or finished rollout is the one the engine
+    maintains; only a draft is counted (one COUNT in SQL).
+    """
+    bundle = bundles.get_bundle(session, row.bundle_name)
+    by_state, by_stage = rollouts.state_and_stage_counts(session, row.rollout_id)
+    return convert.rollout(
+        row,
+        device_states=by_state,
+        stage_exposure=by_stage,
+        eligible=reported_eligible(session, row, bundle),
+    )
+
+
 class RolloutChanges:
     """Wakes WatchRollout streams when anything about rollouts may have changed."""
 
@@ -118,14 +135,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     def _full(self, row: RolloutRow) -> rollout_pb2.Rollout:
         with self._store.transaction() as session:
-            row = rollouts.get_rollout(session, row.rollout_id)
-            bundle = bundles.get_bundle(session, row.bundle_name)
-            return convert.rollout(
-                row,
-                device_states=rollouts.state_counts(session, row.rollout_id),
-                stage_exposure=rollouts.stage_exposure(session, row.rollout_id),
-                eligible=eligible_count(session, row, bundle),
-            )
+            return _message(session, rollouts.get_rollout(session, row.rollout_id))
 
     def CreateRollout(
         self, request: rollout_pb2.CreateRolloutRequest, context: grpc.ServicerContext
@@ -169,8 +179,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
     ) -> rollout_pb2.Rollout:
         with self._store.transaction() as session:
-            row = rollouts.get_rollout(session, request.rollout_id)
-        return self._full(row)
+            return _message(session, rollouts.get_rollout(session, request.rollout_id))
 
     def ListRollouts(
         self, request: rollout_pb2.ListRolloutsRequest, context: grpc.ServicerContext
@@ -255,7 +264,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             with self._store.transaction() as session:
                 row = rollouts.get_rollout(session, request.rollout_id)
                 entries = rollouts.audit_log(session, request.rollout_id, after_id=last_audit)
-            current = self._full(row)
+                current = _message(session, row)
             fingerprint = current.SerializeToString(deterministic=True)
             if entries or fingerprint != previous:
                 last_audit = entries[-1].id or last_audit if entries else last_audit

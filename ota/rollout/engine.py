@@ -21,7 +21,12 @@ from ota.clock import Clock, utc
 from ota.domain import states
 from ota.domain.plan import Gate, RolloutPlan
 from ota.errors import Aborted, OtaError
-from ota.rollout.exposure import expose_current_stage, revert_exposed
+from ota.rollout.exposure import (
+    EXPOSE_BATCH,
+    QuietRollouts,
+    expose_current_stage,
+    revert_exposed,
+)
 from ota.rollout.gates import ADOPTION_HEALTH, HealthSource, read_gate
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.rollout.progress import read_progress
@@ -58,6 +63,7 @@ class RolloutEngine:
         self._ttl = desired_ttl
         self._interval = interval
         self._health = health
+        self._quiet = QuietRollouts()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ota-engine", daemon=True)
@@ -135,7 +141,7 @@ class RolloutEngine:
             )
             return 0
         notified = expose_current_stage(
-            session, rollout, bundle, plan, self._signer, now=now, ttl=self._ttl
+            session, rollout, bundle, plan, self._signer, now=now, ttl=self._ttl, quiet=self._quiet
         )
         if notified:
             rollouts.record(
@@ -148,6 +154,12 @@ class RolloutEngine:
                 now=now,
                 diff={"notified": notified},
             )
+        if notified == EXPOSE_BATCH:
+            # A full batch: more of this stage may be waiting. Commit this one (the
+            # publisher sends it meanwhile) and come back at once, before judging
+            # whether the stage is done.
+            self.wake()
+            return notified
         if verdict.hold is not None:
             self._set_phase(session, rollout, "held", verdict.hold, now)
             return notified

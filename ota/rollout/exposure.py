@@ -7,6 +7,8 @@ each stage would expose, who is left out and why), so the two never disagree.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -71,33 +73,39 @@ def classify(
 
 def exposed_at(candidate: Candidate, salt: bytes, plan: RolloutPlan, stage_index: int) -> bool:
     """Whether the plan exposes this candidate by stage `stage_index` (cumulative)."""
+    return _covers(plan, salt, stage_index, candidate.device.device_id, lambda: candidate.labels)
+
+
+def _covers(
+    plan: RolloutPlan,
+    salt: bytes,
+    stage_index: int,
+    device_id: str,
+    labels: Callable[[], Mapping[str, str]],
+) -> bool:
     cohort = plan.cohort
-    if cohort is not None and cohort.contains(candidate.device.device_id, candidate.labels):
+    if cohort is not None and cohort.contains(device_id, labels()):
         return True
     stage: Stage = plan.stages[stage_index]
-    return stage.ppm > 0 and is_exposed(salt, candidate.device.device_id, stage.ppm)
+    return stage.ppm > 0 and is_exposed(salt, device_id, stage.ppm)
 
 
-def eligible_devices(session: Session, rollout: RolloutRow, bundle: BundleRow) -> list[DeviceRow]:
-    """Devices the selector matches and the bundle was signed for (model, minimum firmware)."""
-    devices = fleet.select_devices(session, Selector.parse(rollout.selector))
-    return [d for d in devices if compatible(d, bundle)]
+def eligibility(rollout: RolloutRow, bundle: BundleRow) -> fleet.Eligibility:
+    """The devices a rollout may reach: its selector, and the models and firmware its bundle serves."""
+    return fleet.Eligibility(
+        Selector.parse(rollout.selector),
+        models=tuple(json.loads(bundle.models_json)),
+        min_firmware=bundle.min_firmware or "",
+    )
 
 
 def eligible_count(session: Session, rollout: RolloutRow, bundle: BundleRow) -> int:
-    """`len(eligible_devices(...))`, counted in SQL per distinct device attributes.
+    """How many devices are eligible (the holdout included): one COUNT in SQL.
 
-    Reports, GetRollout and WatchRollout need only the number: this costs one
-    aggregate query over the device table plus a test per attribute group, not
-    one ORM object and one selector test per device.
+    Equal to the candidates plus the holdout of `classify` over the whole fleet,
+    which stays the reference (tests compare the two).
     """
-    selector = Selector.parse(rollout.selector)
-    models = json.loads(bundle.models_json)
-    return sum(
-        g.devices
-        for g in fleet.attribute_groups(session, selector, models=models)
-        if selector.matches(g.attributes) and compatible(g.attributes, bundle)
-    )
+    return fleet.count_eligible(session, eligibility(rollout, bundle))
 
 
 def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) -> int:
@@ -112,6 +120,40 @@ def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) 
     return rollout.eligible
 
 
+class QuietRollouts:
+    """Rollouts whose last full pass found nobody new to expose, to skip re-reading them.
+
+    A stage that is fully exposed would otherwise re-read every device it does
+    not cover on every tick (4 per second). The pass is repeated when the stage
+    or the eligible count changes (a device registered or revoked), and at least
+    every `rescan_seconds` anyway, which bounds how late a re-provisioned device
+    whose attributes changed (same count) joins.
+    """
+
+    def __init__(self, rescan_seconds: float = 2.0) -> None:
+        self._rescan = rescan_seconds
+        self._quiet: dict[str, tuple[int, int, float]] = {}
+
+    def may_skip(self, rollout_id: str, stage: int, eligible: int) -> bool:
+        seen = self._quiet.get(rollout_id)
+        if seen is None or seen[:2] != (stage, eligible):
+            return False
+        return time.monotonic() - seen[2] < self._rescan
+
+    def record(self, rollout_id: str, stage: int, eligible: int, *, exposed: int) -> None:
+        """After a full pass: quiet from now on if it exposed nobody."""
+        if exposed:
+            self._quiet.pop(rollout_id, None)
+        else:
+            self._quiet[rollout_id] = (stage, eligible, time.monotonic())
+
+
+# Devices exposed (signed, written) per engine step. A bounded step keeps the
+# write transaction short, so ingest is not locked out on SQLite while a large
+# stage is signed, and the publisher starts sending the first batch sooner.
+EXPOSE_BATCH = 2000
+
+
 def expose_current_stage(
     session: Session,
     rollout: RolloutRow,
@@ -121,25 +163,36 @@ def expose_current_stage(
     *,
     now: datetime,
     ttl: timedelta,
+    limit: int = EXPOSE_BATCH,
+    quiet: QuietRollouts | None = None,
 ) -> int:
-    """Expose every candidate the current stage covers and that is not exposed yet.
+    """Expose up to `limit` candidates the current stage covers and that are not exposed yet.
 
     Idempotent: run on every engine tick, it picks up devices registered after
     the start, and after a crash it finishes an exposure that was cut short.
+    Returning `limit` means more may be waiting; the caller comes back for them.
+    Only devices not yet exposed are read (SQL does the selection), so a tick
+    after a stage is exposed costs one count and an empty anti-join.
     """
     salt = bytes.fromhex(rollout.salt_hex)
-    already = rollouts.exposed_device_ids(session, rollout.rollout_id)
-    candidates, excluded = classify(
-        fleet.select_devices(session, Selector.parse(rollout.selector)), rollout, bundle, plan
-    )
-    eligible = len(candidates) + len(excluded[HOLDOUT])  # == eligible_count(...)
+    admitted = eligibility(rollout, bundle)
+    eligible = fleet.count_eligible(session, admitted)
     if rollout.eligible != eligible:
         rollouts.set_quietly(session, rollout, eligible=eligible)
-    new = [
-        c.device
-        for c in candidates
-        if c.device.device_id not in already and exposed_at(c, salt, plan, rollout.current_stage)
-    ]
+    stage_index = rollout.current_stage
+    if quiet is not None and quiet.may_skip(rollout.rollout_id, stage_index, eligible):
+        return 0
+    holdout = plan.holdout_ppm
+    new: list[fleet.DeviceInfo] = []
+    for row in fleet.unexposed_devices(session, admitted, rollout.rollout_id):
+        if holdout and is_control(salt, row.device_id, holdout):
+            continue
+        if _covers(plan, salt, rollout.current_stage, row.device_id, row.labels):
+            new.append(row)
+            if len(new) == limit:
+                break
+    if quiet is not None:
+        quiet.record(rollout.rollout_id, stage_index, eligible, exposed=len(new))
     if not new:
         return 0
     ids = [d.device_id for d in new]

@@ -14,6 +14,8 @@ from sqlalchemy.exc import ArgumentError
 from ota.errors import InvalidArgument
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+# The gRPC server's 32 workers plus the control plane's own threads, with room.
+SQLITE_POOL_SIZE = 48
 
 
 def open_database(url: str) -> Engine:
@@ -27,7 +29,15 @@ def open_database(url: str) -> Engine:
     if parsed.drivername.startswith("sqlite"):
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
+        # Every gRPC worker, the engine, the ingester and the publisher may hold a
+        # connection at once. A pool smaller than that opens and closes overflow
+        # connections per checkout, re-running the PRAGMAs each time; SQLite
+        # connections are cheap to keep, so keep them all.
+        in_memory = not parsed.database or parsed.database == ":memory:"
+        pool: dict[str, Any] = {} if in_memory else {"pool_size": SQLITE_POOL_SIZE}
+        engine = create_engine(
+            parsed, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)

@@ -10,35 +10,80 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import Insert, Row, Table, bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from ota.store.models import BundleRow, DesiredStateRow, DeviceFeatureRow, DeviceRow
 
 
 def assign(session: Session, device_ids: Sequence[str], bundle: BundleRow, rollout_id: str) -> None:
-    """Point each device's feature at `bundle`, remembering what it replaces."""
-    current = features_of(session, device_ids, bundle.feature)
+    """Point each device's feature at `bundle`, remembering what it replaces.
+
+    One read and one upsert for the whole batch (Core, not an ORM object per device):
+    exposure of a stage assigns thousands of devices at once.
+    """
+    current = {
+        row["device_id"]: row
+        for row in session.execute(
+            _FEATURES.select()
+            .where(_FEATURES.c.device_id.in_(device_ids))
+            .where(_FEATURES.c.feature == bundle.feature)
+        ).mappings()
+    }
+    rows: list[dict[str, Any]] = []
     for device_id in device_ids:
-        row = current.get(device_id)
-        if row is None:
-            row = DeviceFeatureRow(
-                device_id=device_id,
-                feature=bundle.feature,
-                version="",
-                target_path="",
-                sha256="",
-                length=0,
-                rollout_id=rollout_id,
-            )
-        elif row.rollout_id != rollout_id and row.active and not row.revert:
-            row.prior_version, row.prior_target_path = row.version, row.target_path
-            row.prior_sha256, row.prior_length = row.sha256, row.length
-        row.version, row.target_path = bundle.version, bundle.target_path
-        row.sha256, row.length = bundle.sha256, bundle.length
-        row.active, row.revert, row.rollout_id = True, False, rollout_id
-        session.add(row)
+        before = current.get(device_id)
+        prior: dict[str, Any] = {
+            name: before[name] if before is not None else None for name in _PRIOR_COLUMNS
+        }
+        if (
+            before is not None
+            and before["rollout_id"] != rollout_id
+            and before["active"]
+            and not before["revert"]
+        ):
+            prior = {
+                "prior_version": before["version"],
+                "prior_target_path": before["target_path"],
+                "prior_sha256": before["sha256"],
+                "prior_length": before["length"],
+            }
+        rows.append(
+            {
+                "device_id": device_id,
+                "feature": bundle.feature,
+                "version": bundle.version,
+                "target_path": bundle.target_path,
+                "sha256": bundle.sha256,
+                "length": bundle.length,
+                "active": True,
+                "revert": False,
+                "rollout_id": rollout_id,
+                **prior,
+            }
+        )
+    if rows:
+        session.execute(_replace(session, _FEATURES, ["device_id", "feature"]), rows)
+
+
+_FEATURES: Table = DeviceFeatureRow.__table__  # type: ignore[attr-defined]
+_DESIRED: Table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+_DEVICES: Table = DeviceRow.__table__  # type: ignore[attr-defined]
+_PRIOR_COLUMNS = ("prior_version", "prior_target_path", "prior_sha256", "prior_length")
+
+
+def _replace(session: Session, table: Table, keys: list[str]) -> Insert:
+    """INSERT that overwrites every non-key column of an existing row (an upsert)."""
+    if session.get_bind().dialect.name == "postgresql":
+        pg = postgresql.insert(table)
+        values = {c.name: pg.excluded[c.name] for c in table.columns if c.name not in keys}
+        return pg.on_conflict_do_update(index_elements=keys, set_=values)
+    lite = sqlite.insert(table)
+    values = {c.name: lite.excluded[c.name] for c in table.columns if c.name not in keys}
+    return lite.on_conflict_do_update(index_elements=keys, set_=values)
 
 
 def revert(session: Session, device_ids: Sequence[str], feature: str, rollout_id: str) -> None:
@@ -79,40 +124,60 @@ def features_of(
     return {row.device_id: row for row in session.exec(query)}
 
 
-def all_features(session: Session, device_ids: Sequence[str]) -> dict[str, list[DeviceFeatureRow]]:
-    out: dict[str, list[DeviceFeatureRow]] = defaultdict(list)
-    query = select(DeviceFeatureRow).where(col(DeviceFeatureRow.device_id).in_(device_ids))
-    for row in session.exec(query.order_by(col(DeviceFeatureRow.feature))):
+def all_features(session: Session, device_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
+    """Every feature assignment of each device, by feature name, as Core rows."""
+    out: dict[str, list[Row[Any]]] = defaultdict(list)
+    query = (
+        _FEATURES.select()
+        .where(_FEATURES.c.device_id.in_(device_ids))
+        .order_by(_FEATURES.c.device_id, _FEATURES.c.feature)
+    )
+    for row in session.execute(query):
         out[row.device_id].append(row)
     return out
 
 
 def next_generations(session: Session, device_ids: Sequence[str]) -> dict[str, int]:
-    """Increment and return each device's desired-state generation."""
-    out: dict[str, int] = {}
-    rows = session.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(device_ids)))
-    for row in rows:
-        row.generation += 1
-        out[row.device_id] = row.generation
-        session.add(row)
-    return out
+    """Increment and return each device's desired-state generation (one UPDATE ... RETURNING)."""
+    if not device_ids:
+        return {}
+    bumped = session.execute(
+        update(_DEVICES)
+        .where(_DEVICES.c.device_id.in_(device_ids))
+        .values(generation=_DEVICES.c.generation + 1)
+        .returning(_DEVICES.c.device_id, _DEVICES.c.generation)
+    )
+    return {device_id: int(generation) for device_id, generation in bumped}
 
 
 def save_envelopes(
     session: Session, envelopes: dict[str, tuple[int, bytes]], issued_at: datetime
 ) -> None:
-    existing = {
-        row.device_id: row
-        for row in session.exec(
-            select(DesiredStateRow).where(col(DesiredStateRow.device_id).in_(list(envelopes)))
+    """Store each device's newly signed envelope (one upsert; the published mark is kept)."""
+    if not envelopes:
+        return
+    rows = [
+        {
+            "device_id": device_id,
+            "generation": generation,
+            "envelope": envelope,
+            "issued_at": issued_at,
+            "published_generation": 0,
+        }
+        for device_id, (generation, envelope) in envelopes.items()
+    ]
+    columns = ("generation", "envelope", "issued_at")
+    if session.get_bind().dialect.name == "postgresql":
+        pg = postgresql.insert(_DESIRED)
+        statement: Insert = pg.on_conflict_do_update(
+            index_elements=["device_id"], set_={c: pg.excluded[c] for c in columns}
         )
-    }
-    for device_id, (generation, envelope) in envelopes.items():
-        row = existing.get(device_id) or DesiredStateRow(
-            device_id=device_id, generation=0, envelope=b"", issued_at=issued_at
+    else:
+        lite = sqlite.insert(_DESIRED)
+        statement = lite.on_conflict_do_update(
+            index_elements=["device_id"], set_={c: lite.excluded[c] for c in columns}
         )
-        row.generation, row.envelope, row.issued_at = generation, envelope, issued_at
-        session.add(row)
+    session.execute(statement, rows)
 
 
 def issued_before(session: Session, when: datetime, limit: int) -> list[str]:
@@ -141,11 +206,14 @@ def unpublished(session: Session, limit: int) -> list[DesiredStateRow]:
 
 
 def mark_published(session: Session, published: Sequence[tuple[str, int]]) -> None:
-    for device_id, generation in published:
-        # Only if no newer generation was issued meanwhile; that one must still go out.
-        session.execute(
-            update(DesiredStateRow)
-            .where(col(DesiredStateRow.device_id) == device_id)
-            .where(col(DesiredStateRow.published_generation) < generation)
-            .values(published_generation=generation)
-        )
+    """Record what the broker acknowledged (one executemany)."""
+    if not published:
+        return
+    # Only if no newer generation was issued meanwhile; that one must still go out.
+    session.execute(
+        update(_DESIRED)
+        .where(_DESIRED.c.device_id == bindparam("d_device_id"))
+        .where(_DESIRED.c.published_generation < bindparam("d_generation"))
+        .values(published_generation=bindparam("d_generation")),
+        [{"d_device_id": d, "d_generation": g} for d, g in published],
+    )

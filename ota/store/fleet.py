@@ -8,16 +8,28 @@ import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Table, func
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    cast,
+    exists,
+    func,
+    literal,
+    or_,
+    update,
+)
 from sqlalchemy import select as core_select
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from ota.broker.passwords import check_username
-from ota.domain.selector import DeviceAttributes, Selector
-from ota.errors import NotFound
-from ota.store.models import DeviceRow
+from ota.domain.selector import DeviceAttributes, Selector, Term
+from ota.domain.version import Version
+from ota.errors import InvalidArgument, NotFound
+from ota.store.models import DeviceRow, RolloutDeviceRow
 
 
 @dataclass(frozen=True)
@@ -78,80 +90,173 @@ def attributes(row: DeviceRow) -> DeviceAttributes:
 
 
 _DEVICE: Table = DeviceRow.__table__  # type: ignore[attr-defined]
-# Selector attributes compared as plain strings, so SQL can apply their terms as is
-# (firmware compares as a version and labels live in JSON: those stay in Python).
-_PLAIN = ("model", "region", "device_id")
+_ROLLOUT_DEVICE: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
 
 
-def _prefilter(selector: Selector, models: Collection[str] = ()) -> list[ColumnElement[bool]]:
-    """SQL conditions every non-revoked device the selector matches satisfies.
+class DeviceInfo(NamedTuple):
+    """What exposure needs of a device, read as a Core row (no ORM object)."""
 
-    Only a narrowing: callers still test `selector.matches` on what comes back.
-    `models`, when not empty, also restricts the device model to that set.
+    device_id: str
+    model: str
+    region: str
+    firmware: str
+    labels_json: str
+
+    def labels(self) -> dict[str, str]:
+        labels: dict[str, str] = json.loads(self.labels_json)
+        return labels
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which devices a rollout may reach: its selector and what its bundle was signed for.
+
+    `models` empty means every model; `min_firmware` empty means no floor.
+    """
+
+    selector: Selector
+    models: Collection[str] = ()
+    min_firmware: str = ""
+
+    @property
+    def judges_firmware(self) -> bool:
+        return bool(self.min_firmware) or any(t.attr == "firmware" for t in self.selector.terms)
+
+    def admits_firmware(self, firmware: str) -> bool:
+        """The firmware terms of the selector and the bundle's floor, for one firmware string."""
+        if not self.compatible_firmware(firmware):
+            return False
+        probe = DeviceAttributes("", "", "", firmware)
+        return all(t.matches(probe) for t in self.selector.terms if t.attr == "firmware")
+
+    def compatible_firmware(self, firmware: str) -> bool:
+        if not self.min_firmware:
+            return True
+        try:
+            return Version.parse(firmware) >= Version.parse(self.min_firmware)
+        except InvalidArgument:
+            return False
+
+
+def eligible_where(
+    session: Session, eligibility: Eligibility, *, judge_firmware: bool = True
+) -> list[ColumnElement[bool]]:
+    """SQL conditions that hold exactly for the non-revoked devices eligibility admits.
+
+    Equivalent to `selector.matches` (the reference, property-tested against this)
+    plus the bundle's model and firmware floor. Text terms become SQL comparisons;
+    labels are read from the JSON column. Firmware compares as a version, which
+    SQL cannot do, so the few distinct firmware strings of the fleet are judged
+    in Python and the survivors become one `firmware IN (...)`.
     """
     conditions: list[ColumnElement[bool]] = [_DEVICE.c.revoked.is_(False)]
-    for term in selector.terms:
-        if term.attr not in _PLAIN:
-            continue
-        column = _DEVICE.c[term.attr]
-        if term.op in ("=", "in"):
-            conditions.append(column.in_(term.values))
-        elif term.op in ("!=", "not in"):
-            conditions.append(column.not_in(term.values))
-    if models:
-        conditions.append(_DEVICE.c.model.in_(sorted(models)))
+    for term in eligibility.selector.terms:
+        if term.attr != "firmware":
+            conditions.append(_text_condition(session, term))
+    if eligibility.models:
+        conditions.append(_DEVICE.c.model.in_(sorted(eligibility.models)))
+    if judge_firmware and eligibility.judges_firmware:
+        conditions.append(_DEVICE.c.firmware.in_(_firmware_admitted(session, eligibility)))
     return conditions
+
+
+def _text_condition(session: Session, term: Term) -> ColumnElement[bool]:
+    if term.attr.startswith("labels."):
+        value = _label(session, term.attr.removeprefix("labels."))
+        # A missing label matches only the negative operators, as in `Term.matches`.
+        if term.op in ("=", "in"):
+            return value.in_(term.values)
+        return or_(value.is_(None), value.not_in(term.values))
+    column = _DEVICE.c[term.attr]
+    if term.op in ("=", "in"):
+        return column.in_(term.values)
+    return column.not_in(term.values)
+
+
+def _label(session: Session, name: str) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        text: ColumnElement[Any] = cast(_DEVICE.c.labels_json, postgresql.JSONB)[name].astext
+        return text
+    # Label names are selector words ([A-Za-z0-9_.-:/+]), so quoting them in the path is safe.
+    return func.json_extract(_DEVICE.c.labels_json, f'$."{name}"')
+
+
+def _firmware_admitted(session: Session, eligibility: Eligibility) -> list[str]:
+    distinct = session.execute(
+        core_select(_DEVICE.c.firmware).where(_DEVICE.c.revoked.is_(False)).distinct()
+    ).scalars()
+    return sorted(firmware for firmware in distinct if eligibility.admits_firmware(firmware))
+
+
+def count_eligible(session: Session, eligibility: Eligibility) -> int:
+    """How many devices eligibility admits: one query in SQL, no device loaded.
+
+    When firmware must be judged, the count is grouped by firmware and the
+    admitted groups summed, instead of first listing the distinct firmware.
+    """
+    if not eligibility.judges_firmware:
+        query = (
+            core_select(func.count())
+            .select_from(_DEVICE)
+            .where(*eligible_where(session, eligibility))
+        )
+        return int(session.execute(query).scalar_one())
+    grouped = (
+        core_select(_DEVICE.c.firmware, func.count())
+        .where(*eligible_where(session, eligibility, judge_firmware=False))
+        .group_by(_DEVICE.c.firmware)
+    )
+    return sum(
+        int(n) for firmware, n in session.execute(grouped) if eligibility.admits_firmware(firmware)
+    )
+
+
+def unexposed_devices(
+    session: Session, eligibility: Eligibility, rollout_id: str
+) -> list[DeviceInfo]:
+    """Admitted devices that `rollout_id` has not exposed yet, as Core rows in id order.
+
+    An anti-join on `rollout_device`: once a stage is exposed, its devices cost
+    the engine nothing on later ticks.
+    """
+    exposed = (
+        core_select(literal(1))
+        .where(_ROLLOUT_DEVICE.c.rollout_id == rollout_id)
+        .where(_ROLLOUT_DEVICE.c.device_id == _DEVICE.c.device_id)
+    )
+    query = (
+        core_select(*(_DEVICE.c[name] for name in DeviceInfo._fields))
+        .where(*eligible_where(session, eligibility))
+        .where(~exists(exposed))
+        .order_by(_DEVICE.c.device_id)
+    )
+    return [DeviceInfo._make(row) for row in session.execute(query)]
 
 
 def select_devices(session: Session, selector: Selector) -> list[DeviceRow]:
     """Every device not revoked that the selector matches, in id order."""
-    rows = session.exec(
-        select(DeviceRow).where(*_prefilter(selector)).order_by(col(DeviceRow.device_id))
+    query = (
+        select(DeviceRow)
+        .where(*eligible_where(session, Eligibility(selector)))
+        .order_by(col(DeviceRow.device_id))
     )
-    return [row for row in rows if selector.matches(attributes(row))]
-
-
-@dataclass(frozen=True)
-class AttributeGroup:
-    """Devices sharing every attribute a selector or bundle can test (but their ids)."""
-
-    attributes: DeviceAttributes  # device_id is "" unless the selector tests it
-    devices: int
-
-
-def attribute_groups(
-    session: Session, selector: Selector, *, models: Collection[str] = ()
-) -> list[AttributeGroup]:
-    """Non-revoked devices the selector may match, counted per distinct attributes.
-
-    A fleet has few distinct (model, region, firmware, labels), so this is one
-    aggregate query and a handful of selector tests instead of one per device.
-    When the selector tests device ids, each device is its own group.
-    """
-    by_id = any(term.attr == "device_id" for term in selector.terms)
-    keys: list[Any] = [_DEVICE.c.model, _DEVICE.c.region, _DEVICE.c.firmware, _DEVICE.c.labels_json]
-    if by_id:
-        keys.append(_DEVICE.c.device_id)
-    query = core_select(*keys, func.count()).where(*_prefilter(selector, models)).group_by(*keys)
-    groups: list[AttributeGroup] = []
-    for row in session.execute(query):
-        labels: dict[str, str] = json.loads(row[3])
-        device_id = row[4] if by_id else ""
-        groups.append(
-            AttributeGroup(
-                DeviceAttributes(device_id, row[0], row[1], row[2], labels), int(row[-1])
-            )
-        )
-    return groups
+    return list(session.exec(query))
 
 
 def list_devices(
     session: Session, selector: Selector, *, after: str, limit: int
 ) -> tuple[list[DeviceRow], int]:
     """A page of matching devices after id `after`, and the total match count."""
-    matching = select_devices(session, selector)
-    page = [row for row in matching if row.device_id > after][:limit]
-    return page, len(matching)
+    conditions = eligible_where(session, Eligibility(selector))
+    page = session.exec(
+        select(DeviceRow)
+        .where(*conditions)
+        .where(col(DeviceRow.device_id) > after)
+        .order_by(col(DeviceRow.device_id))
+        .limit(limit)
+    )
+    total = session.execute(core_select(func.count()).select_from(_DEVICE).where(*conditions))
+    return list(page), int(total.scalar_one())
 
 
 def revoke(session: Session, device_id: str) -> DeviceRow:
@@ -176,11 +281,35 @@ def authenticate(session: Session, device_id: str, secret: str) -> bool:
 
 
 def mark_seen(session: Session, seen: Iterable[tuple[str, datetime, bool | None]]) -> None:
-    for device_id, when, online in seen:
-        row = session.get(DeviceRow, device_id)
-        if row is None:
-            continue
-        row.last_seen_at = when
-        if online is not None:
-            row.online = online
-        session.add(row)
+    """Record presence: when each device was last heard of and, if it said, whether online.
+
+    Runs on the ingest path for every presence message: one executemany per
+    kind of update, not a SELECT and an ORM object per message. Within a batch
+    the last report of a device wins, as if applied one by one.
+    """
+    last_seen: dict[str, datetime] = {}
+    online: dict[str, bool] = {}
+    for device_id, when, state in seen:
+        last_seen[device_id] = when
+        if state is not None:
+            online[device_id] = state
+    with_online = [
+        {"s_device_id": d, "s_last_seen_at": w, "s_online": online[d]}
+        for d, w in last_seen.items()
+        if d in online
+    ]
+    without = [
+        {"s_device_id": d, "s_last_seen_at": w} for d, w in last_seen.items() if d not in online
+    ]
+    if with_online:
+        session.execute(_SEEN_ONLINE, with_online)
+    if without:
+        session.execute(_SEEN, without)
+
+
+_SEEN = (
+    update(_DEVICE)
+    .where(_DEVICE.c.device_id == bindparam("s_device_id"))
+    .values(last_seen_at=bindparam("s_last_seen_at"))
+)
+_SEEN_ONLINE = _SEEN.values(online=bindparam("s_online"))

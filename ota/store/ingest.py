@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, tuple_, update
+from sqlalchemy import Insert, Table, Update, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -131,15 +131,20 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
 
 
 class _Progress(SimpleNamespace):
-    """A progress row (`RolloutDeviceRow`) as plain attributes, read and written with Core."""
+    """A progress row (`RolloutDeviceRow`) as plain attributes, read and written with Core.
+
+    `dirty` names the columns this batch changed: only those are written back.
+    """
+
+    dirty: set[str]
 
     def params(self) -> dict[str, Any]:
-        return {f"p_{name}": getattr(self, name) for name in _WRITTEN}
+        return {
+            f"p_{name}": getattr(self, name) for name in ("rollout_id", "device_id", *self.dirty)
+        }
 
 
 _WRITTEN = (
-    "rollout_id",
-    "device_id",
     "state",
     "reason",
     "furthest_rank",
@@ -152,14 +157,28 @@ _WRITTEN = (
     "active_at",
 )
 _PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
-_UPDATE_PROGRESS = (
-    update(_PROGRESS)
-    .where(
-        _PROGRESS.c.rollout_id == bindparam("p_rollout_id"),
-        _PROGRESS.c.device_id == bindparam("p_device_id"),
-    )
-    .values({name: bindparam(f"p_{name}") for name in _WRITTEN[2:]})
-)
+_UPDATES: dict[frozenset[str], Update] = {}
+
+
+def _update_progress(columns: frozenset[str]) -> Update:
+    """UPDATE of exactly `columns`, one statement per set (few: the steps reached differ).
+
+    Writing only what changed keeps the executemany's bound parameters, and
+    their per-row type conversions (datetimes above all), to what is needed.
+    """
+    statement = _UPDATES.get(columns)
+    if statement is None:
+        statement = (
+            update(_PROGRESS)
+            .where(
+                _PROGRESS.c.rollout_id == bindparam("p_rollout_id"),
+                _PROGRESS.c.device_id == bindparam("p_device_id"),
+            )
+            .values({name: bindparam(f"p_{name}") for name in _WRITTEN if name in columns})
+        )
+        _UPDATES[columns] = statement
+    return statement
+
 
 # The progress row's column recording when a device first reached each step.
 _STEP_TIMES = {
@@ -171,6 +190,7 @@ _STEP_TIMES = {
 }
 # A device clock further off than this is not trusted for step times.
 _CLOCK_TOLERANCE = timedelta(hours=1)
+_ALWAYS_WRITTEN = ("state", "furthest_rank", "last_seq", "updated_at")
 # States after which the device runs a version of the feature (the event's version),
 # or none at all.
 _RUNS_VERSION = ("ACTIVE", "ROLLED_BACK")
@@ -186,23 +206,33 @@ def _apply_progress(
     keys = {(e.rollout_id, e.device_id) for e in events if e.rollout_id}
     if not keys:
         return
+    bucket = time_bucket(now)
     for e in events:
         if e.rollout_id:
-            deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=time_bucket(now))
+            deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket)
     # Core, not the ORM: this runs for every event of the fleet (DESIGN §2).
     table: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+    # Two plain IN lists (a batch names few rollouts), not a tuple IN: cheaper to
+    # bind, and the primary key still serves it. Pairs not asked for are skipped.
     query = (
         table.select()
-        .where(tuple_(table.c.rollout_id, table.c.device_id).in_(list(keys)))
+        .where(
+            table.c.rollout_id.in_(sorted({r for r, _ in keys})),
+            table.c.device_id.in_(sorted({d for _, d in keys})),
+        )
         # Replicas ingest one device's events concurrently (the shared subscription
         # splits them): lock its progress rows, always in one order, so neither
         # transaction overwrites the other's newer state with an older one.
         .order_by(table.c.rollout_id, table.c.device_id)
         .with_for_update()
     )
-    progress = {
-        (r["rollout_id"], r["device_id"]): _Progress(**r) for r in session.execute(query).mappings()
-    }
+    result = session.execute(query)
+    names = list(result.keys())
+    progress: dict[tuple[str, str], _Progress] = {}
+    for values in result:
+        read = _Progress(**dict(zip(names, values, strict=True)), dirty=set())
+        if (read.rollout_id, read.device_id) in keys:
+            progress[(read.rollout_id, read.device_id)] = read
     changed: dict[tuple[str, str], _Progress] = {}
     features = {(e.device_id, e.feature) for e in events if e.feature}
     running = adoption.running_versions(session, features)
@@ -230,13 +260,18 @@ def _apply_progress(
         if event.state == "FAILED":
             # Kept after a later revert: the report still shows why it failed.
             row.reason = event.error_code
+            row.dirty.add("reason")
         if not (event.state == "FAILED" and row.state in SETTLED):
             row.state = event.state
         row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
         row.updated_at = now
+        row.dirty.update(_ALWAYS_WRITTEN)
         changed[(row.rollout_id, row.device_id)] = row
-    if changed:
-        session.execute(_UPDATE_PROGRESS, [row.params() for row in changed.values()])
+    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in changed.values():
+        by_columns.setdefault(frozenset(row.dirty), []).append(row.params())
+    for columns, params in by_columns.items():
+        session.execute(_update_progress(columns), params)
 
 
 def _attribute_health(
@@ -288,6 +323,7 @@ def _count(
         elif RANK[step] <= RANK.get(event.state, 0):
             at = max(when, previous)
             setattr(row, _STEP_TIMES[step], at)
+            row.dirty.add(_STEP_TIMES[step])
             deltas.add(rid, "reached", step, cohort, bucket=bucket)
             step_seconds = (at - previous).total_seconds()
             deltas.add(rid, "step_time", step, cohort, bucket=duration_bucket(step_seconds))

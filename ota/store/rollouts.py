@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import func, update
+from sqlalchemy import Table, func, update
 from sqlmodel import Session, col, select
 
 from ota.domain.durations import time_bucket
@@ -143,17 +143,39 @@ def exposed_device_ids(session: Session, rollout_id: str) -> set[str]:
     return set(session.exec(query))
 
 
+class ExposedDevice(Protocol):
+    """What exposure records of a device (a `DeviceRow` or a `fleet.DeviceInfo`)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def firmware(self) -> str: ...
+
+
+_PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+
+
 def expose(
-    session: Session, rollout_id: str, devices: Iterable[DeviceRow], stage: int, now: datetime
+    session: Session,
+    rollout_id: str,
+    devices: Iterable[ExposedDevice],
+    stage: int,
+    now: datetime,
 ) -> int:
     """Add progress rows for newly exposed devices, and count them in the aggregates.
 
     The `exposed` metric of `adoption_stat` (per stage, model, region, firmware at
     exposure) is what reports read for exposure, state and cohort figures.
+    One Core executemany: a stage of the whole fleet is one statement, not an
+    ORM object per device.
     """
-    count = 0
     deltas = adoption.AdoptionDeltas()
     bucket = time_bucket(now)
+    rows: list[dict[str, Any]] = []
     for device in devices:
         deltas.add(
             rollout_id,
@@ -162,21 +184,25 @@ def expose(
             (stage, device.model, device.region, device.firmware),
             bucket=bucket,
         )
-        session.add(
-            RolloutDeviceRow(
-                rollout_id=rollout_id,
-                device_id=device.device_id,
-                model=device.model,
-                region=device.region,
-                stage=stage,
-                state="TARGETED",
-                exposed_at=now,
-                updated_at=now,
-            )
+        rows.append(
+            {
+                "rollout_id": rollout_id,
+                "device_id": device.device_id,
+                "model": device.model,
+                "region": device.region,
+                "stage": stage,
+                "state": "TARGETED",
+                "reason": "",
+                "furthest_rank": 0,
+                "last_seq": 0,
+                "exposed_at": now,
+                "updated_at": now,
+            }
         )
-        count += 1
+    if rows:
+        session.execute(_PROGRESS.insert(), rows)
     adoption.write(session, deltas)
-    return count
+    return len(rows)
 
 
 def state_counts(
@@ -197,6 +223,23 @@ def state_counts(
     if changed_since is not None:
         query = query.where(col(RolloutDeviceRow.updated_at) >= changed_since)
     return {state: int(n) for state, n in session.exec(query)}
+
+
+def state_and_stage_counts(
+    session: Session, rollout_id: str
+) -> tuple[dict[str, int], dict[int, int]]:
+    """Devices per state and devices per stage, from one GROUP BY (what the API shows)."""
+    query = (
+        select(RolloutDeviceRow.stage, RolloutDeviceRow.state, func.count())
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
+        .group_by(col(RolloutDeviceRow.stage), col(RolloutDeviceRow.state))
+    )
+    by_state: dict[str, int] = {}
+    by_stage: dict[int, int] = {}
+    for stage, state, n in session.exec(query):
+        by_state[state] = by_state.get(state, 0) + int(n)
+        by_stage[stage] = by_stage.get(stage, 0) + int(n)
+    return by_state, by_stage
 
 
 def offline_counts(session: Session, rollout_id: str) -> tuple[int, int]:
