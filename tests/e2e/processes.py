@@ -132,7 +132,13 @@ def try_promote(client: Any, rollout_id: str) -> int | None:
 
 
 def patient_fleet(
-    server: str, token: str, keys: KeyPaths, state_dir: Path, count: int
+    server: str,
+    token: str,
+    keys: KeyPaths,
+    state_dir: Path,
+    count: int,
+    *,
+    health_interval: float = 0.0,
 ) -> SimulatedFleet:
     """A fleet whose downloads, cut by a dying control plane, are retried past its restart."""
     return SimulatedFleet(
@@ -143,7 +149,10 @@ def patient_fleet(
             trusted_root=keys.root_json.read_bytes(),
             state_dir=state_dir,
             failures=FailureProfile.parse([]),
-            retry=RetryPolicy(attempts=30, first_delay=0.2, max_delay=2.0),
+            # Minutes of retries: an outage on a loaded machine must not look like a
+            # download failure (and trip the install-failure gate).
+            retry=RetryPolicy(attempts=120, first_delay=0.2, max_delay=2.0),
+            health_interval=health_interval,
         ),
     )
 
@@ -181,7 +190,11 @@ def start_promoted_rollout(
 
 
 def assert_rollout_converged(
-    client: Client, fleet: SimulatedFleet, rollout_id: str, devices: int, stages: int
+    client: Client,
+    fleet: SimulatedFleet,
+    rollout_id: str,
+    devices: int,
+    stages: int,
 ) -> None:
     """Completed with exact counts: every device ACTIVE and exposed once, each stage entered
     once, and the report equal to what the devices did, every event counted once."""
@@ -199,4 +212,4 @@ def assert_rollout_converged(
     r = report(client, rollout_id)
     assert report_states(r) == {"ACTIVE": devices}
     sent = sum(d.record.events_by_rollout.get(rollout_id, 0) for d in fleet.devices)
-    assert r.events_ingested == sent
+    assert r.events_ingested == sent, f"{r.events_ingested} events ingested, {sent} sent"

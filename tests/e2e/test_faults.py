@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+from sqlmodel import func, select
 
 from device_sim.fleet import SimulatedFleet
 from ota.app import ControlPlane
@@ -21,7 +22,7 @@ from ota.broker import BrokerSettings
 from ota.client import Client
 from ota.devstack import DevStack
 from ota.domain.bucketing import is_exposed
-from ota.store.models import DesiredStateRow
+from ota.store.models import DesiredStateRow, DeviceEventRow
 from ota.v1 import rollout_pb2
 from tests.broker_harness import BrokerHandle, private_broker
 from tests.conftest import endpoint
@@ -43,10 +44,15 @@ STAGES = [100_000, 400_000, 1_000_000]
 class Rollout:
     """A rollout on a fleet, moved stage by stage by the test (each stage soaks an hour)."""
 
-    def __init__(self, stack: DevStack, tmp_path: Path) -> None:
+    def __init__(self, stack: DevStack, tmp_path: Path, *, health_interval: float = 0.0) -> None:
         self.stack = stack
         self.fleet = patient_fleet(
-            stack.server, stack.admin_token, stack.keys, tmp_path / "devices", DEVICES
+            stack.server,
+            stack.admin_token,
+            stack.keys,
+            tmp_path / "devices",
+            DEVICES,
+            health_interval=health_interval,
         )
         self.fleet.start()
         self.client = Client.connect(stack.server, stack.admin_token)
@@ -103,8 +109,9 @@ class Rollout:
     def into_second_stage_with_devices_away(self, count: int) -> list[str]:
         """Enter the second stage while `count` of its devices are offline; return them.
 
-        Returns once their desired states are published: when they come back they
-        find them retained and report, whatever state the database is in then.
+        Returns once their desired states are published and the stage's other
+        devices are done: when they come back they find their state retained and
+        report, whatever state the database is in then.
         """
         current = self.get()
         assert current is not None
@@ -126,6 +133,12 @@ class Rollout:
             return all(r is not None and r.published_generation == r.generation for r in rows)
 
         wait_for(published, what="the second stage's desired states published")
+        # The others finish first: their retries would otherwise hold the fleet's workers.
+        wait_for(
+            lambda: self.settled(1, offline=len(away)),
+            what="the second stage's online devices installed",
+            timeout=120,
+        )
         return away
 
     def reconnect_and_report(self, devices: list[str]) -> None:
@@ -268,25 +281,46 @@ def test_while_the_database_is_away_rpcs_are_unavailable_and_events_wait_unacked
     )
     run: Rollout | None = None
     try:
-        run = Rollout(stack, tmp_path)
-        late = run.into_second_stage_with_devices_away(5)
+        # Devices send a health sample every half second: events that keep coming while
+        # the database is away (a device cannot even start an install then: its TUF
+        # metadata comes from the control plane's database).
+        run = Rollout(stack, tmp_path, health_interval=0.5)
+        wait_for(lambda: run is not None and run.settled(0), what="the first stage installed")
+        run.promote_to(1)
         _set_connections(admin_url, database, allowed=False)
         try:
             run.assert_unavailable()
-            # They find their retained desired state and report; nothing can be stored.
-            run.reconnect_and_report(late)
-            # The control plane stops with those events unacknowledged: the broker keeps
-            # them for its session and hands them to the next process.
+            before = _samples_sent(run.fleet)
+            wait_for(
+                lambda: run is not None and _samples_sent(run.fleet) >= before + 20,
+                what="health samples sent while the database is away",
+            )
+            # The control plane stops with those unacknowledged: the broker keeps them
+            # for its session and hands them to the next process.
             stack.control_plane.stop()
         finally:
             _set_connections(admin_url, database, allowed=True)
         stack.control_plane = ControlPlane.build(stack.control_plane.config)
         stack.control_plane.start()
         run.finish()
+        run.fleet.stop()  # no more events: every one the broker acknowledged is stored
+        sent = sum(d.record.events_sent for d in run.fleet.devices)
+        wait_for(lambda: _events_stored(stack) >= sent, what=f"all {sent} events stored")
+        # At most the one publish per device cut off by the stop, stored but not counted.
+        assert _events_stored(stack) <= sent + DEVICES
     finally:
         if run is not None:
             run.close()
         stack.stop()
+
+
+def _samples_sent(fleet: SimulatedFleet) -> int:
+    return sum(sum(d.record.periodic_samples.values()) for d in fleet.devices)
+
+
+def _events_stored(stack: DevStack) -> int:
+    with stack.control_plane.store.transaction() as session:
+        return int(session.exec(select(func.count()).select_from(DeviceEventRow)).one())
 
 
 def test_a_sqlite_lock_held_past_the_busy_timeout_is_unavailable_then_nothing_is_lost(
