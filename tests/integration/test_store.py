@@ -183,3 +183,20 @@ def test_desired_states_are_assigned_numbered_signed_and_marked_in_batches(store
         envelope = common_pb2.Envelope.FromString(desired.get_envelope(session, "d0") or b"")
         state = common_pb2.DesiredState.FromString(envelope.payload)
         assert (state.generation, [f.version for f in state.features]) == (2, ["2.0"])
+
+
+def test_presence_is_one_batch_and_the_last_report_of_a_device_wins(store: Store) -> None:
+    later = NOW + timedelta(seconds=5)
+    with store.transaction() as session:
+        fleet.register_devices(
+            session, [fleet.Registration(i, "ev6", "eu", "4.2", {}) for i in ("a", "b")], NOW
+        )
+    with store.transaction() as session:
+        fleet.mark_seen(
+            session,
+            [("a", NOW, True), ("b", NOW, True), ("a", later, None), ("b", later, False)],
+        )
+        fleet.mark_seen(session, [("nobody", later, True)])  # unknown devices are ignored
+    with store.transaction() as session:
+        a, b = fleet.get_device(session, "a"), fleet.get_device(session, "b")
+        assert (a.online, a.last_seen_at, b.online, b.last_seen_at) == (True, later, False, later)
