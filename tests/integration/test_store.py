@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlmodel import SQLModel
+from securesystemslib.signer import CryptoSigner
+from sqlmodel import Session, SQLModel
 
 from ota.domain import states
 from ota.errors import Aborted
-from ota.store import fleet, rollouts
+from ota.rollout.notify import issue_desired_states
+from ota.store import bundles, desired, fleet, rollouts
 from ota.store.database import migrate, open_database
 from ota.store.ingest import IncomingEvent, ingest_events
-from ota.store.models import RolloutDeviceRow, RolloutRow
+from ota.store.models import BundleRow, RolloutDeviceRow, RolloutRow
 from ota.store.session import Store
+from ota.trust.director import Director
+from ota.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -115,3 +119,72 @@ def test_a_transition_from_a_stale_read_is_refused(store: Store) -> None:
         row = rollouts.get_rollout(session, "r-1")
         assert row.state == states.PAUSED
         assert [a.action for a in rollouts.audit_log(session, "r-1")] == ["pause"]
+
+
+def _bundle(session: Session, version: str) -> BundleRow:
+    return bundles.add_bundle(
+        session,
+        feature="f",
+        version=version,
+        target_path=f"features/f/{version}.bundle",
+        sha256=version.replace(".", "").ljust(64, "0"),
+        length=10,
+        models=[],
+        min_firmware="",
+        signer_keyids=[],
+        request_id=None,
+        now=NOW,
+    )
+
+
+def test_desired_states_are_assigned_numbered_signed_and_marked_in_batches(store: Store) -> None:
+    director = Director(CryptoSigner.generate_ed25519())
+    ids = [f"d{i}" for i in range(5)]
+    with store.transaction() as session:
+        fleet.register_devices(
+            session, [fleet.Registration(i, "ev6", "eu", "4.2", {}) for i in ids], NOW
+        )
+        first, second = _bundle(session, "1.0"), _bundle(session, "2.0")
+    with store.transaction() as session:
+        desired.assign(session, ids, first, "r-1")
+        assert issue_desired_states(session, ids, director, now=NOW, ttl=timedelta(days=1)) == 5
+    with store.transaction() as session:
+        desired.mark_published(session, [(i, 1) for i in ids[:3]])
+    with store.transaction() as session:
+        assert sorted(r.device_id for r in desired.unpublished(session, 10)) == ids[3:]
+        # A second rollout remembers the first one's bundle as the one to return to.
+        desired.assign(session, ids[:2], second, "r-2")
+        issue_desired_states(session, ids[:2], director, now=NOW, ttl=timedelta(days=1))
+    with store.transaction() as session:
+        rows = desired.features_of(session, ids, "f")
+        assert {i: (r.version, r.prior_version, r.rollout_id) for i, r in rows.items()} == {
+            "d0": ("2.0", "1.0", "r-2"),
+            "d1": ("2.0", "1.0", "r-2"),
+            "d2": ("1.0", None, "r-1"),
+            "d3": ("1.0", None, "r-1"),
+            "d4": ("1.0", None, "r-1"),
+        }
+        # A newer generation stays unpublished although an older one was acknowledged.
+        desired.mark_published(session, [("d0", 1)])
+        pending = {r.device_id: r.generation for r in desired.unpublished(session, 10)}
+        assert pending == {"d0": 2, "d1": 2, "d3": 1, "d4": 1}
+        envelope = common_pb2.Envelope.FromString(desired.get_envelope(session, "d0") or b"")
+        state = common_pb2.DesiredState.FromString(envelope.payload)
+        assert (state.generation, [f.version for f in state.features]) == (2, ["2.0"])
+
+
+def test_presence_is_one_batch_and_the_last_report_of_a_device_wins(store: Store) -> None:
+    later = NOW + timedelta(seconds=5)
+    with store.transaction() as session:
+        fleet.register_devices(
+            session, [fleet.Registration(i, "ev6", "eu", "4.2", {}) for i in ("a", "b")], NOW
+        )
+    with store.transaction() as session:
+        fleet.mark_seen(
+            session,
+            [("a", NOW, True), ("b", NOW, True), ("a", later, None), ("b", later, False)],
+        )
+        fleet.mark_seen(session, [("nobody", later, True)])  # unknown devices are ignored
+    with store.transaction() as session:
+        a, b = fleet.get_device(session, "a"), fleet.get_device(session, "b")
+        assert (a.online, a.last_seen_at, b.online, b.last_seen_at) == (True, later, False, later)
