@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiomqtt
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from device_sim.mqtt import Connection, MqttError, Will
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
@@ -117,6 +117,7 @@ class SimDevice:
         health: HealthProfile | None = None,
         health_interval: float = 0.0,
         duplicate_every: int = 0,
+        latency: float = 0.0,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -139,6 +140,9 @@ class SimDevice:
         self.health_interval = health_interval
         # Every n-th event is published twice with the same seq (a lost PUBACK, say).
         self.duplicate_every = duplicate_every
+        # Seconds (on average; 0.5x to 1.5x) between receiving a desired state and acting
+        # on it: a slow link or a busy device.
+        self.latency = latency
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
@@ -146,11 +150,16 @@ class SimDevice:
         # Generations a session may legitimately see late: the retained copy that was
         # queued while the pull on connect fetched a newer one.
         self._late = range(0)
-        self._client: aiomqtt.Client | None = None
+        self._client: Connection | None = None
 
     @property
     def device_id(self) -> str:
         return self.profile.device_id
+
+    @property
+    def connection(self) -> Connection | None:
+        """The current MQTT session, while there is one (scenarios misbehave through it)."""
+        return self._client
 
     @property
     def installed(self) -> Mapping[str, InstalledBundle]:
@@ -171,7 +180,7 @@ class SimDevice:
                 self.connected.clear()
                 log.info("%s: power cut (%s)", self.device_id, cut)
                 return
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 self.connected.clear()
                 log.debug("%s: broker connection lost (%s)", self.device_id, exc)
                 await asyncio.sleep(delay * (0.5 + self.rng.random()))
@@ -184,19 +193,18 @@ class SimDevice:
                 raise
 
     async def _session(self, host: str, port: int) -> None:
-        will = aiomqtt.Will(
+        will = Will(
             self.topics.state(self.device_id),
             self._reported(online=False),
             qos=1,
             retain=True,
         )
-        async with aiomqtt.Client(
+        async with Connection(
             host,
             port,
             username=self.device_id,
             password=self.secret,
-            identifier=self.device_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
+            client_id=self.device_id,
             will=will,
             keepalive=60,
         ) as client:
@@ -216,7 +224,7 @@ class SimDevice:
                     sampler.cancel()
                     await asyncio.gather(sampler, return_exceptions=True)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: Connection) -> None:
         """One connected session: finish left-over work, then follow the desired state."""
         if not self._booted:
             await self.resume()
@@ -236,6 +244,8 @@ class SimDevice:
         async for message in client.messages:
             payload = message.payload
             if isinstance(payload, bytes | bytearray) and payload:
+                if self.latency:
+                    await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
                 await self.on_desired(bytes(payload))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -397,7 +407,7 @@ class SimDevice:
                             uptime_seconds=max(uptime, 0),
                         ),
                     )
-                except aiomqtt.MqttError:
+                except MqttError:
                     break  # the session is going; the next one samples again
 
     async def _deactivate(

@@ -73,6 +73,14 @@ class BrokerSettings:
             0600 files and so can still read them on reload.
         log_to_stdout: also log to stdout (a container's log), besides the
             log file (default off).
+        max_connections: client connections the listener accepts; -1
+            (default) means no limit but the process's open-file limit.
+        max_open_files: the open-file limit (RLIMIT_NOFILE) `MosquittoProcess`
+            gives the broker: one per client connection plus a few for its
+            own files. Default 65 536, enough for a 10 000-device simulated
+            fleet on one machine with room to spare; a broker started as
+            another user or by a service manager takes its limit from there
+            (systemd: `LimitNOFILE=`).
     """
 
     port: int = 1883
@@ -90,6 +98,8 @@ class BrokerSettings:
     persistent_client_expiration: str | None = "30d"
     run_as_user: str | None = None
     log_to_stdout: bool = False
+    max_connections: int = -1
+    max_open_files: int = 65_536
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -111,6 +121,15 @@ class BrokerSettings:
         ):
             if value < 0:
                 raise InvalidArgument(f"must be >= 0, got {value}", field=name)
+        if self.max_connections < -1 or self.max_connections == 0:
+            raise InvalidArgument(
+                f"must be -1 (no limit) or at least 1, got {self.max_connections}",
+                field="max_connections",
+            )
+        if self.max_open_files < 64:
+            raise InvalidArgument(
+                f"must be at least 64, got {self.max_open_files}", field="max_open_files"
+            )
         if not 20 <= self.max_packet_size <= 268_435_460:
             raise InvalidArgument(
                 f"must be 20 bytes to 256 MiB, got {self.max_packet_size}",
@@ -270,6 +289,8 @@ def render_config(settings: BrokerSettings, files: BrokerFiles) -> str:
         "",
         f"listener {s.port} {s.bind_address}",
         "protocol mqtt",
+        # Each device holds one connection; the open-file limit is the real cap.
+        f"max_connections {s.max_connections}",
         # The ACL's %u then names the device's own topics, and a device
         # cannot take over another device's session by choosing its client id.
         "use_username_as_clientid true",

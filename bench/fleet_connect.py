@@ -1,0 +1,166 @@
+"""fleet-connect: N simulated devices connected and subscribed; time and RSS per device.
+
+DESIGN §9: 10 000 in <= 5 s, <= 64 KiB RSS each; no baseline. A DevStack
+control plane runs in this process on a private Mosquitto; the fleet is
+`ota-sim run --json` in child processes (one, or one per core with
+`--processes`), as devices would be. Each device has its own connection and
+credentials, and runs the simulator's real firmware: after subscribing it
+resumes its work and pulls its desired state over gRPC, as on every boot.
+
+Figure: seconds from "go" (every device registered and built) until the last
+device is connected and subscribed, at the largest N. RSS per device is the
+simulator's RSS growth from before registering to all connected, divided by
+N: everything a device costs, its TUF trust state and paho client included.
+Registration (RegisterDevices, the broker's password file) is timed apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Figure, Result, Target, bench_stack, cpu_s, log, rss_kib
+from ota.devstack import DevStack
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_DEVICES = 10_000
+TARGET_S = 5.0
+TARGET_KIB = 64.0
+
+
+def run(quick: bool) -> Result:
+    sizes = [100] if quick else [1_000, 5_000, 10_000]
+    layouts = [1] if quick else [1, 2]  # processes
+    runs: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="ota-bench-connect-") as tmp,
+        bench_stack(Path(tmp)) as (stack, broker),
+    ):
+        log(f"broker open-file limit {broker.process.open_files_limit}")
+        for n in sizes:
+            for processes in layouts:
+                if processes > 1 and n < TARGET_DEVICES:
+                    continue
+                broker_rss0 = rss_kib(broker.process.pid)
+                broker_cpu0 = cpu_s(broker.process.pid)
+                r = connect_fleet(
+                    stack,
+                    Path(tmp) / f"fleet-{n}-{processes}",
+                    n,
+                    processes=processes,
+                    prefix=f"fc{len(runs)}",
+                )
+                r["broker_rss_per_device_kib"] = (rss_kib(broker.process.pid) - broker_rss0) / n
+                r["broker_cpu_s"] = cpu_s(broker.process.pid) - broker_cpu0
+                runs.append(r)
+                log(
+                    f"{n} devices, {processes} process(es): connected and subscribed in "
+                    f"{r['connect_s']:.2f} s (registration {r['provision_s']:.2f} s before), "
+                    f"{r['rss_per_device_kib']:.1f} KiB RSS each, "
+                    f"broker +{r['broker_rss_per_device_kib']:.1f} KiB each"
+                )
+    best = min((r for r in runs if r["devices"] == max(sizes)), key=lambda r: r["connect_s"])
+    n = best["devices"]
+    at_target = n >= TARGET_DEVICES
+    return Result(
+        name="fleet-connect",
+        mode="quick" if quick else "full",
+        figure=Figure(
+            best["connect_s"],
+            "s",
+            f"{n} devices connected and subscribed ({best['processes']} process(es))",
+        ),
+        baseline=Figure(None, "", "no baseline (DESIGN §9)"),
+        ratio=None,
+        targets=[
+            Target(
+                f"{TARGET_DEVICES} devices in <= {TARGET_S:g} s",
+                best["connect_s"] <= TARGET_S if at_target else None,
+                "" if at_target else f"measured {n} devices only",
+            ),
+            Target(
+                f"<= {TARGET_KIB:g} KiB RSS per device",
+                best["rss_per_device_kib"] <= TARGET_KIB if at_target else None,
+                f"{best['rss_per_device_kib']:.1f} KiB",
+            ),
+        ],
+        details={"runs": runs},
+    )
+
+
+def connect_fleet(
+    stack: DevStack, state_dir: Path, n: int, *, processes: int, prefix: str
+) -> dict[str, Any]:
+    """Run `ota-sim run` for n devices until they are online; its numbers, then stop it."""
+    argv = [
+        sys.executable,
+        "-m",
+        "device_sim.cli",
+        "run",
+        *("--devices", str(n), "--prefix", prefix, "--processes", str(processes)),
+        *("--server", stack.server, "--token", stack.admin_token),
+        *("--root", str(stack.keys.root_json), "--state-dir", str(state_dir), "--json"),
+    ]
+    timeout = max(120.0, n / 20)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    errors = state_dir / "ota-sim.log"
+    with (
+        errors.open("w") as err,
+        subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+        ) as proc,
+    ):
+        try:
+            online = _online_line(proc, timeout, errors)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    per_device = (online["rss_kib"] - online["rss_before_kib"]) / n
+    return {
+        "devices": n,
+        "processes": processes,
+        "connect_s": online["connect_s"],
+        "provision_s": online["provision_s"],
+        "rss_kib": online["rss_kib"],
+        "rss_before_kib": online["rss_before_kib"],
+        "rss_per_device_kib": per_device,
+        "simulator_cpu_s": online["cpu_s"],
+        "loadavg_1min": os.getloadavg()[0],
+    }
+
+
+def _online_line(proc: subprocess.Popen[str], timeout: float, errors: Path) -> dict[str, Any]:
+    box: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                parsed = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if parsed.get("event") == "online":
+                box.append(parsed)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while reader.is_alive() and time.monotonic() < deadline and proc.poll() is None:
+        reader.join(0.2)
+    if not box:
+        reader.join(1.0)
+    if not box:
+        err = errors.read_text()[-2000:]
+        raise RuntimeError(f"ota-sim did not bring its fleet online within {timeout:.0f}s:\n{err}")
+    return box[0]
