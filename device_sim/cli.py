@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: until Ctrl-C)",
     )
     run.add_argument("--seed", type=int, default=1)
+    run.add_argument(
+        "--status-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often to print the fleet's status (default 5)",
+    )
     run.add_argument(
         "--no-pull",
         action="store_true",
@@ -194,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     out = processes.Output(json_lines=args.json)
+    interval = args.status_interval
+    if not interval > 0:
+        raise OtaError("must be positive", field="status_interval")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -216,16 +227,25 @@ def run(args: argparse.Namespace) -> int:
             cpu_s=round(processes.cpu_s(), 3),
             **{k: round(v, 4) for k, v in fleet.timings.items()},
         )
-        while not stop.wait(args.duration or 5.0):
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.wait(_next_wait(interval, deadline)):
             states: Counter[str] = Counter()
+            generations: Counter[int] = Counter()
             for device in fleet.devices:
                 states.update(device.record.last_state.values())
-            out.status(states, fleet.misbehaviour_counts())
-            if args.duration:
+                generations[device.trust.accepted_generation] += 1
+            out.status(states, fleet.misbehaviour_counts(), generations)
+            if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
         fleet.stop()
     return 0
+
+
+def _next_wait(interval: float, deadline: float | None) -> float:
+    if deadline is None:
+        return interval
+    return max(min(interval, deadline - time.monotonic()), 0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

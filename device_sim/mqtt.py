@@ -33,6 +33,7 @@ from typing import Any, Self
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 # How often every client's keepalive is checked (paho pings when it is due).
 TICK_SECONDS = 1.0
@@ -269,9 +270,19 @@ class Connection:
 
     # --- operations ----------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, *, qos: int = 1) -> bool:
-        """Subscribe and wait for the SUBACK; False if the broker refused it."""
-        rc, mid = self._paho.subscribe(topic, qos=qos)
+    async def subscribe(self, topic: str, *, qos: int = 1, retained: bool = True) -> bool:
+        """Subscribe and wait for the SUBACK; False if the broker refused it.
+
+        `retained=False` asks the broker not to send what is retained there now.
+        """
+        handling = (
+            SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+            if retained
+            else SubscribeOptions.RETAIN_DO_NOT_SEND
+        )
+        rc, mid = self._paho.subscribe(
+            topic, options=SubscribeOptions(qos=qos, retainHandling=handling)
+        )
         self._check(rc)
         assert mid is not None
         return await self._ack(mid)

@@ -48,9 +48,22 @@ class Output:
             line = f"{name}: " + "  ".join(f"{k} {v}" for k, v in fields.items())
         print(line, file=self.stream, flush=True)
 
-    def status(self, states: Counter[str], misbehaving: dict[str, dict[str, int]]) -> None:
+    def status(
+        self,
+        states: Counter[str],
+        misbehaving: dict[str, dict[str, int]],
+        generations: Counter[int] | None = None,
+    ) -> None:
+        """The last state each device reported per rollout, counted; misbehaving messages;
+        how many devices hold each desired-state generation (JSON only)."""
         if self.json_lines:
-            self.event("status", states=dict(states), misbehaving=misbehaving)
+            self.event(
+                "status",
+                time=time.time(),
+                states=dict(states),
+                misbehaving=misbehaving,
+                generations={str(g): n for g, n in sorted((generations or {}).items())},
+            )
             return
         line = "  ".join(f"{k} {v}" for k, v in sorted(states.items())) or "idle"
         if misbehaving["sent"] or misbehaving["refused"]:
@@ -209,9 +222,11 @@ def _follow(
             states: Counter[str] = Counter()
             sent: Counter[str] = Counter()
             refused: Counter[str] = Counter()
+            generations: Counter[int] = Counter()
             for status in latest.values():
                 states.update(status["states"])
                 sent.update(status["misbehaving"]["sent"])
                 refused.update(status["misbehaving"]["refused"])
-            out.status(states, {"sent": dict(sent), "refused": dict(refused)})
+                generations.update({int(g): n for g, n in status["generations"].items()})
+            out.status(states, {"sent": dict(sent), "refused": dict(refused)}, generations)
             latest.clear()
