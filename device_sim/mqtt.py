@@ -66,6 +66,8 @@ class _DeviceClient(paho.Client):
     _inpos = 0
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if self._ssl:
+            return super()._sock_recv(bufsize)  # TLS buffers on its own
         if self._inpos >= len(self._inbuf):
             if self._sock is None:
                 raise ConnectionError("the socket is closed")
