@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +57,12 @@ def run(quick: bool) -> Result:
         bench_stack(Path(tmp)) as (stack, broker),
     ):
         log(f"broker open-file limit {broker.process.open_files_limit}")
+        pid = broker.process.pid
+
+        def measure() -> tuple[float, float, int]:
+            return cpu_s(), cpu_s(pid), rss_kib(pid)
+
         for n, processes, pull in layouts:
-            broker_rss0 = rss_kib(broker.process.pid)
-            broker_cpu0 = cpu_s(broker.process.pid)
-            control_cpu0 = cpu_s()
             r = connect_fleet(
                 stack,
                 Path(tmp) / f"fleet-{len(runs)}",
@@ -66,17 +70,17 @@ def run(quick: bool) -> Result:
                 processes=processes,
                 pull=pull,
                 prefix=f"fc{len(runs)}",
+                measure=measure,
             )
-            r["broker_rss_per_device_kib"] = (rss_kib(broker.process.pid) - broker_rss0) / n
-            r["broker_cpu_s"] = cpu_s(broker.process.pid) - broker_cpu0
-            r["control_plane_cpu_s"] = cpu_s() - control_cpu0  # registration and pulls
             runs.append(r)
             log(
                 f"{n} devices, {processes} process(es), pull {'on' if pull else 'off'}: "
                 f"connected and subscribed in {r['connect_s']:.2f} s "
                 f"(registered in {r['provision_s']:.2f} s before), "
                 f"{r['rss_per_device_kib']:.1f} KiB RSS each, "
-                f"broker +{r['broker_rss_per_device_kib']:.1f} KiB each, "
+                f"broker +{r['broker_rss_per_device_kib']:.1f} KiB each; CPU s: simulator "
+                f"{r['simulator_cpu_s']:.1f}, broker {r['broker_cpu_s']:.1f}, control plane "
+                f"{r['control_plane_cpu_s']:.1f}; "
                 f"load {r['loadavg_1min']:.1f}"
             )
     largest = max(r["devices"] for r in runs)
@@ -113,8 +117,20 @@ def scratch_dir() -> str | None:
 
 
 def connect_fleet(
-    stack: DevStack, state_dir: Path, n: int, *, processes: int, prefix: str, pull: bool = True
+    stack: DevStack,
+    state_dir: Path,
+    n: int,
+    *,
+    processes: int,
+    prefix: str,
+    pull: bool = True,
+    measure: Callable[[], tuple[float, float, int]] | None = None,
 ) -> dict[str, Any]:
+    """The fleet registers and builds its devices, then connects them on "go".
+
+    `measure` returns (control plane CPU s, broker CPU s, broker RSS KiB); it is
+    read at "go" and once all are connected, so its differences cover the connect.
+    """
     """Run `ota-sim run` for n devices until they are online; its numbers, then stop it."""
     argv = [
         sys.executable,
@@ -123,7 +139,7 @@ def connect_fleet(
         "run",
         *("--devices", str(n), "--prefix", prefix, "--processes", str(processes)),
         *("--server", stack.server, "--token", stack.admin_token),
-        *("--root", str(stack.keys.root_json), "--state-dir", str(state_dir), "--json"),
+        *("--root", str(stack.keys.root_json), "--state-dir", str(state_dir), "--json", "--hold"),
         *([] if pull else ["--no-pull"]),
     ]
     timeout = max(120.0, n / 20)
@@ -132,11 +148,18 @@ def connect_fleet(
     with (
         errors.open("w") as err,
         subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
         ) as proc,
     ):
         try:
-            online = _online_line(proc, timeout, errors)
+            lines = _Lines(proc, errors)
+            lines.wait_for("prepared", timeout)
+            before = measure() if measure else (0.0, 0.0, 0)
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            online = lines.wait_for("online", timeout)
+            after = measure() if measure else (0.0, 0.0, 0)
         finally:
             proc.terminate()
             try:
@@ -153,33 +176,40 @@ def connect_fleet(
         "rss_kib": online["rss_kib"],
         "rss_before_kib": online["rss_before_kib"],
         "rss_per_device_kib": per_device,
-        "simulator_cpu_s": online["cpu_s"],
+        "simulator_cpu_s": online["connect_cpu_s"],
+        "control_plane_cpu_s": after[0] - before[0],
+        "broker_cpu_s": after[1] - before[1],
+        "broker_rss_per_device_kib": (after[2] - before[2]) / n,
         "loadavg_1min": os.getloadavg()[0],
     }
 
 
-def _online_line(proc: subprocess.Popen[str], timeout: float, errors: Path) -> dict[str, Any]:
-    box: list[dict[str, Any]] = []
+class _Lines:
+    """The JSON lines `ota-sim run --json` prints, read on a thread."""
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+    def __init__(self, proc: subprocess.Popen[str], errors: Path) -> None:
+        self._proc, self._errors = proc, errors
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
             try:
-                parsed = json.loads(line)
+                self._lines.put(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if parsed.get("event") == "online":
-                box.append(parsed)
-                return
+        self._lines.put(None)
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    while reader.is_alive() and time.monotonic() < deadline and proc.poll() is None:
-        reader.join(0.2)
-    if not box:
-        reader.join(1.0)
-    if not box:
-        err = errors.read_text()[-2000:]
-        raise RuntimeError(f"ota-sim did not bring its fleet online within {timeout:.0f}s:\n{err}")
-    return box[0]
+    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                line = None
+            if line is None:
+                err = self._errors.read_text()[-2000:]
+                raise RuntimeError(f"ota-sim did not say {event!r} within {timeout:.0f}s:\n{err}")
+            if line.get("event") == event:
+                return line

@@ -130,9 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print machine-readable lines: one JSON object per status line",
     )
-    # One process of a --processes fleet: run slice I of N, and connect only once told to.
+    run.add_argument(
+        "--hold",
+        action="store_true",
+        help="register and build the devices, print 'prepared', and connect them only "
+        "once a line arrives on standard input (to time the connect alone)",
+    )
+    # One process of a --processes fleet: run slice I of N.
     run.add_argument("--slice", default="", help=argparse.SUPPRESS)
-    run.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -215,8 +220,10 @@ def run(args: argparse.Namespace) -> int:
             out.event("prepared", devices=len(profiles))
             if not sys.stdin.readline():
                 return 0  # the parent went away before the start
+        cpu0 = processes.cpu_s()
         fleet.connect(timeout=max(120.0, len(profiles) / 50))
         rss = processes.rss_kib()
+        connect_cpu_s = processes.cpu_s() - cpu0
         fleet.start_scenario()
         out.event(
             "online",
@@ -225,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             rss_kib=rss,
             rss_before_kib=rss0,
             cpu_s=round(processes.cpu_s(), 3),
+            connect_cpu_s=round(connect_cpu_s, 3),
             **{k: round(v, 4) for k, v in fleet.timings.items()},
         )
         deadline = time.monotonic() + args.duration if args.duration else None

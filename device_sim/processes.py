@@ -134,6 +134,10 @@ def run_parent(args: argparse.Namespace, state_dir: Path) -> int:
         prepared = _collect(lines, "prepared", n, stop)
         if prepared is None:
             return 1
+        if args.hold:
+            out.event("prepared", devices=sum(p["devices"] for p in prepared), processes=n)
+            if not sys.stdin.readline():
+                return 0
         t0 = time.perf_counter()
         for child in children:
             assert child.stdin is not None
@@ -153,6 +157,7 @@ def run_parent(args: argparse.Namespace, state_dir: Path) -> int:
             rss_kib=sum(o["rss_kib"] for o in online),
             rss_before_kib=sum(o["rss_before_kib"] for o in online),
             cpu_s=round(sum(o["cpu_s"] for o in online), 3),
+            connect_cpu_s=round(sum(o["connect_cpu_s"] for o in online), 3),
             per_process=online,
         )
         _follow(lines, n, stop, args.duration, out)
