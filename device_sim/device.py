@@ -118,6 +118,7 @@ class SimDevice:
         health_interval: float = 0.0,
         duplicate_every: int = 0,
         latency: float = 0.0,
+        download_executor: Executor | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -127,6 +128,9 @@ class SimDevice:
         self.topics = topics
         self.failures = failures
         self.executor = executor
+        # Downloads wait on the network for long; on their own threads they do not hold
+        # up the quick checks (a desired state's signature) of a fleet's other devices.
+        self.download_executor = download_executor or executor
         self.rng = rng
         self.features = features or InstalledFeatures()
         self.record = record or DeviceRecord()
@@ -314,7 +318,9 @@ class SimDevice:
             await self.report(a, "DOWNLOADING")
         try:
             # After a restart this finds the kept file and re-verifies it against TUF.
-            path = await self._blocking(self.trust.fetch_bundle, a)
+            path = await asyncio.get_running_loop().run_in_executor(
+                self.download_executor, self.trust.fetch_bundle, a
+            )
         except VerificationError as exc:
             await self._fail(a, exc.reason, str(exc))
             return

@@ -129,6 +129,7 @@ class SimulatedFleet:
         self.devices: list[SimDevice] = []
         self._channel = grpc.insecure_channel(settings.server)
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
+        self._downloads = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-download")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -254,6 +255,7 @@ class SimulatedFleet:
             topics=self._topics,
             failures=scenario.failures_for(p) if scenario else settings.failures,
             executor=self._executor,
+            download_executor=self._downloads,
             rng=random.Random(self._rng.random()),
             clock=clock,
             pull_desired=source.desired_state if settings.pull_on_connect else None,
@@ -390,4 +392,5 @@ class SimulatedFleet:
         if not self._thread.is_alive():
             self._loop.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()
