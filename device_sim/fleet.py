@@ -329,11 +329,15 @@ class SimulatedFleet:
         assert self._topics is not None, "start() the fleet first"
         topics = self._topics
         by_id = {d.device_id: d for d in self.devices}
-        ids = [d.device_id for d in self.devices]
+        # Rules pick from the scenario's whole fleet, of which this process may run a
+        # slice (`--processes`): each picked device is run by whichever process has it.
+        everyone = scenario.devices()
+        ids = [p.device_id for p in everyone]
+        position = {d: i for i, d in enumerate(ids)}
 
         async def begin() -> None:
             for rule in scenario.churn:
-                chosen = scenario.churning(rule, self.profiles)
+                chosen = [d for d in scenario.churning(rule, everyone) if d in by_id]
                 if chosen:
                     self._behaviours.append(
                         asyncio.create_task(churn(rule, chosen, self._leave, self._back))
@@ -341,9 +345,11 @@ class SimulatedFleet:
             for m in scenario.misbehaving:
                 runner = Misbehaving(m, topics, random.Random(self._rng.random()))
                 self.misbehaving.append(runner)
-                for device_id in scenario.misbehaving_devices(m, self.profiles):
+                for device_id in scenario.misbehaving_devices(m, everyone):
+                    if device_id not in by_id:
+                        continue
                     # Someone else's id to impersonate or write to: the next device along.
-                    victim = ids[(ids.index(device_id) + 1) % len(ids)]
+                    victim = ids[(position[device_id] + 1) % len(ids)]
                     self._behaviours.append(
                         asyncio.create_task(runner.run(by_id[device_id], victim))
                     )
