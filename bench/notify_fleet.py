@@ -90,8 +90,25 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
                     "control_plane_s": cpu_s() - cpu0[0],
                     "broker_s": cpu_s(broker.process.pid) - cpu0[1],
                 }
+                # Again, now that every device has its TUF root loaded: a kill switch is a
+                # new signed desired state for the same devices, with nothing to download.
+                t1 = time.time()
+                client.rollouts.KillRollout(
+                    rollout_pb2.RolloutCommandRequest(
+                        rollout_id=created.rollout_id, reason="notify-fleet, warm"
+                    ),
+                    metadata=client.metadata,
+                )
+                warm_at, warm_progress = fleet.wait_generation(
+                    n, t1, timeout=max(120.0, n / 10), generation=2
+                )
+                warm_s = warm_at - t1
             finally:
                 fleet.stop()
+            log(
+                f"kill switch: {n} devices verified it {warm_s:.2f} s after KillRollout "
+                f"(half by {_percentile(warm_progress, n, 0.5):.2f} s)"
+            )
             log(
                 f"{n} devices verified the new desired state {notify_s:.2f} s after StartRollout "
                 f"(half of them by {_percentile(progress, n, 0.5):.2f} s, 90 % by "
@@ -135,6 +152,8 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
             "devices": n,
             "notify_s": notify_s,
             "progress": progress,
+            "warm_notify_s": warm_s,
+            "warm_progress": warm_progress,
             "cpu_during_notify_s": cpu,
             "fleet_online": online,
             "baseline": baseline,
@@ -214,9 +233,9 @@ class _Fleet:
                 return line
 
     def wait_generation(
-        self, n: int, since: float, timeout: float
+        self, n: int, since: float, timeout: float, generation: int = 1
     ) -> tuple[float, list[tuple[float, int]]]:
-        """When all n devices held a generation newer than 0; the count over time."""
+        """When all n devices held `generation` or a newer one; the count over time."""
         deadline = time.monotonic() + timeout
         progress: list[tuple[float, int]] = []
         i = self._seen
@@ -225,7 +244,7 @@ class _Fleet:
             i += 1
             if line["event"] != "status" or line["time"] < since:
                 continue
-            verified = sum(c for g, c in line["generations"].items() if int(g) > 0)
+            verified = sum(c for g, c in line["generations"].items() if int(g) >= generation)
             if not progress or progress[-1][1] != verified:
                 progress.append((round(line["time"] - since, 3), verified))
             if verified >= n:
