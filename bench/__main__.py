@@ -28,6 +28,8 @@ BENCHMARKS = {
     "download": "bench.download",
     "report": "bench.report",
     "rollout-e2e": "bench.rollout_e2e",
+    "fleet-connect": "bench.fleet_connect",
+    "notify-fleet": "bench.notify_fleet",
 }
 
 
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "--devices",
         type=int,
         default=None,
-        help="rollout-e2e fleet size (default 200 with --quick, 2000 otherwise)",
+        help="rollout-e2e and notify-fleet fleet size (rollout-e2e: 200 with --quick, 2000 "
+        "otherwise; notify-fleet: 100 with --quick, 10000 otherwise)",
     )
     parser.add_argument(
         "--results-dir",
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     watch=args.watch,
                     broker_max_queued=args.broker_max_queued,
                 )
+            elif name == "notify-fleet":
+                result = module.run(args.quick, devices=args.devices)
             else:
                 result = module.run(args.quick)
         except Exception:

@@ -1,8 +1,8 @@
 """MQTT helpers for benchmarks: device publishers, a counting subscriber, device receivers.
 
-Device-side clients use aiomqtt (paho driven from asyncio's epoll loop, as the
-simulator does) because paho's own loop uses select() and breaks past about
-1 000 sockets. The counting subscriber is one plain paho client on its own
+Device-side clients are paho clients driven from one asyncio loop: the
+simulator's own `device_sim.mqtt` for the notify baseline, aiomqtt for the
+publishers. paho's own loop uses select() and breaks past about 1 000 sockets. The counting subscriber is one plain paho client on its own
 network thread, like the control plane's link.
 """
 
@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from device_sim.mqtt import Connection, raise_open_files_limit
 from ota.transport.topics import Topics
 from ota.v1 import common_pb2
 
@@ -209,6 +210,7 @@ def broadcast_baseline(
     topic. Measures first publish to last delivery. The ACL gives each device
     only its own topic, so a single shared broadcast topic is not possible.
     """
+    raise_open_files_limit(len(accounts) + 512)
     return asyncio.run(_broadcast(host, port, accounts, publisher, topics, timeout=timeout))
 
 
@@ -225,65 +227,49 @@ async def _broadcast(
     received = 0
     all_in = asyncio.Event()
     payload = b"\x00" * 200  # about the size of a signed desired state envelope
-    async with contextlib.AsyncExitStack() as stack:
-        clients: list[aiomqtt.Client] = []
+    clients: list[Connection] = []
 
-        async def connect(device_id: str) -> None:
-            client = aiomqtt.Client(
-                host,
-                port,
-                username=device_id,
-                password=accounts[device_id],
-                identifier=device_id,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                logger=_QUIET,
-                timeout=120,
-            )
-            async with gate:
-                await stack.enter_async_context(client)
-                await client.subscribe(
-                    topics.desired(device_id),
-                    options=SubscribeOptions(
-                        qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
-                    ),
-                )
+    async def connect(device_id: str) -> None:
+        client = Connection(
+            host, port, username=device_id, password=accounts[device_id], client_id=device_id
+        )
+        async with gate:
+            await client.connect()
             clients.append(client)
+            await client.subscribe(topics.desired(device_id), retained=False)
 
+    async def listen(client: Connection) -> None:
+        nonlocal received
+        async for _message in client.messages:
+            received += 1
+            if received == len(accounts):
+                all_in.set()
+            return
+
+    pub = Connection(
+        host,
+        port,
+        username=publisher[0],
+        password=publisher[1],
+        client_id=publisher[0],
+        max_inflight=1000,
+    )
+    listeners: list[asyncio.Task[None]] = []
+    try:
         t0 = time.perf_counter()
         await asyncio.gather(*(connect(d) for d in accounts))
         connect_s = time.perf_counter() - t0
-
-        async def listen(client: aiomqtt.Client) -> None:
-            nonlocal received
-            async for _message in client.messages:
-                received += 1
-                if received == len(accounts):
-                    all_in.set()
-                return
-
         listeners = [asyncio.create_task(listen(c)) for c in clients]
-        pub = aiomqtt.Client(
-            host,
-            port,
-            username=publisher[0],
-            password=publisher[1],
-            identifier=publisher[0],
-            protocol=aiomqtt.ProtocolVersion.V5,
-            logger=_QUIET,
-            max_inflight_messages=1000,
-            timeout=120,
-        )
-        await stack.enter_async_context(pub)
+        await pub.connect()
         t1 = time.perf_counter()
         await asyncio.gather(
-            *(
-                pub.publish(topics.desired(d), payload, qos=1, retain=True, timeout=math.inf)
-                for d in accounts
-            )
+            *(pub.publish(topics.desired(d), payload, qos=1, retain=True) for d in accounts)
         )
         await asyncio.wait_for(all_in.wait(), timeout)
         delivered_s = time.perf_counter() - t1
+    finally:
         for task in listeners:
             task.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
+        await asyncio.gather(*(c.disconnect() for c in [*clients, pub]), return_exceptions=True)
     return {"connect_s": connect_s, "notify_s": delivered_s}

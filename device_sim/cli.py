@@ -8,14 +8,18 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 
+from device_sim import processes
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import ClockSkew, FailureProfile, HealthProfile, compose_fleet
+from device_sim.scenario import load_scenario
 from device_sim.source import Deadlines
 from ota.errors import OtaError
 from ota.trust.device import RetryPolicy
@@ -94,6 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: until Ctrl-C)",
     )
     run.add_argument("--seed", type=int, default=1)
+    run.add_argument(
+        "--status-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often to print the fleet's status (default 5)",
+    )
+    run.add_argument(
+        "--no-pull",
+        action="store_true",
+        help="do not ask the control plane for the desired state on connect; only for a "
+        "broker with persistence, which keeps every device's desired state retained",
+    )
+    run.add_argument(
+        "--scenario",
+        type=Path,
+        metavar="FILE",
+        help="a YAML scenario: fleet composition, failures, churn, latency, clock skew and "
+        "misbehaving devices (replaces --devices, --models, --regions, --firmware, --prefix)",
+    )
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the fleet over N processes (one per core suits a large fleet)",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print machine-readable lines: one JSON object per status line",
+    )
+    run.add_argument(
+        "--hold",
+        action="store_true",
+        help="register and build the devices, print 'prepared', and connect them only "
+        "once a line arrives on standard input (to time the connect alone)",
+    )
+    # One process of a --processes fleet: run slice I of N.
+    run.add_argument("--slice", default="", help=argparse.SUPPRESS)
     return parser
 
 
@@ -103,21 +147,49 @@ def _positive(value: int, field: str) -> int:
     return value
 
 
+def _scratch() -> str | None:
+    """Where a temporary fleet keeps its state: memory (tmpfs) where there is one.
+
+    Building a device creates a handful of files and directories; on a busy
+    disk that costs milliseconds each, minutes for a large fleet.
+    """
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def run(args: argparse.Namespace) -> int:
     _positive(args.devices, "devices")
+    _positive(args.processes, "processes")
+    scenario = load_scenario(args.scenario) if args.scenario else None
     try:
         root = args.root.read_bytes()
     except OSError as exc:
         raise OtaError(f"cannot read {args.root}: {exc.strerror}", field="root") from exc
-    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="ota-sim-"))
-    fleet = SimulatedFleet(
-        compose_fleet(
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="ota-sim-", dir=_scratch()))
+    if args.processes > 1:
+        return processes.run_parent(args, state_dir)
+    if scenario is not None:
+        profiles = scenario.devices()
+    else:
+        profiles = compose_fleet(
             args.devices,
             models=args.models.split(","),
             regions=args.regions.split(","),
             firmware=args.firmware,
             prefix=args.prefix,
-        ),
+        )
+    index, count = processes.parse_slice(args.slice)
+    profiles = processes.share(profiles, index, count)
+    seed = (scenario.seed if scenario else args.seed) + index
+    skew: Callable[[str], timedelta] | None = (
+        ClockSkew.parse(args.clock_skew) if args.clock_skew else None
+    )
+    health_interval = max(args.health_interval, 0.0)
+    if scenario is not None:
+        skew = skew or scenario.clock_skew_fn()
+        health_interval = health_interval or scenario.health_interval
+    fleet = SimulatedFleet(
+        profiles,
         FleetSettings(
             server=args.server,
             admin_token=args.token,
@@ -125,33 +197,68 @@ def run(args: argparse.Namespace) -> int:
             state_dir=state_dir,
             failures=FailureProfile.parse(args.fail),
             health=HealthProfile.parse(args.crash),
-            health_interval=max(args.health_interval, 0.0),
-            seed=args.seed,
-            clock_skew=ClockSkew.parse(args.clock_skew) if args.clock_skew else None,
+            health_interval=health_interval,
+            seed=seed,
+            clock_skew=skew,
             retry=RetryPolicy(attempts=_positive(args.download_attempts, "download_attempts")),
             deadlines=Deadlines(download_base=args.download_deadline),
+            scenario=scenario,
+            pull_on_connect=not args.no_pull,
         ),
     )
+    out = processes.Output(json_lines=args.json)
+    interval = args.status_interval
+    if not interval > 0:
+        raise OtaError("must be positive", field="status_interval")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    fleet.start()
-    print(f"{args.devices} devices online; state in {state_dir}", flush=True)
     try:
-        while not stop.wait(args.duration or 5.0):
+        rss0 = processes.rss_kib()
+        fleet.prepare()
+        if args.hold:
+            out.event("prepared", devices=len(profiles))
+            if not sys.stdin.readline():
+                return 0  # the parent went away before the start
+        cpu0 = processes.cpu_s()
+        fleet.connect(timeout=max(120.0, len(profiles) / 50))
+        rss = processes.rss_kib()
+        connect_cpu_s = processes.cpu_s() - cpu0
+        fleet.start_scenario()
+        out.event(
+            "online",
+            devices=len(profiles),
+            state_dir=str(state_dir),
+            rss_kib=rss,
+            rss_before_kib=rss0,
+            cpu_s=round(processes.cpu_s(), 3),
+            connect_cpu_s=round(connect_cpu_s, 3),
+            **{k: round(v, 4) for k, v in fleet.timings.items()},
+        )
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.wait(_next_wait(interval, deadline)):
             states: Counter[str] = Counter()
+            generations: Counter[int] = Counter()
             for device in fleet.devices:
                 states.update(device.record.last_state.values())
-            print("  ".join(f"{k} {v}" for k, v in sorted(states.items())) or "idle", flush=True)
-            if args.duration:
+                generations[device.trust.accepted_generation] += 1
+            out.status(states, fleet.misbehaviour_counts(), generations)
+            if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
         fleet.stop()
     return 0
 
 
+def _next_wait(interval: float, deadline: float | None) -> float:
+    if deadline is None:
+        return interval
+    return max(min(interval, deadline - time.monotonic()), 0.0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except OtaError as exc:

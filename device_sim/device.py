@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiomqtt
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from device_sim.mqtt import Connection, MqttError, Will
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
-from device_sim.routing import Routing
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
 from ota.domain.states import SETTLED
@@ -118,6 +117,8 @@ class SimDevice:
         health: HealthProfile | None = None,
         health_interval: float = 0.0,
         duplicate_every: int = 0,
+        latency: float = 0.0,
+        download_executor: Executor | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -127,6 +128,9 @@ class SimDevice:
         self.topics = topics
         self.failures = failures
         self.executor = executor
+        # Downloads wait on the network for long; on their own threads they do not hold
+        # up the quick checks (a desired state's signature) of a fleet's other devices.
+        self.download_executor = download_executor or executor
         self.rng = rng
         self.features = features or InstalledFeatures()
         self.record = record or DeviceRecord()
@@ -140,18 +144,25 @@ class SimDevice:
         self.health_interval = health_interval
         # Every n-th event is published twice with the same seq (a lost PUBACK, say).
         self.duplicate_every = duplicate_every
+        # Seconds (on average; 0.5x to 1.5x) between receiving a desired state and acting
+        # on it: a slow link or a busy device.
+        self.latency = latency
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
         # Generations a session may legitimately see late: the retained copy that was
         # queued while the pull on connect fetched a newer one.
         self._late = range(0)
-        self._client: aiomqtt.Client | None = None
-        self._routing: Routing | None = None
+        self._client: Connection | None = None
 
     @property
     def device_id(self) -> str:
         return self.profile.device_id
+
+    @property
+    def connection(self) -> Connection | None:
+        """The current MQTT session, while there is one (scenarios misbehave through it)."""
+        return self._client
 
     @property
     def installed(self) -> Mapping[str, InstalledBundle]:
@@ -172,7 +183,7 @@ class SimDevice:
                 self.connected.clear()
                 log.info("%s: power cut (%s)", self.device_id, cut)
                 return
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 self.connected.clear()
                 log.debug("%s: broker connection lost (%s)", self.device_id, exc)
                 await asyncio.sleep(delay * (0.5 + self.rng.random()))
@@ -185,24 +196,22 @@ class SimDevice:
                 raise
 
     async def _session(self, host: str, port: int) -> None:
-        will = aiomqtt.Will(
+        will = Will(
             self.topics.state(self.device_id),
             self._reported(online=False),
             qos=1,
             retain=True,
         )
-        async with aiomqtt.Client(
+        async with Connection(
             host,
             port,
             username=self.device_id,
             password=self.secret,
-            identifier=self.device_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
+            client_id=self.device_id,
             will=will,
             keepalive=60,
         ) as client:
             self._client = client
-            self._routing = Routing(client)
             await client.subscribe(self.topics.desired(self.device_id), qos=1)
             await client.publish(
                 self.topics.state(self.device_id), self._reported(online=True), qos=1, retain=True
@@ -218,7 +227,7 @@ class SimDevice:
                     sampler.cancel()
                     await asyncio.gather(sampler, return_exceptions=True)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: Connection) -> None:
         """One connected session: finish left-over work, then follow the desired state."""
         # Every session, not only the first after a boot: a session lost in the middle
         # of an install (the broker restarted, say) leaves work that no newer desired
@@ -239,6 +248,8 @@ class SimDevice:
         async for message in client.messages:
             payload = message.payload
             if isinstance(payload, bytes | bytearray) and payload:
+                if self.latency:
+                    await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
                 await self.on_desired(bytes(payload))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -307,7 +318,9 @@ class SimDevice:
             await self.report(a, "DOWNLOADING")
         try:
             # After a restart this finds the kept file and re-verifies it against TUF.
-            path = await self._blocking(self.trust.fetch_bundle, a)
+            path = await asyncio.get_running_loop().run_in_executor(
+                self.download_executor, self.trust.fetch_bundle, a
+            )
         except VerificationError as exc:
             await self._fail(a, exc.reason, str(exc))
             return
@@ -400,7 +413,7 @@ class SimDevice:
                             uptime_seconds=max(uptime, 0),
                         ),
                     )
-                except aiomqtt.MqttError:
+                except MqttError:
                     break  # the session is going; the next one samples again
 
     async def _deactivate(
@@ -522,8 +535,7 @@ class SimDevice:
         assert self._client is not None
         delay = 0.2
         while True:
-            await self._client.publish(self.topics.events(self.device_id), payload, qos=1)
-            if self._routing is None or self._routing.delivered():
+            if await self._client.publish_routed(self.topics.events(self.device_id), payload):
                 return
             await asyncio.sleep(delay * (0.5 + self.rng.random()))
             delay = min(delay * 2, 5.0)

@@ -1,8 +1,8 @@
 """Provisioning a simulated fleet and running it on one asyncio loop.
 
-Every device has its own MQTT connection and credentials. paho's own loop
-uses select(), which breaks past ~1 000 sockets; aiomqtt drives paho from
-asyncio's epoll loop instead. Blocking work (TUF verification, gRPC
+Every device has its own MQTT connection and credentials; `device_sim.mqtt`
+drives all their paho clients from the one asyncio loop (epoll), with no
+thread or task per connection. Blocking work (TUF verification, gRPC
 downloads) runs in a small thread pool over one shared gRPC channel.
 
 Each device keeps its state under ``state_dir/<device id>/``: trusted TUF
@@ -14,9 +14,11 @@ that state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +28,11 @@ from pathlib import Path
 
 import grpc
 
+from device_sim.behaviours import Misbehaving, churn
 from device_sim.device import DeviceRecord, SimDevice
+from device_sim.mqtt import MqttError, raise_open_files_limit
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile, SkewedClock
+from device_sim.scenario import Scenario
 from device_sim.source import Deadlines, GrpcSource
 from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
@@ -40,7 +45,11 @@ from ota.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 
 REGISTER_BATCH = 1000
+# Connections waiting for their CONNACK at once. Mosquitto listens with a
+# backlog of 100; beyond it the kernel drops SYNs and a connect waits a second.
 CONNECTS_AT_ONCE = 64
+# Open files besides the devices' sockets (gRPC, state files, the interpreter's).
+SPARE_FILES = 512
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,12 @@ class FleetSettings:
     health_interval: float = 0.0
     # Every n-th event of each device is published twice with the same seq (0: never).
     duplicate_every: int = 0
+    # After subscribing, each device also asks the control plane for its desired state
+    # (DECISIONS: "Devices pull on connect"). A fleet on a broker with persistence may
+    # skip it: 10 000 devices connecting at once are 10 000 GetDesiredState calls.
+    pull_on_connect: bool = True
+    # Per-device failures, crashes, latency, churn and misbehaviour (`--scenario`).
+    scenario: Scenario | None = None
 
 
 def provision(
@@ -114,6 +129,7 @@ class SimulatedFleet:
         self.devices: list[SimDevice] = []
         self._channel = grpc.insecure_channel(settings.server)
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
+        self._downloads = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-download")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -121,18 +137,39 @@ class SimulatedFleet:
         self._topics: Topics | None = None
         self._address: BrokerAddress | None = None
         self._rng = random.Random(settings.seed)
+        # Seconds each phase of `start` took: provision_s, build_s, connect_s.
+        self.timings: dict[str, float] = {}
+        self.misbehaving: list[Misbehaving] = []
+        self._by_id: dict[str, SimDevice] = {}
+        self._behaviours: list[asyncio.Task[None]] = []
 
     def start(self, timeout: float = 120.0) -> None:
         """Provision, connect every device, and return once all are subscribed."""
+        self.prepare()
+        self.connect(timeout=timeout)
+
+    def prepare(self) -> None:
+        """Register the devices and build them from their state directories; no connection yet."""
+        t0 = time.perf_counter()
         self._secrets, mqtt_url, topic_root = provision(
             self._channel, self.settings.admin_token, self.profiles
         )
-        address = self._address = BrokerAddress.parse(mqtt_url)
+        t1 = time.perf_counter()
+        self._address = BrokerAddress.parse(mqtt_url)
         self._topics = Topics(topic_root)
+        raise_open_files_limit(len(self.profiles) + SPARE_FILES)
         self.devices = [self._device(p) for p in self.profiles]
+        self._by_id = {d.device_id: d for d in self.devices}
+        self.timings.update(provision_s=t1 - t0, build_s=time.perf_counter() - t1)
+
+    def connect(self, timeout: float = 120.0) -> None:
+        """Connect every prepared device; returns once all are connected and subscribed."""
+        assert self._address is not None, "prepare() the fleet first"
+        t0 = time.perf_counter()
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(self._connect_all(address), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._connect_all(self._address), self._loop)
         future.result(timeout=timeout)
+        self.timings["connect_s"] = time.perf_counter() - t0
 
     def add(self, profiles: list[DeviceProfile], *, timeout: float = 120.0) -> list[SimDevice]:
         """Register more devices while the fleet runs (late registrations) and connect them."""
@@ -141,6 +178,7 @@ class SimulatedFleet:
         secrets, _, _ = provision(self._channel, self.settings.admin_token, profiles)
         self._secrets.update(secrets)
         self.profiles = [*self.profiles, *profiles]
+        raise_open_files_limit(len(self.profiles) + SPARE_FILES)
 
         async def join() -> list[SimDevice]:
             new = [self._device(p) for p in profiles]
@@ -152,8 +190,12 @@ class SimulatedFleet:
 
     def device(self, device_id: str) -> SimDevice:
         """The running device with this id."""
-        for d in self.devices:
+        found = self._by_id.get(device_id)
+        if found is not None:
+            return found
+        for d in self.devices:  # added since
             if d.device_id == device_id:
+                self._by_id[device_id] = d
                 return d
         raise NotFound(f"no simulated device {device_id!r}", field="device_id")
 
@@ -178,6 +220,7 @@ class SimulatedFleet:
                 await asyncio.gather(task, return_exceptions=True)
             new = self._device(old.profile, record=old.record)
             self.devices[self.devices.index(old)] = new
+            self._by_id[device_id] = new
             self._tasks[device_id] = asyncio.create_task(new.run(address.host, address.port))
             await new.connected.wait()
             return new
@@ -191,6 +234,7 @@ class SimulatedFleet:
         source = GrpcSource(
             self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
         )
+        scenario = settings.scenario
         skew = settings.clock_skew(p.device_id) if settings.clock_skew else timedelta(0)
         clock: Clock = SkewedClock(self.clock, skew) if skew else self.clock
         trust = DeviceTrust(
@@ -209,18 +253,20 @@ class SimulatedFleet:
             secret=self._secrets[p.device_id],
             trust=trust,
             topics=self._topics,
-            failures=settings.failures,
+            failures=scenario.failures_for(p) if scenario else settings.failures,
             executor=self._executor,
+            download_executor=self._downloads,
             rng=random.Random(self._rng.random()),
             clock=clock,
-            pull_desired=source.desired_state,
+            pull_desired=source.desired_state if settings.pull_on_connect else None,
             seq_file=state_dir / "event-seq",
             features=InstalledFeatures.load(state_dir / STATE_FILE, durable=settings.durable),
             record=record,
             crash_rate=settings.crash_rates.get(p.model, 0.0),
-            health=settings.health,
+            health=settings.health.merged(scenario.health_for(p)) if scenario else settings.health,
             health_interval=settings.health_interval,
             duplicate_every=settings.duplicate_every,
+            latency=scenario.latency_for(p) if scenario else 0.0,
         )
 
     async def _connect_all(self, address: BrokerAddress) -> None:
@@ -245,33 +291,79 @@ class SimulatedFleet:
         retained on the broker, and `reconnect` brings them back to it.
         """
 
-        async def leave(device_id: str) -> None:
-            device = self.device(device_id)
-            await device.go_offline()
-            task = self._tasks.pop(device_id, None)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
         async def leave_all() -> None:
-            await asyncio.gather(*(leave(d) for d in device_ids))
+            await asyncio.gather(*(self._leave(d) for d in device_ids))
 
         asyncio.run_coroutine_threadsafe(leave_all(), self._loop).result(timeout=timeout)
 
     def reconnect(self, device_ids: list[str], *, timeout: float = 60.0) -> None:
         """Bring devices taken offline by `disconnect` back; returns once they are connected."""
-        assert self._address is not None, "start() the fleet first"
-        address = self._address
-
-        async def back(device_id: str) -> None:
-            device = self.device(device_id)
-            self._tasks[device_id] = asyncio.create_task(device.run(address.host, address.port))
-            await device.connected.wait()
 
         async def all_back() -> None:
-            await asyncio.gather(*(back(d) for d in device_ids))
+            await asyncio.gather(*(self._back(d) for d in device_ids))
 
         asyncio.run_coroutine_threadsafe(all_back(), self._loop).result(timeout=timeout)
+
+    async def _leave(self, device_id: str) -> None:
+        device = self.device(device_id)
+        with contextlib.suppress(MqttError):  # already gone: the broker sends its Will instead
+            await device.go_offline()
+        task = self._tasks.pop(device_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _back(self, device_id: str) -> None:
+        assert self._address is not None, "start() the fleet first"
+        device = self.device(device_id)
+        self._tasks[device_id] = asyncio.create_task(
+            device.run(self._address.host, self._address.port)
+        )
+        await device.connected.wait()
+
+    def start_scenario(self) -> None:
+        """Start the scenario's churn and misbehaviour on the running fleet."""
+        scenario = self.settings.scenario
+        if scenario is None:
+            return
+        assert self._topics is not None, "start() the fleet first"
+        topics = self._topics
+        by_id = {d.device_id: d for d in self.devices}
+        # Rules pick from the scenario's whole fleet, of which this process may run a
+        # slice (`--processes`): each picked device is run by whichever process has it.
+        everyone = scenario.devices()
+        ids = [p.device_id for p in everyone]
+        position = {d: i for i, d in enumerate(ids)}
+
+        async def begin() -> None:
+            for rule in scenario.churn:
+                chosen = [d for d in scenario.churning(rule, everyone) if d in by_id]
+                if chosen:
+                    self._behaviours.append(
+                        asyncio.create_task(churn(rule, chosen, self._leave, self._back))
+                    )
+            for m in scenario.misbehaving:
+                runner = Misbehaving(m, topics, random.Random(self._rng.random()))
+                self.misbehaving.append(runner)
+                for device_id in scenario.misbehaving_devices(m, everyone):
+                    if device_id not in by_id:
+                        continue
+                    # Someone else's id to impersonate or write to: the next device along.
+                    victim = ids[(position[device_id] + 1) % len(ids)]
+                    self._behaviours.append(
+                        asyncio.create_task(runner.run(by_id[device_id], victim))
+                    )
+
+        asyncio.run_coroutine_threadsafe(begin(), self._loop).result(timeout=30)
+
+    def misbehaviour_counts(self) -> dict[str, dict[str, int]]:
+        """Misbehaving messages by kind: those the broker took and those it refused."""
+        sent: Counter[str] = Counter()
+        refused: Counter[str] = Counter()
+        for m in self.misbehaving:
+            sent.update(m.sent)
+            refused.update(m.refused)
+        return {"sent": dict(sent), "refused": dict(refused)}
 
     def outcomes(self, rollout_id: str) -> Counter[str]:
         """The last state each device reported for a rollout, counted."""
@@ -291,7 +383,7 @@ class SimulatedFleet:
 
     def stop(self) -> None:
         async def cancel() -> None:
-            tasks = list(self._tasks.values())
+            tasks = [*self._behaviours, *self._tasks.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -306,4 +398,5 @@ class SimulatedFleet:
         if not self._thread.is_alive():
             self._loop.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -71,6 +72,33 @@ def wait_for_log_line(log_file: Path, needle: str, *, start_offset: int, timeout
         delay = min(delay * 2, 0.02)
 
 
+def raise_open_files_limit(pid: int, wanted: int) -> int:
+    """Raise process `pid`'s open-file limit towards `wanted`; returns the soft limit set.
+
+    Every client connection is an open file; distributions start processes
+    with a soft limit of 1 024, which caps a broker at about 1 000 devices.
+    Root may raise the hard limit as well; anyone else gets up to the hard one.
+    Set right after the broker is spawned, before it accepts its first client.
+    """
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    except ProcessLookupError:
+        return 0  # already gone; the caller reports why
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+        return wanted
+    except (PermissionError, ValueError, ProcessLookupError):
+        pass
+    new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (new_soft, hard))
+    except (PermissionError, ValueError, ProcessLookupError):
+        return soft
+    return new_soft
+
+
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -104,8 +132,10 @@ class MosquittoProcess:
         binary: str | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        max_open_files: int = BrokerSettings.max_open_files,
     ) -> None:
         self.files = files
+        self.max_open_files = max_open_files
         self.host = host
         self.port = port
         self.binary = binary or find_mosquitto()
@@ -115,6 +145,7 @@ class MosquittoProcess:
         self.console_log = files.log_file.with_name("mosquitto.console.log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: IO[bytes] | None = None
+        self.open_files_limit: int | None = None  # what the running broker got
 
     @property
     def pid(self) -> int | None:
@@ -146,6 +177,7 @@ class MosquittoProcess:
             start_new_session=True,
         )
         try:
+            self.open_files_limit = raise_open_files_limit(self._proc.pid, self.max_open_files)
             self._wait_until_listening()
         except BaseException:
             self.stop()
@@ -245,6 +277,11 @@ def start_private_broker(
         settings = dataclasses.replace(settings, tls_port=free_port(host))
     files = write_broker_config(state_dir, settings, control_password=control_password)
     process = MosquittoProcess(
-        files, host=host, port=settings.port, binary=binary, start_timeout=start_timeout
+        files,
+        host=host,
+        port=settings.port,
+        binary=binary,
+        start_timeout=start_timeout,
+        max_open_files=settings.max_open_files,
     )
     return process.start(), files

@@ -16,7 +16,15 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("control-api", "telemetry-ingest", "download", "report", "rollout-e2e")
+BENCHMARKS = (
+    "control-api",
+    "telemetry-ingest",
+    "download",
+    "report",
+    "rollout-e2e",
+    "fleet-connect",
+    "notify-fleet",
+)
 KEYS = {
     "name",
     "mode",
