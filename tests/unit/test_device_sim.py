@@ -176,6 +176,10 @@ class Wire:
         else:
             self.states.append(common_pb2.ReportedState.FromString(payload))
 
+    async def publish_routed(self, topic: str, payload: bytes) -> bool:
+        await self.publish(topic, payload, qos=1)
+        return True
+
     def steps(self, rollout_id: str | None = None) -> list[str]:
         return [
             common_pb2.DeviceState.Name(e.state)
