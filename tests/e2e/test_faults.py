@@ -5,6 +5,7 @@ devices did and every event counted once.
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +105,9 @@ class Rollout:
 
     def close(self) -> None:
         self.client.close()
+        # MQTT clients that a broker restart cut off are finalised while the fleet's
+        # event loop still runs: once it is closed their sockets cannot unregister.
+        gc.collect()
         self.fleet.stop()
 
     def into_second_stage_with_devices_away(self, count: int) -> list[str]:
