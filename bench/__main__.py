@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1_000_000,
         metavar="N",
-        help="rollout-e2e: the broker's max_queued_messages (default 1000000; the shipped "
-        "config has 1000; 0: no limit)",
+        help="rollout-e2e: the broker's max_queued_messages (default 1000000, as the shipped "
+        "config; 0: no limit)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -77,7 +77,7 @@ from ota.store import rollouts
 from ota.store.models import DeviceEventRow, RolloutDeviceRow, RolloutRow
 from ota.store.session import Store
 from ota.transport.topics import Topics
-from ota.v1 import rollout_pb2
+from ota.v1 import report_pb2, rollout_pb2
 
 NAME = "rollout-e2e"
 NOTIFY_USER = "bench-notify"
@@ -87,6 +87,7 @@ MIB = 1024 * 1024
 TARGET_DEVICES = 10_000
 TARGET_SECONDS = 15.0
 STALL_S = 60.0
+RSS_EVERY_S = 1.0  # how often the control plane's RSS is sampled during a rollout
 # The broker's per-session queue limit for this benchmark; None: the shipped config.
 BENCH_MAX_QUEUED = 1_000_000
 FINAL = {
@@ -144,13 +145,16 @@ def _poll(
     stalled: Callable[[], str],
     backlog: Callable[[], int],
     seen: dict[str, int],
+    rss_samples: list[tuple[float, int, int]],
 ) -> tuple[str, list[dict[str, Any]]]:
     """Read the rollout's row every 20 ms until a final state; note each stage start.
 
     A primary-key read, so observing costs the control plane next to nothing
     (WatchRollout recomputes the whole rollout, eligible fleet included, per
     update). Gives up when no event has been stored for STALL_S seconds.
-    Records in `seen` the largest backlog seen in the ingester's inbox.
+    Records in `seen` the largest backlog seen in the ingester's inbox, and in
+    `rss_samples` (time, events stored, this process's RSS in KiB) every
+    RSS_EVERY_S seconds: the control plane's memory while the fleet reports.
     """
     marks: list[dict[str, Any]] = []
     stage = -2
@@ -163,6 +167,8 @@ def _poll(
             state, current = (row.state, row.current_stage) if row else ("UNKNOWN", -1)
         now = time.perf_counter()
         seen["max_inbox"] = max(seen.get("max_inbox", 0), backlog())
+        if not rss_samples or now - rss_samples[-1][0] >= RSS_EVERY_S:
+            rss_samples.append((now, progress(), rss_kib()))
         if current != stage:
             stage = current
             marks.append({"stage": stage, "at_s": now - t0})
@@ -177,6 +183,28 @@ def _poll(
             )
         pause.wait(0.02)
     raise TimeoutError(f"the rollout did not finish within {timeout:.0f}s")
+
+
+def _memory(samples: list[tuple[float, int, int]], fleet_in_process: bool) -> dict[str, Any]:
+    """The control plane's RSS over the rollout, and its growth per event late on.
+
+    Bounded memory shows as a second-half slope near zero: caches and pools
+    fill during the first stage, then stored events must not cost memory.
+    Empty when the fleet shares this process (its RSS would be mixed in).
+    """
+    if fleet_in_process or len(samples) < 4:
+        return {}
+    half = samples[len(samples) // 2 :]
+    events = half[-1][1] - half[0][1]
+    slope = (half[-1][2] - half[0][2]) * 1000 / events if events > 0 else 0.0
+    return {
+        "start_kib": samples[0][2],
+        "peak_kib": max(r for _t, _e, r in samples),
+        "end_kib": samples[-1][2],
+        "events": samples[-1][1] - samples[0][1],
+        "second_half_kib_per_1000_events": slope,
+        "samples": [(round(t - samples[0][0], 1), e, r) for t, e, r in samples],
+    }
 
 
 def _control_log(log_file: Path) -> list[str]:
@@ -421,6 +449,7 @@ def run(
                 )
                 limit = max(300.0, n / 5)
                 seen: dict[str, int] = {}
+                rss_samples: list[tuple[float, int, int]] = []
                 final, marks = (
                     _watch(client, created.rollout_id, t0, limit)
                     if watch
@@ -437,6 +466,7 @@ def run(
                         ),
                         backlog=stack.control_plane.link.inbox.qsize,
                         seen=seen,
+                        rss_samples=rss_samples,
                     )
                 )
                 wall = time.perf_counter() - t0
@@ -446,6 +476,11 @@ def run(
                 stages = _stage_timings(stack.control_plane.store, created.rollout_id)
                 done = fleet.finish(created.rollout_id)
                 settled = _settle(lambda: stack.control_plane.ingester.stored) - stored0
+                report = client.reports.GetRolloutReport(
+                    report_pb2.GetRolloutReportRequest(rollout_id=created.rollout_id),
+                    metadata=client.metadata,
+                )
+                reported = {c.key: c.count for c in report.current_states if c.key != "TARGETED"}
                 # Fresh secrets for the same device ids (re-registering rotates them).
                 secrets, _url, _root = provision(
                     client.channel,
@@ -484,6 +519,20 @@ def run(
             + f"; outcomes {outcomes}; {stored:,} events stored at completion, "
             f"{settled:,} of {events_sent:,} sent once settled"
         )
+        matches = reported == outcomes
+        log(
+            ("report matches what the devices did: " if matches else "REPORT DIFFERS: ")
+            + f"report {reported}, devices {outcomes}"
+        )
+        memory = _memory(rss_samples, fleet_in_process)
+        if memory:
+            log(
+                f"control plane RSS while the fleet reported: {memory['start_kib'] / 1024:.0f} MiB "
+                f"at the start, {memory['peak_kib'] / 1024:.0f} MiB peak, "
+                f"{memory['end_kib'] / 1024:.0f} MiB at the end, over {memory['events']:,} "
+                f"events; second half {memory['second_half_kib_per_1000_events']:+.1f} KiB "
+                "per 1 000 events"
+            )
         notify = broadcast_baseline(
             broker.host,
             broker.port,
@@ -503,6 +552,8 @@ def run(
         )
     if final != COMPLETED:
         raise RuntimeError(f"the rollout ended {state}, not COMPLETED")
+    if not matches:
+        raise RuntimeError(f"the report {reported} differs from the devices' {outcomes}")
 
     raw_mib_s, raw_src = _earlier_baseline(earlier, "download", results_dir)
     ingest_rate, ingest_src = _earlier_baseline(earlier, "telemetry-ingest", results_dir)
@@ -560,6 +611,9 @@ def run(
             "stage_starts": marks,
             "stage_timings": stages,
             "outcomes": outcomes,
+            "report_states": reported,
+            "report_matches_devices": matches,
+            "control_plane_memory": memory,
             "events_sent": events_sent,
             "events_stored_at_completion": stored,
             "events_stored_after_settling": settled,
