@@ -30,6 +30,7 @@ from tests.e2e.processes import (
     ControlPlaneProcess,
     listen_port,
     serve_config,
+    start_promoted_rollout,
     try_get_rollout,
     try_promote,
 )
@@ -72,30 +73,9 @@ def test_a_rollout_survives_twenty_sigkills_of_the_control_plane(
     kills = 0
     try:
         fleet.start()
-        bundle = tmp_path / "bundle.bin"
-        bundle.write_bytes(bytes(i % 251 for i in range(10_000)))
-        client.publish_bundle(
-            bundle,
-            feature="lane-assist",
-            version="1.0.0",
-            models=MODELS,
-            min_firmware="4.0",
-            keys=[keys.release_key],
-        )
-        created = client.rollouts.CreateRollout(
-            rollout_pb2.CreateRolloutRequest(
-                feature="lane-assist",
-                version="1.0.0",
-                # Stages soak for an hour: the test promotes them itself, so the rollout
-                # cannot finish before the control plane has been killed 20 times.
-                stages=[rollout_pb2.Stage(ppm=p, min_soak_seconds=3600) for p in STAGES],
-            ),
-            metadata=client.metadata,
-        )
-        rollout_id = created.rollout_id
-        client.rollouts.StartRollout(
-            rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id), metadata=client.metadata
-        )
+        # Stages soak for an hour: the test promotes them itself, so the rollout cannot
+        # finish before the control plane has been killed 20 times.
+        rollout_id = start_promoted_rollout(client, keys, tmp_path, STAGES)
         pause = threading.Event()
         deadline = time.monotonic() + 600
         promoted: set[int] = set()
