@@ -173,7 +173,8 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
     """A SimulatedFleet in this child process, so devices do not share the control plane's GIL.
 
     Prints a `ready` line once every device is connected and subscribed, then
-    waits for one line on stdin (a rollout id) and reports what the devices did.
+    waits for one JSON line on stdin (the rollout id and the states the report
+    counts) and reports what the devices did once they agree or settle.
     """
     import sys
 
@@ -221,15 +222,37 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_s": _cpu_s(),
         }
         print(json.dumps(ready), flush=True)
-        rollout_id = sys.stdin.readline().strip()
+        asked = json.loads(sys.stdin.readline())
+        outcomes, waited = settled_outcomes(sim, asked["rollout_id"], asked["expect"])
         return {
-            "outcomes": dict(sim.outcomes(rollout_id)),
+            "outcomes": outcomes,
+            "settle_s": waited,
             "events_sent": sum(d.record.events_sent for d in sim.devices),
             "rss_kib": _rss_kib(),
             "cpu_s": _cpu_s(),
         }
     finally:
         sim.stop()
+
+
+def settled_outcomes(
+    sim: Any, rollout_id: str, expect: dict[str, int], limit_s: float = 120.0
+) -> tuple[dict[str, int], float]:
+    """What the devices recorded, once it equals `expect` or `limit_s` has passed.
+
+    A device records a step only after its PUBACK, so when the control plane has
+    seen the last event a few devices may still be waiting for theirs (or, after
+    a lost connection, resuming the step on a new session). Returns the
+    outcomes and how long that took.
+    """
+    t0 = time.perf_counter()
+    pause = threading.Event()
+    while True:
+        outcomes = dict(sim.outcomes(rollout_id))
+        waited = time.perf_counter() - t0
+        if outcomes == expect or waited >= limit_s:
+            return outcomes, waited
+        pause.wait(0.5)
 
 
 def _cpu_s() -> float:

@@ -53,6 +53,7 @@ from typing import Any
 from sqlalchemy import case, distinct, func, select
 from sqlmodel import col
 
+from bench._client import settled_outcomes
 from bench.common import (
     MODELS,
     REGIONS,
@@ -277,9 +278,11 @@ class _InProcessFleet:
             "cpu_s": None,
         }
 
-    def finish(self, rollout_id: str) -> dict[str, Any]:
+    def finish(self, rollout_id: str, expect: dict[str, int]) -> dict[str, Any]:
+        outcomes, waited = settled_outcomes(self._fleet, rollout_id, expect)
         out = {
-            "outcomes": dict(self._fleet.outcomes(rollout_id)),
+            "outcomes": outcomes,
+            "settle_s": waited,
             "events_sent": sum(d.record.events_sent for d in self._fleet.devices),
             "cpu_s": None,
         }
@@ -325,11 +328,11 @@ class _ChildFleet:
         parsed: dict[str, Any] = json.loads(box[0])
         return parsed
 
-    def finish(self, rollout_id: str) -> dict[str, Any]:
+    def finish(self, rollout_id: str, expect: dict[str, int]) -> dict[str, Any]:
         assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write(rollout_id + "\n")
+        self._proc.stdin.write(json.dumps({"rollout_id": rollout_id, "expect": expect}) + "\n")
         self._proc.stdin.flush()
-        out = self._line(120)
+        out = self._line(240)
         self._proc.wait(timeout=60)
         return out
 
@@ -474,13 +477,13 @@ def run(
                 stored = stack.control_plane.ingester.stored - stored0
                 ingest_dropped = dict(stack.control_plane.ingester.dropped)
                 stages = _stage_timings(stack.control_plane.store, created.rollout_id)
-                done = fleet.finish(created.rollout_id)
                 settled = _settle(lambda: stack.control_plane.ingester.stored) - stored0
                 report = client.reports.GetRolloutReport(
                     report_pb2.GetRolloutReportRequest(rollout_id=created.rollout_id),
                     metadata=client.metadata,
                 )
                 reported = {c.key: c.count for c in report.current_states if c.key != "TARGETED"}
+                done = fleet.finish(created.rollout_id, reported)
                 # Fresh secrets for the same device ids (re-registering rotates them).
                 secrets, _url, _root = provision(
                     client.channel,
@@ -522,7 +525,8 @@ def run(
         matches = reported == outcomes
         log(
             ("report matches what the devices did: " if matches else "REPORT DIFFERS: ")
-            + f"report {reported}, devices {outcomes}"
+            + f"report {reported}, devices {outcomes} "
+            f"({done['settle_s']:.1f} s after the report for the devices to agree)"
         )
         memory = _memory(rss_samples, fleet_in_process)
         if memory:
@@ -613,6 +617,7 @@ def run(
             "outcomes": outcomes,
             "report_states": reported,
             "report_matches_devices": matches,
+            "devices_settle_s": done["settle_s"],
             "control_plane_memory": memory,
             "events_sent": events_sent,
             "events_stored_at_completion": stored,
