@@ -160,6 +160,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
             feature=spec["feature"],
             version=spec["version"],
             sha256=sha,
+            first_seq=spec.get("first_seq", 1),
         )
         for d in spec["accounts"]
     }

@@ -42,12 +42,14 @@ def device_events(
     feature: str = "",
     version: str = "",
     sha256: bytes = b"",
+    first_seq: int = 1,
 ) -> list[bytes]:
-    """`count` valid DeviceEvents: the install lifecycle, then ACTIVE with health samples."""
+    """`count` valid DeviceEvents from `first_seq` on: the install lifecycle, then ACTIVE
+    with health samples."""
     now = Timestamp()
     now.GetCurrentTime()
     out = []
-    for seq in range(1, count + 1):
+    for seq in range(first_seq, first_seq + count):
         state = LIFECYCLE[seq - 1] if seq <= len(LIFECYCLE) else "ACTIVE"
         event = common_pb2.DeviceEvent(
             device_id=device_id,
