@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import grpc
 
+from ota.api.credentials import CredentialChecks
 from ota.clock import Clock, SystemClock
 from ota.errors import PermissionDenied, Unauthenticated
 from ota.store import fleet
@@ -113,6 +114,7 @@ class Authenticator:
         # device token -> (device id, monotonic time the entry stops being trusted)
         self._verified: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        self._credentials = CredentialChecks(self._read_digests)
 
     def forget_device(self, device_id: str) -> None:
         with self._lock:
@@ -131,14 +133,11 @@ class Authenticator:
             if cached is not None and cached[1] > time.monotonic():
                 return Caller(DEVICE, cached[0])
             parts = token.split(":", 2)
-            if len(parts) == 3:
-                with self._store.transaction() as session:
-                    ok = fleet.authenticate(session, parts[1], parts[2])
-                if ok:
-                    with self._lock:
-                        expires = time.monotonic() + DEVICE_CACHE_SECONDS
-                        self._verified[token] = (parts[1], expires)
-                    return Caller(DEVICE, parts[1])
+            if len(parts) == 3 and self._credentials.check(parts[1], parts[2]):
+                with self._lock:
+                    expires = time.monotonic() + DEVICE_CACHE_SECONDS
+                    self._verified[token] = (parts[1], expires)
+                return Caller(DEVICE, parts[1])
         elif token.startswith(api_tokens.PREFIX):
             # Not cached: a revocation must hold on the very next call, on every replica.
             with self._store.transaction() as session:
@@ -146,6 +145,10 @@ class Authenticator:
             if row is not None:
                 return Caller(row.role, row.display_name)
         raise Unauthenticated("the bearer token is not valid")
+
+    def _read_digests(self, device_ids: Collection[str]) -> dict[str, str]:
+        with self._store.transaction() as session:
+            return fleet.valid_secret_digests(session, device_ids)
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """Who is calling, for the audit log: the token's name, else its role."""

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from ota.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
@@ -226,6 +226,15 @@ class SqlMetadataStore:
                 query = query.where(TufMetadataRow.version == version)
             row = session.exec(query).first()
             return row.content if row else None
+
+    def latest_versions(self) -> dict[str, int]:
+        # Version numbers only, from the primary key's index: devices' reads of the
+        # latest check this, and take the bytes from memory when they are known.
+        with self._store.transaction() as session:
+            query = select(TufMetadataRow.role, func.max(TufMetadataRow.version)).group_by(
+                col(TufMetadataRow.role)
+            )
+            return {role: int(version) for role, version in session.exec(query).all()}
 
     def put_metadata(self, role: str, version: int, content: bytes) -> None:
         # An INSERT, never an upsert: a replica that raced to the same version must

@@ -271,13 +271,15 @@ def check_device_id(device_id: str, *, field: str = "device_id") -> str:
     return check_username(device_id, field=field)
 
 
-def authenticate(session: Session, device_id: str, secret: str) -> bool:
-    row = session.get(DeviceRow, device_id)
-    return (
-        row is not None
-        and not row.revoked
-        and secrets.compare_digest(row.secret_sha256, hash_secret(secret))
+def valid_secret_digests(session: Session, device_ids: Collection[str]) -> dict[str, str]:
+    """The secret digest of each of `device_ids` that exists and is not revoked.
+
+    One query for many devices: credential checks arriving together share it.
+    """
+    query = core_select(_DEVICE.c.device_id, _DEVICE.c.secret_sha256).where(
+        _DEVICE.c.device_id.in_(sorted(device_ids)), _DEVICE.c.revoked.is_(False)
     )
+    return {device_id: digest for device_id, digest in session.execute(query).all()}
 
 
 def mark_seen(session: Session, seen: Iterable[tuple[str, datetime, bool | None]]) -> None:

@@ -4,6 +4,7 @@ keys        signing keys on disk (PKCS#8 PEM + TUF key JSON)
 rootgen     offline: root v1 (with the director key) and empty targets v1
 release     release engineer: add a bundle to targets and sign it
 repository  control plane: accept targets, publish snapshot and timestamp
+served      control plane: metadata as devices fetch it, from memory
 director    control plane: DSSE-signed desired states; `open_envelope` verifies
 device      device: verify desired states, fetch bundles through python-tuf
 """

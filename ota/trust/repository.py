@@ -42,6 +42,7 @@ from ota.trust.director import director_keys
 from ota.trust.keys import sign_metadata
 from ota.trust.release import check_custom, parse_targets
 from ota.trust.rootgen import DIRECTOR_FIELD
+from ota.trust.served import ServedMetadata
 
 ROLES = (Root.type, Timestamp.type, Snapshot.type, Targets.type)
 
@@ -53,6 +54,10 @@ class MetadataStore(Protocol):
 
     def put_metadata(self, role: str, version: int, content: bytes) -> None:
         """Store a new version; must refuse a `(role, version)` that already exists."""
+        ...
+
+    def latest_versions(self) -> dict[str, int]:
+        """The highest stored version of each role that has one."""
         ...
 
 
@@ -107,6 +112,8 @@ class ImageRepository:
         timestamp_expiry: timedelta = timedelta(days=1),
     ) -> None:
         self._store = store
+        # Devices' reads come from memory; this class's own reads stay on the store.
+        self._served = ServedMetadata(store)
         self._snapshot_signer = snapshot_signer
         self._timestamp_signer = timestamp_signer
         self._clock = clock
@@ -288,7 +295,7 @@ class ImageRepository:
             raise InvalidArgument(f"unknown TUF role {role!r}", field="role")
         if version is not None and version < 1:
             raise InvalidArgument("version must be at least 1", field="version")
-        return self._store.get_metadata(role, version)
+        return self._served.get(role, version)
 
     def target(self, path: str) -> AcceptedTarget | None:
         """The bundle at `path` in the current targets, or None."""

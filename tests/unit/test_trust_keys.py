@@ -223,5 +223,14 @@ def test_public_surface_is_exactly_what_ota_trust_exports() -> None:
     import ota.trust
 
     public = {name for name in vars(ota.trust) if not name.startswith("_")}
-    modules = {"device", "director", "freshness", "keys", "release", "repository", "rootgen"}
+    modules = {
+        "device",
+        "director",
+        "freshness",
+        "keys",
+        "release",
+        "repository",
+        "rootgen",
+        "served",
+    }
     assert public - modules == set(ota.trust.__all__)

@@ -40,6 +40,12 @@ class DictStore:
             return self.data[(role, max(versions))] if versions else None
         return self.data.get((role, version))
 
+    def latest_versions(self) -> dict[str, int]:
+        latest: dict[str, int] = {}
+        for role, version in self.data:
+            latest[role] = max(version, latest.get(role, 0))
+        return latest
+
     def put_metadata(self, role: str, version: int, content: bytes) -> None:
         if (role, version) in self.data:
             raise AlreadyExists(f"{version}.{role}.json exists")
