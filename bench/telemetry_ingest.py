@@ -165,16 +165,21 @@ def _measured(
         running = None
         stack.stop()  # the session and its shared subscription stay at the broker
 
-        connect_s, publish_s = _publish(
-            broker,
-            accounts,
-            per_device,
-            topics,
-            rollout_id=created.rollout_id,
-            feature="bench-ingest",
-            version="1.0.0",
-            sha256=sha,
-        )
+        def publish_round(first_seq: int) -> tuple[float, float]:
+            """Every device publishes `per_device` events of the rollout, from `first_seq`."""
+            return _publish(
+                broker,
+                accounts,
+                per_device,
+                topics,
+                rollout_id=created.rollout_id,
+                feature="bench-ingest",
+                version="1.0.0",
+                sha256=sha,
+                first_seq=first_seq,
+            )
+
+        connect_s, publish_s = publish_round(1)
         log(f"control plane backlog: {n:,} events from {devices} devices in {publish_s:.2f} s")
 
         accounts_file = MosquittoAccounts(
@@ -212,17 +217,7 @@ def _measured(
         # plane whose memory is bounded stops growing once its pools and caches are full.
         rss_rounds = [rss_after]
         for round_no in range(1, live_rounds + 1):
-            _publish(
-                broker,
-                accounts,
-                per_device,
-                topics,
-                rollout_id=created.rollout_id,
-                feature="bench-ingest",
-                version="1.0.0",
-                sha256=sha,
-                first_seq=round_no * per_device + 1,
-            )
+            publish_round(round_no * per_device + 1)
             goal = (round_no + 1) * n
             wait_until(
                 lambda: plane.ingester.stored >= goal,  # noqa: B023 (called in this round)
