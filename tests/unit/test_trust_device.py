@@ -62,8 +62,10 @@ class Source:
         self.cut_after: int | None = None  # raise once after this many bytes
         self.ignore_max_length = False
         self.calls: list[tuple[str, int]] = []
+        self.metadata_fetches = 0
 
     def fetch_metadata(self, role: str, version: int | None) -> bytes | None:
+        self.metadata_fetches += 1
         return self.metadata_override.get(role) or self.repo.metadata(role, version)
 
     def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
@@ -357,7 +359,9 @@ def test_cross_signed_root_rotation_moves_the_director_key(world: World) -> None
     )
     # After a restart the device still trusts root v2, without asking the network first.
     restarted = world.device()
+    fetches = world.source.metadata_fetches
     assert restarted.verify_desired_state(world.desired()).generation == 4
+    assert world.source.metadata_fetches == fetches
 
 
 def test_self_signed_root_rotation_is_refused(world: World) -> None:
@@ -379,6 +383,14 @@ def test_desired_state_is_accepted_and_its_generation_persisted(world: World) ->
     assert device.accepted_generation == 1
     assert device.time_floor == NOW
     assert world.device().accepted_generation == 1  # survives a restart
+
+
+def test_a_desired_state_is_verified_without_a_metadata_refresh(world: World) -> None:
+    # A whole fleet is notified at once: its embedded root already names the director.
+    device = world.device()
+    fetches = world.source.metadata_fetches
+    assert device.verify_desired_state(world.desired()).generation == 1
+    assert world.source.metadata_fetches == fetches
 
 
 def test_replayed_or_repeated_desired_state_is_stale(world: World) -> None:
