@@ -90,25 +90,8 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
                     "control_plane_s": cpu_s() - cpu0[0],
                     "broker_s": cpu_s(broker.process.pid) - cpu0[1],
                 }
-                # Again, now that every device has its TUF root loaded: a kill switch is a
-                # new signed desired state for the same devices, with nothing to download.
-                t1 = time.time()
-                client.rollouts.KillRollout(
-                    rollout_pb2.RolloutCommandRequest(
-                        rollout_id=created.rollout_id, reason="notify-fleet, warm"
-                    ),
-                    metadata=client.metadata,
-                )
-                warm_at, warm_progress = fleet.wait_generation(
-                    n, t1, timeout=max(120.0, n / 10), generation=2
-                )
-                warm_s = warm_at - t1
             finally:
                 fleet.stop()
-            log(
-                f"kill switch: {n} devices verified it {warm_s:.2f} s after KillRollout "
-                f"(half by {_percentile(warm_progress, n, 0.5):.2f} s)"
-            )
             log(
                 f"{n} devices verified the new desired state {notify_s:.2f} s after StartRollout "
                 f"(half of them by {_percentile(progress, n, 0.5):.2f} s, 90 % by "
@@ -152,8 +135,6 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
             "devices": n,
             "notify_s": notify_s,
             "progress": progress,
-            "warm_notify_s": warm_s,
-            "warm_progress": warm_progress,
             "cpu_during_notify_s": cpu,
             "fleet_online": online,
             "baseline": baseline,
