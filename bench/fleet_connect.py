@@ -130,8 +130,8 @@ def connect_fleet(
 
     `measure` returns (control plane CPU s, broker CPU s, broker RSS KiB); it is
     read at "go" and once all are connected, so its differences cover the connect.
+    The simulator is stopped once every device is online.
     """
-    """Run `ota-sim run` for n devices until they are online; its numbers, then stop it."""
     argv = [
         sys.executable,
         "-m",

@@ -147,6 +147,9 @@ class SimDevice:
         # Seconds (on average; 0.5x to 1.5x) between receiving a desired state and acting
         # on it: a slow link or a busy device.
         self.latency = latency
+        # A boot, not a session, leaves files of work cut short (partial downloads):
+        # prune them now, before any download of this run can be in flight.
+        self.features.prune(self.trust.downloads)
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
@@ -263,8 +266,9 @@ class SimDevice:
         Assignments already carried out are no-ops; one stopped between download
         and install re-verifies its kept file against TUF and installs it.
         """
-        await self._blocking(self.features.prune, self.trust.downloads)
-        state = await self._blocking(self.trust.accepted_state)
+        # The accepted state is in memory since boot: no thread hop for a fleet's
+        # worth of devices connecting at once.
+        state = self.trust.accepted_state()
         if state is not None:
             for assignment in state.features:
                 await self.apply(assignment)
