@@ -88,14 +88,39 @@ def _upsert(session: Session, table: Table, keys: list[str]) -> Insert:
     )
 
 
-def running_versions(session: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """The version each (device, feature) last reported running."""
-    if not keys:
-        return {}
-    table: Table = DeviceVersionRow.__table__  # type: ignore[attr-defined]
-    devices = {d for d, _ in keys}
-    rows = session.execute(table.select().where(table.c.device_id.in_(devices))).all()
-    return {(r.device_id, r.feature): r.version for r in rows if (r.device_id, r.feature) in keys}
+class RunningVersions:
+    """The version each (device, feature) of a batch last reported running ("" = none).
+
+    Read on first use, with one query for the whole batch: most batches (devices
+    reporting again, in a state they were already in) never need it.
+    """
+
+    def __init__(self, session: Session, keys: set[tuple[str, str]]) -> None:
+        self._session = session
+        self._keys = keys
+        self._versions: dict[tuple[str, str], str] | None = None
+
+    def get(self, key: tuple[str, str]) -> str:
+        if self._versions is None:
+            self._versions = self._read()
+        return self._versions.get(key, "")
+
+    def set(self, key: tuple[str, str], version: str) -> None:
+        self.get(key)
+        assert self._versions is not None
+        self._versions[key] = version
+
+    def _read(self) -> dict[tuple[str, str], str]:
+        if not self._keys:
+            return {}
+        table: Table = DeviceVersionRow.__table__  # type: ignore[attr-defined]
+        devices = {d for d, _ in self._keys}
+        rows = self._session.execute(table.select().where(table.c.device_id.in_(devices))).all()
+        return {
+            (r.device_id, r.feature): r.version
+            for r in rows
+            if (r.device_id, r.feature) in self._keys
+        }
 
 
 def write(session: Session, deltas: AdoptionDeltas) -> None:
