@@ -61,6 +61,9 @@ class AdoptionDeltas:
         self.versions: Counter[tuple[str, str, int]] = Counter()
         # (device_id, feature) -> version now running ("" = none)
         self.running: dict[tuple[str, str], str] = {}
+        # (rollout_id, metric, cohort, bucket) -> [samples, crashes, feature errors,
+        # unhealthy samples]: most events are health samples, summed here first.
+        self._health: dict[tuple[str, str, tuple[int, str, str, str], int], list[int]] = {}
 
     def add(
         self,
@@ -74,6 +77,36 @@ class AdoptionDeltas:
     ) -> None:
         stage, model, region, firmware = cohort
         self.stats[(rollout_id, metric, key, stage, model, region, firmware, bucket)] += value
+
+    def add_health(
+        self,
+        rollout_id: str,
+        metric: str,
+        cohort: tuple[int, str, str, str],
+        *,
+        bucket: int,
+        crashes: int,
+        feature_errors: int,
+    ) -> None:
+        """One health sample, for the sums under `metric` (HEALTH or HOLDOUT_HEALTH)."""
+        key = (rollout_id, metric, cohort, bucket)
+        sums = self._health.get(key)
+        if sums is None:
+            sums = self._health[key] = [0, 0, 0, 0]
+        sums[0] += 1
+        sums[1] += crashes
+        sums[2] += feature_errors
+        sums[3] += bool(crashes or feature_errors)
+
+    def health_into_stats(self) -> None:
+        """Move the health sums into `stats`, as their four keys."""
+        for (rollout_id, metric, cohort, bucket), sums in self._health.items():
+            for key, value in zip(_HEALTH_KEYS, sums, strict=True):
+                self.add(rollout_id, metric, key, cohort, bucket=bucket, value=value)
+        self._health.clear()
+
+
+_HEALTH_KEYS = ("samples", "crashes", "feature_errors", "unhealthy_samples")
 
 
 def _upsert(session: Session, table: Table, keys: list[str]) -> Insert:
@@ -125,6 +158,7 @@ class RunningVersions:
 
 def write(session: Session, deltas: AdoptionDeltas) -> None:
     """Apply one batch's changes (in the caller's transaction)."""
+    deltas.health_into_stats()
     stats: Table = AdoptionStatRow.__table__  # type: ignore[attr-defined]
     stat_keys = ["rollout_id", "metric", "key", "stage", "model", "region", "firmware", "bucket"]
     rows: list[dict[str, Any]] = [

@@ -244,6 +244,11 @@ _STEP_TIMES = {
     "ACTIVE": "active_at",
 }
 _TIME_COLUMNS = frozenset({"updated_at", *_STEP_TIMES.values()})
+# Per rank: the step-time columns of the steps up to it.
+_STEPS_UP_TO = {
+    rank: tuple(_STEP_TIMES[step] for step in FUNNEL[1:] if RANK[step] <= rank)
+    for rank in RANK.values()
+}
 # A device clock further off than this is not trusted for step times.
 _CLOCK_TOLERANCE = timedelta(hours=1)
 _ALWAYS_WRITTEN = ("state", "furthest_rank", "last_seq", "updated_at")
@@ -292,9 +297,8 @@ def _apply_progress(
     if not keys:
         return
     bucket = time_bucket(now)
-    for e in events:
-        if e.rollout_id:
-            deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket)
+    for rollout_id, stored in Counter(e.rollout_id for e in events if e.rollout_id).items():
+        deltas.add(rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket, value=stored)
     progress = _read_progress(sql, keys)
     changed: dict[tuple[str, str], _Progress] = {}
     running = adoption.RunningVersions(
@@ -406,9 +410,7 @@ def _stamp_steps(
 ) -> None:
     """Record when the device first reached each step this event implies, and count it."""
     reached = RANK.get(event.state, 0)
-    if all(
-        getattr(row, _STEP_TIMES[step]) is not None for step in FUNNEL[1:] if RANK[step] <= reached
-    ):
+    if all(getattr(row, column) is not None for column in _STEPS_UP_TO[reached]):
         return  # the common case (a device reporting again): no datetime to read
     rid = row.rollout_id
     when = event.device_time
@@ -452,11 +454,14 @@ def _count_health(
     deltas: adoption.AdoptionDeltas,
 ) -> None:
     """Add one sample to a rollout's health sums, in the minute (`bucket`) it arrived."""
-    deltas.add(rid, metric, "samples", cohort, bucket=bucket)
-    deltas.add(rid, metric, "crashes", cohort, bucket=bucket, value=health.crashes)
-    deltas.add(rid, metric, "feature_errors", cohort, bucket=bucket, value=health.feature_errors)
-    if health.crashes or health.feature_errors:
-        deltas.add(rid, metric, "unhealthy_samples", cohort, bucket=bucket)
+    deltas.add_health(
+        rid,
+        metric,
+        cohort,
+        bucket=bucket,
+        crashes=health.crashes,
+        feature_errors=health.feature_errors,
+    )
 
 
 def _count_version(
