@@ -219,17 +219,38 @@ _WRITTEN = (
 )
 
 
-def _update_progress(sql: PlainSQL, columns: Sequence[str]) -> str:
-    """UPDATE of exactly `columns` (one statement per set: few, the steps reached differ).
+def _write_progress(
+    sql: PlainSQL, columns: Sequence[str], params: Sequence[tuple[Any, ...]]
+) -> None:
+    """UPDATE exactly `columns` of the rows `params` name (`columns`' values, then the key).
 
-    Writing only what changed keeps the parameters, and the datetime conversions
-    among them, to what is needed.
+    One statement per set of columns (few: the steps reached differ). Writing only
+    what changed keeps the parameters, and the datetime conversions among them, to
+    what is needed.
     """
-    assignments = ", ".join(f"{name} = {sql.marker}" for name in columns)
-    return (
-        f"UPDATE rollout_device SET {assignments} "
-        f"WHERE rollout_id = {sql.marker} AND device_id = {sql.marker}"
-    )
+    if sql.postgresql:
+        assignments = ", ".join(f"{name} = {sql.marker}" for name in columns)
+        sql.execute_many(
+            f"UPDATE rollout_device SET {assignments} "
+            f"WHERE rollout_id = {sql.marker} AND device_id = {sql.marker}",
+            params,
+        )
+        return
+    # On SQLite, one UPDATE ... FROM (VALUES ...) for the rows rather than an
+    # executemany: sqlite3 releases the GIL around every statement step, and each
+    # release hands it to paho's network thread, which is always waiting for it.
+    # VALUES names its columns column1, column2, ...
+    assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(columns, 1))
+    row = f"({sql.markers(len(columns) + 2)})"
+    for start in range(0, len(params), _INSERT_ROWS):
+        chunk = params[start : start + _INSERT_ROWS]
+        sql.execute(
+            f"UPDATE rollout_device SET {assignments} "
+            f"FROM (VALUES {', '.join([row] * len(chunk))}) AS v "
+            f"WHERE rollout_device.rollout_id = v.column{len(columns) + 1} "
+            f"AND rollout_device.device_id = v.column{len(columns) + 2}",
+            [value for values in chunk for value in values],
+        )
 
 
 # What `_read_progress` selects, in `_Progress`'s order.
@@ -341,7 +362,7 @@ def _apply_progress(
         columns = tuple(name for name in _WRITTEN if name in row.dirty)
         by_columns.setdefault(columns, []).append(row.params(columns, times))
     for columns, params in by_columns.items():
-        sql.execute_many(_update_progress(sql, columns), params)
+        _write_progress(sql, columns, params)
 
 
 def _attribute_health(

@@ -38,6 +38,10 @@ class PlainSQL:
         """The rows of one statement, as the driver returns them."""
         return [tuple(row) for row in self._connection.exec_driver_sql(sql, tuple(params)).all()]
 
+    def execute(self, sql: str, params: Sequence[Any]) -> None:
+        """One statement that returns no rows."""
+        self._connection.exec_driver_sql(sql, tuple(params))
+
     def execute_many(self, sql: str, params: Sequence[tuple[Any, ...]]) -> None:
         """One statement for each tuple: the driver's executemany."""
         if params:
