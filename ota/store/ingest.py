@@ -77,9 +77,9 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
     dropped: Counter[str] = Counter()
     device_ids = sorted({e.device_id for e in events})
     firmware: dict[str, str] = dict(
-        sql.rows(
-            f"SELECT device_id, firmware FROM device WHERE device_id IN "
-            f"({sql.markers(len(device_ids))})",
+        sql.select(
+            ("device_id", "firmware"),
+            f"FROM device WHERE device_id IN ({sql.markers(len(device_ids))})",
             device_ids,
         )
     )
@@ -289,8 +289,9 @@ def _read_progress(sql: PlainSQL, keys: set[tuple[str, str]]) -> dict[tuple[str,
     lock = " FOR UPDATE" if sql.postgresql else ""
     # Two plain IN lists (a batch names few rollouts), not a tuple IN: the primary
     # key still serves it. Pairs not asked for are skipped.
-    rows = sql.rows(
-        f"SELECT {', '.join(_PROGRESS_COLUMNS)} FROM rollout_device "
+    rows = sql.select(
+        _PROGRESS_COLUMNS,
+        "FROM rollout_device "
         f"WHERE rollout_id IN ({sql.markers(len(rollout_ids))}) "
         f"AND device_id IN ({sql.markers(len(device_ids))}) "
         f"ORDER BY rollout_id, device_id{lock}",

@@ -12,6 +12,7 @@ the caller where it is needed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -37,6 +38,24 @@ class PlainSQL:
     def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """The rows of one statement, as the driver returns them."""
         return [tuple(row) for row in self._connection.exec_driver_sql(sql, tuple(params)).all()]
+
+    def select(
+        self, columns: Sequence[str], rest: str, params: Sequence[Any]
+    ) -> list[tuple[Any, ...]]:
+        """`SELECT columns rest`: its rows, as `rows` returns them.
+
+        On SQLite the rows come back as one JSON array, in one statement step:
+        sqlite3 releases the GIL around every step, one per row, and each release
+        hands it to paho's network thread, which always waits for it. JSON keeps
+        SQLite's values as they are (text, integers, NULL).
+        """
+        names = ", ".join(columns)
+        if self.postgresql:
+            return self.rows(f"SELECT {names} {rest}", params)
+        (document,) = self.rows(
+            f"SELECT json_group_array(json_array({names})) FROM (SELECT {names} {rest})", params
+        )[0]
+        return [tuple(row) for row in json.loads(document)]
 
     def execute(self, sql: str, params: Sequence[Any]) -> None:
         """One statement that returns no rows."""
