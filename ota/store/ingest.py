@@ -16,7 +16,7 @@ from ota.domain.durations import duration_bucket, time_bucket
 from ota.domain.states import FUNNEL, RANK, SETTLED
 from ota.store import adoption
 from ota.store.models import IngestDropRow, RolloutDeviceRow
-from ota.store.plain_sql import PlainSQL, TimeConversion
+from ota.store.plain_sql import PlainSQL, TimeConversion, padded
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ _EVENT_COLUMNS = (
     "device_time",
     "received_at",
 )
-# Events per INSERT: 11 parameters each stays well under SQLite's 32 766 and
-# PostgreSQL's 65 535 parameters per statement, whatever the configured batch size.
-_INSERT_ROWS = 500
+# Rows per INSERT or UPDATE: 11 parameters each stays well under SQLite's 32 766
+# and PostgreSQL's 65 535 parameters per statement, whatever the configured batch
+# size. A power of two, as `padded` makes the row counts.
+_STATEMENT_ROWS = 512
 _PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
 
 
@@ -75,7 +76,7 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
     sql = PlainSQL(session)
     times = TimeConversion(_PROGRESS.c.updated_at, session)
     dropped: Counter[str] = Counter()
-    device_ids = sorted({e.device_id for e in events})
+    device_ids = padded(sorted({e.device_id for e in events}))
     firmware: dict[str, str] = dict(
         sql.select(
             ("device_id", "firmware"),
@@ -83,7 +84,7 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
             device_ids,
         )
     )
-    rollout_ids = sorted({e.rollout_id for e in events if e.rollout_id})
+    rollout_ids = padded(sorted({e.rollout_id for e in events if e.rollout_id}))
     known_rollouts = (
         {
             r
@@ -133,8 +134,8 @@ def _insert_new(
     received_at = times.to_db(now)
     row = f"({sql.markers(len(_EVENT_COLUMNS))})"
     inserted: set[tuple[str, int]] = set()
-    for start in range(0, len(events), _INSERT_ROWS):
-        chunk = events[start : start + _INSERT_ROWS]
+    for start in range(0, len(events), _STATEMENT_ROWS):
+        chunk = padded(events[start : start + _STATEMENT_ROWS])
         params = [
             value
             for e in chunk
@@ -242,8 +243,8 @@ def _write_progress(
     # VALUES names its columns column1, column2, ...
     assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(columns, 1))
     row = f"({sql.markers(len(columns) + 2)})"
-    for start in range(0, len(params), _INSERT_ROWS):
-        chunk = params[start : start + _INSERT_ROWS]
+    for start in range(0, len(params), _STATEMENT_ROWS):
+        chunk = padded(params[start : start + _STATEMENT_ROWS])
         sql.execute(
             f"UPDATE rollout_device SET {assignments} "
             f"FROM (VALUES {', '.join([row] * len(chunk))}) AS v "
@@ -280,8 +281,8 @@ _RUNS_VERSION = ("ACTIVE", "ROLLED_BACK")
 
 def _read_progress(sql: PlainSQL, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Progress]:
     """The progress rows of `keys`, locked for this transaction on PostgreSQL."""
-    rollout_ids = sorted({r for r, _ in keys})
-    device_ids = sorted({d for _, d in keys})
+    rollout_ids = padded(sorted({r for r, _ in keys}))
+    device_ids = padded(sorted({d for _, d in keys}))
     # Replicas ingest one device's events concurrently (the shared subscription
     # splits them): lock its progress rows, always in one order, so neither
     # transaction overwrites the other's newer state with an older one. SQLite

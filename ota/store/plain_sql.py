@@ -15,10 +15,28 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Column
 from sqlmodel import Session
+
+T = TypeVar("T")
+
+
+def padded(items: Sequence[T]) -> list[T]:
+    """`items`, with the last repeated up to the next power of two.
+
+    Statements here are written for a number of rows or list items, and sqlite3
+    keeps up to 128 prepared statements per connection: about half a MiB each for
+    a 500-row INSERT, so one per distinct count would hold tens of MiB. Padded,
+    each statement has a few shapes. Where they are used, repeats change nothing:
+    an IN list, an INSERT ... ON CONFLICT DO NOTHING (the repeat conflicts with the
+    original, and RETURNING names the row once), an UPDATE from identical rows.
+    """
+    if not items:
+        return []
+    shape = 1 << (len(items) - 1).bit_length()
+    return [*items, *[items[-1]] * (shape - len(items))]
 
 
 class PlainSQL:
