@@ -61,6 +61,9 @@ class AdoptionDeltas:
         self.versions: Counter[tuple[str, str, int]] = Counter()
         # (device_id, feature) -> version now running ("" = none)
         self.running: dict[tuple[str, str], str] = {}
+        # (rollout_id, metric, cohort, bucket) -> [samples, crashes, feature errors,
+        # unhealthy samples]: most events are health samples, summed here first.
+        self._health: dict[tuple[str, str, tuple[int, str, str, str], int], list[int]] = {}
 
     def add(
         self,
@@ -75,6 +78,36 @@ class AdoptionDeltas:
         stage, model, region, firmware = cohort
         self.stats[(rollout_id, metric, key, stage, model, region, firmware, bucket)] += value
 
+    def add_health(
+        self,
+        rollout_id: str,
+        metric: str,
+        cohort: tuple[int, str, str, str],
+        *,
+        bucket: int,
+        crashes: int,
+        feature_errors: int,
+    ) -> None:
+        """One health sample, for the sums under `metric` (HEALTH or HOLDOUT_HEALTH)."""
+        key = (rollout_id, metric, cohort, bucket)
+        sums = self._health.get(key)
+        if sums is None:
+            sums = self._health[key] = [0, 0, 0, 0]
+        sums[0] += 1
+        sums[1] += crashes
+        sums[2] += feature_errors
+        sums[3] += bool(crashes or feature_errors)
+
+    def health_into_stats(self) -> None:
+        """Move the health sums into `stats`, as their four keys."""
+        for (rollout_id, metric, cohort, bucket), sums in self._health.items():
+            for key, value in zip(_HEALTH_KEYS, sums, strict=True):
+                self.add(rollout_id, metric, key, cohort, bucket=bucket, value=value)
+        self._health.clear()
+
+
+_HEALTH_KEYS = ("samples", "crashes", "feature_errors", "unhealthy_samples")
+
 
 def _upsert(session: Session, table: Table, keys: list[str]) -> Insert:
     if session.get_bind().dialect.name == "postgresql":
@@ -88,18 +121,44 @@ def _upsert(session: Session, table: Table, keys: list[str]) -> Insert:
     )
 
 
-def running_versions(session: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """The version each (device, feature) last reported running."""
-    if not keys:
-        return {}
-    table: Table = DeviceVersionRow.__table__  # type: ignore[attr-defined]
-    devices = {d for d, _ in keys}
-    rows = session.execute(table.select().where(table.c.device_id.in_(devices))).all()
-    return {(r.device_id, r.feature): r.version for r in rows if (r.device_id, r.feature) in keys}
+class RunningVersions:
+    """The version each (device, feature) of a batch last reported running ("" = none).
+
+    Read on first use, with one query for the whole batch: most batches (devices
+    reporting again, in a state they were already in) never need it.
+    """
+
+    def __init__(self, session: Session, keys: set[tuple[str, str]]) -> None:
+        self._session = session
+        self._keys = keys
+        self._versions: dict[tuple[str, str], str] | None = None
+
+    def get(self, key: tuple[str, str]) -> str:
+        if self._versions is None:
+            self._versions = self._read()
+        return self._versions.get(key, "")
+
+    def set(self, key: tuple[str, str], version: str) -> None:
+        self.get(key)
+        assert self._versions is not None
+        self._versions[key] = version
+
+    def _read(self) -> dict[tuple[str, str], str]:
+        if not self._keys:
+            return {}
+        table: Table = DeviceVersionRow.__table__  # type: ignore[attr-defined]
+        devices = {d for d, _ in self._keys}
+        rows = self._session.execute(table.select().where(table.c.device_id.in_(devices))).all()
+        return {
+            (r.device_id, r.feature): r.version
+            for r in rows
+            if (r.device_id, r.feature) in self._keys
+        }
 
 
 def write(session: Session, deltas: AdoptionDeltas) -> None:
     """Apply one batch's changes (in the caller's transaction)."""
+    deltas.health_into_stats()
     stats: Table = AdoptionStatRow.__table__  # type: ignore[attr-defined]
     stat_keys = ["rollout_id", "metric", "key", "stage", "model", "region", "firmware", "bucket"]
     rows: list[dict[str, Any]] = [

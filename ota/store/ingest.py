@@ -4,26 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Insert, Table, Update, bindparam, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col, select
+from sqlalchemy import Table
+from sqlmodel import Session, select
 
 from ota.clock import utc
 from ota.domain.durations import duration_bucket, time_bucket
 from ota.domain.states import FUNNEL, RANK, SETTLED
 from ota.store import adoption
-from ota.store.models import (
-    DeviceEventRow,
-    DeviceRow,
-    IngestDropRow,
-    RolloutDeviceRow,
-    RolloutRow,
-)
+from ota.store.models import IngestDropRow, RolloutDeviceRow
+from ota.store.plain_sql import PlainSQL, TimeConversion, padded
 
 
 @dataclass(frozen=True)
@@ -57,35 +50,56 @@ class IngestResult:
     dropped: Counter[str]
 
 
-def _insert(session: Session) -> Insert:
-    table = DeviceEventRow.__table__  # type: ignore[attr-defined]
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(constraint="uq_device_event_seq")
-    return sqlite.insert(table).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+# The columns of `device_event` an event fills, in the order its INSERT binds them.
+_EVENT_COLUMNS = (
+    "device_id",
+    "seq",
+    "rollout_id",
+    "feature",
+    "version",
+    "state",
+    "error_code",
+    "detail",
+    "bundle_sha256",
+    "device_time",
+    "received_at",
+)
+# Rows per INSERT or UPDATE: 11 parameters each stays well under SQLite's 32 766
+# and PostgreSQL's 65 535 parameters per statement, whatever the configured batch
+# size. A power of two, as `padded` makes the row counts.
+_STATEMENT_ROWS = 512
+_PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
 
 
 def ingest_events(session: Session, events: Sequence[IncomingEvent], now: datetime) -> IngestResult:
     """Store new events and apply them to rollout progress, in the caller's transaction."""
+    sql = PlainSQL(session)
+    times = TimeConversion(_PROGRESS.c.updated_at, session)
     dropped: Counter[str] = Counter()
-    device_ids = {e.device_id for e in events}
-    firmware = dict(
-        session.exec(
-            select(DeviceRow.device_id, DeviceRow.firmware).where(
-                col(DeviceRow.device_id).in_(device_ids)
-            )
-        ).all()
-    )
-    known_devices = set(firmware)
-    rollout_ids = {e.rollout_id for e in events if e.rollout_id}
-    known_rollouts = set(
-        session.exec(
-            select(RolloutRow.rollout_id).where(col(RolloutRow.rollout_id).in_(rollout_ids))
+    device_ids = padded(sorted({e.device_id for e in events}))
+    firmware: dict[str, str] = dict(
+        sql.select(
+            ("device_id", "firmware"),
+            f"FROM device WHERE device_id IN ({sql.markers(len(device_ids))})",
+            device_ids,
         )
+    )
+    rollout_ids = padded(sorted({e.rollout_id for e in events if e.rollout_id}))
+    known_rollouts = (
+        {
+            r
+            for (r,) in sql.rows(
+                f"SELECT rollout_id FROM rollout WHERE rollout_id IN ({sql.markers(len(rollout_ids))})",
+                rollout_ids,
+            )
+        }
+        if rollout_ids
+        else set()
     )
     accepted: list[IncomingEvent] = []
     batch_keys: set[tuple[str, int]] = set()
     for event in events:
-        if event.device_id not in known_devices:
+        if event.device_id not in firmware:
             dropped["unknown_device"] += 1
         elif event.rollout_id and event.rollout_id not in known_rollouts:
             dropped["unknown_rollout"] += 1
@@ -98,50 +112,98 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
         count_drops(session, dropped)
         return IngestResult(0, 0, dropped)
 
-    rows = [
-        {
-            "device_id": e.device_id,
-            "seq": e.seq,
-            "rollout_id": e.rollout_id,
-            "feature": e.feature,
-            "version": e.version,
-            "state": e.state,
-            "error_code": e.error_code,
-            "detail": e.detail[:500],
-            "bundle_sha256": e.bundle_sha256,
-            "device_time": e.device_time,
-            "received_at": now,
-        }
-        for e in accepted
-    ]
-    inserted = {
-        (r.device_id, r.seq)
-        for r in session.execute(
-            _insert(session).returning(col(DeviceEventRow.device_id), col(DeviceEventRow.seq)),
-            rows,
-        )
-    }
+    inserted = _insert_new(sql, times, accepted, now)
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
     deltas = adoption.AdoptionDeltas()
-    _apply_progress(session, fresh, now, firmware, deltas)
+    _apply_progress(session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas)
     _attribute_health(session, fresh, now, deltas)
     adoption.write(session, deltas)
     count_drops(session, dropped)
     return IngestResult(len(fresh), len(events) - sum(dropped.values()) - len(fresh), dropped)
 
 
-class _Progress(SimpleNamespace):
-    """A progress row (`RolloutDeviceRow`) as plain attributes, read and written with Core.
+def _insert_new(
+    sql: PlainSQL, times: TimeConversion, events: Sequence[IncomingEvent], now: datetime
+) -> set[tuple[str, int]]:
+    """Insert the events not stored yet; the (device_id, seq) of those this call inserted.
 
+    ON CONFLICT DO NOTHING with RETURNING names exactly the rows this transaction
+    inserted, also when another replica stores the same event at the same time:
+    only those count in the aggregates.
+    """
+    received_at = times.to_db(now)
+    row = f"({sql.markers(len(_EVENT_COLUMNS))})"
+    inserted: set[tuple[str, int]] = set()
+    for start in range(0, len(events), _STATEMENT_ROWS):
+        chunk = padded(events[start : start + _STATEMENT_ROWS])
+        params = [
+            value
+            for e in chunk
+            for value in (
+                e.device_id,
+                e.seq,
+                e.rollout_id,
+                e.feature,
+                e.version,
+                e.state,
+                e.error_code,
+                e.detail[:500],
+                e.bundle_sha256,
+                times.to_db(e.device_time),
+                received_at,
+            )
+        ]
+        inserted.update(
+            (device_id, seq)
+            for device_id, seq in sql.rows(
+                f"INSERT INTO device_event ({', '.join(_EVENT_COLUMNS)}) "
+                f"VALUES {', '.join([row] * len(chunk))} "
+                "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq",
+                params,
+            )
+        )
+    return inserted
+
+
+@dataclass(slots=True)
+class _Progress:
+    """A progress row (`RolloutDeviceRow`), as the driver returns it.
+
+    Built positionally from each row read, which is cheaper than by name.
+    Datetimes stay in the database's form until used (most events use none):
+    `TimeConversion.from_db` reads them, and what this batch sets is a datetime.
     `dirty` names the columns this batch changed: only those are written back.
     """
 
-    dirty: set[str]
+    rollout_id: str
+    device_id: str
+    model: str
+    region: str
+    stage: int
+    state: str
+    reason: str
+    furthest_rank: int
+    last_seq: int
+    exposed_at: Any
+    updated_at: Any
+    notified_at: Any
+    downloaded_at: Any
+    verified_at: Any
+    installed_at: Any
+    active_at: Any
+    dirty: set[str] = field(default_factory=set)
 
-    def params(self) -> dict[str, Any]:
-        return {
-            f"p_{name}": getattr(self, name) for name in ("rollout_id", "device_id", *self.dirty)
-        }
+    def params(self, columns: Sequence[str], times: TimeConversion) -> tuple[Any, ...]:
+        """The UPDATE's parameters: `columns`, then the key."""
+        values = [getattr(self, name) for name in columns]
+        return (
+            *(
+                times.to_db(v) if name in _TIME_COLUMNS else v
+                for name, v in zip(columns, values, strict=True)
+            ),
+            self.rollout_id,
+            self.device_id,
+        )
 
 
 _WRITTEN = (
@@ -156,29 +218,44 @@ _WRITTEN = (
     "installed_at",
     "active_at",
 )
-_PROGRESS: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
-_UPDATES: dict[frozenset[str], Update] = {}
 
 
-def _update_progress(columns: frozenset[str]) -> Update:
-    """UPDATE of exactly `columns`, one statement per set (few: the steps reached differ).
+def _write_progress(
+    sql: PlainSQL, columns: Sequence[str], params: Sequence[tuple[Any, ...]]
+) -> None:
+    """UPDATE exactly `columns` of the rows `params` name (`columns`' values, then the key).
 
-    Writing only what changed keeps the executemany's bound parameters, and
-    their per-row type conversions (datetimes above all), to what is needed.
+    One statement per set of columns (few: the steps reached differ). Writing only
+    what changed keeps the parameters, and the datetime conversions among them, to
+    what is needed.
     """
-    statement = _UPDATES.get(columns)
-    if statement is None:
-        statement = (
-            update(_PROGRESS)
-            .where(
-                _PROGRESS.c.rollout_id == bindparam("p_rollout_id"),
-                _PROGRESS.c.device_id == bindparam("p_device_id"),
-            )
-            .values({name: bindparam(f"p_{name}") for name in _WRITTEN if name in columns})
+    if sql.postgresql:
+        assignments = ", ".join(f"{name} = {sql.marker}" for name in columns)
+        sql.execute_many(
+            f"UPDATE rollout_device SET {assignments} "
+            f"WHERE rollout_id = {sql.marker} AND device_id = {sql.marker}",
+            params,
         )
-        _UPDATES[columns] = statement
-    return statement
+        return
+    # On SQLite, one UPDATE ... FROM (VALUES ...) for the rows rather than an
+    # executemany: sqlite3 releases the GIL around every statement step, and each
+    # release hands it to paho's network thread, which is always waiting for it.
+    # VALUES names its columns column1, column2, ...
+    assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(columns, 1))
+    row = f"({sql.markers(len(columns) + 2)})"
+    for start in range(0, len(params), _STATEMENT_ROWS):
+        chunk = padded(params[start : start + _STATEMENT_ROWS])
+        sql.execute(
+            f"UPDATE rollout_device SET {assignments} "
+            f"FROM (VALUES {', '.join([row] * len(chunk))}) AS v "
+            f"WHERE rollout_device.rollout_id = v.column{len(columns) + 1} "
+            f"AND rollout_device.device_id = v.column{len(columns) + 2}",
+            [value for values in chunk for value in values],
+        )
 
+
+# What `_read_progress` selects, in `_Progress`'s order.
+_PROGRESS_COLUMNS = tuple(f.name for f in fields(_Progress) if f.name != "dirty")
 
 # The progress row's column recording when a device first reached each step.
 _STEP_TIMES = {
@@ -188,6 +265,12 @@ _STEP_TIMES = {
     "INSTALLED": "installed_at",
     "ACTIVE": "active_at",
 }
+_TIME_COLUMNS = frozenset({"updated_at", *_STEP_TIMES.values()})
+# Per rank: the step-time columns of the steps up to it.
+_STEPS_UP_TO = {
+    rank: tuple(_STEP_TIMES[step] for step in FUNNEL[1:] if RANK[step] <= rank)
+    for rank in RANK.values()
+}
 # A device clock further off than this is not trusted for step times.
 _CLOCK_TOLERANCE = timedelta(hours=1)
 _ALWAYS_WRITTEN = ("state", "furthest_rank", "last_seq", "updated_at")
@@ -196,10 +279,40 @@ _ALWAYS_WRITTEN = ("state", "furthest_rank", "last_seq", "updated_at")
 _RUNS_VERSION = ("ACTIVE", "ROLLED_BACK")
 
 
+def _read_progress(sql: PlainSQL, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Progress]:
+    """The progress rows of `keys`, locked for this transaction on PostgreSQL."""
+    rollout_ids = padded(sorted({r for r, _ in keys}))
+    device_ids = padded(sorted({d for _, d in keys}))
+    # Replicas ingest one device's events concurrently (the shared subscription
+    # splits them): lock its progress rows, always in one order, so neither
+    # transaction overwrites the other's newer state with an older one. SQLite
+    # has one writer at a time, and no FOR UPDATE.
+    lock = " FOR UPDATE" if sql.postgresql else ""
+    # Two plain IN lists (a batch names few rollouts), not a tuple IN: the primary
+    # key still serves it. Pairs not asked for are skipped.
+    rows = sql.select(
+        _PROGRESS_COLUMNS,
+        "FROM rollout_device "
+        f"WHERE rollout_id IN ({sql.markers(len(rollout_ids))}) "
+        f"AND device_id IN ({sql.markers(len(device_ids))}) "
+        f"ORDER BY rollout_id, device_id{lock}",
+        [*rollout_ids, *device_ids],
+    )
+    progress: dict[tuple[str, str], _Progress] = {}
+    for values in rows:
+        read = _Progress(*values)
+        if (read.rollout_id, read.device_id) in keys:
+            progress[(read.rollout_id, read.device_id)] = read
+    return progress
+
+
 def _apply_progress(
     session: Session,
     events: Sequence[IncomingEvent],
     now: datetime,
+    *,
+    sql: PlainSQL,
+    times: TimeConversion,
     firmware: dict[str, str],
     deltas: adoption.AdoptionDeltas,
 ) -> None:
@@ -207,42 +320,20 @@ def _apply_progress(
     if not keys:
         return
     bucket = time_bucket(now)
-    for e in events:
-        if e.rollout_id:
-            deltas.add(e.rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket)
-    # Core, not the ORM: this runs for every event of the fleet (DESIGN §2).
-    table: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
-    # Two plain IN lists (a batch names few rollouts), not a tuple IN: cheaper to
-    # bind, and the primary key still serves it. Pairs not asked for are skipped.
-    query = (
-        table.select()
-        .where(
-            table.c.rollout_id.in_(sorted({r for r, _ in keys})),
-            table.c.device_id.in_(sorted({d for _, d in keys})),
-        )
-        # Replicas ingest one device's events concurrently (the shared subscription
-        # splits them): lock its progress rows, always in one order, so neither
-        # transaction overwrites the other's newer state with an older one.
-        .order_by(table.c.rollout_id, table.c.device_id)
-        .with_for_update()
-    )
-    result = session.execute(query)
-    names = list(result.keys())
-    progress: dict[tuple[str, str], _Progress] = {}
-    for values in result:
-        read = _Progress(**dict(zip(names, values, strict=True)), dirty=set())
-        if (read.rollout_id, read.device_id) in keys:
-            progress[(read.rollout_id, read.device_id)] = read
+    for rollout_id, stored in Counter(e.rollout_id for e in events if e.rollout_id).items():
+        deltas.add(rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket, value=stored)
+    progress = _read_progress(sql, keys)
     changed: dict[tuple[str, str], _Progress] = {}
-    features = {(e.device_id, e.feature) for e in events if e.feature}
-    running = adoption.running_versions(session, features)
+    running = adoption.RunningVersions(
+        session, {(e.device_id, e.feature) for e in events if e.feature}
+    )
     for event in sorted(events, key=lambda e: e.seq):
         row = progress.get((event.rollout_id, event.device_id))
         if row is not None and event.health is not None:
             # A health sample is a fact whenever it arrives, late or not.
             cohort = (row.stage, row.model, row.region, firmware.get(event.device_id, ""))
             _count_health(
-                row.rollout_id, adoption.HEALTH, cohort, event.health, now=now, deltas=deltas
+                row.rollout_id, adoption.HEALTH, cohort, event.health, bucket=bucket, deltas=deltas
             )
         if row is None or event.seq <= row.last_seq:
             # Not exposed by this rollout, or a late event: it is kept, but the
@@ -252,6 +343,7 @@ def _apply_progress(
             row,
             event,
             now=now,
+            times=times,
             firmware=firmware.get(event.device_id, ""),
             deltas=deltas,
             running=running,
@@ -267,11 +359,12 @@ def _apply_progress(
         row.updated_at = now
         row.dirty.update(_ALWAYS_WRITTEN)
         changed[(row.rollout_id, row.device_id)] = row
-    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+    by_columns: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for row in changed.values():
-        by_columns.setdefault(frozenset(row.dirty), []).append(row.params())
+        columns = tuple(name for name in _WRITTEN if name in row.dirty)
+        by_columns.setdefault(columns, []).append(row.params(columns, times))
     for columns, params in by_columns.items():
-        session.execute(_update_progress(columns), params)
+        _write_progress(sql, columns, params)
 
 
 def _attribute_health(
@@ -285,6 +378,7 @@ def _attribute_health(
     if not samples:
         return
     attribution = adoption.HealthAttribution(session, {e.device_id for e in samples})
+    bucket = time_bucket(now)
     for event in samples:
         assert event.health is not None
         for target in attribution.targets(event.device_id, event.feature, event.version):
@@ -293,7 +387,7 @@ def _attribute_health(
                 target.metric,
                 target.cohort,
                 event.health,
-                now=now,
+                bucket=bucket,
                 deltas=deltas,
             )
 
@@ -303,34 +397,16 @@ def _count(
     event: IncomingEvent,
     *,
     now: datetime,
+    times: TimeConversion,
     firmware: str,
     deltas: adoption.AdoptionDeltas,
-    running: dict[tuple[str, str], str],
+    running: adoption.RunningVersions,
 ) -> None:
     """What this event changes in the aggregates (called before the row moves)."""
     cohort = (row.stage, row.model, row.region, firmware)
     rid = row.rollout_id
-    when = event.device_time
-    if when is None or abs(utc(when) - now) > _CLOCK_TOLERANCE:
-        when = now
-    when = utc(when)
     bucket = time_bucket(now)
-    previous = utc(row.exposed_at)
-    for step in FUNNEL[1:]:
-        stamp = getattr(row, _STEP_TIMES[step])
-        if stamp is not None:
-            previous = utc(stamp)
-        elif RANK[step] <= RANK.get(event.state, 0):
-            at = max(when, previous)
-            setattr(row, _STEP_TIMES[step], at)
-            row.dirty.add(_STEP_TIMES[step])
-            deltas.add(rid, "reached", step, cohort, bucket=bucket)
-            step_seconds = (at - previous).total_seconds()
-            deltas.add(rid, "step_time", step, cohort, bucket=duration_bucket(step_seconds))
-            if step in ("INSTALLED", "ACTIVE"):
-                total = (at - utc(row.exposed_at)).total_seconds()
-                deltas.add(rid, "latency", step, cohort, bucket=duration_bucket(total))
-            previous = at
+    _stamp_steps(row, event, cohort, now=now, times=times, deltas=deltas)
     new_state = row.state if event.state == "FAILED" and row.state in SETTLED else event.state
     if new_state != row.state:
         if row.state != "TARGETED":
@@ -346,22 +422,69 @@ def _count(
         _count_version(event, new_state, bucket, deltas, running)
 
 
+def _stamp_steps(
+    row: _Progress,
+    event: IncomingEvent,
+    cohort: tuple[int, str, str, str],
+    *,
+    now: datetime,
+    times: TimeConversion,
+    deltas: adoption.AdoptionDeltas,
+) -> None:
+    """Record when the device first reached each step this event implies, and count it."""
+    reached = RANK.get(event.state, 0)
+    if all(getattr(row, column) is not None for column in _STEPS_UP_TO[reached]):
+        return  # the common case (a device reporting again): no datetime to read
+    rid = row.rollout_id
+    when = event.device_time
+    if when is None or abs(utc(when) - now) > _CLOCK_TOLERANCE:
+        when = now
+    when = utc(when)
+    bucket = time_bucket(now)
+    exposed_at = _time(times, row.exposed_at)
+    previous = exposed_at
+    for step in FUNNEL[1:]:
+        stamp = getattr(row, _STEP_TIMES[step])
+        if stamp is not None:
+            previous = _time(times, stamp)
+        elif RANK[step] <= reached:
+            at = max(when, previous)
+            setattr(row, _STEP_TIMES[step], at)
+            row.dirty.add(_STEP_TIMES[step])
+            deltas.add(rid, "reached", step, cohort, bucket=bucket)
+            step_seconds = (at - previous).total_seconds()
+            deltas.add(rid, "step_time", step, cohort, bucket=duration_bucket(step_seconds))
+            if step in ("INSTALLED", "ACTIVE"):
+                total = (at - exposed_at).total_seconds()
+                deltas.add(rid, "latency", step, cohort, bucket=duration_bucket(total))
+            previous = at
+
+
+def _time(times: TimeConversion, stored: Any) -> datetime:
+    """A datetime column's value, as read or as set by this batch, as an aware UTC datetime."""
+    value = stored if isinstance(stored, datetime) else times.from_db(stored)
+    assert value is not None
+    return utc(value)
+
+
 def _count_health(
     rid: str,
     metric: str,
     cohort: tuple[int, str, str, str],
     health: HealthFigures,
     *,
-    now: datetime,
+    bucket: int,
     deltas: adoption.AdoptionDeltas,
 ) -> None:
-    """Add one sample to a rollout's health sums, in the minute it arrived."""
-    bucket = time_bucket(now)
-    deltas.add(rid, metric, "samples", cohort, bucket=bucket)
-    deltas.add(rid, metric, "crashes", cohort, bucket=bucket, value=health.crashes)
-    deltas.add(rid, metric, "feature_errors", cohort, bucket=bucket, value=health.feature_errors)
-    if health.crashes or health.feature_errors:
-        deltas.add(rid, metric, "unhealthy_samples", cohort, bucket=bucket)
+    """Add one sample to a rollout's health sums, in the minute (`bucket`) it arrived."""
+    deltas.add_health(
+        rid,
+        metric,
+        cohort,
+        bucket=bucket,
+        crashes=health.crashes,
+        feature_errors=health.feature_errors,
+    )
 
 
 def _count_version(
@@ -369,7 +492,7 @@ def _count_version(
     state: str,
     bucket: int,
     deltas: adoption.AdoptionDeltas,
-    running: dict[tuple[str, str], str],
+    running: adoption.RunningVersions,
 ) -> None:
     if state in _RUNS_VERSION:
         now_running = event.version
@@ -378,14 +501,14 @@ def _count_version(
     else:
         return
     key = (event.device_id, event.feature)
-    before = running.get(key, "")
+    before = running.get(key)
     if before == now_running:
         return
     if before:
         deltas.versions[(event.feature, before, bucket)] -= 1
     if now_running:
         deltas.versions[(event.feature, now_running, bucket)] += 1
-    running[key] = now_running
+    running.set(key, now_running)
     deltas.running[key] = now_running
 
 

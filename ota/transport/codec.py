@@ -56,57 +56,58 @@ def decode_event(topic_device_id: str, payload: bytes, *, max_bytes: int) -> Inc
         event.ParseFromString(payload)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise Dropped("malformed", f"undecodable event from {topic_device_id}: {exc}") from exc
-    if event.device_id != topic_device_id:
-        raise Dropped(
-            "device_mismatch", f"event for {event.device_id!r} on {topic_device_id!r}'s topic"
-        )
-    if not 0 < event.seq < MAX_SEQ:
-        raise Dropped("malformed", f"event from {topic_device_id} with seq {event.seq}")
-    _check_text(event, topic_device_id)
-    if event.HasField("health") and (
-        max(event.health.crash_count, event.health.feature_error_count) > MAX_HEALTH_COUNT
-    ):
-        raise Dropped("malformed", f"implausible health counts from {topic_device_id}")
-    state = common_pb2.DeviceState.Name(event.state) if event.state in _STATE_NUMBERS else ""
-    if state not in ALL_STATES:
+    # Each field is read once: every read of a protobuf field builds a new Python object.
+    device_id, seq = event.device_id, event.seq
+    if device_id != topic_device_id:
+        raise Dropped("device_mismatch", f"event for {device_id!r} on {topic_device_id!r}'s topic")
+    if not 0 < seq < MAX_SEQ:
+        raise Dropped("malformed", f"event from {topic_device_id} with seq {seq}")
+    text = {
+        "rollout_id": event.rollout_id,
+        "feature": event.feature,
+        "version": event.version,
+        "detail": event.detail,
+    }
+    _check_text(text, topic_device_id)
+    health = _health(event, topic_device_id)
+    state = _STATES.get(event.state)
+    if state is None:
         raise Dropped("malformed", f"unknown state {event.state} from {topic_device_id}")
-    reason = ""
-    if event.error_code:
-        if event.error_code not in _REASON_NUMBERS:
-            raise Dropped("malformed", f"unknown reason {event.error_code} from {topic_device_id}")
-        reason = common_pb2.FailureReason.Name(event.error_code)
-        if reason not in FAILURE_REASONS:
-            raise Dropped("malformed", f"unknown reason {reason} from {topic_device_id}")
+    reason = _REASONS.get(event.error_code) if event.error_code else ""
+    if reason is None:
+        raise Dropped("malformed", f"unknown reason {event.error_code} from {topic_device_id}")
     return IncomingEvent(
-        device_id=event.device_id,
-        seq=event.seq,
-        rollout_id=event.rollout_id,
-        feature=event.feature,
-        version=event.version,
+        device_id=device_id,
+        seq=seq,
+        rollout_id=text["rollout_id"],
+        feature=text["feature"],
+        version=text["version"],
         state=state,
         error_code=reason,
-        detail=event.detail,
+        detail=text["detail"],
         bundle_sha256=event.bundle_sha256.hex(),
         device_time=_timestamp(event.time),
-        health=(
-            HealthFigures(
-                event.health.crash_count,
-                event.health.feature_error_count,
-                event.health.uptime_seconds,
-            )
-            if event.HasField("health")
-            else None
-        ),
+        health=health,
     )
 
 
-def _check_text(event: common_pb2.DeviceEvent, topic_device_id: str) -> None:
+def _health(event: common_pb2.DeviceEvent, topic_device_id: str) -> HealthFigures | None:
+    if not event.HasField("health"):
+        return None
+    sample = event.health
+    figures = HealthFigures(sample.crash_count, sample.feature_error_count, sample.uptime_seconds)
+    if max(figures.crashes, figures.feature_errors) > MAX_HEALTH_COUNT:
+        raise Dropped("malformed", f"implausible health counts from {topic_device_id}")
+    return figures
+
+
+def _check_text(text: dict[str, str], topic_device_id: str) -> None:
     for name, width in MAX_TEXT.items():
-        if len(getattr(event, name)) > width:
+        if len(text[name]) > width:
             raise Dropped("malformed", f"{name} longer than {width} from {topic_device_id}")
-    for name in (*MAX_TEXT, "detail"):
+    for name, value in text.items():
         # Valid UTF-8, yet no SQL text column can store it.
-        if "\x00" in getattr(event, name):
+        if "\x00" in value:
             raise Dropped("malformed", f"NUL character in {name} from {topic_device_id}")
 
 
@@ -125,5 +126,6 @@ def decode_presence(topic_device_id: str, payload: bytes, *, max_bytes: int) -> 
     )
 
 
-_STATE_NUMBERS = set(common_pb2.DeviceState.values())
-_REASON_NUMBERS = set(common_pb2.FailureReason.values())
+# Wire numbers of the states and failure reasons the store knows, with their names.
+_STATES = {n: name for name, n in common_pb2.DeviceState.items() if name in ALL_STATES}
+_REASONS = {n: name for name, n in common_pb2.FailureReason.items() if name in FAILURE_REASONS}

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime
+from typing import NamedTuple
 
 from ota.clock import Clock
 from ota.errors import Unavailable
@@ -19,6 +20,18 @@ from ota.transport.mqtt import InboundMessage, MqttLink
 from ota.transport.ratelimit import DeviceRateLimiter
 
 log = logging.getLogger(__name__)
+
+
+class _Routed(NamedTuple):
+    """A message with what its topic and its device's rate say, decided once per message.
+
+    Not again when its batch is retried: a retry must not spend the device's tokens twice.
+    """
+
+    message: InboundMessage
+    device_id: str  # "" when the topic is no device topic
+    kind: str
+    over_limit: bool
 
 
 class Ingester:
@@ -33,7 +46,6 @@ class Ingester:
         rate_limiter: DeviceRateLimiter | None = None,
     ) -> None:
         self._limiter = rate_limiter
-        self._limited: set[int] = set()
         self._link = link
         self._store = store
         self._clock = clock
@@ -59,10 +71,9 @@ class Ingester:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._take_batch()
+            batch = self._route(self._take_batch())
             if not batch:
                 continue
-            self._limited = self._over_limit(batch)
             delay = 0.1
             while not self._stop.is_set():
                 try:
@@ -81,31 +92,33 @@ class Ingester:
                     self._process_one_by_one(batch)
                     break
 
-    def _process_one_by_one(self, batch: list[InboundMessage]) -> None:
-        for message in batch:
+    def _process_one_by_one(self, batch: list[_Routed]) -> None:
+        for routed in batch:
             while not self._stop.is_set():
                 try:
-                    self._process([message])
+                    self._process([routed])
                     break
                 except Unavailable:
                     self._stop.wait(1.0)
                 except Exception:
-                    log.exception("dropping a message the store refuses: %s", message.topic)
+                    log.exception("dropping a message the store refuses: %s", routed.message.topic)
                     with self._store.transaction() as session:
                         count_drops(session, Counter({"store_refused": 1}))
-                    self._link.ack(message)
+                    self._link.ack(routed.message)
                     self.dropped["store_refused"] += 1
                     break
 
-    def _over_limit(self, batch: list[InboundMessage]) -> set[int]:
-        """Messages over their device's rate: decided once, not again when a batch is retried."""
-        if self._limiter is None:
-            return set()
-        return {
-            id(m)
-            for m in batch
-            if (parsed := self._link.topics.parse(m.topic)) and not self._limiter.admit(parsed[0])
-        }
+    def _route(self, batch: list[InboundMessage]) -> list[_Routed]:
+        routed = []
+        for message in batch:
+            parsed = self._link.topics.parse(message.topic)
+            if parsed is None:
+                routed.append(_Routed(message, "", "", over_limit=False))
+                continue
+            device_id, kind = parsed
+            over = self._limiter is not None and not self._limiter.admit(device_id)
+            routed.append(_Routed(message, device_id, kind, over))
+        return routed
 
     def _take_batch(self) -> list[InboundMessage]:
         try:
@@ -120,20 +133,15 @@ class Ingester:
                 break
         return batch
 
-    def _process(self, batch: list[InboundMessage]) -> None:
+    def _process(self, batch: list[_Routed]) -> None:
         events: list[IncomingEvent] = []
         presence: list[ReportedPresence] = []
         dropped: Counter[str] = Counter()
-        for message in batch:
-            parsed = self._link.topics.parse(message.topic)
+        for message, device_id, kind, over_limit in batch:
             try:
-                if parsed is None:
-                    raise Dropped("bad_topic", message.topic)
-                device_id, kind = parsed
-                if id(message) in self._limited:
+                if over_limit:
                     dropped["rate_limited"] += 1  # logged by the limiter, once per interval
-                    continue
-                if kind == "events":
+                elif kind == "events":
                     events.append(
                         decode_event(device_id, message.payload, max_bytes=self._max_payload)
                     )
@@ -149,7 +157,7 @@ class Ingester:
                 log.warning(
                     "dropped device message: %s",
                     drop,
-                    extra={"device_id": parsed[0] if parsed else None, "reason": drop.reason},
+                    extra={"device_id": device_id or None, "reason": drop.reason},
                 )
         now = self._clock.now()
         with self._store.transaction() as session:
@@ -157,9 +165,9 @@ class Ingester:
             if presence:
                 fleet.mark_seen(session, _presence_rows(presence, now))
             count_drops(session, dropped)
-        for message in batch:
-            self._link.ack(message)
-        self.lag_seconds = time.monotonic() - min(m.received for m in batch)
+        for routed in batch:
+            self._link.ack(routed.message)
+        self.lag_seconds = time.monotonic() - min(r.message.received for r in batch)
         if result is not None:
             self.stored += result.stored
             dropped.update(result.dropped)
