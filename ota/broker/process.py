@@ -204,11 +204,14 @@ class MosquittoProcess:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
-    def reload(self, *, timeout: float = 5.0) -> None:
+    def reload(self, *, timeout: float = 30.0) -> None:
         """Re-read password and ACL files (SIGHUP) and wait until that happened.
 
         Mosquitto 2.0 then also disconnects connected clients whose
         credentials are gone, so revoking a device takes effect at once.
+        The broker handles the signal between network events: one busy with a
+        fleet's worth of disconnects and Wills has taken more than 5 s to get
+        to it on two loaded cores, hence the generous default.
         """
         if self._proc is None or not self.running:
             raise FailedPrecondition("mosquitto is not running; start it before reloading")
