@@ -53,7 +53,7 @@ from typing import Any
 from sqlalchemy import case, distinct, func, select
 from sqlmodel import col
 
-from bench._client import settled_outcomes
+from bench._client import settled_outcomes, wait_following
 from bench.common import (
     MODELS,
     REGIONS,
@@ -271,8 +271,10 @@ class _InProcessFleet:
         rss0 = rss_kib()
         t0 = time.perf_counter()
         self._fleet.start(timeout=timeout)
+        start_s = time.perf_counter() - t0
         return {
-            "start_s": time.perf_counter() - t0,
+            "start_s": start_s,
+            "following_s": wait_following(self._fleet, timeout),
             "register_s": None,
             "rss_delta_kib": rss_kib() - rss0,
             "cpu_s": None,
@@ -427,7 +429,8 @@ def run(
                     else ""
                 )
                 + f"in {'this' if fleet_in_process else 'a child'} process, "
-                f"+{ready['rss_delta_kib'] / 1024:.0f} MiB RSS"
+                f"+{ready['rss_delta_kib'] / 1024:.0f} MiB RSS; all following their "
+                f"desired-state topic {ready['following_s']:.2f} s later"
             )
             client = Client.connect(stack.server, stack.admin_token)
             try:
@@ -608,6 +611,7 @@ def run(
             "ingester_dropped": ingest_dropped,
             "cpu_s": cpu,
             "fleet_start_s": ready["start_s"],
+            "fleet_following_s": ready["following_s"],
             "fleet_register_s": ready["register_s"],
             "fleet_rss_kib_per_device": ready["rss_delta_kib"] / n,
             "broker_rss_kib_before_fleet": broker_rss0,

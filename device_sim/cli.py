@@ -239,10 +239,12 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(_next_wait(interval, deadline)):
             states: Counter[str] = Counter()
             generations: Counter[int] = Counter()
+            following = 0
             for device in fleet.devices:
                 states.update(device.record.last_state.values())
                 generations[device.trust.accepted_generation] += 1
-            out.status(states, fleet.misbehaviour_counts(), generations)
+                following += device.following
+            out.status(states, fleet.misbehaviour_counts(), generations, following)
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:

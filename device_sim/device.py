@@ -153,6 +153,9 @@ class SimDevice:
         self.connected = asyncio.Event()
         self.halted = False  # set by a power cut: the task ends, the state stays on disk
         self.resumed = False  # set once the work left from before a (re)boot is done
+        # Set while the device waits on its desired-state topic: connected, its boot
+        # work and its pull on connect done. Until then a new desired state queues.
+        self.following = False
         # Generations a session may legitimately see late: the retained copy that was
         # queued while the pull on connect fetched a newer one.
         self._late = range(0)
@@ -248,12 +251,16 @@ class SimDevice:
                 before = self.trust.accepted_generation
                 await self.on_desired(pulled)
                 self._late = range(before, self.trust.accepted_generation)
-        async for message in client.messages:
-            payload = message.payload
-            if isinstance(payload, bytes | bytearray) and payload:
-                if self.latency:
-                    await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
-                await self.on_desired(bytes(payload))
+        self.following = True
+        try:
+            async for message in client.messages:
+                payload = message.payload
+                if isinstance(payload, bytes | bytearray) and payload:
+                    if self.latency:
+                        await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
+                    await self.on_desired(bytes(payload))
+        finally:
+            self.following = False
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -53,9 +53,11 @@ class Output:
         states: Counter[str],
         misbehaving: dict[str, dict[str, int]],
         generations: Counter[int] | None = None,
+        following: int = 0,
     ) -> None:
         """The last state each device reported per rollout, counted; misbehaving messages;
-        how many devices hold each desired-state generation (JSON only)."""
+        how many devices hold each desired-state generation, and how many follow their
+        desired-state topic (`SimDevice.following`) (JSON only)."""
         if self.json_lines:
             self.event(
                 "status",
@@ -63,6 +65,7 @@ class Output:
                 states=dict(states),
                 misbehaving=misbehaving,
                 generations={str(g): n for g, n in sorted((generations or {}).items())},
+                following=following,
             )
             return
         line = "  ".join(f"{k} {v}" for k, v in sorted(states.items())) or "idle"
@@ -228,10 +231,14 @@ def _follow(
             sent: Counter[str] = Counter()
             refused: Counter[str] = Counter()
             generations: Counter[int] = Counter()
+            following = 0
             for status in latest.values():
                 states.update(status["states"])
                 sent.update(status["misbehaving"]["sent"])
                 refused.update(status["misbehaving"]["refused"])
                 generations.update({int(g): n for g, n in status["generations"].items()})
-            out.status(states, {"sent": dict(sent), "refused": dict(refused)}, generations)
+                following += status["following"]
+            out.status(
+                states, {"sent": dict(sent), "refused": dict(refused)}, generations, following
+            )
             latest.clear()

@@ -65,6 +65,7 @@ def test_a_scenario_on_two_processes_comes_online_as_one_fleet_and_misbehaves(
     # another device's topic is refused by the broker's ACL.
     assert statuses[-1]["misbehaving"] == {"sent": {"garbage": 2}, "refused": {"foreign_topic": 1}}
     assert statuses[-1]["generations"] == {"0": 8}
+    assert statuses[-1]["following"] == 8  # every device past its pull on connect
 
     def malformed() -> int:
         with stack.control_plane.store.transaction() as session:
