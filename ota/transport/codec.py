@@ -42,8 +42,12 @@ def _timestamp(ts: object) -> datetime | None:
     seconds = getattr(ts, "seconds", 0)
     if not seconds:
         return None
+    nanos = getattr(ts, "nanos", 0)
+    # Sub-second device times order a device's steps; nanos out of range (a bad
+    # payload) are ignored rather than trusted.
+    micros = nanos // 1000 if 0 <= nanos < 1_000_000_000 else 0
     try:
-        return datetime.fromtimestamp(seconds, UTC)
+        return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
     except (OverflowError, OSError, ValueError):
         return None
 

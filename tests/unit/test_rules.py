@@ -71,6 +71,16 @@ def test_decoding_names_the_drop_reason() -> None:
         assert e.value.reason == reason
 
 
+def test_device_times_keep_their_microseconds() -> None:
+    event = common_pb2.DeviceEvent(device_id="a", seq=1, state=common_pb2.ACTIVE)
+    event.time.seconds, event.time.nanos = 1_790_000_000, 123_456_789
+    decoded = decode_event("a", event.SerializeToString(), max_bytes=1024)
+    assert decoded.device_time is not None and decoded.device_time.microsecond == 123_456
+    event.time.nanos = -5  # out of range: the seconds are kept, the fraction is not trusted
+    decoded = decode_event("a", event.SerializeToString(), max_bytes=1024)
+    assert decoded.device_time is not None and decoded.device_time.microsecond == 0
+
+
 def test_topics_parse_only_device_topics() -> None:
     topics = Topics("ota/v1")
     assert topics.parse("ota/v1/devices/car-1/events") == ("car-1", "events")
