@@ -14,11 +14,14 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+
+if TYPE_CHECKING:
+    from device_sim.fleet import SimulatedFleet
 
 MIB = 1024 * 1024
 
@@ -238,7 +241,7 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
         sim.stop()
 
 
-def wait_following(sim: Any, timeout: float) -> float:
+def wait_following(sim: SimulatedFleet, timeout: float) -> float:
     """Seconds until every device of `sim` follows its desired-state topic.
 
     Connected is not idle: each device still pulls its desired state over gRPC,
@@ -246,10 +249,7 @@ def wait_following(sim: Any, timeout: float) -> float:
     benchmark starts its clock on a fleet that follows its topics.
     """
     t0 = time.monotonic()
-    while not all(d.following for d in sim.devices):
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"the fleet was not following its topics within {timeout:.0f}s")
-        time.sleep(0.02)  # a flag in another thread's devices: polled, briefly
+    sim.wait_following(timeout)
     return time.monotonic() - t0
 
 

@@ -232,9 +232,9 @@ class _Fleet:
                 return time.monotonic() - start
 
     def wait_generation(
-        self, n: int, since: float, timeout: float, generation: int = 1
+        self, n: int, since: float, timeout: float
     ) -> tuple[float, list[tuple[float, int]]]:
-        """When all n devices held `generation` or a newer one; the count over time."""
+        """When all n devices held the rollout's first generation; the count over time."""
         deadline = time.monotonic() + timeout
         progress: list[tuple[float, int]] = []
         i = self._seen
@@ -243,7 +243,7 @@ class _Fleet:
             i += 1
             if line["event"] != "status" or line["time"] < since:
                 continue
-            verified = sum(c for g, c in line["generations"].items() if int(g) >= generation)
+            verified = sum(c for g, c in line["generations"].items() if int(g) >= 1)
             if not progress or progress[-1][1] != verified:
                 progress.append((round(line["time"] - since, 3), verified))
             if verified >= n:

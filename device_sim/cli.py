@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
             for device in fleet.devices:
                 states.update(device.record.last_state.values())
                 generations[device.trust.accepted_generation] += 1
-                following += device.following
+                following += device.following.is_set()
             out.status(states, fleet.misbehaviour_counts(), generations, following)
             if deadline is not None and time.monotonic() >= deadline:
                 break

@@ -155,7 +155,7 @@ class SimDevice:
         self.resumed = False  # set once the work left from before a (re)boot is done
         # Set while the device waits on its desired-state topic: connected, its boot
         # work and its pull on connect done. Until then a new desired state queues.
-        self.following = False
+        self.following = asyncio.Event()
         # Generations a session may legitimately see late: the retained copy that was
         # queued while the pull on connect fetched a newer one.
         self._late = range(0)
@@ -251,7 +251,7 @@ class SimDevice:
                 before = self.trust.accepted_generation
                 await self.on_desired(pulled)
                 self._late = range(before, self.trust.accepted_generation)
-        self.following = True
+        self.following.set()
         try:
             async for message in client.messages:
                 payload = message.payload
@@ -260,7 +260,7 @@ class SimDevice:
                         await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
                     await self.on_desired(bytes(payload))
         finally:
-            self.following = False
+            self.following.clear()
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

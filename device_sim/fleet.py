@@ -381,6 +381,14 @@ class SimulatedFleet:
             if rollout_id in d.record.failed_reason
         )
 
+    def wait_following(self, timeout: float) -> None:
+        """Return once every device follows its desired-state topic (`SimDevice.following`)."""
+
+        async def all_following() -> None:
+            await asyncio.gather(*(d.following.wait() for d in self.devices))
+
+        asyncio.run_coroutine_threadsafe(all_following(), self._loop).result(timeout=timeout)
+
     def stop(self) -> None:
         async def cancel() -> None:
             tasks = [*self._behaviours, *self._tasks.values()]

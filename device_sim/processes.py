@@ -57,7 +57,7 @@ class Output:
     ) -> None:
         """The last state each device reported per rollout, counted; misbehaving messages;
         how many devices hold each desired-state generation, and how many follow their
-        desired-state topic (`SimDevice.following`) (JSON only)."""
+        desired-state topic (`SimDevice.following` is set) (JSON only)."""
         if self.json_lines:
             self.event(
                 "status",
