@@ -1,7 +1,7 @@
 """`python -m bench [--quick] [--only NAME ...]`: run the benchmarks, print, write JSON.
 
 Each benchmark measures its figure and a baseline in the same run and prints
-the ratio next to the DESIGN §9 target; results go to bench/results/NAME.json.
+the ratio next to the PROTOCOL §9 target; results go to bench/results/NAME.json.
 Missing a target is reported, not an error: the exit status is non-zero only
 when a benchmark could not run.
 """

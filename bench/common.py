@@ -60,7 +60,7 @@ class Figure:
 
 @dataclass(frozen=True)
 class Target:
-    """One DESIGN §9 target and whether this run met it (None: not measurable here)."""
+    """One PROTOCOL §9 target and whether this run met it (None: not measurable here)."""
 
     what: str
     met: bool | None

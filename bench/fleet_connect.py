@@ -1,6 +1,6 @@
 """fleet-connect: N simulated devices connected and subscribed; time and RSS per device.
 
-DESIGN §9: 10 000 in <= 5 s, <= 64 KiB RSS each; no baseline. A DevStack
+PROTOCOL §9: 10 000 in <= 5 s, <= 64 KiB RSS each; no baseline. A DevStack
 control plane runs in this process on a private Mosquitto; the fleet is
 `ota-sim run --json` in child processes (one, or one per core with
 `--processes`), as devices would be. Each device has its own connection and
@@ -92,7 +92,7 @@ def run(quick: bool) -> Result:
         name="fleet-connect",
         mode="quick" if quick else "full",
         figure=Figure(best["connect_s"], "s", f"{n} devices connected and subscribed ({how})"),
-        baseline=Figure(None, "", "no baseline (DESIGN §9)"),
+        baseline=Figure(None, "", "no baseline (PROTOCOL §9)"),
         ratio=None,
         targets=[
             Target(

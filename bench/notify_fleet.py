@@ -1,6 +1,6 @@
 """notify-fleet: stage start -> signed desired state received and verified by every exposed device.
 
-DESIGN §9: N = 10 000 in <= 2 s, against the same-run baseline "one retained
+PROTOCOL §9: N = 10 000 in <= 2 s, against the same-run baseline "one retained
 broadcast to the same N". A DevStack control plane runs in this process on a
 private Mosquitto; the fleet is `ota-sim run --json --processes 2`, each
 device on its own connection with its own credentials, verifying every

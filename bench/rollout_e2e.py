@@ -13,7 +13,7 @@ reported. The state is read from the rollout's row every 20 ms;
 `--watch` follows WatchRollout instead, which costs the control plane a
 full recomputation of the rollout per update.
 
-Baseline (DESIGN §9): the sum of the notify, download and ingest baselines
+Baseline (PROTOCOL §9): the sum of the notify, download and ingest baselines
 for the same work —
 
 - notify: measured here after the rollout, with the fleet stopped: the same N
@@ -352,7 +352,7 @@ class _ChildFleet:
 def _stage_timings(store: Store, rollout_id: str) -> list[dict[str, Any]]:
     """Per stage: exposure to the last NOTIFIED and the last ACTIVE event stored.
 
-    The first is the notify-fleet figure of DESIGN §9 (desired state signed,
+    The first is the notify-fleet figure of PROTOCOL §9 (desired state signed,
     delivered and verified by the device, which then reports NOTIFIED), plus
     the ingest lag; both use the control plane's clock.
     """

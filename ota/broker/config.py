@@ -4,7 +4,7 @@
 config, its ACL and its password file — and creates the persistence
 directory. Every path in them is absolute, so the broker can be started from
 anywhere. Devices authenticate with username = device id and the ACL confines
-each to its own topics (DESIGN §4); the control plane's users may use the
+each to its own topics (PROTOCOL §4); the control plane's users may use the
 whole topic root, including the shared ingest subscription.
 """
 

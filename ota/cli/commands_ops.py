@@ -188,7 +188,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p = nouns.add_parser(
         "report",
         help="adoption report of a rollout, or of a feature across its rollouts",
-        description="The adoption report (DESIGN §8) as terminal tables, CSV (section,key,value), "
+        description="The adoption report (PROTOCOL §8) as terminal tables, CSV (section,key,value), "
         "JSON (the ReportService message) or one self-contained HTML file with charts that "
         "opens offline. With --feature, the versions devices run over time.",
     )

@@ -1,4 +1,4 @@
-"""`ota`: one entry point with nouns and verbs (DESIGN §11).
+"""`ota`: one entry point with nouns and verbs (PROTOCOL §11).
 
 Errors a user can make print one line and exit non-zero; only a bug in ota
 itself shows a traceback.

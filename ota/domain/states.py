@@ -1,4 +1,4 @@
-"""The device state machine of one rollout (DESIGN §5), as names and ranks.
+"""The device state machine of one rollout (PROTOCOL §5), as names and ranks.
 
 States are stored and sent by name (the enum names of `ota.v1.DeviceState`).
 Progress is a rank: a late event with a lower rank never moves a device back.

@@ -1,4 +1,4 @@
-"""The topic layout of DESIGN §4, as a validated value."""
+"""The topic layout of PROTOCOL §4, as a validated value."""
 
 from __future__ import annotations
 

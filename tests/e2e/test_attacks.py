@@ -1,4 +1,4 @@
-"""Every update attack of DESIGN §3, each through the whole real system.
+"""Every update attack of PROTOCOL §3, each through the whole real system.
 
 Each test runs a private Mosquitto, the control plane on a real gRPC port over
 SQLite, and 3 simulated devices (device_sim, one per model). The devices first
@@ -18,7 +18,7 @@ Attackers use real access: the broker (a user allowed to publish desired
 states), or a stolen control plane: its disk, its database and its online keys
 (snapshot, timestamp, director), never a release or root key.
 
-| attack (DESIGN §3)            | test                                                  | reason            |
+| attack (PROTOCOL §3)            | test                                                  | reason            |
 |-------------------------------|-------------------------------------------------------|-------------------|
 | forged signature              | test_forged_desired_state_signature_is_refused        | SIGNATURE_INVALID |
 |                               | test_forged_release_signature_is_refused              | SIGNATURE_INVALID |

@@ -1,7 +1,7 @@
-"""`ota-bucket-v1`: golden vectors and the properties DESIGN.md §6 asks for.
+"""`ota-bucket-v1`: golden vectors and the properties PROTOCOL §6 asks for.
 
-The vectors are a verbatim copy of the shared `vectors/bucketing.json`, kept
-next to this file so the suite never reads outside the project.
+The vectors (`bucketing_vectors.json`, next to this file) are the reference
+values any firmware's implementation must reproduce (docs/PROTOCOL.md §6).
 """
 
 from __future__ import annotations
