@@ -1,11 +1,14 @@
 """The Mosquitto 2.0 configuration ota needs: listener, persistence, credentials, ACL, limits.
 
-`write_broker_config` renders three files into one directory — the broker
-config, its ACL and its password file — and creates the persistence
-directory. Every path in them is absolute, so the broker can be started from
-anywhere. Devices authenticate with username = device id and the ACL confines
-each to its own topics (PROTOCOL §4); the control plane's users may use the
-whole topic root, including the shared ingest subscription.
+`write_broker_config` renders the broker config, its ACL, its password file
+and the list of control-plane users into one directory, builds the
+subscription guard plugin there, and creates the persistence directory.
+Every path in them is absolute, so the broker can be started from anywhere.
+Devices authenticate with username = device id; the ACL confines what each
+publishes and receives to its own topics, and the subscription guard refuses
+any SUBSCRIBE of a device but to its own desired topic (PROTOCOL §4).
+The control plane's users may use the whole topic root, including the shared
+ingest subscription.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ota.broker.passwords import PasswordFile, check_username
+from ota.broker.subscribe_guard import PLUGIN_NAME, build_guard_plugin
 from ota.errors import InvalidArgument
 
 KIB = 1024
@@ -89,6 +93,14 @@ class BrokerSettings:
             fleet on one machine with room to spare; a broker started as
             another user or by a service manager takes its limit from there
             (systemd: `LimitNOFILE=`).
+        subscribe_guard: load the subscription guard plugin (default on), so
+            a device may subscribe only to its own desired topic and is
+            refused (SUBACK 0x87) anything else. Off is unsafe: one device's
+            credentials can then join the control plane's shared ingest
+            subscription and take a share of every device's events.
+        subscribe_guard_plugin: an absolute path to a guard plugin built
+            elsewhere (for a broker host without a C compiler); None (default)
+            builds it from the shipped source.
     """
 
     port: int = 1883
@@ -113,6 +125,8 @@ class BrokerSettings:
     tls_require_certificate: bool = False
     max_connections: int = -1
     max_open_files: int = 65_536
+    subscribe_guard: bool = True
+    subscribe_guard_plugin: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -169,6 +183,18 @@ class BrokerSettings:
                     raise InvalidArgument(
                         "a TLS listener needs an absolute path without whitespace", field=name
                     )
+        if self.subscribe_guard_plugin is not None:
+            path = self.subscribe_guard_plugin
+            if not os.path.isabs(path) or any(c.isspace() for c in path):
+                raise InvalidArgument(
+                    "the guard plugin needs an absolute path without whitespace",
+                    field="subscribe_guard_plugin",
+                )
+            if not self.subscribe_guard:
+                raise InvalidArgument(
+                    "a guard plugin was given with the subscription guard off",
+                    field="subscribe_guard_plugin",
+                )
         for name, text in (("bind_address", self.bind_address), ("run_as_user", self.run_as_user)):
             if text is not None and (not text or any(c.isspace() for c in text)):
                 raise InvalidArgument(f"{text!r} must be one word", field=name)
@@ -193,6 +219,8 @@ class BrokerFiles:
     persistence_dir: Path
     pid_file: Path
     log_file: Path
+    control_users_file: Path
+    guard_plugin: Path
 
 
 def broker_files(out_dir: Path) -> BrokerFiles:
@@ -205,6 +233,8 @@ def broker_files(out_dir: Path) -> BrokerFiles:
         persistence_dir=root / "data",
         pid_file=root / "mosquitto.pid",
         log_file=root / "mosquitto.log",
+        control_users_file=root / "control-users",
+        guard_plugin=root / PLUGIN_NAME,
     )
 
 
@@ -233,12 +263,48 @@ def write_broker_config(
                 field="out_dir",
             )
     files.conf.parent.mkdir(parents=True, exist_ok=True)
+    if settings.subscribe_guard:
+        # First, so a missing compiler leaves no config that would run unguarded.
+        if settings.subscribe_guard_plugin is not None:
+            _copy_plugin(Path(settings.subscribe_guard_plugin), files.guard_plugin)
+        else:
+            build_guard_plugin(files.guard_plugin)
     files.persistence_dir.mkdir(mode=0o700, exist_ok=True)
 
     PasswordFile(files.password_file).set(settings.control_username, control_password)
     _write_private(files.acl_file, render_acl(settings))
+    _write_private(files.control_users_file, render_control_users(settings))
     _write_private(files.conf, render_config(settings, files))
     return files
+
+
+def _copy_plugin(src: Path, dest: Path) -> None:
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read the guard plugin at {src}: {exc.strerror}",
+            field="subscribe_guard_plugin",
+        ) from exc
+    if src.resolve() == dest.resolve():
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o755)
+    os.replace(tmp, dest)
+
+
+def render_control_users(settings: BrokerSettings) -> str:
+    """The guard's list of control-plane users: every other user is a device."""
+    return "\n".join(
+        [
+            "# Generated by ota (ota.broker.config); edits are overwritten.",
+            "# The subscription guard leaves these users to the ACL; any other user is a",
+            "# device and may subscribe only to its own desired topic. Re-read on reload.",
+            *settings.control_usernames,
+            "",
+        ]
+    )
 
 
 def render_acl(settings: BrokerSettings) -> str:
@@ -246,8 +312,10 @@ def render_acl(settings: BrokerSettings) -> str:
     root = settings.topic_root
     lines = [
         "# Generated by ota (ota.broker.config); edits are overwritten.",
-        "# Topics not granted here are denied. Subscribing to a denied topic",
-        "# is still acknowledged by Mosquitto, but nothing is delivered.",
+        "# Topics not granted here are denied. This file filters publishing and",
+        "# delivery only: Mosquitto grants any SUBSCRIBE it is asked for. The",
+        "# subscription guard plugin (see mosquitto.conf) refuses a device's",
+        "# subscriptions to anything but its own desired topic.",
         "",
     ]
     for name in settings.control_usernames:
@@ -276,6 +344,18 @@ def render_config(settings: BrokerSettings, files: BrokerFiles) -> str:
         "allow_anonymous false",
         f"password_file {files.password_file}",
         f"acl_file {files.acl_file}",
+    ]
+    if s.subscribe_guard:
+        lines += [
+            # Decides SUBSCRIBE before the acl_file, which would grant it: a
+            # device may subscribe only to its own desired topic.
+            f"plugin {files.guard_plugin}",
+            f"plugin_opt_topic_root {s.topic_root}",
+            f"plugin_opt_control_users_file {files.control_users_file}",
+        ]
+    else:
+        lines.append("# UNSAFE: no subscription guard; a device may join the ingest group.")
+    lines += [
         "",
         f"persistence {_bool(s.persistence)}",
         f"persistence_location {files.persistence_dir}",
