@@ -300,6 +300,7 @@ class MqttProbe:
         session_expiry_s: int | None = None,
         will: tuple[str, bytes, bool] | None = None,
         keepalive: int = 30,
+        protocol: int = mqtt.MQTTv5,
     ) -> None:
         self.host = host
         self.port = port
@@ -322,7 +323,7 @@ class MqttProbe:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=username,
-            protocol=mqtt.MQTTv5,
+            protocol=protocol,
             reconnect_on_failure=False,
         )
         client.username_pw_set(username, password)
@@ -378,11 +379,13 @@ class MqttProbe:
         properties = (
             session_properties(self.session_expiry_s) if self.session_expiry_s is not None else None
         )
+        v5 = self.client.protocol == mqtt.MQTTv5
         self.client.connect(
             self.host,
             self.port,
             keepalive=self.keepalive,
-            clean_start=self.clean_start,
+            # MQTT 3.1.1 has clean session instead, set when the client is made.
+            clean_start=self.clean_start if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
         )
         self.client.loop_start()

@@ -32,7 +32,8 @@ _HEADERS = ("mosquitto.h", "mosquitto_broker.h", "mosquitto_plugin.h")
 _INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 INSTALL_HINT = (
     "install a C compiler and Mosquitto's plugin headers "
-    "(Debian/Ubuntu: apt-get install gcc mosquitto-dev libmosquitto-dev)"
+    "(Debian/Ubuntu: apt-get install gcc mosquitto-dev libmosquitto-dev), "
+    "or give `ota broker-config` one built elsewhere with --subscribe-guard-plugin"
 )
 
 

@@ -70,6 +70,21 @@ def register(nouns: Any) -> None:
         metavar="USERNAME",
         help="one more control-plane account, for another `ota serve` replica (repeatable)",
     )
+    guard = p.add_mutually_exclusive_group()
+    guard.add_argument(
+        "--subscribe-guard-plugin",
+        type=Path,
+        metavar="PATH",
+        help="use this prebuilt subscription guard (ota_subscribe_guard.so from another "
+        "`ota broker-config` on the same OS) instead of building it here",
+    )
+    guard.add_argument(
+        "--no-subscribe-guard",
+        action="store_true",
+        help="UNSAFE: leave out the plugin that refuses a device's subscriptions to anything "
+        "but its own desired topic; one device's credentials can then divert the control "
+        "plane's events",
+    )
     p.set_defaults(handler=broker_config)
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
@@ -229,12 +244,26 @@ def broker_config(args: argparse.Namespace) -> int:
         tls_certfile=str(args.tls_cert.resolve()) if args.tls_cert else None,
         tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
         extra_control_usernames=tuple(args.replica),
+        subscribe_guard=not args.no_subscribe_guard,
+        subscribe_guard_plugin=(
+            str(args.subscribe_guard_plugin.resolve()) if args.subscribe_guard_plugin else None
+        ),
     )
     files = write_broker_config(args.out, settings, control_password=password)
     # Each replica has its own account: the username names its persistent session.
     replicas = {name: secrets.token_urlsafe(24) for name in settings.extra_control_usernames}
     PasswordFile(files.password_file).set_many(replicas)
     console.print(f"wrote {files.conf}, {files.acl_file}, {files.password_file}")
+    if settings.subscribe_guard:
+        console.print(
+            f"subscription guard: {files.guard_plugin} "
+            "(devices may subscribe only to their own desired topic)"
+        )
+    else:
+        console.print(
+            "[bold red]UNSAFE[/]: no subscription guard; a device's credentials can join "
+            "the control plane's shared subscription and divert device events"
+        )
     console.print(f"control plane account: {settings.control_username} / {password}")
     for name, secret in replicas.items():
         console.print(f"replica account: {name} / {secret}")

@@ -148,9 +148,10 @@ def test_device_reads_its_own_desired_state_and_never_another_devices(
         assert not control.publish(topic("dev-b", "desired"), b"B1", retain=True).is_failure
 
         a.connect_ok()
-        # Mosquitto grants a forbidden subscription; the ACL filters delivery instead.
-        assert a.subscribe(topic("dev-b", "desired")).value == 1
-        assert a.subscribe(f"{ROOT}/devices/+/desired").value == 1
+        # The subscription guard refuses these; the ACL would also filter delivery.
+        assert a.subscribe(topic("dev-b", "desired")).value == NOT_AUTHORIZED
+        assert a.subscribe(f"{ROOT}/devices/+/desired").value == NOT_AUTHORIZED
+        assert a.subscribe(topic("dev-a", "desired")).value == 1
         retained = a.next_message()
         assert (retained.topic, retained.payload, retained.retain) == (
             topic("dev-a", "desired"),
