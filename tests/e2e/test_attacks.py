@@ -49,6 +49,8 @@ states), or a stolen control plane: its disk, its database and its online keys
 | device clock far ahead        | test_device_clock_far_ahead_is_refused                | METADATA_EXPIRED  |
 | another device's topics (ACL) | test_device_cannot_speak_for_or_listen_to_another_    | (broker refuses)  |
 |                               |   device                                              |                   |
+| joining the control plane's   | test_device_cannot_divert_what_the_control_plane_     | (SUBACK 0x87)     |
+|   ingest group                |   receives                                            |                   |
 | device token, operator method | test_api.py::test_callers_are_authenticated_and_      | PERMISSION_DENIED |
 |                               |   devices_reach_only_their_own_state                  |                   |
 """
@@ -63,8 +65,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlmodel import select
 
 from ota.clock import ManualClock
+from ota.store.models import DeviceEventRow, DeviceRow
 from ota.trust.keys import generate_key, load_signer
 from ota.trust.release import target_path_for
 from ota.trust.rootgen import RootChange, next_root
@@ -72,6 +76,7 @@ from ota.v1 import bundle_pb2, common_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.e2e.attack_tools import (
     FEATURE,
+    Arena,
     arena,
     assert_unchanged,
     attack_broker,
@@ -491,6 +496,80 @@ def test_device_clock_far_ahead_is_refused(tmp_path: Path, broker: BrokerHandle)
 # -- the broker ---------------------------------------------------------------------------
 
 
+def test_device_cannot_divert_what_the_control_plane_receives(
+    tmp_path: Path, broker: BrokerHandle
+) -> None:
+    """A stolen device secret joins no share of the control plane's events or state."""
+    events_sent = 20
+    with arena(tmp_path, broker, devices=1) as a:
+        thief_secret = a.register("thief")
+        honest_secret = a.register("honest")
+        root = a.topics.root
+        with (
+            a.broker.client("thief", thief_secret) as thief,
+            a.broker.client("honest", honest_secret) as honest,
+        ):
+            thief.connect_ok()
+            # The control plane's own groups, any other group, wildcards, others' topics.
+            for filter_ in (
+                a.topics.shared_events(),
+                a.topics.shared_state(),
+                f"$share/thieves/{root}/devices/+/events",
+                f"$share/x/{a.topics.desired('thief')}",
+                f"{root}/devices/+/events",
+                f"{root}/devices/+/state",
+                f"{root}/devices/#",
+                "#",
+                a.topics.desired("honest"),
+                a.topics.events("thief"),
+                a.topics.state("thief"),
+            ):
+                assert thief.subscribe(filter_).value == 0x87, filter_
+            assert thief.subscribe(a.topics.desired("thief")).value == 1
+
+            honest.connect_ok()
+            for seq in range(1, events_sent + 1):
+                event = common_pb2.DeviceEvent(
+                    device_id="honest", seq=seq, state=common_pb2.NOTIFIED
+                )
+                assert not honest.publish(
+                    a.topics.events("honest"), event.SerializeToString()
+                ).is_failure
+            wait_for(
+                lambda: stored_events(a, "honest") == events_sent,
+                what=f"the control plane to store all {events_sent} events",
+                timeout=60,
+            )
+            # Presence: each report flips the stored flag, so a lost one stalls the wait.
+            for n in range(events_sent):
+                online = n % 2 == 0
+                state = common_pb2.ReportedState(device_id="honest", online=online)
+                assert not honest.publish(
+                    a.topics.state("honest"), state.SerializeToString()
+                ).is_failure
+                wait_for(
+                    lambda online=online: stored_online(a, "honest") is online,
+                    what=f"the control plane to record state report {n + 1}",
+                    timeout=30,
+                )
+            assert thief.messages.empty()
+        assert stored_events(a, "honest") == events_sent
+        assert a.drops() == {}
+
+
+def stored_events(a: Arena, device_id: str) -> int:
+    with a.stack.control_plane.store.transaction() as session:
+        return len(
+            session.exec(select(DeviceEventRow).where(DeviceEventRow.device_id == device_id)).all()
+        )
+
+
+def stored_online(a: Arena, device_id: str) -> bool | None:
+    with a.stack.control_plane.store.transaction() as session:
+        row = session.get(DeviceRow, device_id)
+        return None if row is None or row.last_seen_at is None else row.online
+
+
 def test_device_cannot_speak_for_or_listen_to_another_device(
     tmp_path: Path, broker: BrokerHandle
 ) -> None:
@@ -517,9 +596,9 @@ def test_device_cannot_speak_for_or_listen_to_another_device(
                 lambda: a.drops().get("device_mismatch", 0) == 1,
                 what="the control plane to drop the event naming another device",
             )
-            # Reading the victim's retained desired state: SUBACK, but nothing delivered.
-            intruder.subscribe(a.topics.desired(victim.device_id))
-            intruder.subscribe(a.topics.desired("intruder"))
+            # Reading the victim's desired state: refused at SUBSCRIBE (0x87).
+            assert intruder.subscribe(a.topics.desired(victim.device_id)).value == 0x87
+            assert intruder.subscribe(a.topics.desired("intruder")).value == 1
             a.deliver("intruder", b"marker", retain=False)
             received = intruder.messages_until(a.topics.desired("intruder"))
             assert [m.topic for m in received] == [a.topics.desired("intruder")]
