@@ -76,6 +76,8 @@ class _ContainerRuntime:
 
     Mounting it at the identical path keeps the config's absolute paths valid
     inside the container. A restart is a new container, so the port changes.
+    The config loads the subscription guard built on the host, so the image
+    must share the host's C library (OTA_TEST_MOSQUITTO_IMAGE).
     """
 
     def __init__(self, files: BrokerFiles) -> None:

@@ -90,8 +90,13 @@ def build_guard_plugin(dest: Path) -> Path:
     for header in headers:
         key.update(header.read_bytes())
     cached = _cache_dir() / key.hexdigest()[:32] / PLUGIN_NAME
-    if not cached.is_file():
-        _compile(compiler, source, cached)
+    try:
+        if not cached.is_file():
+            _compile(compiler, source, cached)
+    except OSError:
+        # No writable cache (a service user without a home, say): build in place.
+        _compile(compiler, source, dest)
+        return dest
     _copy_atomically(cached, dest)
     return dest
 
