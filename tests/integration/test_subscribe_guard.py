@@ -53,6 +53,11 @@ def forbidden_for(device_id: str, other: str) -> list[str]:
         topic(device_id, "events"),
         topic(device_id, "state"),
         f"{topic(device_id, 'desired')}/#",
+        f"{topic(device_id, 'desired')}/",  # near misses of its own topic
+        f"{topic(device_id, 'desired')}x",
+        topic(f"{device_id}x", "desired"),
+        f"{ROOT}x/devices/{device_id}/desired",
+        f"/{topic(device_id, 'desired')}",
         "$SYS/#",
     ]
 
