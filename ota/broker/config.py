@@ -1,4 +1,4 @@
-"""The Mosquitto 2.0 configuration ota needs: listener, persistence, credentials, ACL, limits.
+"""The Mosquitto 2.0 configuration ota needs: listener, persistence, credentials, ACL, subscription guard, limits.
 
 `write_broker_config` renders the broker config, its ACL, its password file
 and the list of control-plane users into one directory, builds the
