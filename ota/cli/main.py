@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from ota import __version__
 from ota.cli import commands_admin, commands_ops, commands_tokens
 from ota.cli.connect import add_tls_options
 from ota.errors import OtaError
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ota", description="Over-the-air feature rollouts for device fleets."
     )
+    parser.add_argument("--version", action="version", version=f"ota {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     nouns = parser.add_subparsers(dest="noun", required=True, metavar="COMMAND")
     commands_admin.register(nouns)

@@ -1,1 +1,4 @@
-"""Generated from protos/ota/v1 by `make proto`; never edited by hand."""
+"""Generated from protos/ota/v1 by `make proto` and committed; never edited by hand.
+
+`make check` fails when this code no longer matches protos/ (see docs/DECISIONS.md).
+"""
