@@ -137,7 +137,11 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--plan", type=Path, help="plan file (YAML or JSON)")
     p.add_argument("--feature")
     p.add_argument("--version")
-    p.add_argument("--stages", default="1%,10%,100%")
+    p.add_argument(
+        "--stages",
+        default="1%,10%,100%",
+        help="shares of the eligible fleet, e.g. 1%%,10%%,100%% (a figure without %% is in ppm)",
+    )
     p.add_argument("--soak", type=int, default=0, help="minimum soak per stage, seconds")
     p.add_argument("--selector", default="")
     p.add_argument("--max-failure", default="5%", help="install-failure gate threshold")

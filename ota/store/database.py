@@ -45,7 +45,17 @@ def open_database(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    try:
+        return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        # The driver is an extra, so an operator who installed plain `ota` meets this first.
+        if exc.name != "psycopg":
+            raise
+        raise InvalidArgument(
+            "PostgreSQL needs the psycopg driver from the postgres extra: "
+            "pip install 'ota[postgres]' (or 'WHEEL_FILE[postgres]')",
+            field="database_url",
+        ) from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
