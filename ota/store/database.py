@@ -52,8 +52,8 @@ def open_database(url: str) -> Engine:
         if exc.name != "psycopg":
             raise
         raise InvalidArgument(
-            "PostgreSQL needs the psycopg driver from the postgres extra: "
-            "pip install 'ota[postgres]' (or 'WHEEL_FILE[postgres]')",
+            "PostgreSQL needs the psycopg driver: install ota with its postgres extra "
+            "(pip install 'ota-VERSION-py3-none-any.whl[postgres]'; docs/OPERATIONS.md, Installing)",
             field="database_url",
         ) from exc
 

@@ -133,7 +133,7 @@ def test_the_installed_commands_run_from_the_wheel(installed: Installed) -> None
         installed.bin("ota"), "serve", "--database-url", "postgresql://ota@127.0.0.1:1/ota"
     )
     assert serve.returncode == 1
-    assert "ota[postgres]" in serve.stderr, serve.stderr
+    assert "postgres extra" in serve.stderr, serve.stderr
     assert "Traceback" not in serve.stderr, serve.stderr
 
 
