@@ -182,6 +182,8 @@ def test_ota_dev_from_the_wheel_serves_and_stops_cleanly(
     )
     assert process.poll() is None, process.stdout.read() if process.stdout else ""
     broker_pid = int((state / "broker" / "mosquitto.pid").read_text())
+    # The subscription guard was compiled from the C source the wheel carries.
+    assert "ota_subscribe_guard.so" in (state / "broker" / "mosquitto.conf").read_text()
     values = dict(
         line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines()
     )
