@@ -14,6 +14,7 @@ from datetime import date, datetime
 from typing import Any
 
 from ota.domain.bucketing import HOLDOUT_MAX_PPM, PPM_MAX, check_ppm
+from ota.domain.shares import parse_share, share_text
 from ota.errors import InvalidArgument
 
 GATE_ACTIONS = ("pause", "hold", "rollback")
@@ -24,6 +25,42 @@ ADVANCE_MODES = ("auto", "approval")
 METRICS = ("install_failure", "crash_rate", "feature_error_rate", "offline_ratio")
 HEALTH_METRICS = ("crash_rate", "feature_error_rate")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+# Bounds of a plan's values: each fits its wire type (uint32 in ota.v1.Stage and
+# FailureGate) with room to spare, and the range a rollout can sensibly use.
+MAX_DURATION_SECONDS = 365 * 86_400  # soak, deadline, gate window: at most a year
+MAX_DEVICES = 100_000_000  # min_exposed, min_sample
+MAX_BREACHES = 1_000  # breaches_to_trip
+MAX_STAGES = 100
+MAX_GATES = 32
+MAX_COHORT_DEVICES = 1_000
+MAX_APPROVERS = 100
+MAX_WINDOWS = 50
+MAX_BLACKOUT_DATES = 1_000
+MAX_NAME = 128  # stage and cohort names, labels, approvers, device ids (the device_id width)
+
+
+def check_range(value: int, low: int, high: int, field: str, *, unit: str = "") -> int:
+    """`value` within [low, high], or InvalidArgument naming `field` and the bounds."""
+    if not low <= value <= high:
+        shown = (lambda n: f"{n} {unit}") if unit else str
+        raise InvalidArgument(
+            f"must be between {shown(low)} and {shown(high)}, got {shown(value)}", field=field
+        )
+    return value
+
+
+def check_count(items: tuple[object, ...] | list[object], high: int, field: str) -> None:
+    if len(items) > high:
+        raise InvalidArgument(f"may list at most {high}, got {len(items)}", field=field)
+
+
+def check_name(text: str, field: str) -> str:
+    if len(text) > MAX_NAME or not text.isprintable():
+        raise InvalidArgument(
+            f"must be at most {MAX_NAME} printable characters, got {len(text)}", field=field
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -39,6 +76,11 @@ class Cohort:
             raise InvalidArgument("give either devices or label (not both)", field="cohort")
         if self.label and "=" not in self.label:
             raise InvalidArgument(f"must read key=value, got {self.label!r}", field="cohort.label")
+        check_name(self.name, "cohort.name")
+        check_name(self.label, "cohort.label")
+        check_count(self.devices, MAX_COHORT_DEVICES, "cohort.devices")
+        for i, device in enumerate(self.devices):
+            check_name(device, f"cohort.devices[{i}]")
 
     def contains(self, device_id: str, labels: Mapping[str, str]) -> bool:
         if self.devices:
@@ -64,7 +106,7 @@ class Stage:
     def label(self) -> str:
         if self.cohort is not None:
             return self.name or self.cohort.name
-        return self.name or f"{self.ppm / 10_000:g}%"
+        return self.name or share_text(self.ppm)
 
 
 @dataclass(frozen=True)
@@ -90,12 +132,9 @@ class Gate:
         if self.metric not in METRICS:
             raise InvalidArgument(f"must be one of {', '.join(METRICS)}", field="metric")
         check_ppm(self.max_ppm, field="max")
-        if self.min_sample < 1:
-            raise InvalidArgument("must be at least 1", field="min_sample")
-        if self.window_seconds < 0:
-            raise InvalidArgument("must not be negative", field="window")
-        if self.breaches_to_trip < 1:
-            raise InvalidArgument("must be at least 1", field="breaches_to_trip")
+        check_range(self.min_sample, 1, MAX_DEVICES, "min_sample")
+        check_range(self.window_seconds, 0, MAX_DURATION_SECONDS, "window", unit="s")
+        check_range(self.breaches_to_trip, 1, MAX_BREACHES, "breaches_to_trip")
         if self.action not in GATE_ACTIONS:
             raise InvalidArgument(f"must be one of {', '.join(GATE_ACTIONS)}", field="action")
         if self.versus_holdout and self.metric not in HEALTH_METRICS:
@@ -177,13 +216,22 @@ class RolloutPlan:
     def __post_init__(self) -> None:
         if not self.stages:
             raise InvalidArgument("a rollout needs at least one stage", field="stages")
+        check_count(self.stages, MAX_STAGES, "stages")
+        check_count(self.gates, MAX_GATES, "gates")
+        check_count(self.windows, MAX_WINDOWS, "maintenance_windows")
+        check_count(self.blackout_dates, MAX_BLACKOUT_DATES, "blackout_dates")
+        check_count(self.approvers, MAX_APPROVERS, "approvers")
+        for i, approver in enumerate(self.approvers):
+            check_name(approver, f"approvers[{i}]")
+        check_name(self.salt_from, "salt_from")
         previous = 0
         for i, stage in enumerate(self.stages):
             _check_stage(i, stage, previous, last=i == len(self.stages) - 1)
             previous = stage.ppm
         if not 0 <= self.holdout_ppm <= HOLDOUT_MAX_PPM:
             raise InvalidArgument(
-                f"must be between 0 and 50% ({HOLDOUT_MAX_PPM} ppm), got {self.holdout_ppm} ppm",
+                f"must be between 0% and {share_text(HOLDOUT_MAX_PPM)}, "
+                f"got {share_text(self.holdout_ppm)}",
                 field="holdout",
             )
         for i, gate in enumerate(self.gates):
@@ -271,15 +319,16 @@ def _check_stage(i: int, stage: Stage, previous: int, *, last: bool) -> None:
         if stage.ppm != 0:
             raise InvalidArgument("a cohort stage exposes its devices, not a ppm", field=where)
     elif stage.ppm == 0:
-        raise InvalidArgument("a stage must expose more than 0 ppm", field=f"{where}.ppm")
+        raise InvalidArgument("a stage must expose more than 0%", field=f"{where}.ppm")
     if stage.ppm < previous:
         raise InvalidArgument(
-            f"stages must not decrease: {stage.ppm} ppm after {previous} ppm",
+            f"exposure must not decrease: {share_text(stage.ppm)} after {share_text(previous)}",
             field=f"{where}.ppm",
         )
-    for name in ("min_soak_seconds", "min_exposed", "deadline_seconds"):
-        if getattr(stage, name) < 0:
-            raise InvalidArgument("must not be negative", field=f"{where}.{name}")
+    check_range(stage.min_soak_seconds, 0, MAX_DURATION_SECONDS, f"{where}.min_soak_seconds")
+    check_range(stage.deadline_seconds, 0, MAX_DURATION_SECONDS, f"{where}.deadline_seconds")
+    check_range(stage.min_exposed, 0, MAX_DEVICES, f"{where}.min_exposed")
+    check_name(stage.name, f"{where}.name")
     if stage.advance not in ADVANCE_MODES:
         raise InvalidArgument(
             f"must be one of {', '.join(ADVANCE_MODES)}, got {stage.advance!r}",
@@ -322,15 +371,14 @@ def _gate_dict(g: Gate) -> dict[str, Any]:
     }
 
 
-def parse_stages(text: str, *, soak_seconds: int = 0) -> tuple[Stage, ...]:
-    """Parse `1%,10%,100%` (or ppm figures `10000,100000,1000000`)."""
-    stages: list[Stage] = []
-    for i, part in enumerate(p.strip() for p in text.split(",")):
-        try:
-            ppm = round(float(part[:-1]) * 10_000) if part.endswith("%") else int(part)
-        except ValueError as exc:
-            raise InvalidArgument(
-                f"{part!r} is not a percentage or ppm", field=f"stages[{i}]"
-            ) from exc
-        stages.append(Stage(ppm=ppm, min_soak_seconds=soak_seconds))
-    return tuple(stages)
+def parse_stages(text: str, *, soak_seconds: int = 0, field: str = "--stages") -> tuple[Stage, ...]:
+    """Parse `1%,10%,100%` (or `10000ppm,100000ppm,1000000ppm`): each share with its unit."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > MAX_STAGES:
+        raise InvalidArgument(
+            f"may list at most {MAX_STAGES} stages, got {len(parts)}", field=field
+        )
+    return tuple(
+        Stage(ppm=parse_share(part, field, mapping=False), min_soak_seconds=soak_seconds)
+        for part in parts
+    )

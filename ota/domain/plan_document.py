@@ -22,7 +22,10 @@ blackout_dates: [2026-12-24, 2026-12-25]
 ```
 
 Every error names the field as the document spells it (`stages[1].exposure`),
-unknown fields are refused, and JSON is read as the YAML subset it is.
+unknown fields are refused, and JSON is read as the YAML subset it is. Shares
+carry their unit (`10%`, `{ppm: 100000}` or `100000ppm`; `ota.domain.shares`),
+every number is bounded (`ota.domain.plan`), and the document itself is bounded
+in size and nesting before it is parsed (`ota.domain.documents`).
 """
 
 from __future__ import annotations
@@ -33,17 +36,28 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-import yaml
-
+from ota.domain.documents import DocumentLimits, load_document
 from ota.domain.plan import (
     DAYS,
+    MAX_APPROVERS,
+    MAX_BLACKOUT_DATES,
+    MAX_BREACHES,
+    MAX_COHORT_DEVICES,
+    MAX_DEVICES,
+    MAX_DURATION_SECONDS,
+    MAX_GATES,
+    MAX_STAGES,
+    MAX_WINDOWS,
     Cohort,
     Gate,
     MaintenanceWindow,
     RolloutPlan,
     Stage,
+    check_count,
+    check_range,
 )
 from ota.domain.selector import Selector
+from ota.domain.shares import parse_share
 from ota.errors import InvalidArgument
 
 _TOP = {
@@ -72,8 +86,10 @@ _GATE = {
     "versus_holdout",
 }
 _WINDOW = {"days", "start", "end"}
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12})\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# A plan is a page of text: 64 KiB holds a cohort of a thousand device ids.
+PLAN_LIMITS = DocumentLimits(max_bytes=64 * 1024, max_depth=16, max_nodes=20_000)
 
 
 @dataclass(frozen=True)
@@ -86,12 +102,7 @@ class PlanDocument:
 
 def parse_plan_document(text: str) -> PlanDocument:
     """Validate a plan file's text; every error names the field."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InvalidArgument(f"not valid YAML or JSON{where}", field="plan") from exc
+    doc = load_document(text, field="plan", what="the plan", limits=PLAN_LIMITS)
     top = _mapping(doc, "plan", _TOP)
     feature = _text(top, "feature", "", required=True)
     version = _text(top, "version", "", required=True)
@@ -105,34 +116,43 @@ def plan_from_mapping(top: Mapping[str, Any]) -> RolloutPlan:
     stages_doc = top.get("stages")
     if not isinstance(stages_doc, list) or not stages_doc:
         raise InvalidArgument("a list of at least one stage is required", field="stages")
+    check_count(stages_doc, MAX_STAGES, "stages")
     stages: list[Stage] = []
     if top.get("cohort") is not None:
         stages.append(_cohort_stage(_mapping(top["cohort"], "cohort", _COHORT)))
     offset = len(stages)
+    # Which key each stage's share was written with: errors name that one.
+    share_keys: list[str] = []
     for i, item in enumerate(stages_doc):
-        stages.append(_stage(_mapping(item, f"stages[{i}]", _STAGE), f"stages[{i}]"))
+        stage_doc = _mapping(item, f"stages[{i}]", _STAGE)
+        share_keys.append("ppm" if "ppm" in stage_doc else "exposure")
+        stages.append(_stage(stage_doc, f"stages[{i}]"))
     gates_doc = top.get("gates")
     gates = (
         tuple(
             _gate(_mapping(g, f"gates[{i}]", _GATE), f"gates[{i}]")
-            for i, g in enumerate(_list(gates_doc, "gates"))
+            for i, g in enumerate(_bounded_list(gates_doc, "gates", MAX_GATES))
         )
         if gates_doc is not None
         else None
     )
     windows = tuple(
         _window(_mapping(w, f"maintenance_windows[{i}]", _WINDOW), f"maintenance_windows[{i}]")
-        for i, w in enumerate(_list(top.get("maintenance_windows", []), "maintenance_windows"))
+        for i, w in enumerate(
+            _bounded_list(top.get("maintenance_windows", []), "maintenance_windows", MAX_WINDOWS)
+        )
     )
     blackout = tuple(
         _date(d, f"blackout_dates[{i}]")
-        for i, d in enumerate(_list(top.get("blackout_dates", []), "blackout_dates"))
+        for i, d in enumerate(
+            _bounded_list(top.get("blackout_dates", []), "blackout_dates", MAX_BLACKOUT_DATES)
+        )
     )
     approvers = tuple(
         _item_text(a, f"approvers[{i}]")
-        for i, a in enumerate(_list(top.get("approvers", []), "approvers"))
+        for i, a in enumerate(_bounded_list(top.get("approvers", []), "approvers", MAX_APPROVERS))
     )
-    holdout = _ppm(top["holdout"], "holdout") if "holdout" in top else 0
+    holdout = parse_share(top["holdout"], "holdout") if "holdout" in top else 0
     kwargs: dict[str, Any] = {
         "holdout_ppm": holdout,
         "windows": windows,
@@ -146,37 +166,46 @@ def plan_from_mapping(top: Mapping[str, Any]) -> RolloutPlan:
         return RolloutPlan(tuple(stages), **kwargs)
     except InvalidArgument as exc:
         # The plan numbers stages after the cohort; the document numbers them without it.
-        raise InvalidArgument(exc.message, field=_renumber(exc.field, offset)) from exc
+        raise InvalidArgument(exc.message, field=_renumber(exc.field, offset, share_keys)) from exc
 
 
-def _renumber(field: str | None, offset: int) -> str | None:
-    if not field or not offset:
-        return field
-    match = re.match(r"^stages\[(\d+)\](.*)$", field)
+def _renumber(field: str | None, offset: int, share_keys: list[str]) -> str | None:
+    """A plan's field as the document spells it: stages after the cohort, share keys."""
+    match = re.match(r"^stages\[(\d+)\](.*)$", field or "")
     if match is None:
         return field
     index = int(match.group(1)) - offset
-    return f"cohort{match.group(2)}" if index < 0 else f"stages[{index}]{match.group(2)}"
+    if index < 0:
+        return f"cohort{match.group(2)}"
+    rest = match.group(2)
+    if rest == ".ppm" and index < len(share_keys):
+        rest = f".{share_keys[index]}"
+    return f"stages[{index}]{rest}"
 
 
 def _stage(doc: Mapping[str, Any], where: str) -> Stage:
     if ("exposure" in doc) == ("ppm" in doc):
-        raise InvalidArgument("give exactly one of exposure (e.g. 10%) or ppm", field=where)
+        raise InvalidArgument(
+            "give exactly one of exposure (e.g. exposure: 10%) or ppm (e.g. ppm: 100000)",
+            field=where,
+        )
     if "ppm" in doc:
-        ppm = _int(doc, "ppm", where)
+        ppm = parse_share({"ppm": doc["ppm"]}, where)
         field = "ppm"
     else:
-        ppm = _ppm(doc["exposure"], f"{where}.exposure")
+        ppm = parse_share(doc["exposure"], f"{where}.exposure")
         field = "exposure"
     if ppm == 0:
-        raise InvalidArgument("a stage must expose more than 0", field=f"{where}.{field}")
+        raise InvalidArgument("a stage must expose more than 0%", field=f"{where}.{field}")
     return Stage(ppm=ppm, **_timing(doc, where), name=_text(doc, "name", where))
 
 
 def _cohort_stage(doc: Mapping[str, Any]) -> Stage:
     devices = tuple(
         _item_text(d, f"cohort.devices[{i}]")
-        for i, d in enumerate(_list(doc.get("devices", []), "cohort.devices"))
+        for i, d in enumerate(
+            _bounded_list(doc.get("devices", []), "cohort.devices", MAX_COHORT_DEVICES)
+        )
     )
     try:
         cohort = Cohort(
@@ -198,7 +227,9 @@ def _timing(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
         )
     return {
         "min_soak_seconds": _duration(doc.get("min_soak", 0), f"{where}.min_soak"),
-        "min_exposed": _int(doc, "min_exposed", where) if "min_exposed" in doc else 0,
+        "min_exposed": (
+            _int(doc, "min_exposed", where, high=MAX_DEVICES) if "min_exposed" in doc else 0
+        ),
         "deadline_seconds": _duration(doc.get("deadline", 0), f"{where}.deadline"),
         "advance": advance,
     }
@@ -218,11 +249,17 @@ def _gate(doc: Mapping[str, Any], where: str) -> Gate:
     try:
         return Gate(
             metric=_text(doc, "metric", where),
-            max_ppm=_ppm(doc["max"], f"{where}.max"),
-            min_sample=_int(doc, "min_sample", where) if "min_sample" in doc else 5,
+            max_ppm=parse_share(doc["max"], f"{where}.max"),
+            min_sample=(
+                _int(doc, "min_sample", where, low=1, high=MAX_DEVICES)
+                if "min_sample" in doc
+                else 5
+            ),
             window_seconds=_duration(doc.get("window", 0), f"{where}.window"),
             breaches_to_trip=(
-                _int(doc, "breaches_to_trip", where) if "breaches_to_trip" in doc else 1
+                _int(doc, "breaches_to_trip", where, low=1, high=MAX_BREACHES)
+                if "breaches_to_trip" in doc
+                else 1
             ),
             action=_text(doc, "action", where) or "pause",
             observe_only=_bool(doc, "observe_only", where),
@@ -272,6 +309,12 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
+def _bounded_list(value: Any, where: str, high: int) -> list[Any]:
+    items = _list(value, where)
+    check_count(items, high, where)
+    return items
+
+
 def _name(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -297,13 +340,13 @@ def _text(
     return str(value).strip()
 
 
-def _int(doc: Mapping[str, Any], key: str, where: str) -> int:
+def _int(doc: Mapping[str, Any], key: str, where: str, *, high: int, low: int = 0) -> int:
     value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(
-            f"must be a whole number >= 0, got {value!r}", field=_name(where, key)
+            f"must be a whole number from {low} to {high}, got {value!r}", field=_name(where, key)
         )
-    return value
+    return check_range(value, low, high, _name(where, key))
 
 
 def _bool(doc: Mapping[str, Any], key: str, where: str) -> bool:
@@ -313,34 +356,23 @@ def _bool(doc: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _ppm(value: Any, field: str) -> int:
-    """`10%`, `0.5%` or a ppm integer."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            ppm = round(float(value.strip()[:-1]) * 10_000)
-        except ValueError as exc:
-            raise InvalidArgument(f"{value!r} is not a percentage", field=field) from exc
-    elif isinstance(value, int) and not isinstance(value, bool):
-        ppm = value
-    else:
-        raise InvalidArgument(
-            f"give a percentage like 10% or a ppm integer, got {value!r}", field=field
-        )
-    if not 0 <= ppm <= 1_000_000:
-        raise InvalidArgument(f"must be between 0% and 100%, got {value!r}", field=field)
-    return ppm
-
-
 def _duration(value: Any, field: str) -> int:
-    """`90` (seconds), `30s`, `15m`, `2h`, `1d`."""
+    """`90` (seconds), `30s`, `15m`, `2h`, `1d`; at most a year."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _DURATION.match(str(value)) if isinstance(value, str) else None
-    if match is None:
+        seconds = value
+    else:
+        match = _DURATION.match(str(value)) if isinstance(value, str) else None
+        if match is None:
+            raise InvalidArgument(
+                f"give a duration like 30s, 15m, 2h or 1d, got {value!r}", field=field
+            )
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
         raise InvalidArgument(
-            f"give a duration like 30s, 15m, 2h or 1d, got {value!r}", field=field
+            f"must be at most {MAX_DURATION_SECONDS // 86_400}d, got {str(value).strip()}",
+            field=field,
         )
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    return seconds
 
 
 def _minute(value: Any, field: str) -> int:

@@ -86,7 +86,8 @@ def test_a_full_plan_reads_as_written() -> None:
         (_doc(feature=None), "feature"),
         (_doc(selector="model ~ ev6"), "selector"),
         (_doc(stages=[]), "stages"),
-        (_doc(stages=[{"exposure": "10%"}, {"exposure": "5%"}]), "stages[1].ppm"),
+        (_doc(stages=[{"exposure": "10%"}, {"exposure": "5%"}]), "stages[1].exposure"),
+        (_doc(stages=[{"exposure": "10%"}, {"ppm": 50_000}]), "stages[1].ppm"),
         (_doc(stages=[{"exposure": "10%", "soak": "1h"}]), "stages[0].soak"),
         (_doc(stages=[{"exposure": "10%", "ppm": 100_000}]), "stages[0]"),
         (_doc(stages=[{"exposure": "120%"}]), "stages[0].exposure"),
@@ -151,7 +152,7 @@ def test_a_decreasing_stage_after_a_cohort_is_named_as_the_document_numbers_it()
     text = _doc(stages=[{"exposure": "10%"}, {"exposure": "20%"}, {"exposure": "15%"}])
     with pytest.raises(InvalidArgument) as e:
         parse_plan_document(text)
-    assert e.value.field == "stages[2].ppm"
+    assert str(e.value) == "stages[2].exposure: exposure must not decrease: 15% after 20%"
 
 
 def test_maintenance_windows_and_blackout_dates() -> None:
@@ -213,3 +214,143 @@ def test_edits_change_only_future_stages_and_nothing_that_decides_who_is_compare
     with pytest.raises(InvalidArgument) as e:
         check_edit(old, parse_plan_document(_doc(cohort=None, salt_from="r-2")).plan, -1)
     assert e.value.field == "salt_from"
+
+
+# -- shares carry their unit ----------------------------------------------------------------
+
+BARE = "feature: f\nversion: '1'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (BARE + "stages: [{exposure: 50}, {exposure: 100}]", "stages[0].exposure"),
+        (BARE + "stages: [{exposure: 10%}, {exposure: 40}]", "stages[1].exposure"),
+        (BARE + "stages: [{exposure: '50'}]", "stages[0].exposure"),
+        (BARE + "stages: [{exposure: 0.5}]", "stages[0].exposure"),
+        (BARE + "holdout: 10\nstages: [{exposure: 100%}]", "holdout"),
+        (
+            BARE + "stages: [{exposure: 100%}]\ngates: [{metric: install_failure, max: 5}]",
+            "gates[0].max",
+        ),
+    ],
+)
+def test_a_bare_number_is_refused_naming_the_field_as_written(text: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(text)
+    assert e.value.field == field
+    message = str(e.value)
+    assert "\n" not in message and "has no unit" in message
+    assert "%" in message and "ppm" in message  # the accepted forms
+
+
+def test_the_message_shows_the_number_with_its_units() -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(BARE + "stages: [{exposure: 10%}, {exposure: 40}]")
+    assert str(e.value) == (
+        "stages[1].exposure: 40 has no unit: write a percentage like 40%, "
+        "or parts per million like {ppm: 400000} or 400000ppm"
+    )
+
+
+def test_every_form_with_a_unit_means_the_same_share() -> None:
+    text = BARE + (
+        "holdout: {ppm: 50000}\n"
+        "stages: [{exposure: 0.5%}, {exposure: {ppm: 100000}}, {exposure: 500000ppm},"
+        " {ppm: 700000}, {exposure: 100%}]\n"
+        "gates: [{metric: install_failure, max: 2.5%}, {metric: offline_ratio, max: 30000ppm}]\n"
+    )
+    plan = parse_plan_document(text).plan
+    assert [s.ppm for s in plan.stages] == [5_000, 100_000, 500_000, 700_000, 1_000_000]
+    assert plan.holdout_ppm == 50_000
+    assert [g.max_ppm for g in plan.gates] == [25_000, 30_000]
+
+
+@pytest.mark.parametrize(
+    ("share", "field"),
+    [
+        ("{ppm: 10%}", "stages[0].exposure.ppm"),
+        ("{ppm: 1000001}", "stages[0].exposure.ppm"),
+        ("{percent: 10}", "stages[0].exposure.percent"),
+        ("0.00001%", "stages[0].exposure"),
+        ("10 percent", "stages[0].exposure"),
+        ("-5%", "stages[0].exposure"),
+        ("nan%", "stages[0].exposure"),
+        ("12.5ppm", "stages[0].exposure"),
+    ],
+)
+def test_a_share_that_is_not_one_is_refused(share: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(BARE + f"stages: [{{exposure: {share}}}]")
+    assert e.value.field == field, str(e.value)
+
+
+# -- bounds -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "gate", "field"),
+    [
+        ("min_soak: 50000d", "", "stages[0].min_soak"),
+        ("min_soak: 366d", "", "stages[0].min_soak"),
+        ("deadline: 99999999999", "", "stages[0].deadline"),
+        ("min_soak: 99999999999999999999s", "", "stages[0].min_soak"),
+        ("min_exposed: 5000000000", "", "stages[0].min_exposed"),
+        ("", "min_sample: 5000000000", "gates[0].min_sample"),
+        ("", "window: 400d", "gates[0].window"),
+        ("", "breaches_to_trip: 1000000", "gates[0].breaches_to_trip"),
+        ("name: " + "n" * 200, "", "stages[0].name"),
+    ],
+)
+def test_numbers_out_of_bounds_are_refused_naming_the_field(
+    stage: str, gate: str, field: str
+) -> None:
+    text = BARE + f"stages: [{{exposure: 100%, {stage}}}]\n" if stage else BARE + (
+        "stages: [{exposure: 100%}]\n"
+    )
+    if gate:
+        text += f"gates: [{{metric: install_failure, max: 5%, {gate}}}]\n"
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(text)
+    assert e.value.field == field, str(e.value)
+
+
+def test_the_largest_values_in_bounds_are_accepted() -> None:
+    plan = parse_plan_document(
+        BARE + "stages: [{exposure: 100%, min_soak: 365d, deadline: 31536000,"
+        " min_exposed: 100000000}]\n"
+        "gates: [{metric: install_failure, max: 100%, min_sample: 100000000, window: 365d,"
+        " breaches_to_trip: 1000}]\n"
+    ).plan
+    assert plan.stages[0].min_soak_seconds == plan.stages[0].deadline_seconds == 31_536_000
+    assert plan.gates[0].min_sample == 100_000_000
+
+
+def test_long_lists_are_refused() -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(BARE + "stages: [" + ", ".join(["{exposure: 100%}"] * 101) + "]")
+    assert e.value.field == "stages"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3000,
+        "{a: " * 3000,
+        BARE + "stages:\n" + "".join("  " * i + "- \n" for i in range(40)),
+        "a: " + "9" * 5000,
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n"
+            for i in range(6)
+        ),
+        "x: '" + "y" * 70_000 + "'",
+        "blackout: 2026-13-45",
+    ],
+    ids=["brackets", "braces", "block", "long-int", "alias-bomb", "size", "bad-date"],
+)
+def test_a_document_too_big_deep_or_odd_is_one_error_about_the_plan(text: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(text)
+    assert e.value.field == "plan"
+    assert "\n" not in str(e.value)
