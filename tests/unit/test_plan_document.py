@@ -305,8 +305,10 @@ def test_a_share_that_is_not_one_is_refused(share: str, field: str) -> None:
 def test_numbers_out_of_bounds_are_refused_naming_the_field(
     stage: str, gate: str, field: str
 ) -> None:
-    text = BARE + f"stages: [{{exposure: 100%, {stage}}}]\n" if stage else BARE + (
-        "stages: [{exposure: 100%}]\n"
+    text = (
+        BARE + f"stages: [{{exposure: 100%, {stage}}}]\n"
+        if stage
+        else BARE + ("stages: [{exposure: 100%}]\n")
     )
     if gate:
         text += f"gates: [{{metric: install_failure, max: 5%, {gate}}}]\n"
