@@ -12,7 +12,7 @@ from ota.api import convert
 from ota.api.auth import Authenticator
 from ota.api.paging import page_after, page_size, page_token
 from ota.domain import states
-from ota.domain.plan import RolloutPlan, Stage, install_failure_gate
+from ota.domain.plan import Gate, RolloutPlan, Stage, install_failure_gate
 from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
 from ota.rollout.commands import Actor, NewRollout, RolloutCommands
@@ -66,15 +66,8 @@ def _new_rollout(request: rollout_pb2.CreateRolloutRequest) -> NewRollout:
         raise InvalidArgument("is required", field="feature")
     if not request.version:
         raise InvalidArgument("is required", field="version")
-    gate = (
-        install_failure_gate(
-            max_failure_ppm=request.gate.max_failure_ppm,
-            min_sample=request.gate.min_sample,
-            action=_ACTIONS.get(request.gate.action, "pause"),
-        )
-        if request.HasField("gate")
-        else install_failure_gate()
-    )
+    gate = _flat_gate(request) if request.HasField("gate") else install_failure_gate()
+    # The same bounds as a plan document's, named as the request's fields.
     stages = tuple(
         Stage(
             s.ppm,
@@ -88,6 +81,21 @@ def _new_rollout(request: rollout_pb2.CreateRolloutRequest) -> NewRollout:
     )
     plan = RolloutPlan(stages, (gate,))
     return NewRollout(request.feature, request.version, request.selector, plan, request.request_id)
+
+
+_GATE_FIELDS = {"max": "max_failure_ppm", "min_sample": "min_sample", "action": "action"}
+
+
+def _flat_gate(request: rollout_pb2.CreateRolloutRequest) -> Gate:
+    try:
+        return install_failure_gate(
+            max_failure_ppm=request.gate.max_failure_ppm,
+            min_sample=request.gate.min_sample,
+            action=_ACTIONS.get(request.gate.action, "pause"),
+        )
+    except InvalidArgument as exc:
+        name = _GATE_FIELDS.get(exc.field or "", exc.field or "")
+        raise InvalidArgument(exc.message, field=f"gate.{name}") from exc
 
 
 def _message(session: Session, row: RolloutRow) -> rollout_pb2.Rollout:

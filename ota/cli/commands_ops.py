@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from rich.console import Console
 from rich.markup import escape
 
@@ -17,8 +18,9 @@ from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
 from ota.client import Client, PendingSigning
-from ota.domain.plan import install_failure_gate, parse_stages
-from ota.domain.plan_document import parse_plan_document
+from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
+from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
+from ota.domain.shares import parse_share, share_text
 from ota.errors import InvalidArgument
 from ota.reports import html as report_html
 from ota.trust.keys import load_public_key
@@ -132,20 +134,35 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         help="a rollout in DRAFT, from a plan file or from flags",
         description="Create a rollout in DRAFT. Either --plan FILE (YAML or JSON: selector, "
         "cohort, stages, gates, holdout, maintenance windows, blackout dates, approvers, "
-        "salt_from; see docs/DECISIONS.md) or --feature/--version/--stages.",
+        "salt_from; see README.md) or --feature/--version/--stages. Every share carries its "
+        "unit: 10%% or 0.5%% (a percentage), 100000ppm (parts per million; in a plan file also "
+        "{ppm: 100000}); a bare number is refused. Prints how many devices stage 1 will expose.",
     )
-    p.add_argument("--plan", type=Path, help="plan file (YAML or JSON)")
+    p.add_argument("--plan", type=Path, help="plan file (YAML or JSON), e.g. plan.yaml")
     p.add_argument("--feature")
     p.add_argument("--version")
     p.add_argument(
         "--stages",
         default="1%,10%,100%",
-        help="shares of the eligible fleet, e.g. 1%%,10%%,100%% (a figure without %% is in ppm)",
+        help="cumulative exposure of each stage, each with its unit, e.g. 1%%,10%%,100%% or "
+        "0.5%%,50000ppm,100%% (default %(default)s)",
     )
-    p.add_argument("--soak", type=int, default=0, help="minimum soak per stage, seconds")
-    p.add_argument("--selector", default="")
-    p.add_argument("--max-failure", default="5%", help="install-failure gate threshold")
-    p.add_argument("--min-sample", type=int, default=5)
+    p.add_argument(
+        "--soak", type=int, default=0, help="minimum soak per stage in seconds, e.g. 1800"
+    )
+    p.add_argument("--selector", default="", help="which devices, e.g. 'model in (ev6, ev9)'")
+    p.add_argument(
+        "--max-failure",
+        default="5%",
+        help="install-failure gate: the highest tolerated share of failed installs, with its "
+        "unit, e.g. 5%% or 2.5%% or 50000ppm (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-sample",
+        type=int,
+        default=5,
+        help="finished installs the gate needs before it judges, e.g. 20 (default %(default)s)",
+    )
     p.add_argument("--on-breach", choices=("pause", "hold", "rollback"), default="pause")
     p.add_argument("--request-id", default="")
     client_options(p)
@@ -329,11 +346,16 @@ def _confirm(prompt: str) -> bool:
         return False
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, *, limit: int | None = None) -> bytes:
+    """The file's bytes; with `limit`, refused (naming the file) when it is larger."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=str(path)) from exc
+    if limit is not None and len(data) > limit:
+        raise InvalidArgument(f"is larger than the {limit} bytes accepted", field=str(path))
+    return data
 
 
 def _bundle_rows(bundles: list[bundle_pb2.Bundle]) -> list[list[object]]:
@@ -468,29 +490,45 @@ def fleet_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_percent(text: str, field: str) -> int:
+# A plan's fields, as the flags that set them spell them.
+_FLAG_OF_FIELD = {
+    "min_soak_seconds": "--soak",
+    "max": "--max-failure",
+    "min_sample": "--min-sample",
+    "action": "--on-breach",
+}
+
+
+def _plan_from_flags(args: argparse.Namespace) -> RolloutPlan:
+    """The plan the flags describe, checked here with the errors naming the flags."""
+    stages = parse_stages(args.stages, soak_seconds=args.soak)
     try:
-        return round(float(text.rstrip("%")) * 10_000)
-    except ValueError as exc:
-        raise InvalidArgument(f"{text!r} is not a percentage", field=field) from exc
+        gate = install_failure_gate(
+            max_failure_ppm=parse_share(args.max_failure, "--max-failure", mapping=False),
+            min_sample=args.min_sample,
+            action=args.on_breach,
+        )
+        return RolloutPlan(stages, (gate,))
+    except InvalidArgument as exc:
+        if exc.field and exc.field.startswith("--"):
+            raise
+        last = (exc.field or "").rpartition(".")[2]
+        flag = _FLAG_OF_FIELD.get(last, "--stages")
+        raise InvalidArgument(exc.message, field=flag) from exc
 
 
 def rollout_create(args: argparse.Namespace) -> int:
     if args.plan is not None:
         if args.feature or args.version:
             raise InvalidArgument("comes from the plan file; drop it or --plan", field="feature")
-        text = _read_file(args.plan).decode("utf-8", errors="replace")
+        text = _read_file(args.plan, limit=PLAN_LIMITS.max_bytes).decode("utf-8", errors="replace")
         parse_plan_document(text)  # the same validation as the server, before connecting
         request = rollout_pb2.CreateRolloutRequest(plan_document=text, request_id=args.request_id)
     else:
         if not args.feature or not args.version:
             raise InvalidArgument("give --plan FILE, or --feature and --version", field="feature")
-        stages = parse_stages(args.stages, soak_seconds=args.soak)
-        gate = install_failure_gate(
-            max_failure_ppm=_parse_percent(args.max_failure, "max-failure"),
-            min_sample=args.min_sample,
-            action=args.on_breach,
-        )
+        plan = _plan_from_flags(args)
+        stages, gate = plan.stages, plan.gates[0]
         request = rollout_pb2.CreateRolloutRequest(
             feature=args.feature,
             version=args.version,
@@ -508,7 +546,31 @@ def rollout_create(args: argparse.Namespace) -> int:
     client = _client(args)
     r = client.rollouts.CreateRollout(request, metadata=client.metadata)
     _print_rollout(args, r)
+    if args.format != "json":
+        _say_first_stage(client, r)
     return 0
+
+
+def _say_first_stage(client: Client, r: rollout_pb2.Rollout) -> None:
+    """What `start` would expose first, so a plan that means something else shows now."""
+    try:
+        preview = client.rollouts.PlanRollout(
+            rollout_pb2.GetRolloutRequest(rollout_id=r.rollout_id), metadata=client.metadata
+        )
+    except grpc.RpcError as exc:
+        _say(f"(no dry run: {exc.code().name}: {exc.details()})")
+        return
+    if not preview.stages:
+        return
+    first = preview.stages[0]
+    held = sum(e.devices for e in preview.excluded if e.reason == "holdout")
+    eligible = preview.candidates + held
+    share = share_text(first.ppm) if first.ppm else f"cohort {first.label}"
+    note = f", {held} held out" if held else ""
+    _say(
+        f"stage 1 of {len(preview.stages)} ({share}) will expose {first.exposed} of "
+        f"{eligible} eligible devices{note}; `ota rollout plan {r.rollout_id}` shows every stage"
+    )
 
 
 _GATE_ACTIONS = {
@@ -519,7 +581,7 @@ _GATE_ACTIONS = {
 
 
 def rollout_edit(args: argparse.Namespace) -> int:
-    text = _read_file(args.plan).decode("utf-8", errors="replace")
+    text = _read_file(args.plan, limit=PLAN_LIMITS.max_bytes).decode("utf-8", errors="replace")
     parse_plan_document(text)
     client = _client(args)
     r = client.rollouts.EditRollout(
@@ -540,9 +602,12 @@ def rollout_plan(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(preview)
         return 0
+    held = sum(e.devices for e in preview.excluded if e.reason == "holdout")
+    eligible = preview.candidates + held
     _say(
         f"rollout {preview.rollout_id} plan v{preview.plan_version}: fleet {preview.fleet}, "
-        f"{preview.candidates} may be exposed, {preview.already_exposed} exposed so far"
+        f"{eligible} eligible, {preview.candidates} may be exposed, "
+        f"{preview.already_exposed} exposed so far"
     )
 
     def cohorts(counts: Sequence[rollout_pb2.PreviewCount]) -> str:
@@ -550,8 +615,17 @@ def rollout_plan(args: argparse.Namespace) -> int:
 
     table(
         "Stages (cumulative exposure)",
-        ["stage", "exposure", "exposed", "new", "by model / region / firmware"],
-        [[s.index + 1, s.label, s.exposed, s.new, cohorts(s.cohorts)] for s in preview.stages],
+        ["stage", "share", "exposed", "new", "by model / region / firmware"],
+        [
+            [
+                s.index + 1 if s.label == share_text(s.ppm) else f"{s.index + 1} {s.label}",
+                _share_cell(s),
+                f"{s.exposed} of {eligible}",
+                s.new,
+                cohorts(s.cohorts),
+            ]
+            for s in preview.stages
+        ],
     )
     table(
         "Excluded",
@@ -559,6 +633,12 @@ def rollout_plan(args: argparse.Namespace) -> int:
         [[e.reason, e.devices, cohorts(e.cohorts)] for e in preview.excluded],
     )
     return 0
+
+
+def _share_cell(s: rollout_pb2.StagePreview) -> str:
+    if not s.ppm:
+        return "cohort"
+    return f"{share_text(s.ppm)} ({s.ppm} ppm)"
 
 
 def _state(r: rollout_pb2.Rollout) -> str:
@@ -671,7 +751,7 @@ def _short_diff(diff_json: str, limit: int = 100) -> str:
         if key == "plan":
             parts.append(
                 f"plan: {len(value['stages'])} stages, {len(value['gates'])} gates, "
-                f"holdout {value['holdout_ppm'] / 10_000:g}%"
+                f"holdout {share_text(value['holdout_ppm'])}"
             )
         elif isinstance(value, list) and len(value) == 2:
             parts.append(f"{key}: {json.dumps(value[0])} → {json.dumps(value[1])}")
