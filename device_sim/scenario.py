@@ -7,7 +7,8 @@ offline and comes back (`churn`), and which devices misbehave on the wire
 (`misbehaving`). Rules pick devices with `model`, `region`, `firmware` and
 `devices` (device id) patterns, fnmatch-style; a rule without any picks all.
 Every mistake in the file is an `InvalidArgument` naming the field, e.g.
-``churn[0].fraction``.
+``churn[0].fraction``. Every number is bounded (see `Bounds` below and the
+README), and the file itself is bounded in size and nesting before it is parsed.
 
     seed: 7
     prefix: sim
@@ -37,10 +38,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
+from ota.domain.documents import DocumentLimits, load_document
 from ota.errors import InvalidArgument
+
+SCENARIO_LIMITS = DocumentLimits(max_bytes=1024 * 1024, max_depth=16, max_nodes=200_000)
+# Bounds of a scenario's numbers: what the simulator can run, and what the control
+# plane stores (device ids, models, regions and firmware fit their columns).
+MAX_FLEET = 1_000_000  # devices in all (device ids are PREFIX-NNNNNN)
+MAX_SEED = 2**63 - 1
+MAX_SECONDS = 365 * 86_400  # after, offline, every, clock skew (either way)
+MAX_HEALTH_INTERVAL = 86_400.0
+MAX_LATENCY = 3_600.0
+MAX_MESSAGES = 1_000_000
+MAX_RULES = 1_000  # entries in each list
+# Column widths of the device table; the prefix leaves room for "-NNNNNN".
+WIDTHS = {"model": 64, "region": 64, "firmware": 32, "prefix": 64, "version": 32}
 
 # What a misbehaving device sends, besides doing its honest work:
 MISBEHAVIOURS = {
@@ -222,12 +235,7 @@ def load_scenario(path: Path) -> Scenario:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field="scenario") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InvalidArgument(f"{path} is not valid YAML{where}", field="scenario") from exc
+    data = load_document(text, field="scenario", what=str(path), limits=SCENARIO_LIMITS)
     return parse_scenario(data)
 
 
@@ -241,22 +249,32 @@ def parse_scenario(data: Any) -> Scenario:
     fleet = tuple(_group(g, f"fleet[{i}]") for i, g in enumerate(_list(doc["fleet"], "fleet")))
     if not fleet:
         raise InvalidArgument("must list at least one group of devices", field="fleet")
+    total = sum(g.count for g in fleet)
+    if total > MAX_FLEET:
+        raise InvalidArgument(
+            f"may hold at most {MAX_FLEET} devices in all, got {total}", field="fleet"
+        )
     prefix = _str(doc.get("prefix", "sim"), "prefix")
     return Scenario(
         fleet=fleet,
-        seed=_int(doc.get("seed", 1), "seed"),
+        seed=_int(doc.get("seed", 1), "seed", low=0, high=MAX_SEED),
         prefix=prefix,
         failures=tuple(
             _failure(r, f"failures[{i}]")
             for i, r in enumerate(_list(doc.get("failures"), "failures"))
         ),
-        health_interval=_number(doc.get("health_interval", 0), "health_interval", low=0),
+        health_interval=_number(
+            doc.get("health_interval", 0), "health_interval", low=0, high=MAX_HEALTH_INTERVAL
+        ),
         clock_skew=tuple(
             SkewRule(
                 _selector(r, f"clock_skew[{i}]"),
                 timedelta(
                     seconds=_number(
-                        _need(r, "seconds", f"clock_skew[{i}]"), f"clock_skew[{i}].seconds"
+                        _need(r, "seconds", f"clock_skew[{i}]"),
+                        f"clock_skew[{i}].seconds",
+                        low=-MAX_SECONDS,
+                        high=MAX_SECONDS,
                     )
                 ),
             )
@@ -265,7 +283,12 @@ def parse_scenario(data: Any) -> Scenario:
         latency=tuple(
             LatencyRule(
                 _selector(r, f"latency[{i}]"),
-                _number(_need(r, "seconds", f"latency[{i}]"), f"latency[{i}].seconds", low=0),
+                _number(
+                    _need(r, "seconds", f"latency[{i}]"),
+                    f"latency[{i}].seconds",
+                    low=0,
+                    high=MAX_LATENCY,
+                ),
             )
             for i, r in enumerate(_rules(doc.get("latency"), "latency", {"seconds"}))
         ),
@@ -291,9 +314,7 @@ def parse_scenario(data: Any) -> Scenario:
 
 def _group(raw: Any, where: str) -> FleetGroup:
     r = _mapping(raw, where, {"count", "model", "region", "firmware"})
-    count = _int(_need(r, "count", where), f"{where}.count")
-    if count < 1:
-        raise InvalidArgument(f"must be at least 1, got {count}", field=f"{where}.count")
+    count = _int(_need(r, "count", where), f"{where}.count", low=1, high=MAX_FLEET)
     return FleetGroup(
         count=count,
         model=_str(_need(r, "model", where), f"{where}.model"),
@@ -320,9 +341,9 @@ def _churn(r: dict[str, Any], where: str) -> ChurnRule:
     return ChurnRule(
         select=_selector(r, where),
         fraction=_probability(_need(r, "fraction", where), f"{where}.fraction"),
-        after=_number(r.get("after", 0), f"{where}.after", low=0),
-        offline=_number(_need(r, "offline", where), f"{where}.offline", low=0),
-        every=_number(r.get("every", 0), f"{where}.every", low=0),
+        after=_seconds(r.get("after", 0), f"{where}.after"),
+        offline=_seconds(_need(r, "offline", where), f"{where}.offline"),
+        every=_seconds(r.get("every", 0), f"{where}.every"),
     )
 
 
@@ -332,17 +353,12 @@ def _misbehaviour(r: dict[str, Any], where: str) -> Misbehaviour:
         raise InvalidArgument(
             f"{kind!r} is not one of {', '.join(sorted(MISBEHAVIOURS))}", field=f"{where}.kind"
         )
-    count = _int(r.get("count", 1), f"{where}.count")
-    messages = _int(r.get("messages", 1), f"{where}.messages")
-    for name, value in (("count", count), ("messages", messages)):
-        if value < 1:
-            raise InvalidArgument(f"must be at least 1, got {value}", field=f"{where}.{name}")
     return Misbehaviour(
         kind=kind,
         select=_selector(r, where),
-        count=count,
-        messages=messages,
-        after=_number(r.get("after", 0), f"{where}.after", low=0),
+        count=_int(r.get("count", 1), f"{where}.count", low=1, high=MAX_FLEET),
+        messages=_int(r.get("messages", 1), f"{where}.messages", low=1, high=MAX_MESSAGES),
+        after=_seconds(r.get("after", 0), f"{where}.after"),
     )
 
 
@@ -374,6 +390,8 @@ def _list(raw: Any, where: str) -> list[Any]:
         return []
     if not isinstance(raw, list):
         raise InvalidArgument(f"must be a list, got {_kind(raw)}", field=where)
+    if len(raw) > MAX_RULES:
+        raise InvalidArgument(f"may list at most {MAX_RULES}, got {len(raw)}", field=where)
     return raw
 
 
@@ -390,28 +408,49 @@ def _str(raw: Any, where: str) -> str:
     text = str(raw)
     if not text or any(c.isspace() for c in text):
         raise InvalidArgument(f"{text!r} must be one non-empty word", field=where)
+    width = WIDTHS.get(where.rpartition(".")[2], 128)
+    if len(text) > width:
+        raise InvalidArgument(f"must be at most {width} characters, got {len(text)}", field=where)
     return text
 
 
-def _int(raw: Any, where: str) -> int:
+def _int(raw: Any, where: str, *, low: int, high: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise InvalidArgument(f"must be a whole number, got {_kind(raw)}", field=where)
+    if not low <= raw <= high:
+        raise InvalidArgument(f"must be between {low} and {high}, got {raw}", field=where)
     return raw
 
 
-def _number(raw: Any, where: str, *, low: float | None = None) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+def _number(raw: Any, where: str, *, low: float, high: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise InvalidArgument(f"must be a number, got {_kind(raw)}", field=where)
-    if low is not None and raw < low:
-        raise InvalidArgument(f"must be at least {low:g}, got {raw}", field=where)
+    # Compared before converting (a 400-digit integer is no float); NaN compares false.
+    if not low <= raw <= high:
+        raise InvalidArgument(
+            f"must be between {low:g} and {high:g}, got {_short(raw)}", field=where
+        )
     return float(raw)
 
 
+def _seconds(raw: Any, where: str) -> float:
+    return _number(raw, where, low=0, high=MAX_SECONDS)
+
+
+def _short(raw: float) -> str:
+    try:
+        text = str(float(raw))
+    except OverflowError:  # an integer beyond any float
+        text = str(raw)
+    return text if len(text) <= 24 else f"{text[:20]}…"
+
+
 def _probability(raw: Any, where: str) -> float:
-    p = _number(raw, where)
-    if not 0.0 <= p <= 1.0:
-        raise InvalidArgument(f"must be a probability in [0, 1], got {p}", field=where)
-    return p
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise InvalidArgument(f"must be a number, got {_kind(raw)}", field=where)
+    if not 0.0 <= raw <= 1.0:
+        raise InvalidArgument(f"must be a probability in [0, 1], got {_short(raw)}", field=where)
+    return float(raw)
 
 
 def _kind(raw: Any) -> str:

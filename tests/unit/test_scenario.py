@@ -180,6 +180,49 @@ def test_the_cli_refuses_a_bad_scenario_in_one_line(tmp_path: Path) -> None:
     ]
 
 
+ONE = "fleet: [{count: 1, model: ev6, region: eu}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("fleet: [{count: 5000000000, model: ev6, region: eu}]", "fleet[0].count"),
+        (
+            "fleet: [{count: 900000, model: ev6, region: eu}, {count: 900000, model: a, region: b}]",
+            "fleet",
+        ),
+        ("fleet: [{count: 1, model: " + "m" * 65 + ", region: eu}]", "fleet[0].model"),
+        (ONE + "seed: " + "9" * 40, "seed"),
+        (ONE + "health_interval: 1.0e+400", "health_interval"),
+        (ONE + "health_interval: .nan", "health_interval"),
+        (ONE + "clock_skew: [{seconds: -99999999999}]", "clock_skew[0].seconds"),
+        (ONE + "latency: [{seconds: 86400}]", "latency[0].seconds"),
+        (ONE + "churn: [{fraction: 0.5, offline: " + "9" * 400 + "}]", "churn[0].offline"),
+        (ONE + "churn: [{fraction: 0.5, offline: 1, every: 400000000}]", "churn[0].every"),
+        (ONE + "misbehaving: [{kind: garbage, messages: 5000000000}]", "misbehaving[0].messages"),
+        (ONE + "misbehaving: [{kind: garbage, after: .inf}]", "misbehaving[0].after"),
+    ],
+)
+def test_scenario_numbers_out_of_bounds_are_refused_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_scenario(yaml.safe_load(text))
+    assert e.value.field == field, str(e.value)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 3000, "fleet: " + "[" * 20 + "]" * 20, "x: '" + "y" * (1024 * 1024) + "'"],
+    ids=["brackets", "deep", "size"],
+)
+def test_a_scenario_file_too_deep_or_big_is_one_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument) as e:
+        load_scenario(path)
+    assert e.value.field == "scenario" and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(("n", "count"), [(10, 3), (3, 3), (10_000, 2), (1, 2)])
 def test_processes_share_the_fleet_in_contiguous_slices(n: int, count: int) -> None:
     items: list[Any] = list(range(n))
