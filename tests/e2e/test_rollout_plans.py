@@ -199,7 +199,7 @@ def test_plans_as_code_from_the_command_line(stack: DevStack, tmp_path: Path) ->
     refused = _ota(stack, "rollout", "create", "--plan", str(bad))
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
-        "ota: error: stages[1].ppm: stages must not decrease: 50000 ppm after 100000 ppm"
+        "ota: error: stages[1].exposure: exposure must not decrease: 5% after 10%"
     ]
     plan = tmp_path / "plan.json"
     plan.write_text(

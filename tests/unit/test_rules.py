@@ -29,6 +29,14 @@ def test_stages_parse_from_percentages_and_must_not_decrease() -> None:
             RolloutPlan(parse_stages(bad))
 
 
+def test_stages_need_their_unit() -> None:
+    assert [s.ppm for s in parse_stages("0.5%,50000ppm, 100%")] == [5_000, 50_000, 1_000_000]
+    for bare in ("10,100", "10%,100", "1e2%", "5 ppm%"):
+        with pytest.raises(InvalidArgument) as e:
+            parse_stages(bare)
+        assert e.value.field == "--stages", str(e.value)
+
+
 def test_plan_survives_its_json_form() -> None:
     plan = RolloutPlan(
         parse_stages("5%,100%", soak_seconds=60), (install_failure_gate(20_000, 10, "rollback"),)
