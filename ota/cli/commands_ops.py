@@ -135,7 +135,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         description="Create a rollout in DRAFT. Either --plan FILE (YAML or JSON: selector, "
         "cohort, stages, gates, holdout, maintenance windows, blackout dates, approvers, "
         "salt_from; see README.md) or --feature/--version/--stages. Every share carries its "
-        "unit: 10%% or 0.5%% (a percentage), 100000ppm (parts per million; in a plan file also "
+        "unit: 10% or 0.5% (a percentage), 100000ppm (parts per million; in a plan file also "
         "{ppm: 100000}); a bare number is refused. Prints how many devices stage 1 will expose.",
     )
     p.add_argument("--plan", type=Path, help="plan file (YAML or JSON), e.g. plan.yaml")
