@@ -85,21 +85,23 @@ def _run_rollout(
     version: str,
     on_breach: rollout_pb2.GateAction.ValueType,
 ) -> str:
+    action = rollout_pb2.GateAction.Name(on_breach).removeprefix("GATE_ACTION_").lower()
+    # The plan as a person writes it: every share with its unit.
+    plan = (
+        f"feature: lane-assist\nversion: {version}\n"
+        "stages:\n"
+        "  - {exposure: 1%, min_soak: 2s}\n"
+        "  - {exposure: 10%, min_soak: 2s}\n"
+        "  - {exposure: 100%, min_soak: 3s}\n"
+        f"gates: [{{metric: install_failure, max: 5%, min_sample: 5, action: {action}}}]\n"
+    )
     created = client.rollouts.CreateRollout(
-        rollout_pb2.CreateRolloutRequest(
-            feature="lane-assist",
-            version=version,
-            stages=[
-                rollout_pb2.Stage(ppm=10_000, min_soak_seconds=2),
-                rollout_pb2.Stage(ppm=100_000, min_soak_seconds=2),
-                rollout_pb2.Stage(ppm=1_000_000, min_soak_seconds=3),
-            ],
-            gate=rollout_pb2.FailureGate(max_failure_ppm=50_000, min_sample=5, action=on_breach),
-        ),
-        metadata=client.metadata,
+        rollout_pb2.CreateRolloutRequest(plan_document=plan), metadata=client.metadata
     )
     rollout_id: str = created.rollout_id
-    console.print(f"created rollout {rollout_id}: 1% → 10% → 100%, install-failure gate 5%")
+    console.print(
+        f"created rollout {rollout_id}: 1% → 10% → 100%, install-failure gate 5% ({action})"
+    )
     client.rollouts.StartRollout(
         rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason="demo"),
         metadata=client.metadata,
