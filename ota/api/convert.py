@@ -21,6 +21,15 @@ _GATE_ACTIONS = {
 }
 
 
+_U32_MAX = 2**32 - 1
+
+
+def _u32(value: int) -> int:
+    """A plan value for a uint32 field. New plans are bounded well below; a row stored
+    before the bounds may hold more, and must not make every reply that carries it fail."""
+    return min(max(value, 0), _U32_MAX)
+
+
 def ts(when: datetime | None) -> Timestamp | None:
     if when is None:
         return None
@@ -98,9 +107,9 @@ def rollout(
         stages=[
             rollout_pb2.Stage(
                 ppm=s.ppm,
-                min_soak_seconds=s.min_soak_seconds,
-                min_exposed=s.min_exposed,
-                deadline_seconds=s.deadline_seconds,
+                min_soak_seconds=_u32(s.min_soak_seconds),
+                min_exposed=_u32(s.min_exposed),
+                deadline_seconds=_u32(s.deadline_seconds),
                 advance=s.advance,
                 name=s.label,
             )
@@ -135,7 +144,7 @@ def _install_gate(plan: RolloutPlan) -> rollout_pb2.FailureGate | None:
         if gate.metric == "install_failure":
             return rollout_pb2.FailureGate(
                 max_failure_ppm=gate.max_ppm,
-                min_sample=gate.min_sample,
+                min_sample=_u32(gate.min_sample),
                 action=_GATE_ACTIONS[gate.action],
             )
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
@@ -40,9 +41,14 @@ MAX_BLACKOUT_DATES = 1_000
 MAX_NAME = 128  # stage and cohort names, labels, approvers, device ids (the device_id width)
 
 
+# Set while a stored plan is read back: the bounds judge new input, and a row written
+# before they existed must stay readable (the API clamps what its wire types cannot hold).
+_READING_STORED: ContextVar[bool] = ContextVar("reading_stored", default=False)
+
+
 def check_range(value: int, low: int, high: int, field: str, *, unit: str = "") -> int:
     """`value` within [low, high], or InvalidArgument naming `field` and the bounds."""
-    if not low <= value <= high:
+    if not low <= value <= high and not _READING_STORED.get():
         shown = (lambda n: f"{n} {unit}") if unit else str
         raise InvalidArgument(
             f"must be between {shown(low)} and {shown(high)}, got {shown(value)}", field=field
@@ -51,12 +57,12 @@ def check_range(value: int, low: int, high: int, field: str, *, unit: str = "") 
 
 
 def check_count(items: tuple[object, ...] | list[object], high: int, field: str) -> None:
-    if len(items) > high:
+    if len(items) > high and not _READING_STORED.get():
         raise InvalidArgument(f"may list at most {high}, got {len(items)}", field=field)
 
 
 def check_name(text: str, field: str) -> str:
-    if len(text) > MAX_NAME or not text.isprintable():
+    if (len(text) > MAX_NAME or not text.isprintable()) and not _READING_STORED.get():
         raise InvalidArgument(
             f"must be at most {MAX_NAME} printable characters, got {len(text)}", field=field
         )
@@ -268,6 +274,14 @@ class RolloutPlan:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RolloutPlan:
         """The stored form (`to_dict`), trusted: it was validated when it was written."""
+        reading = _READING_STORED.set(True)
+        try:
+            return cls._from_stored(doc)
+        finally:
+            _READING_STORED.reset(reading)
+
+    @classmethod
+    def _from_stored(cls, doc: Mapping[str, Any]) -> RolloutPlan:
         stages = []
         for stored in doc["stages"]:
             s = dict(stored)

@@ -356,3 +356,57 @@ def test_a_document_too_big_deep_or_odd_is_one_error_about_the_plan(text: str) -
         parse_plan_document(text)
     assert e.value.field == "plan"
     assert "\n" not in str(e.value)
+
+
+def test_a_plan_stored_before_the_bounds_still_reads_and_goes_on_the_wire() -> None:
+    from ota.api.convert import rollout as rollout_message
+    from ota.store.models import RolloutRow
+
+    stages = json.dumps(
+        [
+            {
+                "ppm": 1_000_000,
+                "min_soak_seconds": 50_000 * 86_400,
+                "min_exposed": 5_000_000_000,
+                "deadline_seconds": 0,
+                "advance": "auto",
+                "name": "n" * 300,
+            }
+        ]
+    )
+    rest = json.dumps(
+        {
+            "gates": [
+                {
+                    "metric": "install_failure",
+                    "max_ppm": 50_000,
+                    "min_sample": 5_000_000_000,
+                    "window_seconds": 0,
+                    "breaches_to_trip": 1,
+                    "action": "pause",
+                    "observe_only": False,
+                    "versus_holdout": False,
+                }
+            ]
+        }
+    )
+    plan = RolloutPlan.from_json(stages, rest)
+    assert plan.stages[0].min_exposed == 5_000_000_000  # read as written
+    with pytest.raises(InvalidArgument):  # but not accepted as new input
+        RolloutPlan(plan.stages, plan.gates)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    row = RolloutRow(
+        rollout_id="r-1",
+        feature="f",
+        version="1",
+        bundle_name="bundles/f/1",
+        stages_json=stages,
+        gate_json=rest,
+        state="DRAFT",
+        salt_hex="00",
+        created_at=now,
+        updated_at=now,
+    )
+    message = rollout_message(row)
+    assert message.stages[0].min_exposed == 2**32 - 1
+    assert message.gate.min_sample == 2**32 - 1
