@@ -19,9 +19,11 @@ from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
 from ota.api.tokens import TokenServicer
+from ota.api.webhooks import WebhookServicer
 from ota.broker.passwords import PasswordFile
 from ota.clock import Clock, SystemClock
 from ota.config import ServerConfig
+from ota.domain.webhooks import RetryPolicy
 from ota.errors import InvalidArgument
 from ota.metrics import Metrics, MetricsServer
 from ota.rollout.commands import RolloutCommands
@@ -37,6 +39,7 @@ from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
 from ota.transport.ratelimit import DeviceRateLimit, DeviceRateLimiter
 from ota.transport.topics import Topics
+from ota.transport.webhooks import Sender, WebhookWorker
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
 from ota.trust.keys import load_signer
@@ -112,6 +115,7 @@ class ControlPlane:
     store: Store
     refresher: TimestampRefresher
     lease: Lease
+    webhooks: WebhookWorker
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
 
@@ -195,10 +199,13 @@ class ControlPlane:
         flood_guard = DeviceRateLimiter(
             DeviceRateLimit(rate=config.ingest_device_rate, burst=config.ingest_device_burst)
         )
+        sender = Sender(
+            timeout_seconds=config.webhook_timeout_seconds, ca_file=config.webhook_ca_file
+        )
         server, port, _health = build_server(
             config.listen,
             auth=auth,
-            bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
+            bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock, auth),
             rollouts=RolloutServicer(store, commands, changes, auth),
             fleet=FleetServicer(
                 store,
@@ -211,6 +218,9 @@ class ControlPlane:
             ),
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
+            webhooks=WebhookServicer(
+                store, clock, auth, sender, allow_http=config.webhook_allow_http
+            ),
             tls=server_tls(config),
             metrics=metrics,
         )
@@ -223,6 +233,18 @@ class ControlPlane:
             rate_limiter=flood_guard,
         )
         refresher = TimestampRefresher(repo, holds_lease=lease.held)
+        # Deliveries go out from the lease holder only, so replicas never both send one.
+        webhook_worker = WebhookWorker(
+            store,
+            clock,
+            sender,
+            retry=RetryPolicy(
+                base_seconds=config.webhook_retry_base_seconds,
+                max_seconds=config.webhook_retry_max_seconds,
+                max_attempts=config.webhook_max_attempts,
+            ),
+            holds_lease=lease.held,
+        )
         metrics.watch(store, ingester)
         return cls(
             config,
@@ -235,6 +257,7 @@ class ControlPlane:
             store,
             refresher,
             lease,
+            webhook_worker,
             metrics,
         )
 
@@ -248,6 +271,7 @@ class ControlPlane:
         self.lease.start()
         self.engine.start()
         self.refresher.start()
+        self.webhooks.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
         if self.metrics_server is not None:
@@ -267,6 +291,7 @@ class ControlPlane:
         self.server.stop(grace=2).wait()
         self.engine.stop()
         self.refresher.stop()
+        self.webhooks.stop()
         self.publisher.stop()
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()

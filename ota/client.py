@@ -34,6 +34,7 @@ from ota.v1 import (
     report_pb2_grpc,
     rollout_pb2_grpc,
     token_pb2_grpc,
+    webhook_pb2_grpc,
 )
 
 CHUNK = 256 * 1024
@@ -89,6 +90,10 @@ class Client:
     @property
     def tokens(self) -> token_pb2_grpc.TokenServiceStub:
         return token_pb2_grpc.TokenServiceStub(self.channel)
+
+    @property
+    def webhooks(self) -> webhook_pb2_grpc.WebhookServiceStub:
+        return webhook_pb2_grpc.WebhookServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

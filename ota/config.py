@@ -89,6 +89,18 @@ class ServerConfig:
     # How often the lease holder looks for desired states committed by commands
     # that another replica served (its own commands wake it at once).
     publish_poll_seconds: float = 2.0
+    # Webhooks: plain http:// endpoints are refused unless this is set, and even
+    # then only to a loopback address (a receiver on the same host, tests).
+    webhook_allow_http: bool = False
+    # One delivery attempt's deadline, and the retry schedule: attempt n that
+    # failed waits about base * 2^(n-1) seconds (capped, with jitter); after
+    # max_attempts the delivery is parked as dead until redelivered.
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_base_seconds: float = 5.0
+    webhook_retry_max_seconds: float = 3600.0
+    webhook_max_attempts: int = 12
+    # CA bundle for https endpoints (empty = the system's).
+    webhook_ca_file: str = ""
 
 
 _ENV_PREFIX = "OTA_"

@@ -30,12 +30,13 @@ OPERATORS = frozenset({ADMIN, RELEASE, VIEWER})
 WRITERS = frozenset({ADMIN, RELEASE})
 _ALL = OPERATORS | {DEVICE}
 
-_B, _R, _F, _P, _T = (
+_B, _R, _F, _P, _T, _W = (
     "/ota.v1.BundleService/",
     "/ota.v1.RolloutService/",
     "/ota.v1.FleetService/",
     "/ota.v1.ReportService/",
     "/ota.v1.TokenService/",
+    "/ota.v1.WebhookService/",
 )
 
 METHOD_ROLES: dict[str, frozenset[str]] = {
@@ -72,6 +73,13 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _T + "CreateToken": frozenset({ADMIN}),
     _T + "ListTokens": frozenset({ADMIN}),
     _T + "RevokeToken": frozenset({ADMIN}),
+    # Endpoints and their secrets reach outside the system: admins only, reads too.
+    _W + "CreateWebhook": frozenset({ADMIN}),
+    _W + "ListWebhooks": frozenset({ADMIN}),
+    _W + "DeleteWebhook": frozenset({ADMIN}),
+    _W + "TestWebhook": frozenset({ADMIN}),
+    _W + "ListDeliveries": frozenset({ADMIN}),
+    _W + "Redeliver": frozenset({ADMIN}),
 }
 # Verified device credentials are trusted this long without the database. The
 # replica that revokes a device forgets it at once; other replicas within this.

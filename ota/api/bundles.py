@@ -19,11 +19,24 @@ from securesystemslib.signer import Signature  # type: ignore[attr-defined, unus
 from sqlmodel import Session
 
 from ota.api import convert
-from ota.api.auth import require_device_self
+from ota.api.auth import Authenticator, require_device_self
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
-from ota.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ota.store import bundles, desired
+from ota.domain.webhooks import (
+    BUNDLE_DISCARDED,
+    BUNDLE_PENDING_SIGNATURE,
+    BUNDLE_PUBLISHED,
+    ordering_key,
+)
+from ota.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OtaError,
+)
+from ota.store import bundles, desired, webhooks
 from ota.store.blobs import BlobStore, StoredBlob
 from ota.store.models import BundleRow, PendingBundleRow
 from ota.store.session import Store
@@ -39,9 +52,15 @@ MAX_REQUEST_ID = 128  # the width of the stored request_id
 
 class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
     def __init__(
-        self, store: Store, blobs: BlobStore, repository: ImageRepository, clock: Clock
+        self,
+        store: Store,
+        blobs: BlobStore,
+        repository: ImageRepository,
+        clock: Clock,
+        auth: Authenticator | None = None,
     ) -> None:
         self._store = store
+        self._auth = auth
         self._blobs = blobs
         self._repo = repository
         self._clock = clock
@@ -117,7 +136,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 bundles.delete_pending(session, name)  # a stale one this re-bases
                 session.flush()
                 if publication.complete:
-                    published = self._add_published(session, target, meta.request_id)
+                    published = self._add_published(session, target, meta.request_id, context)
                 else:
                     kept = bundles.add_pending(
                         session,
@@ -134,6 +153,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                         request_id=meta.request_id,
                         now=self._clock.now(),
                     )
+                    self._announce(session, BUNDLE_PENDING_SIGNATURE, kept, context)
             if earlier_pending is not None and earlier_pending.sha256 != target.sha256_hex:
                 self._release_blob(earlier_pending.sha256)
             if published is not None:
@@ -170,7 +190,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             committed = self._repo.target(row.target_path)
             if committed is not None and committed.sha256_hex == row.sha256:
                 # A commit whose bookkeeping was cut short (crash): finish it.
-                return self._move_to_published(row, committed)
+                return self._move_to_published(row, committed, context)
             if self._is_stale(row):
                 raise _stale(row, self._repo.targets_version())
             md = parse_targets(row.signed_targets, field="signed_targets")
@@ -190,6 +210,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                         now=self._clock.now(),
                     )
                     row = bundles.get_pending(session, row.name)
+                    self._announce(session, BUNDLE_PENDING_SIGNATURE, row, context)
                 return self._pending(row)
             if not (self._blobs.root / row.sha256).is_file():
                 raise FailedPrecondition(
@@ -198,7 +219,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                     field="name",
                 )
             self._repo.commit_targets(data)
-            return self._move_to_published(row, publication.target)
+            return self._move_to_published(row, publication.target, context)
 
     def DiscardPendingBundle(
         self, request: bundle_pb2.DiscardPendingBundleRequest, context: grpc.ServicerContext
@@ -207,6 +228,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             with self._store.transaction() as session:
                 row = bundles.get_pending(session, request.name)
                 bundles.delete_pending(session, row.name)
+                self._announce(session, BUNDLE_DISCARDED, row, context)
             self._release_blob(row.sha256)
             return self._pending(row)
 
@@ -332,9 +354,13 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         (self._blobs.root / sha256).unlink(missing_ok=True)
 
     def _add_published(
-        self, session: Session, target: AcceptedTarget, request_id: str | None
+        self,
+        session: Session,
+        target: AcceptedTarget,
+        request_id: str | None,
+        context: grpc.ServicerContext,
     ) -> BundleRow:
-        return bundles.add_bundle(
+        row = bundles.add_bundle(
             session,
             feature=str(target.custom["feature"]),
             version=str(target.custom["version"]),
@@ -347,14 +373,53 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             request_id=request_id,
             now=self._clock.now(),
         )
+        self._announce(session, BUNDLE_PUBLISHED, row, context)
+        return row
+
+    def _announce(
+        self,
+        session: Session,
+        event_type: str,
+        row: BundleRow | PendingBundleRow,
+        context: grpc.ServicerContext,
+    ) -> None:
+        """A bundle event for webhooks, in the transaction of the change."""
+        signers = json.loads(row.signer_keyids_json)
+        webhooks.enqueue(
+            session,
+            event_type,
+            data={
+                "name": row.name,
+                "feature": row.feature,
+                "version": row.version,
+                "target_path": row.target_path,
+                "sha256": row.sha256,
+                "length": row.length,
+                "signer_keyids": signers,
+                "signatures": len(signers),
+                "signatures_required": self._repo.release_threshold(),
+                "actor": self._actor(context),
+            },
+            ordering_key=ordering_key(bundle=row.name),
+            now=self._clock.now(),
+            feature=row.feature,
+        )
+
+    def _actor(self, context: grpc.ServicerContext) -> str:
+        if self._auth is None:
+            return ""
+        try:
+            return self._auth.caller(context).name
+        except OtaError:
+            return ""
 
     def _move_to_published(
-        self, row: PendingBundleRow, target: AcceptedTarget
+        self, row: PendingBundleRow, target: AcceptedTarget, context: grpc.ServicerContext
     ) -> bundle_pb2.Bundle:
         with self._store.transaction() as session:
             bundles.delete_pending(session, row.name)
             session.flush()  # the request id moves from one table to the other
-            published = self._add_published(session, target, row.request_id)
+            published = self._add_published(session, target, row.request_id, context)
         return self._published(published)
 
     def _is_stale(self, row: PendingBundleRow) -> bool:

@@ -15,6 +15,7 @@ from ota.api.interceptor import OtaInterceptor
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutServicer
 from ota.api.tokens import TokenServicer
+from ota.api.webhooks import WebhookServicer
 from ota.errors import Unavailable
 from ota.metrics import Metrics
 from ota.tls import ServerTls
@@ -29,6 +30,8 @@ from ota.v1 import (
     rollout_pb2_grpc,
     token_pb2,
     token_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -43,6 +46,7 @@ def build_server(
     fleet: FleetServicer,
     reports: ReportServicer,
     tokens: TokenServicer,
+    webhooks: WebhookServicer | None = None,
     workers: int = 32,
     tls: ServerTls | None = None,
     metrics: Metrics | None = None,
@@ -61,6 +65,8 @@ def build_server(
     fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet, server)
     report_pb2_grpc.add_ReportServiceServicer_to_server(reports, server)
     token_pb2_grpc.add_TokenServiceServicer_to_server(tokens, server)
+    if webhooks is not None:
+        webhook_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -70,6 +76,8 @@ def build_server(
         report_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
         token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     ]
+    if webhooks is not None:
+        names.append(webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name)
     reflection.enable_server_reflection(
         [
             *names,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from ota import __version__
-from ota.cli import commands_admin, commands_ops, commands_tokens
+from ota.cli import commands_admin, commands_ops, commands_tokens, commands_webhooks
 from ota.cli.connect import add_tls_options
 from ota.errors import OtaError
 from ota.logs import configure_logging
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_admin.register(nouns)
     commands_ops.register(nouns, _add_client_options)
     commands_tokens.register(nouns, _add_client_options)
+    commands_webhooks.register(nouns, _add_client_options)
     return parser
 
 

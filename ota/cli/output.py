@@ -26,8 +26,11 @@ def emit_json(value: Any) -> None:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        # The first column is the identifier: never cut or wrapped, however narrow
+        # the terminal, so it can be copied back into a command.
+        widest = max((len(str(row[0])) for row in rows), default=0) if i == 0 else None
+        t.add_column(c, no_wrap=i == 0, min_width=widest)
     for row in rows:
         t.add_row(*(str(v) for v in row))
     console.print(t)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
+from ota.domain.webhooks import KEYS_ROTATED, ordering_key
 from ota.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from ota.store import webhooks
 from ota.store.models import BundleRow, PendingBundleRow, TufMetadataRow
 from ota.store.session import Store
 
@@ -241,3 +243,13 @@ class SqlMetadataStore:
         # fail (Aborted) rather than overwrite metadata devices may already hold.
         with self._store.transaction() as session:
             session.add(TufMetadataRow(role=role, version=version, content=content))
+            if role == "root" and version > 1:
+                # Root v1 is the bootstrap; every later one is a rotation, announced
+                # in the transaction that stores it.
+                webhooks.enqueue(
+                    session,
+                    KEYS_ROTATED,
+                    data={"root_version": version},
+                    ordering_key=ordering_key(other="keys"),
+                    now=datetime.now(UTC),
+                )

@@ -300,3 +300,61 @@ class LeaseRow(SQLModel, table=True):
     acquired_at: datetime | None = None
     renewed_at: datetime | None = None
     expires_at: datetime | None = None
+
+
+class WebhookRow(SQLModel, table=True):
+    """An endpoint that receives events; its secret signs every delivery."""
+
+    __tablename__ = "webhook"
+
+    webhook_id: str = Field(primary_key=True, max_length=32)
+    url: str = Field(max_length=2000)
+    # "whsec_" + base64 of the HMAC key: kept as is, since signing needs it.
+    secret: str = Field(max_length=128)
+    # Event types (JSON list); empty = every event.
+    event_types_json: str = "[]"
+    feature: str = Field(default="", max_length=64)
+    rollout_id: str = Field(default="", max_length=32)
+    description: str = Field(default="", max_length=200)
+    creator: str = Field(default="", max_length=128)
+    created_at: datetime
+
+
+class WebhookEventRow(SQLModel, table=True):
+    """One event, written in the transaction of the change it announces.
+
+    `body` is the exact JSON sent: every retry carries the same bytes.
+    """
+
+    __tablename__ = "webhook_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(unique=True, max_length=40)
+    type: str = Field(max_length=40)
+    ordering_key: str = Field(max_length=220)
+    body: str
+    created_at: datetime
+
+
+class WebhookDeliveryRow(SQLModel, table=True):
+    """The outbox: one event to one endpoint, until delivered or parked as dead."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        Index("ix_webhook_delivery_state", "state", "id"),
+        Index("ix_webhook_delivery_webhook", "webhook_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: str = Field(max_length=32)
+    event_id: int
+    # Copied from the event: the worker orders by it without a join.
+    ordering_key: str = Field(max_length=220)
+    state: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime
+    last_attempt_at: datetime | None = None
+    last_status: int = 0
+    last_error: str = Field(default="", max_length=500)
+    delivered_at: datetime | None = None
+    created_at: datetime

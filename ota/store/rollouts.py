@@ -7,6 +7,7 @@ plane killed between steps resumes from what was committed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -14,9 +15,10 @@ from typing import Any, Protocol
 from sqlalchemy import Table, func, update
 from sqlmodel import Session, col, select
 
+from ota.domain import webhooks as webhook_domain
 from ota.domain.durations import time_bucket
 from ota.errors import Aborted, NotFound
-from ota.store import adoption
+from ota.store import adoption, webhooks
 from ota.store.models import (
     AdoptionStatRow,
     DeviceRow,
@@ -88,7 +90,9 @@ def transition(
             f"rollout {rollout.rollout_id} changed concurrently; read it again and retry",
             field="etag",
         )
-    session.add(
+    _audit(
+        session,
+        rollout,
         RolloutAuditRow(
             rollout_id=rollout.rollout_id,
             time=now,
@@ -99,10 +103,50 @@ def transition(
             stage=changes.get("current_stage", from_stage),
             reason=reason,
             diff={**changed, **(diff or {})} or None,
-        )
+        ),
     )
     session.expire(rollout)
     return get_rollout(session, rollout.rollout_id)
+
+
+def _audit(session: Session, rollout: RolloutRow, entry: RolloutAuditRow) -> None:
+    """The one place a rollout's audit entries are written; the events they are go with them.
+
+    The webhook outbox rows commit in the same transaction as the entry, so a
+    crash can neither lose an announced change nor announce one that never was.
+    """
+    session.add(entry)
+    for event_type in webhook_domain.rollout_events(entry.action, entry.diff):
+        webhooks.enqueue(
+            session,
+            event_type,
+            data=_event_data(rollout, entry),
+            ordering_key=webhook_domain.ordering_key(rollout_id=rollout.rollout_id),
+            now=entry.time,
+            feature=rollout.feature,
+            rollout_id=rollout.rollout_id,
+        )
+
+
+def _event_data(rollout: RolloutRow, entry: RolloutAuditRow) -> dict[str, Any]:
+    stages = len(json.loads(rollout.stages_json or "[]"))
+    data: dict[str, Any] = {
+        "rollout_id": rollout.rollout_id,
+        "feature": rollout.feature,
+        "version": rollout.version,
+        "action": entry.action,
+        "actor": entry.actor,
+        "reason": entry.reason,
+        "from_state": entry.from_state,
+        "state": entry.to_state,
+        # Numbered as the CLI shows it: stage 1 of N; 0 before the first.
+        "stage": entry.stage + 1 if entry.stage >= 0 else 0,
+        "stages": stages,
+    }
+    figures = (entry.diff or {}).get("figures")
+    if figures is not None:
+        data["gate"] = figures
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -284,7 +328,9 @@ def record(
     diff: dict[str, Any] | None = None,
 ) -> None:
     """Audit a decision that does not change the rollout's state (e.g. a stage's exposure)."""
-    session.add(
+    _audit(
+        session,
+        rollout,
         RolloutAuditRow(
             rollout_id=rollout.rollout_id,
             time=now,
@@ -295,7 +341,7 @@ def record(
             stage=rollout.current_stage,
             reason=reason,
             diff=diff,
-        )
+        ),
     )
 
 
