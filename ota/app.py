@@ -164,6 +164,7 @@ class ControlPlane:
             link, store, holds_lease=lease.held, poll_seconds=config.publish_poll_seconds
         )
         changes = RolloutChanges()
+        metrics = Metrics()
         ttl = timedelta(seconds=config.desired_state_ttl_seconds)
 
         def notify() -> None:
@@ -178,6 +179,7 @@ class ControlPlane:
             desired_ttl=ttl,
             interval=config.engine_interval_seconds,
             holds_lease=lease.held,
+            metrics=metrics,
         )
 
         def lease_acquired() -> None:
@@ -190,9 +192,10 @@ class ControlPlane:
             engine.wake()
             notify()
 
-        commands = RolloutCommands(store, director, clock, desired_ttl=ttl, on_change=command_done)
+        commands = RolloutCommands(
+            store, director, clock, desired_ttl=ttl, on_change=command_done, metrics=metrics
+        )
         auth = Authenticator(store, config.tokens, clock)
-        metrics = Metrics()
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
@@ -246,6 +249,9 @@ class ControlPlane:
             holds_lease=lease.held,
         )
         metrics.watch(store, ingester)
+        metrics.watch_process(
+            replica=lease.holder, holds_lease=lease.held, broker_up=link.connected.is_set
+        )
         return cls(
             config,
             port,

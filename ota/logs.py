@@ -39,6 +39,9 @@ def configure_logging(
 ) -> None:
     """Log to stderr in `log_format`. Like `logging.basicConfig`, leaves a root logger
     that someone else has set up (a test runner, an embedding program) alone unless `force`."""
+    tuf = logging.getLogger("tuf.api._payload")
+    if _quiet_pending_signatures not in tuf.filters:
+        tuf.addFilter(_quiet_pending_signatures)
     root = logging.getLogger()
     foreign = [h for h in root.handlers if not getattr(h, _MARK, False)]
     if foreign and not force:
@@ -52,3 +55,13 @@ def configure_logging(
     )
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _quiet_pending_signatures(record: logging.LogRecord) -> bool:
+    """Drop python-tuf's "No signature for keyid" lines.
+
+    While a publication waits for more release signatures, every verification of
+    its targets logs one per missing key (a third of a server's lines); the
+    pending state is reported by `ota bundle list` and the bundle log lines instead.
+    """
+    return not (record.levelno <= logging.INFO and record.msg == "No signature for keyid %s")

@@ -11,7 +11,8 @@ few indexed reads, not a scan of the fleet.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import platform
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from threading import Thread
 from typing import Protocol
@@ -24,15 +25,29 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from ota.domain.states import ROLLOUT_ACTIVE
+from ota import __version__
+from ota.domain.plan import GATE_ACTIONS, METRICS
+from ota.domain.states import ALL_STATES, ROLLOUT_ACTIVE
+from ota.domain.webhooks import DELIVERY_STATES
 from ota.errors import InvalidArgument, Unavailable
-from ota.store.models import AdoptionStatRow, DesiredStateRow, RolloutRow
+from ota.store.models import (
+    AdoptionStatRow,
+    DesiredStateRow,
+    DeviceRow,
+    RolloutRow,
+    WebhookDeliveryRow,
+)
 from ota.store.session import Store
 
 log = logging.getLogger(__name__)
 
 # RPCs range from sub-millisecond reads to multi-second uploads and streams.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A TUF client ends every refresh by asking for root N+1 and other versions not
+# published yet: NOT_FOUND there is the normal answer, not an error.
+METADATA_METHOD = "BundleService/GetMetadata"
+# Gate actions that stop a rollout (a "hold" gate only keeps it at its stage).
+TRIP_ACTIONS = tuple(a for a in GATE_ACTIONS if a != "hold")
 
 
 class IngestStats(Protocol):
@@ -65,12 +80,70 @@ class Metrics:
             buckets=RPC_BUCKETS,
             registry=self.registry,
         )
+        self.metadata_not_found = Counter(
+            "ota_metadata_not_found",
+            "GetMetadata calls for a version not published yet: the normal end of a device's "
+            "TUF refresh (not counted in ota_rpc_requests_total)",
+            registry=self.registry,
+        )
+        self.gate_evaluations = Counter(
+            "ota_gate_evaluations",
+            "Gate readings by the engine, by gate metric and result (ok or breached)",
+            ["metric", "result"],
+            registry=self.registry,
+        )
+        self.gate_trips = Counter(
+            "ota_gate_trips",
+            "Gates that stopped a rollout, by gate metric and action (pause or rollback)",
+            ["metric", "action"],
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            "ota_rollout_rollbacks",
+            "Rollouts rolled back, by trigger (gate or operator)",
+            ["trigger"],
+            registry=self.registry,
+        )
+        self.kills = Counter(
+            "ota_rollout_kills", "Rollouts killed (the kill switch)", registry=self.registry
+        )
+        # Every series exists from the start at 0, so queries need no `or vector(0)`.
+        for metric in METRICS:
+            for result in ("ok", "breached"):
+                self.gate_evaluations.labels(metric, result)
+            for action in TRIP_ACTIONS:
+                self.gate_trips.labels(metric, action)
+        for trigger in ("gate", "operator"):
+            self.rollbacks.labels(trigger)
 
     def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         name = method.rsplit("/", 2)
         short = f"{name[-2].rsplit('.', 1)[-1]}/{name[-1]}" if len(name) == 3 else method
-        self.rpc_requests.labels(short, code.name).inc()
+        if short == METADATA_METHOD and code == grpc.StatusCode.NOT_FOUND:
+            self.metadata_not_found.inc()
+        else:
+            self.rpc_requests.labels(short, code.name).inc()
         self.rpc_seconds.labels(short).observe(seconds)
+
+    def gate_read(self, metric: str, *, breached: bool) -> None:
+        self.gate_evaluations.labels(metric, "breached" if breached else "ok").inc()
+
+    def gate_tripped(self, metric: str, action: str) -> None:
+        self.gate_trips.labels(metric, action).inc()
+        if action == "rollback":
+            self.rollbacks.labels("gate").inc()
+
+    def rolled_back(self) -> None:
+        self.rollbacks.labels("operator").inc()
+
+    def killed(self) -> None:
+        self.kills.inc()
+
+    def watch_process(
+        self, *, replica: str, holds_lease: Callable[[], bool], broker_up: Callable[[], bool]
+    ) -> None:
+        """Report this replica's engine lease, its broker link and what build it runs."""
+        self.registry.register(_ProcessCollector(replica, holds_lease, broker_up))
 
     def watch(self, store: Store, ingest: IngestStats) -> None:
         """Report the fleet's rollouts and backlogs from `store`, and `ingest`'s counters."""
@@ -106,6 +179,35 @@ def parse_listen(listen: str) -> tuple[str, int]:
             f"{listen!r} is not host:port, e.g. 127.0.0.1:9464", field="metrics_listen"
         )
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _ProcessCollector(Collector):
+    def __init__(
+        self, replica: str, holds_lease: Callable[[], bool], broker_up: Callable[[], bool]
+    ) -> None:
+        self._replica = replica
+        self._holds_lease = holds_lease
+        self._broker_up = broker_up
+
+    def collect(self) -> Iterable[Metric]:
+        lease = GaugeMetricFamily(
+            "ota_engine_lease_held",
+            "1 while this replica holds the engine lease (runs the engine, publishes, "
+            "sends webhooks); summed over replicas it should be 1",
+            labels=["replica"],
+        )
+        lease.add_metric([self._replica], 1 if self._holds_lease() else 0)
+        yield lease
+        yield GaugeMetricFamily(
+            "ota_broker_connected",
+            "1 while this replica's MQTT link to the broker is up",
+            value=1 if self._broker_up() else 0,
+        )
+        info = GaugeMetricFamily(
+            "ota_build_info", "The ota version this replica runs", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
 
 
 class _FleetCollector(Collector):
@@ -150,7 +252,8 @@ class _FleetCollector(Collector):
     def _database_metrics(self) -> Iterable[Metric]:
         stage = GaugeMetricFamily(
             "ota_rollout_stage",
-            "Current stage index of each running or paused rollout",
+            "Current stage of each running or paused rollout, numbered as the CLI shows it "
+            "(1 = the first stage; 0 before it starts)",
             labels=["rollout_id", "feature", "version", "state"],
         )
         eligible = GaugeMetricFamily(
@@ -165,8 +268,14 @@ class _FleetCollector(Collector):
         )
         devices = GaugeMetricFamily(
             "ota_rollout_devices",
-            "Exposed devices by the state they last reported",
+            "Exposed devices by state (TARGETED: exposed, nothing reported yet); every state "
+            "of every running or paused rollout, from 0",
             labels=["rollout_id", "state"],
+        )
+        fleet = GaugeMetricFamily(
+            "ota_devices",
+            "Registered devices, not revoked, by whether the broker sees them online",
+            labels=["online"],
         )
         with self._store.transaction() as session:
             active = list(
@@ -193,21 +302,59 @@ class _FleetCollector(Collector):
                     col(DesiredStateRow.published_generation) < col(DesiredStateRow.generation)
                 )
             ).one()
+            deliveries = dict(
+                session.exec(
+                    select(WebhookDeliveryRow.state, func.count()).group_by(
+                        col(WebhookDeliveryRow.state)
+                    )
+                ).all()
+            )
+            online = dict(
+                session.exec(
+                    select(DeviceRow.online, func.count())
+                    .where(col(DeviceRow.revoked).is_(False))
+                    .group_by(col(DeviceRow.online))
+                ).all()
+            )
         exposed_by: dict[str, int] = {}
+        by_state: dict[str, dict[str, int]] = {r.rollout_id: {} for r in active}
         for rollout_id, metric, key, total in sums:
             if metric == "exposed":
                 exposed_by[rollout_id] = exposed_by.get(rollout_id, 0) + int(total or 0)
             else:
-                devices.add_metric([rollout_id, key], int(total or 0))
+                states = by_state.setdefault(rollout_id, {})
+                states[key] = states.get(key, 0) + int(total or 0)
         for r in active:
-            stage.add_metric([r.rollout_id, r.feature, r.version, r.state], r.current_stage)
+            stage.add_metric(
+                [r.rollout_id, r.feature, r.version, r.state],
+                r.current_stage + 1 if r.current_stage >= 0 else 0,
+            )
             if r.eligible is not None:
                 eligible.add_metric([r.rollout_id], r.eligible)
-            exposed.add_metric([r.rollout_id], exposed_by.get(r.rollout_id, 0))
+            n_exposed = exposed_by.get(r.rollout_id, 0)
+            exposed.add_metric([r.rollout_id], n_exposed)
+            states = by_state.get(r.rollout_id, {})
+            # The aggregates count devices that reported; the rest are still TARGETED.
+            reported = sum(n for state, n in states.items() if state != "TARGETED")
+            states["TARGETED"] = max(0, n_exposed - reported)
+            for state in dict.fromkeys([*ALL_STATES, *states]):
+                devices.add_metric([r.rollout_id, state], states.get(state, 0))
+        for is_online in (True, False):
+            fleet.add_metric(["true" if is_online else "false"], int(online.get(is_online, 0)))
+        webhook = GaugeMetricFamily(
+            "ota_webhook_deliveries",
+            "Webhook deliveries by state: pending (queued or retrying), delivered, dead "
+            "(gave up; `ota webhooks redeliver`)",
+            labels=["state"],
+        )
+        for state in DELIVERY_STATES:
+            webhook.add_metric([state], int(deliveries.get(state, 0)))
+        yield webhook
         yield stage
         yield eligible
         yield exposed
         yield devices
+        yield fleet
         yield GaugeMetricFamily(
             "ota_publish_backlog",
             "Signed desired states not yet acknowledged by the broker",

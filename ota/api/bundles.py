@@ -11,6 +11,7 @@ committed first it goes stale and must be re-published (ABORTED until then).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -43,6 +44,8 @@ from ota.store.session import Store
 from ota.trust.release import parse_targets, signed_digest
 from ota.trust.repository import AcceptedTarget, ImageRepository, Publication
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
 
 ROLES = ("root", "timestamp", "snapshot", "targets")
 MAX_BUNDLE_BYTES = 4 * 1024**3
@@ -246,6 +249,12 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 signers = self._repo.release_signers()
                 with self._store.transaction() as session:
                     bundles.set_signers(session, signers)
+        log.info(
+            "root rotated to v%d by %s (targets v%d)",
+            rotation.root_version,
+            self._actor(context) or "?",
+            rotation.targets_version,
+        )
         return bundle_pb2.RotateRootResponse(
             root_version=rotation.root_version, targets_version=rotation.targets_version
         )
@@ -383,8 +392,17 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         row: BundleRow | PendingBundleRow,
         context: grpc.ServicerContext,
     ) -> None:
-        """A bundle event for webhooks, in the transaction of the change."""
+        """A bundle event for webhooks, in the transaction of the change; and its log line."""
         signers = json.loads(row.signer_keyids_json)
+        log.info(
+            "bundle %s %s by %s (sha256 %s, %d of %d release signature(s))",
+            row.name,
+            _DONE[event_type],
+            self._actor(context) or "?",
+            row.sha256[:16],
+            len(signers),
+            self._repo.release_threshold(),
+        )
         webhooks.enqueue(
             session,
             event_type,
@@ -452,6 +470,13 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             signatures_required=threshold or self._repo.release_threshold(),
             targets_version=row.targets_version,
         )
+
+
+_DONE = {
+    BUNDLE_PUBLISHED: "published",
+    BUNDLE_PENDING_SIGNATURE: "signed, pending more signatures",
+    BUNDLE_DISCARDED: "discarded",
+}
 
 
 def _check_request_id(request_id: str, *, field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import grpc
@@ -13,11 +14,13 @@ from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.domain.selector import Selector
 from ota.domain.version import Version
-from ota.errors import InvalidArgument
+from ota.errors import InvalidArgument, OtaError
 from ota.store import fleet
 from ota.store.models import DeviceEventRow
 from ota.store.session import Store
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 MAX_REGISTRATIONS = 10_000
 
@@ -84,6 +87,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             self._auth.forget_device(device_id)
         if self._accounts is not None:
             self._accounts.set_many(issued)
+        shown = ", ".join(sorted(issued)[:5]) + (", ..." if len(issued) > 5 else "")
+        log.info("registered %d device(s) (%s) for %s", len(issued), shown, self._actor(context))
         return fleet_pb2.RegisterDevicesResponse(
             credentials=[
                 fleet_pb2.DeviceCredentials(device_id=k, secret=v) for k, v in issued.items()
@@ -138,4 +143,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self._auth.forget_device(request.device_id)
         if self._accounts is not None:
             self._accounts.remove(request.device_id)
+        log.info(
+            "device %s revoked by %s",
+            request.device_id,
+            self._actor(context),
+            extra={"device_id": request.device_id},
+        )
         return convert.device(row)
+
+    def _actor(self, context: grpc.ServicerContext) -> str:
+        try:
+            return self._auth.caller(context).name
+        except OtaError:
+            return "?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import signal
@@ -24,6 +25,8 @@ from ota.keyring import generate_keyring
 from ota.logs import configure_logging
 from ota.trust.keys import generate_key, load_public_key, public_key_path
 from ota.trust.rootgen import DIRECTOR_FIELD, RootChange, parse_root
+
+log = logging.getLogger(__name__)
 
 
 def register(nouns: Any) -> None:
@@ -191,16 +194,26 @@ def serve(args: argparse.Namespace) -> int:
     plane = ControlPlane.build(config)
     plane.start()
     console.print(f"ota control plane serving on {config.listen} (port {plane.port})")
-    _wait_for_signal()
+    received = _wait_for_signal()
+    log.info("%s received: stopping the control plane", received)
     plane.stop()
+    log.info("control plane stopped")
     return 0
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal() -> str:
+    """Block until SIGINT or SIGTERM; returns the signal's name."""
     stop = threading.Event()
+    got: list[str] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        got.append(signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handle)
     stop.wait()
+    return got[0] if got else "signal"
 
 
 def dev(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from ota.errors import (
     NotFound,
     PermissionDenied,
 )
+from ota.metrics import Metrics
 from ota.rollout.exposure import deactivate_exposed, revert_exposed
 from ota.rollout.notify import DesiredStateSigner
 from ota.store import bundles, rollouts
@@ -91,8 +92,10 @@ class RolloutCommands:
         *,
         desired_ttl: timedelta,
         on_change: Callable[[], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._signer = signer
         self._clock = clock
         self._ttl = desired_ttl
@@ -259,6 +262,10 @@ class RolloutCommands:
             elif command == "kill":
                 deactivate_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
         self._on_change()
+        if self._metrics is not None and command == "rollback":
+            self._metrics.rolled_back()
+        elif self._metrics is not None and command == "kill":
+            self._metrics.killed()
         log.info(
             "rollout %s: %s by %s", rollout_id, command, who.name, extra={"rollout_id": rollout_id}
         )

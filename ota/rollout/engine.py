@@ -21,6 +21,7 @@ from ota.clock import Clock, utc
 from ota.domain import states
 from ota.domain.plan import Gate, RolloutPlan
 from ota.errors import Aborted, OtaError
+from ota.metrics import Metrics
 from ota.rollout.exposure import (
     EXPOSE_BATCH,
     QuietRollouts,
@@ -52,8 +53,10 @@ class RolloutEngine:
         interval: float = 0.25,
         health: HealthSource = ADOPTION_HEALTH,
         holds_lease: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         # Among replicas only the engine lease's holder ticks (`ota.rollout.lease`);
         # its store is then fenced, so a tick that outlives the lease writes nothing.
         self._holds_lease = holds_lease
@@ -174,6 +177,13 @@ class RolloutEngine:
             if soaked and progress.finished == progress.exposed:
                 # Complete only once every exposed device has finished, so the final
                 # figures are final; stragglers keep the rollout RUNNING at 100 %.
+                log.info(
+                    "rollout %s completed: %d of %d exposed devices failed",
+                    rollout.rollout_id,
+                    progress.failed,
+                    progress.exposed,
+                    extra={"rollout_id": rollout.rollout_id},
+                )
                 rollouts.transition(
                     session,
                     rollout,
@@ -257,6 +267,8 @@ class RolloutEngine:
         changed = False
         for index, gate in enumerate(plan.gates):
             reading = read_gate(session, rollout, gate, self._health, now)
+            if self._metrics is not None:
+                self._metrics.gate_read(gate.metric, breached=reading.breached)
             key = f"{index}:{gate.key}"
             streak = dict(state.get(key, {"n": 0, "sample": -1, "told": False}))
             if not reading.breached:
@@ -319,6 +331,8 @@ class RolloutEngine:
         )
         if gate.action == "rollback":
             notified = revert_exposed(session, rollout, self._signer, now=now, ttl=self._ttl)
+        if self._metrics is not None:
+            self._metrics.gate_tripped(gate.metric, gate.action)
         log.warning(
             "rollout %s: %s", rollout.rollout_id, reason, extra={"rollout_id": rollout.rollout_id}
         )
@@ -348,6 +362,14 @@ class RolloutEngine:
         self, session: Session, rollout: RolloutRow, plan: RolloutPlan, index: int
     ) -> RolloutRow:
         stage = plan.stages[index]
+        log.info(
+            "rollout %s entering stage %d of %d (%s)",
+            rollout.rollout_id,
+            index + 1,
+            len(plan.stages),
+            stage.label,
+            extra={"rollout_id": rollout.rollout_id, "stage": index + 1},
+        )
         return rollouts.transition(
             session,
             rollout,

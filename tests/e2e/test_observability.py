@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -15,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from ota.client import Client
 from ota.config import ServerConfig
 from ota.devstack import DevStack
+from ota.domain.states import ALL_STATES
 from ota.errors import InvalidArgument
 from ota.logs import JsonFormatter
-from ota.v1 import common_pb2, fleet_pb2, rollout_pb2
+from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.e2e.scenario import MODELS, publish, wait_for
 
@@ -63,6 +65,12 @@ def test_metrics_move_with_rpcs_ingest_and_rollouts(
             ).credentials
         }
         client.rollouts.ListRollouts(rollout_pb2.ListRolloutsRequest(), metadata=client.metadata)
+        # The end of every device's TUF refresh: root N+1 does not exist (yet).
+        with pytest.raises(grpc.RpcError) as missing:
+            client.bundles.GetMetadata(
+                bundle_pb2.GetMetadataRequest(role="root", version=2), metadata=client.metadata
+            )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError):
             client.rollouts.GetRollout(
                 rollout_pb2.GetRolloutRequest(rollout_id="nope"), metadata=client.metadata
@@ -133,14 +141,71 @@ def test_metrics_move_with_rpcs_ingest_and_rollouts(
             version="1.0.0",
             state="RUNNING",
         )
-        == 0
+        == 1  # numbered as the CLI shows it: stage 1/1
     )
+    # Every state of a running rollout has a series, from 0; they add up to the exposure.
+    states = {
+        dict(labels)["state"]: v
+        for (name, labels), v in after.items()
+        if name == "ota_rollout_devices" and dict(labels)["rollout_id"] == rollout_id
+    }
+    assert set(ALL_STATES) <= set(states)
+    assert (states["TARGETED"], states["NOTIFIED"], states["FAILED"]) == (1, 1, 0)
+    assert sum(states.values()) == 2
+    # A normal refresh's NOT_FOUND is counted apart: `code!="OK"` stays quiet.
+    metadata = "BundleService/GetMetadata"
+    assert value(after, "ota_metadata_not_found_total") == (
+        value(before, "ota_metadata_not_found_total") + 1
+    )
+    assert value(after, "ota_rpc_requests_total", method=metadata, code="NOT_FOUND") == 0
+    assert value(after, "ota_devices", online="false") == 2
+    assert value(after, "ota_engine_lease_held", replica=stack.control_plane.lease.holder) == 1
+    assert value(after, "ota_broker_connected") == 1
+    assert any(name == "ota_build_info" for name, _ in after)
+    assert value(after, "ota_gate_evaluations_total", metric="install_failure", result="ok") > 0
+    for series in (
+        ("ota_gate_trips_total", {"metric": "install_failure", "action": "rollback"}),
+        ("ota_rollout_rollbacks_total", {"trigger": "operator"}),
+        ("ota_rollout_kills_total", {}),
+    ):
+        assert (series[0], frozenset(series[1].items())) in after  # there from the start
     assert value(after, "ota_rollout_eligible_devices", rollout_id=rollout_id) == 2
     assert ("ota_publish_backlog", frozenset()) in after
     assert ("ota_ingest_backlog_messages", frozenset()) in after
     assert value(after, "ota_ingest_lag_seconds") >= 0
     # Only the control plane's own services are timed, not health or reflection.
     assert not any("Health" in dict(labels).get("method", "") for _, labels in after)
+
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+
+
+def _queried_names(text: str) -> set[str]:
+    return set(re.findall(r"\bota_[a-z_]+\b", text))
+
+
+def test_every_metric_the_dashboard_and_alerts_query_exists(stack: DevStack) -> None:
+    assert stack.metrics_url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(stack.metrics_url, timeout=20) as response:
+        text = response.read().decode()
+    served = set()
+    for family in text_string_to_metric_families(text):
+        # A labelled family with no child yet has no samples: name its series by type.
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        served.update(family.name + x for x in suffixes.get(family.type, [""]))
+        served.update(s.name for s in family.samples)
+    dashboard = json.loads((CONTRIB / "grafana" / "ota.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15
+    dashboard_names = _queried_names("\n".join(exprs))
+    alert_names = _queried_names((CONTRIB / "prometheus" / "alerts.yml").read_text()) - {
+        "ota_ingest_backlog_messages"  # named in an annotation's advice, queried by the dashboard
+    }
+    assert not dashboard_names - served, sorted(dashboard_names - served)
+    assert not alert_names - served, sorted(alert_names - served)
+    assert {"ota_rollout_stage", "ota_engine_lease_held", "ota_webhook_deliveries"} <= (
+        dashboard_names
+    )
 
 
 def test_json_logs_carry_rollout_and_device_ids() -> None:
