@@ -151,6 +151,11 @@ class Authenticator:
             with self._store.transaction() as session:
                 row = api_tokens.authenticate(session, token, self._clock.now())
             if row is not None:
+                if api_tokens.expired(row, self._clock.now()):
+                    raise Unauthenticated(
+                        f"token expired at {row.expires_at:%Y-%m-%d %H:%M:%S}Z "
+                        f"(token {row.token_id}); ask an admin for a new one"
+                    )
                 return Caller(row.role, row.display_name)
         raise Unauthenticated("the bearer token is not valid")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 import grpc
 
 from ota.api import convert
-from ota.api.auth import OPERATORS, Authenticator
+from ota.api.auth import ADMIN, OPERATORS, RELEASE, VIEWER, Authenticator
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.errors import InvalidArgument
@@ -19,9 +20,32 @@ from ota.v1 import token_pb2, token_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_DISPLAY_NAME = 128
+# Tokens of people and pipelines that only release or read expire unless told
+# otherwise; admin tokens (few, and needed to mint the others) do not.
+DEFAULT_TTL: dict[str, timedelta | None] = {
+    ADMIN: None,
+    RELEASE: timedelta(days=90),
+    VIEWER: timedelta(days=90),
+}
+MAX_TTL = timedelta(days=3650)
 
 
-def token_message(row: ApiTokenRow) -> token_pb2.Token:
+def lifetime(role: str, ttl: timedelta | None, *, never: bool) -> timedelta | None:
+    """How long a new token of `role` lives: asked for, never, or the role's default."""
+    if never and ttl is not None:
+        raise InvalidArgument("give a ttl or never_expires, not both", field="ttl")
+    if never:
+        return None
+    if ttl is None:
+        return DEFAULT_TTL[role]
+    if ttl <= timedelta(0) or ttl > MAX_TTL:
+        raise InvalidArgument(
+            f"must be positive and at most {MAX_TTL.days} days, got {ttl}", field="ttl"
+        )
+    return ttl
+
+
+def token_message(row: ApiTokenRow, now: datetime | None = None) -> token_pb2.Token:
     return token_pb2.Token(
         name=f"tokens/{row.token_id}",
         token_id=row.token_id,
@@ -32,6 +56,8 @@ def token_message(row: ApiTokenRow) -> token_pb2.Token:
         revoke_time=convert.ts(row.revoked_at),
         revoked=row.revoked_at is not None,
         creator=row.creator,
+        expire_time=convert.ts(row.expires_at),
+        expired=now is not None and tokens.expired(row, now),
     )
 
 
@@ -58,17 +84,30 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
                 f"{wanted.role!r} is not one of {', '.join(sorted(OPERATORS))}",
                 field="token.role",
             )
+        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        life = lifetime(wanted.role, ttl, never=request.never_expires)
         creator = self._auth.caller(context).name
+        now = self._clock.now()
         with self._store.transaction() as session:
             issued = tokens.create(
                 session,
                 display_name=name,
                 role=wanted.role,
                 creator=creator,
-                now=self._clock.now(),
+                now=now,
+                expires_at=now + life if life is not None else None,
             )
-        log.info("token %s (%s, %s) created by %s", issued.row.token_id, name, wanted.role, creator)
-        return token_pb2.CreateTokenResponse(token=token_message(issued.row), secret=issued.secret)
+        log.info(
+            "token %s (%s, %s) created by %s, %s",
+            issued.row.token_id,
+            name,
+            wanted.role,
+            creator,
+            f"expires {issued.row.expires_at:%Y-%m-%d %H:%M}Z" if life else "never expires",
+        )
+        return token_pb2.CreateTokenResponse(
+            token=token_message(issued.row, now), secret=issued.secret
+        )
 
     def ListTokens(
         self, request: token_pb2.ListTokensRequest, context: grpc.ServicerContext
@@ -76,16 +115,17 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         scope = f"active_only={request.active_only}"
         size = page_size(request.page_size)
         after = page_after(request.page_token, scope=scope)
+        now = self._clock.now()
         with self._store.transaction() as session:
             rows = list(
                 tokens.list_tokens(
-                    session, after=after, limit=size + 1, active_only=request.active_only
+                    session, after=after, limit=size + 1, active_only=request.active_only, now=now
                 )
             )
         more = len(rows) > size
         rows = rows[:size]
         return token_pb2.ListTokensResponse(
-            tokens=[token_message(r) for r in rows],
+            tokens=[token_message(r, now) for r in rows],
             next_page_token=page_token(rows[-1].token_id, scope=scope) if more else "",
         )
 
@@ -96,4 +136,4 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         with self._store.transaction() as session:
             row = tokens.revoke(session, token_id, self._clock.now())
         log.info("token %s revoked by %s", token_id, self._auth.caller(context).name)
-        return token_message(row)
+        return token_message(row, self._clock.now())

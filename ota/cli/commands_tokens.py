@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, table
 from ota.client import Client
+from ota.domain.durations import parse_duration
 from ota.v1 import token_pb2
 
 ROLES = ("admin", "release", "viewer")
@@ -29,10 +31,17 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p = verbs.add_parser("create", help="a new token; prints it once")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--name", required=True, help="who or what holds it (shown in the audit log)")
+    p.add_argument(
+        "--expires-in",
+        default="",
+        metavar="DURATION",
+        help="lifetime: 30d, 12h, 90m, or never (default: 90d for release and viewer, "
+        "never for admin)",
+    )
     client_options(p)
     p.set_defaults(handler=tokens_create)
-    p = verbs.add_parser("list", help="tokens, revoked ones too")
-    p.add_argument("--active", action="store_true", help="only tokens not revoked")
+    p = verbs.add_parser("list", help="tokens, revoked and expired ones too")
+    p.add_argument("--active", action="store_true", help="only tokens not revoked nor expired")
     client_options(p)
     p.set_defaults(handler=tokens_list)
     p = verbs.add_parser("revoke", help="revoke a token at once")
@@ -50,17 +59,28 @@ def _when(ts: Timestamp, present: bool) -> str:
 
 
 def tokens_create(args: argparse.Namespace) -> int:
-    client = _client(args)
-    response = client.tokens.CreateToken(
-        token_pb2.CreateTokenRequest(token=token_pb2.Token(display_name=args.name, role=args.role)),
-        metadata=client.metadata,
+    request = token_pb2.CreateTokenRequest(
+        token=token_pb2.Token(display_name=args.name, role=args.role)
     )
+    if args.expires_in == "never":
+        request.never_expires = True
+    elif args.expires_in:
+        request.ttl.FromTimedelta(
+            timedelta(seconds=parse_duration(args.expires_in, field="--expires-in"))
+        )
+    client = _client(args)
+    response = client.tokens.CreateToken(request, metadata=client.metadata)
     if args.format == "json":
         emit_json(response)
     else:
         t = response.token
+        expiry = (
+            f"expires {_when(t.expire_time, True)}Z"
+            if t.HasField("expire_time")
+            else "never expires"
+        )
         console.print(
-            f"created token {t.token_id} ({t.display_name}, {t.role}); "
+            f"created token {t.token_id} ({t.display_name}, {t.role}, {expiry}); "
             "this is the only time it is shown:"
         )
         print(response.secret)  # plain, so a terminal never wraps or styles it
@@ -85,7 +105,7 @@ def tokens_list(args: argparse.Namespace) -> int:
     else:
         table(
             f"Tokens ({len(found)})",
-            ["id", "name", "role", "created", "last used", "revoked"],
+            ["id", "name", "role", "created", "last used", "expires", "revoked"],
             [
                 [
                     t.token_id,
@@ -93,6 +113,7 @@ def tokens_list(args: argparse.Namespace) -> int:
                     t.role,
                     _when(t.create_time, t.HasField("create_time")),
                     _when(t.last_use_time, t.HasField("last_use_time")),
+                    _expiry(t),
                     _when(t.revoke_time, t.revoked),
                 ]
                 for t in found
@@ -101,9 +122,16 @@ def tokens_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expiry(t: token_pb2.Token) -> str:
+    if not t.HasField("expire_time"):
+        return "never"
+    return _when(t.expire_time, True) + (" (expired)" if t.expired else "")
+
+
 def _json(t: token_pb2.Token) -> dict[str, Any]:
     out: dict[str, Any] = MessageToDict(t, preserving_proto_field_name=True)
     out.setdefault("revoked", False)
+    out.setdefault("expired", False)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Durations and times as histogram buckets: what ingest counts and reports read.
+"""Durations and times as histogram buckets: what ingest counts and reports read; and
+durations as people write them (`30d`).
 
 Durations fall in logarithmic buckets (four per doubling, so a bucket's upper
 bound is at most 19 % above any duration in it); times fall in fixed-width
@@ -8,8 +9,11 @@ buckets. Both are integers, so aggregates can be summed by key in SQL.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+
+from ota.errors import InvalidArgument
 
 PER_DOUBLING = 4
 TIME_BUCKET_SECONDS = 60
@@ -50,3 +54,15 @@ def time_bucket(when: datetime) -> int:
 
 def bucket_time(bucket: int) -> datetime:
     return datetime.fromtimestamp(bucket, UTC)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, field: str) -> int:
+    """Seconds in `30s`, `15m`, `12h`, `30d` or `2w`."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise InvalidArgument(f"give a duration like 30d, 12h or 15m, got {text!r}", field=field)
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]

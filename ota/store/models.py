@@ -283,6 +283,8 @@ class ApiTokenRow(SQLModel, table=True):
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+    # None: never expires.
+    expires_at: datetime | None = None
 
 
 class LeaseRow(SQLModel, table=True):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from ota.clock import utc
@@ -32,7 +33,13 @@ def digest(token: str) -> str:
 
 
 def create(
-    session: Session, *, display_name: str, role: str, creator: str, now: datetime
+    session: Session,
+    *,
+    display_name: str,
+    role: str,
+    creator: str,
+    now: datetime,
+    expires_at: datetime | None = None,
 ) -> IssuedToken:
     token_id = secrets.token_hex(8)
     secret = PREFIX + secrets.token_hex(32)  # never starts with "-" or "device:"
@@ -43,6 +50,7 @@ def create(
         role=role,
         creator=creator,
         created_at=now,
+        expires_at=expires_at,
     )
     session.add(row)
     session.flush()
@@ -50,11 +58,15 @@ def create(
 
 
 def list_tokens(
-    session: Session, *, after: str, limit: int, active_only: bool
+    session: Session, *, after: str, limit: int, active_only: bool, now: datetime | None = None
 ) -> Sequence[ApiTokenRow]:
     query = select(ApiTokenRow).where(col(ApiTokenRow.token_id) > after)
     if active_only:
         query = query.where(col(ApiTokenRow.revoked_at).is_(None))
+        if now is not None:
+            query = query.where(
+                or_(col(ApiTokenRow.expires_at).is_(None), col(ApiTokenRow.expires_at) > now)
+            )
     return session.exec(query.order_by(col(ApiTokenRow.token_id)).limit(limit)).all()
 
 
@@ -75,13 +87,22 @@ def revoke(session: Session, token_id: str, now: datetime) -> ApiTokenRow:
     return row
 
 
+def expired(row: ApiTokenRow, now: datetime) -> bool:
+    return row.expires_at is not None and now >= utc(row.expires_at)
+
+
 def authenticate(session: Session, token: str, now: datetime) -> ApiTokenRow | None:
-    """The live token row for `token`, recording its use; None if unknown or revoked."""
+    """The token row for `token`, recording its use if it is live; None if unknown or revoked.
+
+    An expired row is returned unused: the caller refuses it with its own message.
+    """
     row = session.exec(
         select(ApiTokenRow).where(ApiTokenRow.token_sha256 == digest(token))
     ).one_or_none()
     if row is None or row.revoked_at is not None:
         return None
+    if expired(row, now):
+        return row
     if row.last_used_at is None or now - utc(row.last_used_at) >= LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.add(row)

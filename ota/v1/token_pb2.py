@@ -22,28 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ota/v1/token.proto\x12\x06ota.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x02\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x0f\n\x07\x63reator\x18\t \x01(\t\"2\n\x12\x43reateTokenRequest\x12\x1c\n\x05token\x18\x01 \x01(\x0b\x32\r.ota.v1.Token\"C\n\x13\x43reateTokenResponse\x12\x1c\n\x05token\x18\x01 \x01(\x0b\x32\r.ota.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"O\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x03 \x01(\x08\"L\n\x12ListTokensResponse\x12\x1d\n\x06tokens\x18\x01 \x03(\x0b\x32\r.ota.v1.Token\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xd5\x01\n\x0cTokenService\x12\x46\n\x0b\x43reateToken\x12\x1a.ota.v1.CreateTokenRequest\x1a\x1b.ota.v1.CreateTokenResponse\x12\x43\n\nListTokens\x12\x19.ota.v1.ListTokensRequest\x1a\x1a.ota.v1.ListTokensResponse\x12\x38\n\x0bRevokeToken\x12\x1a.ota.v1.RevokeTokenRequest\x1a\r.ota.v1.Tokenb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ota/v1/token.proto\x12\x06ota.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x02\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x0f\n\x07\x63reator\x18\t \x01(\t\x12/\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x0b \x01(\x08\"q\n\x12\x43reateTokenRequest\x12\x1c\n\x05token\x18\x01 \x01(\x0b\x32\r.ota.v1.Token\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rnever_expires\x18\x03 \x01(\x08\"C\n\x13\x43reateTokenResponse\x12\x1c\n\x05token\x18\x01 \x01(\x0b\x32\r.ota.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"O\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x03 \x01(\x08\"L\n\x12ListTokensResponse\x12\x1d\n\x06tokens\x18\x01 \x03(\x0b\x32\r.ota.v1.Token\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xd5\x01\n\x0cTokenService\x12\x46\n\x0b\x43reateToken\x12\x1a.ota.v1.CreateTokenRequest\x1a\x1b.ota.v1.CreateTokenResponse\x12\x43\n\nListTokens\x12\x19.ota.v1.ListTokensRequest\x1a\x1a.ota.v1.ListTokensResponse\x12\x38\n\x0bRevokeToken\x12\x1a.ota.v1.RevokeTokenRequest\x1a\r.ota.v1.Tokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ota.v1.token_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKEN']._serialized_start=64
-  _globals['_TOKEN']._serialized_end=322
-  _globals['_CREATETOKENREQUEST']._serialized_start=324
-  _globals['_CREATETOKENREQUEST']._serialized_end=374
-  _globals['_CREATETOKENRESPONSE']._serialized_start=376
-  _globals['_CREATETOKENRESPONSE']._serialized_end=443
-  _globals['_LISTTOKENSREQUEST']._serialized_start=445
-  _globals['_LISTTOKENSREQUEST']._serialized_end=524
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=526
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=602
-  _globals['_REVOKETOKENREQUEST']._serialized_start=604
-  _globals['_REVOKETOKENREQUEST']._serialized_end=638
-  _globals['_TOKENSERVICE']._serialized_start=641
-  _globals['_TOKENSERVICE']._serialized_end=854
+  _globals['_TOKEN']._serialized_start=96
+  _globals['_TOKEN']._serialized_end=420
+  _globals['_CREATETOKENREQUEST']._serialized_start=422
+  _globals['_CREATETOKENREQUEST']._serialized_end=535
+  _globals['_CREATETOKENRESPONSE']._serialized_start=537
+  _globals['_CREATETOKENRESPONSE']._serialized_end=604
+  _globals['_LISTTOKENSREQUEST']._serialized_start=606
+  _globals['_LISTTOKENSREQUEST']._serialized_end=685
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=687
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=763
+  _globals['_REVOKETOKENREQUEST']._serialized_start=765
+  _globals['_REVOKETOKENREQUEST']._serialized_end=799
+  _globals['_TOKENSERVICE']._serialized_start=802
+  _globals['_TOKENSERVICE']._serialized_end=1015
 # @@protoc_insertion_point(module_scope)

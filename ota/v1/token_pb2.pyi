@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -32,6 +33,8 @@ class Token(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"tokens/{token_id}" """
     token_id: _builtins.str
@@ -42,6 +45,7 @@ class Token(_message.Message):
     revoked: _builtins.bool
     creator: _builtins.str
     """The display name of the admin who created it."""
+    expired: _builtins.bool
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -50,6 +54,10 @@ class Token(_message.Message):
 
     @_builtins.property
     def revoke_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops working (UNAUTHENTICATED "token expired"); unset = never."""
+
     def __init__(
         self,
         *,
@@ -62,10 +70,12 @@ class Token(_message.Message):
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
         creator: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        expired: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "display_name", b"display_name", "last_use_time", b"last_use_time", "name", b"name", "revoke_time", b"revoke_time", "revoked", b"revoked", "role", b"role", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "display_name", b"display_name", "expire_time", b"expire_time", "expired", b"expired", "last_use_time", b"last_use_time", "name", b"name", "revoke_time", b"revoke_time", "revoked", b"revoked", "role", b"role", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,18 +86,28 @@ class CreateTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    NEVER_EXPIRES_FIELD_NUMBER: _builtins.int
+    never_expires: _builtins.bool
+    """No expiry, whatever the role (not with ttl)."""
     @_builtins.property
     def token(self) -> Global___Token:
         """display_name and role are required; the rest is output only."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Lifetime. Unset: 90 days for release and viewer tokens, no expiry for admin."""
 
     def __init__(
         self,
         *,
         token: Global___Token | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        never_expires: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["never_expires", b"never_expires", "token", b"token", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,7 +147,7 @@ class ListTokensRequest(_message.Message):
     page_size: _builtins.int
     page_token: _builtins.str
     active_only: _builtins.bool
-    """Revoked tokens are listed too unless this is set."""
+    """Revoked and expired tokens are listed too unless this is set."""
     def __init__(
         self,
         *,
