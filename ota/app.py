@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import BrokerAccounts, FleetServicer
@@ -208,7 +209,7 @@ class ControlPlane:
         server, port, _health = build_server(
             config.listen,
             auth=auth,
-            bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock, auth),
+            bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
             rollouts=RolloutServicer(store, commands, changes, auth),
             fleet=FleetServicer(
                 store,
@@ -224,6 +225,7 @@ class ControlPlane:
             webhooks=WebhookServicer(
                 store, clock, auth, sender, allow_http=config.webhook_allow_http
             ),
+            audit=AuditServicer(store),
             tls=server_tls(config),
             metrics=metrics,
         )

@@ -28,6 +28,7 @@ from ota.trust.release import (
 )
 from ota.trust.rootgen import RootChange, next_root, verify_root_chain
 from ota.v1 import (
+    audit_pb2_grpc,
     bundle_pb2,
     bundle_pb2_grpc,
     fleet_pb2_grpc,
@@ -90,6 +91,10 @@ class Client:
     @property
     def tokens(self) -> token_pb2_grpc.TokenServiceStub:
         return token_pb2_grpc.TokenServiceStub(self.channel)
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceStub:
+        return audit_pb2_grpc.AuditServiceStub(self.channel)
 
     @property
     def webhooks(self) -> webhook_pb2_grpc.WebhookServiceStub:

@@ -30,13 +30,14 @@ OPERATORS = frozenset({ADMIN, RELEASE, VIEWER})
 WRITERS = frozenset({ADMIN, RELEASE})
 _ALL = OPERATORS | {DEVICE}
 
-_B, _R, _F, _P, _T, _W = (
+_B, _R, _F, _P, _T, _W, _A = (
     "/ota.v1.BundleService/",
     "/ota.v1.RolloutService/",
     "/ota.v1.FleetService/",
     "/ota.v1.ReportService/",
     "/ota.v1.TokenService/",
     "/ota.v1.WebhookService/",
+    "/ota.v1.AuditService/",
 )
 
 METHOD_ROLES: dict[str, frozenset[str]] = {
@@ -80,6 +81,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _W + "TestWebhook": frozenset({ADMIN}),
     _W + "ListDeliveries": frozenset({ADMIN}),
     _W + "Redeliver": frozenset({ADMIN}),
+    # Who did what from where, tokens and devices included: admins only.
+    _A + "ListAuditEntries": frozenset({ADMIN}),
 }
 # Verified device credentials are trusted this long without the database. The
 # replica that revokes a device forgets it at once; other replicas within this.

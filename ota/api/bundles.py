@@ -20,7 +20,7 @@ from securesystemslib.signer import Signature  # type: ignore[attr-defined, unus
 from sqlmodel import Session
 
 from ota.api import convert
-from ota.api.auth import Authenticator, require_device_self
+from ota.api.auth import require_device_self
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.domain.webhooks import (
@@ -35,9 +35,8 @@ from ota.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OtaError,
 )
-from ota.store import bundles, desired, webhooks
+from ota.store import audit, bundles, desired, webhooks
 from ota.store.blobs import BlobStore, StoredBlob
 from ota.store.models import BundleRow, PendingBundleRow
 from ota.store.session import Store
@@ -60,10 +59,8 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         blobs: BlobStore,
         repository: ImageRepository,
         clock: Clock,
-        auth: Authenticator | None = None,
     ) -> None:
         self._store = store
-        self._auth = auth
         self._blobs = blobs
         self._repo = repository
         self._clock = clock
@@ -139,7 +136,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 bundles.delete_pending(session, name)  # a stale one this re-bases
                 session.flush()
                 if publication.complete:
-                    published = self._add_published(session, target, meta.request_id, context)
+                    published = self._add_published(session, target, meta.request_id, "publish")
                 else:
                     kept = bundles.add_pending(
                         session,
@@ -156,7 +153,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                         request_id=meta.request_id,
                         now=self._clock.now(),
                     )
-                    self._announce(session, BUNDLE_PENDING_SIGNATURE, kept, context)
+                    self._announce(session, BUNDLE_PENDING_SIGNATURE, kept, "publish")
             if earlier_pending is not None and earlier_pending.sha256 != target.sha256_hex:
                 self._release_blob(earlier_pending.sha256)
             if published is not None:
@@ -193,7 +190,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             committed = self._repo.target(row.target_path)
             if committed is not None and committed.sha256_hex == row.sha256:
                 # A commit whose bookkeeping was cut short (crash): finish it.
-                return self._move_to_published(row, committed, context)
+                return self._move_to_published(row, committed)
             if self._is_stale(row):
                 raise _stale(row, self._repo.targets_version())
             md = parse_targets(row.signed_targets, field="signed_targets")
@@ -213,7 +210,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                         now=self._clock.now(),
                     )
                     row = bundles.get_pending(session, row.name)
-                    self._announce(session, BUNDLE_PENDING_SIGNATURE, row, context)
+                    self._announce(session, BUNDLE_PENDING_SIGNATURE, row, "sign")
                 return self._pending(row)
             if not (self._blobs.root / row.sha256).is_file():
                 raise FailedPrecondition(
@@ -222,7 +219,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                     field="name",
                 )
             self._repo.commit_targets(data)
-            return self._move_to_published(row, publication.target, context)
+            return self._move_to_published(row, publication.target)
 
     def DiscardPendingBundle(
         self, request: bundle_pb2.DiscardPendingBundleRequest, context: grpc.ServicerContext
@@ -231,7 +228,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             with self._store.transaction() as session:
                 row = bundles.get_pending(session, request.name)
                 bundles.delete_pending(session, row.name)
-                self._announce(session, BUNDLE_DISCARDED, row, context)
+                self._announce(session, BUNDLE_DISCARDED, row, "discard")
             self._release_blob(row.sha256)
             return self._pending(row)
 
@@ -249,12 +246,6 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 signers = self._repo.release_signers()
                 with self._store.transaction() as session:
                     bundles.set_signers(session, signers)
-        log.info(
-            "root rotated to v%d by %s (targets v%d)",
-            rotation.root_version,
-            self._actor(context) or "?",
-            rotation.targets_version,
-        )
         return bundle_pb2.RotateRootResponse(
             root_version=rotation.root_version, targets_version=rotation.targets_version
         )
@@ -367,7 +358,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         session: Session,
         target: AcceptedTarget,
         request_id: str | None,
-        context: grpc.ServicerContext,
+        action: str,
     ) -> BundleRow:
         row = bundles.add_bundle(
             session,
@@ -382,7 +373,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             request_id=request_id,
             now=self._clock.now(),
         )
-        self._announce(session, BUNDLE_PUBLISHED, row, context)
+        self._announce(session, BUNDLE_PUBLISHED, row, action)
         return row
 
     def _announce(
@@ -390,18 +381,20 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         session: Session,
         event_type: str,
         row: BundleRow | PendingBundleRow,
-        context: grpc.ServicerContext,
+        action: str,
     ) -> None:
-        """A bundle event for webhooks, in the transaction of the change; and its log line."""
+        """Audit a bundle change and announce it to webhooks, in the transaction of the change."""
         signers = json.loads(row.signer_keyids_json)
-        log.info(
-            "bundle %s %s by %s (sha256 %s, %d of %d release signature(s))",
+        threshold = self._repo.release_threshold()
+        audit.record(
+            session,
+            "bundle",
             row.name,
-            _DONE[event_type],
-            self._actor(context) or "?",
-            row.sha256[:16],
-            len(signers),
-            self._repo.release_threshold(),
+            action,
+            now=self._clock.now(),
+            reason=f"{_DONE[event_type]}: sha256 {row.sha256[:16]}…, "
+            f"{len(signers)} of {threshold} release signature(s)",
+            detail={"sha256": row.sha256, "length": row.length, "signer_keyids": signers},
         )
         webhooks.enqueue(
             session,
@@ -416,28 +409,20 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                 "signer_keyids": signers,
                 "signatures": len(signers),
                 "signatures_required": self._repo.release_threshold(),
-                "actor": self._actor(context),
+                "actor": audit.requester().actor,
             },
             ordering_key=ordering_key(bundle=row.name),
             now=self._clock.now(),
             feature=row.feature,
         )
 
-    def _actor(self, context: grpc.ServicerContext) -> str:
-        if self._auth is None:
-            return ""
-        try:
-            return self._auth.caller(context).name
-        except OtaError:
-            return ""
-
     def _move_to_published(
-        self, row: PendingBundleRow, target: AcceptedTarget, context: grpc.ServicerContext
+        self, row: PendingBundleRow, target: AcceptedTarget
     ) -> bundle_pb2.Bundle:
         with self._store.transaction() as session:
             bundles.delete_pending(session, row.name)
             session.flush()  # the request id moves from one table to the other
-            published = self._add_published(session, target, row.request_id, context)
+            published = self._add_published(session, target, row.request_id, "sign")
         return self._published(published)
 
     def _is_stale(self, row: PendingBundleRow) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 import grpc
@@ -14,13 +13,11 @@ from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.domain.selector import Selector
 from ota.domain.version import Version
-from ota.errors import InvalidArgument, OtaError
-from ota.store import fleet
+from ota.errors import InvalidArgument
+from ota.store import audit, fleet
 from ota.store.models import DeviceEventRow
 from ota.store.session import Store
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 MAX_REGISTRATIONS = 10_000
 
@@ -82,13 +79,31 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 fleet.Registration(d.device_id, d.model, d.region, d.firmware, dict(d.labels))
             )
         with self._store.transaction() as session:
-            issued = fleet.register_devices(session, registrations, self._clock.now())
+            now = self._clock.now()
+            issued = fleet.register_devices(session, registrations, now)
+            for r in registrations:
+                if r.device_id in issued:
+                    audit.record(
+                        session,
+                        "device",
+                        r.device_id,
+                        "register",
+                        now=now,
+                        reason=f"{r.model}, {r.region}, firmware {r.firmware}",
+                        logged=False,
+                    )
+            # One INFO line for a batch, however many devices it registers.
+            shown = ", ".join(sorted(issued)[:5]) + (", ..." if len(issued) > 5 else "")
+            who = audit.requester()
+            audit.after_commit(
+                session,
+                f"audit: {len(issued)} device(s) registered ({shown}) by {who.actor}"
+                + (f" from {who.address}" if who.address else ""),
+            )
         for device_id in issued:
             self._auth.forget_device(device_id)
         if self._accounts is not None:
             self._accounts.set_many(issued)
-        shown = ", ".join(sorted(issued)[:5]) + (", ..." if len(issued) > 5 else "")
-        log.info("registered %d device(s) (%s) for %s", len(issued), shown, self._actor(context))
         return fleet_pb2.RegisterDevicesResponse(
             credentials=[
                 fleet_pb2.DeviceCredentials(device_id=k, secret=v) for k, v in issued.items()
@@ -140,19 +155,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     ) -> fleet_pb2.Device:
         with self._store.transaction() as session:
             row = fleet.revoke(session, request.device_id)
+            audit.record(session, "device", request.device_id, "revoke", now=self._clock.now())
         self._auth.forget_device(request.device_id)
         if self._accounts is not None:
             self._accounts.remove(request.device_id)
-        log.info(
-            "device %s revoked by %s",
-            request.device_id,
-            self._actor(context),
-            extra={"device_id": request.device_id},
-        )
         return convert.device(row)
-
-    def _actor(self, context: grpc.ServicerContext) -> str:
-        try:
-            return self._auth.caller(context).name
-        except OtaError:
-            return "?"

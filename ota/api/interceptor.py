@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ota import errors
-from ota.api.auth import Authenticator, bearer
+from ota.api.auth import Authenticator, Caller, bearer
 from ota.api.screening import screened
 from ota.metrics import Metrics
+from ota.store import audit
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,12 @@ class OtaInterceptor(_Interceptor):
         return _wrap(handler, lambda: self._auth.authorize(method, token), observe)
 
 
-def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Handler:
+def _requester(caller: Caller | None, context: grpc.ServicerContext) -> audit.Requester:
+    """Who the audit log names for this call, and from where."""
+    return audit.Requester(caller.name if caller is not None else "", context.peer() or "")
+
+
+def _wrap(handler: Handler, check: Callable[[], Caller | None], observe: Observe) -> Handler:
     h: Any = handler
 
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,8 +108,9 @@ def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Ha
             start = time.perf_counter()
             failure: BaseException | None = None
             try:
-                check()
-                return behavior(screened(request), context)
+                caller = check()
+                with audit.serving(_requester(caller, context)):
+                    return behavior(screened(request), context)
             except Exception as exc:
                 failure = exc
                 _abort(context, exc)
@@ -117,8 +124,9 @@ def _wrap(handler: Handler, check: Callable[[], object], observe: Observe) -> Ha
             start = time.perf_counter()
             failure: BaseException | None = None
             try:
-                check()
-                yield from behavior(screened(request), context)
+                caller = check()
+                with audit.serving(_requester(caller, context)):
+                    yield from behavior(screened(request), context)
             except Exception as exc:
                 failure = exc
                 if isinstance(exc, grpc.RpcError) and not context.is_active():

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import FleetServicer
@@ -20,6 +21,8 @@ from ota.errors import Unavailable
 from ota.metrics import Metrics
 from ota.tls import ServerTls
 from ota.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     bundle_pb2,
     bundle_pb2_grpc,
     fleet_pb2,
@@ -47,6 +50,7 @@ def build_server(
     reports: ReportServicer,
     tokens: TokenServicer,
     webhooks: WebhookServicer | None = None,
+    audit: AuditServicer | None = None,
     workers: int = 32,
     tls: ServerTls | None = None,
     metrics: Metrics | None = None,
@@ -67,6 +71,8 @@ def build_server(
     token_pb2_grpc.add_TokenServiceServicer_to_server(tokens, server)
     if webhooks is not None:
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
+    if audit is not None:
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(audit, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -78,6 +84,8 @@ def build_server(
     ]
     if webhooks is not None:
         names.append(webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name)
+    if audit is not None:
+        names.append(audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name)
     reflection.enable_server_reflection(
         [
             *names,

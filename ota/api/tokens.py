@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 import grpc
@@ -12,12 +11,10 @@ from ota.api.auth import ADMIN, OPERATORS, RELEASE, VIEWER, Authenticator
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.errors import InvalidArgument
-from ota.store import tokens
+from ota.store import audit, tokens
 from ota.store.models import ApiTokenRow
 from ota.store.session import Store
 from ota.v1 import token_pb2, token_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 MAX_DISPLAY_NAME = 128
 # Tokens of people and pipelines that only release or read expire unless told
@@ -97,14 +94,16 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
                 now=now,
                 expires_at=now + life if life is not None else None,
             )
-        log.info(
-            "token %s (%s, %s) created by %s, %s",
-            issued.row.token_id,
-            name,
-            wanted.role,
-            creator,
-            f"expires {issued.row.expires_at:%Y-%m-%d %H:%M}Z" if life else "never expires",
-        )
+            audit.record(
+                session,
+                "token",
+                issued.row.token_id,
+                "create",
+                now=now,
+                reason=f"{name}, {wanted.role}, "
+                + (f"expires {issued.row.expires_at:%Y-%m-%d %H:%M}Z" if life else "never expires"),
+                detail={"display_name": name, "role": wanted.role},
+            )
         return token_pb2.CreateTokenResponse(
             token=token_message(issued.row, now), secret=issued.secret
         )
@@ -135,5 +134,12 @@ class TokenServicer(token_pb2_grpc.TokenServiceServicer):
         token_id = tokens.token_id_of(request.name)
         with self._store.transaction() as session:
             row = tokens.revoke(session, token_id, self._clock.now())
-        log.info("token %s revoked by %s", token_id, self._auth.caller(context).name)
+            audit.record(
+                session,
+                "token",
+                token_id,
+                "revoke",
+                now=self._clock.now(),
+                reason=f"{row.display_name}, {row.role}",
+            )
         return token_message(row, self._clock.now())

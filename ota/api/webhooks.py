@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 
 import grpc
@@ -14,13 +13,11 @@ from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.domain import webhooks as rules
 from ota.errors import InvalidArgument
-from ota.store import webhooks
+from ota.store import audit, webhooks
 from ota.store.models import WebhookRow
 from ota.store.session import Store
 from ota.transport.webhooks import Sender
 from ota.v1 import webhook_pb2, webhook_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 MAX_DESCRIPTION = 200
 
@@ -107,7 +104,20 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
                 creator=creator,
                 now=self._clock.now(),
             )
-        log.info("webhook %s to %s added by %s", row.webhook_id, url, creator)
+            audit.record(
+                session,
+                "webhook",
+                row.webhook_id,
+                "add",
+                now=self._clock.now(),
+                reason=f"{url}: {', '.join(types) or 'every event'}",
+                detail={
+                    "url": url,
+                    "event_types": list(types),
+                    "feature": wanted.feature,
+                    "rollout_id": wanted.rollout_id,
+                },
+            )
         return webhook_pb2.CreateWebhookResponse(webhook=webhook_message(row), secret=row.secret)
 
     def ListWebhooks(
@@ -130,7 +140,9 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
         webhook_id = webhooks.webhook_id_of(request.name)
         with self._store.transaction() as session:
             row = webhooks.remove(session, webhook_id)
-        log.info("webhook %s removed by %s", webhook_id, self._auth.caller(context).name)
+            audit.record(
+                session, "webhook", webhook_id, "remove", now=self._clock.now(), reason=row.url
+            )
         return webhook_message(row)
 
     def TestWebhook(
@@ -186,10 +198,13 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
                 dead_only=False,
                 now=self._clock.now(),
             )
-        log.info(
-            "webhook %s: %d deliveries queued again by %s",
-            webhook_id,
-            queued,
-            self._auth.caller(context).name,
-        )
+            audit.record(
+                session,
+                "webhook",
+                webhook_id,
+                "redeliver",
+                now=self._clock.now(),
+                reason=f"{queued} deliveries of "
+                + (f"event {request.event_id}" if request.event_id else "dead events"),
+            )
         return webhook_pb2.RedeliverResponse(queued=queued)

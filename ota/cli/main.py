@@ -14,7 +14,13 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from ota import __version__
-from ota.cli import commands_admin, commands_ops, commands_tokens, commands_webhooks
+from ota.cli import (
+    commands_admin,
+    commands_audit,
+    commands_ops,
+    commands_tokens,
+    commands_webhooks,
+)
 from ota.cli.connect import add_tls_options
 from ota.errors import OtaError
 from ota.logs import configure_logging
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_ops.register(nouns, _add_client_options)
     commands_tokens.register(nouns, _add_client_options)
     commands_webhooks.register(nouns, _add_client_options)
+    commands_audit.register(nouns, _add_client_options)
     return parser
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from ota.domain.webhooks import KEYS_ROTATED, ordering_key
 from ota.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from ota.store import webhooks
+from ota.store import audit, webhooks
 from ota.store.models import BundleRow, PendingBundleRow, TufMetadataRow
 from ota.store.session import Store
 
@@ -244,8 +244,17 @@ class SqlMetadataStore:
         with self._store.transaction() as session:
             session.add(TufMetadataRow(role=role, version=version, content=content))
             if role == "root" and version > 1:
-                # Root v1 is the bootstrap; every later one is a rotation, announced
-                # in the transaction that stores it.
+                # Root v1 is the bootstrap; every later one is a rotation, audited and
+                # announced in the transaction that stores it.
+                audit.record(
+                    session,
+                    "keys",
+                    "root",
+                    "rotate",
+                    now=datetime.now(UTC),
+                    reason=f"root v{version} stored",
+                    detail={"root_version": version},
+                )
                 webhooks.enqueue(
                     session,
                     KEYS_ROTATED,

@@ -215,6 +215,8 @@ class RolloutAuditRow(SQLModel, table=True):
     reason: str = ""
     # What changed: {"field": [before, after]}, or the plan of a create / edit.
     diff: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # The caller's network address (gRPC peer); empty for the engine's own decisions.
+    address: str = Field(default="", max_length=128)
 
 
 class IngestDropRow(SQLModel, table=True):
@@ -360,3 +362,24 @@ class WebhookDeliveryRow(SQLModel, table=True):
     last_error: str = Field(default="", max_length=500)
     delivered_at: datetime | None = None
     created_at: datetime
+
+
+class AuditEntryRow(SQLModel, table=True):
+    """Who did what to an object other than a rollout (those keep `rollout_audit`), when,
+    from where: bundles, keys, tokens, devices, webhooks."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entry_time", "time"),
+        Index("ix_audit_entry_object", "object_type", "object_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    time: datetime
+    actor: str = Field(max_length=128)
+    address: str = Field(default="", max_length=128)
+    object_type: str = Field(max_length=16)
+    object_id: str = Field(max_length=200)
+    action: str = Field(max_length=32)
+    reason: str = ""
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

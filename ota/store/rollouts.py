@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 from ota.domain import webhooks as webhook_domain
 from ota.domain.durations import time_bucket
 from ota.errors import Aborted, NotFound
-from ota.store import adoption, webhooks
+from ota.store import adoption, audit, webhooks
 from ota.store.models import (
     AdoptionStatRow,
     DeviceRow,
@@ -115,6 +115,7 @@ def _audit(session: Session, rollout: RolloutRow, entry: RolloutAuditRow) -> Non
     The webhook outbox rows commit in the same transaction as the entry, so a
     crash can neither lose an announced change nor announce one that never was.
     """
+    entry.address = audit.requester().address
     session.add(entry)
     for event_type in webhook_domain.rollout_events(entry.action, entry.diff):
         webhooks.enqueue(

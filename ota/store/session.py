@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
 from ota.errors import Aborted, Unavailable
+from ota.store import audit
 
 
 class Store:
@@ -26,8 +27,11 @@ class Store:
     def transaction(self) -> Iterator[Session]:
         """A session committed on success and rolled back on any error."""
         try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                yield session
+            with Session(self.engine, expire_on_commit=False) as session:
+                with session.begin():
+                    yield session
+                # Committed: now what it did may be told (audit lines, ota.store.audit).
+                audit.flush_logs(session)
         except IntegrityError as exc:
             # A unique key raced: a concurrent request created the same thing.
             raise Aborted(
