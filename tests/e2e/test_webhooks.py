@@ -20,9 +20,13 @@ import pytest
 
 from ota.cli.main import main as ota_main
 from ota.client import Client
+from ota.devstack import DevStack
 from ota.keyring import KeyPaths, generate_keyring
-from ota.v1 import rollout_pb2, webhook_pb2
+from ota.trust.keys import generate_key
+from ota.trust.rootgen import RootChange
+from ota.v1 import bundle_pb2, rollout_pb2, webhook_pb2
 from tests.broker_harness import BrokerHandle
+from tests.conftest import endpoint
 from tests.e2e.processes import (
     ControlPlaneProcess,
     listen_port,
@@ -220,6 +224,17 @@ def test_deliveries_survive_a_receiver_that_fails_hangs_and_recovers(
             assert down.webhook.webhook_id not in out and good.webhook.webhook_id in out
         finally:
             server.stop()
+    # What an operator reads in the log: the changes, the stages, the way it stopped.
+    log = (tmp_path / "ota.log").read_text()
+    for line in (
+        "audit: bundle bundles/lane-assist/1.0.0 publish by admin from ipv4:127.0.0.1:",
+        f"audit: webhook {down.webhook.webhook_id} add by admin",
+        f"rollout {rollout_id} entering stage 2 of 2",
+        "parked as dead after 6 attempts",
+        "SIGTERM received: stopping the control plane",
+        "control plane stopped",
+    ):
+        assert line in log, line
 
 
 def _pending(database: Path) -> int:
@@ -266,3 +281,93 @@ def test_a_control_plane_killed_between_commit_and_delivery_loses_and_invents_no
             assert [r.payload["type"] for r in first_arrivals(requests)] == JOURNEY_EVENTS
         finally:
             server.stop()
+
+
+def test_bundle_signing_discarding_and_key_rotation_are_announced(
+    tmp_path: Path, broker: BrokerHandle
+) -> None:
+    keys = generate_keyring(tmp_path / "stack" / "keys", release_keys=3, release_threshold=2)
+    k1, k2, _ = keys.release_keys
+    stack = DevStack.start(
+        tmp_path / "stack",
+        broker=endpoint(broker),
+        config_overrides={"webhook_allow_http": True, "webhook_retry_base_seconds": 0.2},
+    )
+    client = Client.connect(stack.server, stack.admin_token)
+    try:
+        with receiving() as receiver:
+            hook = _add(client, receiver.url, feature="wipers")  # bundle events of one feature
+            keyring_hook = _add(client, receiver.url, event_types=["keys.rotated"])
+
+            def publish(version: str, *signers: Path) -> None:
+                file = tmp_path / f"wipers-{version}.bin"
+                file.write_bytes(version.encode() * 1000)
+                client.publish_bundle(
+                    file,
+                    feature="wipers",
+                    version=version,
+                    models=["ev6"],
+                    min_firmware="4.0",
+                    keys=list(signers),
+                )
+
+            publish("1.0.0", k1)  # one of two: pending
+            signing = client.review_pending("bundles/wipers/1.0.0")
+            client.sign_bundle(signing, [k2])  # the second: published
+            publish("1.1.0", k1)
+            client.bundles.DiscardPendingBundle(
+                bundle_pb2.DiscardPendingBundleRequest(name="bundles/wipers/1.1.0"),
+                metadata=client.metadata,
+            )
+            new_root = tmp_path / "root-2.pem"
+            plan = client.plan_root_rotation(
+                RootChange(root_keys=[generate_key(new_root)]),
+                root_keys=[keys.root_key, new_root],
+            )
+            assert client.rotate_root(plan).root_version == 2
+            expected = [
+                ("bundle.pending_signature", "bundles/wipers/1.0.0", 1),
+                ("bundle.published", "bundles/wipers/1.0.0", 2),
+                ("bundle.pending_signature", "bundles/wipers/1.1.0", 1),
+                ("bundle.discarded", "bundles/wipers/1.1.0", 1),
+            ]
+
+            def bundle_events() -> list[tuple[str, str, int]]:
+                return [
+                    (r.payload["type"], r.payload["data"]["name"], r.payload["data"]["signatures"])
+                    for r in first_arrivals(receiver.snapshot())
+                    if r.payload["type"].startswith("bundle.")
+                ]
+
+            def rotated() -> bool:
+                return any(
+                    r.payload["type"] == "keys.rotated" for r in first_arrivals(receiver.snapshot())
+                )
+
+            # In order per bundle; the two bundles' queues go side by side.
+            wait_for(
+                lambda: sorted(bundle_events(), key=lambda e: e[1]) == expected and rotated(),
+                what="every bundle event, in order per bundle",
+            )
+            by_hook: dict[str, list[Received]] = {hook.secret: [], keyring_hook.secret: []}
+            for r in receiver.snapshot():
+                kind = "keys" if r.payload["type"] == "keys.rotated" else "bundle"
+                by_hook[keyring_hook.secret if kind == "keys" else hook.secret].append(r)
+            verify_all(by_hook[hook.secret], hook.secret)
+            verify_all(by_hook[keyring_hook.secret], keyring_hook.secret)
+            published = next(
+                r.payload["data"]
+                for r in receiver.snapshot()
+                if r.payload["type"] == "bundle.published"
+            )
+            assert published["signatures_required"] == 2 and published["actor"] == "admin"
+            assert len(published["sha256"]) == 64  # hex, as everywhere people read hashes
+            rotation = next(
+                r.payload["data"]
+                for r in receiver.snapshot()
+                if r.payload["type"] == "keys.rotated"
+            )
+            assert rotation == {"root_version": 2}
+    finally:
+        client.close()
+        stack.stop()
