@@ -7,10 +7,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from ota.cli.connect import connect
-from ota.cli.output import emit_json, table
+from ota.cli.output import emit_page, table
 from ota.domain.durations import parse_duration
 from ota.errors import InvalidArgument
 from ota.store.audit import OBJECT_TYPES
@@ -71,19 +69,7 @@ def audit_list(args: argparse.Namespace) -> int:
         if not request.page_token:
             break
     if args.format == "json":
-        emit_json(
-            {
-                "entries": [
-                    MessageToDict(
-                        e,
-                        preserving_proto_field_name=True,
-                        always_print_fields_with_no_presence=True,
-                    )
-                    for e in found
-                ],
-                "next_page_token": request.page_token,
-            }
-        )
+        emit_page("entries", found, request.page_token)
         return 0
     table(
         f"Audit ({len(found)})",
@@ -99,5 +85,6 @@ def audit_list(args: argparse.Namespace) -> int:
             ]
             for e in found
         ],
+        whole=(1,),
     )
     return 0

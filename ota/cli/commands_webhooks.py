@@ -6,11 +6,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ota.cli.connect import connect
-from ota.cli.output import console, emit_json, table
+from ota.cli.output import console, emit_json, emit_page, plain, table
 from ota.domain.webhooks import DELIVERY_STATES, EVENT_TYPES
 from ota.v1 import webhook_pb2
 
@@ -74,13 +73,6 @@ def _when(ts: Timestamp, present: bool) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if present else "-"
 
 
-def _json(message: Any) -> dict[str, Any]:
-    out: dict[str, Any] = MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return out
-
-
 def webhooks_add(args: argparse.Namespace) -> int:
     client = connect(args)
     response = client.webhooks.CreateWebhook(
@@ -96,7 +88,7 @@ def webhooks_add(args: argparse.Namespace) -> int:
         metadata=client.metadata,
     )
     if args.format == "json":
-        emit_json({"webhook": _json(response.webhook), "secret": response.secret})
+        emit_json({"webhook": plain(response.webhook), "secret": response.secret})
     else:
         w = response.webhook
         console.print(
@@ -119,7 +111,7 @@ def webhooks_list(args: argparse.Namespace) -> int:
         if not page:
             break
     if args.format == "json":
-        emit_json({"webhooks": [_json(w) for w in found], "next_page_token": ""})
+        emit_page("webhooks", found)
         return 0
     table(
         f"Webhooks ({len(found)})",
@@ -136,6 +128,7 @@ def webhooks_list(args: argparse.Namespace) -> int:
             ]
             for w in found
         ],
+        whole=(0, 1),
     )
     return 0
 
@@ -146,7 +139,7 @@ def webhooks_remove(args: argparse.Namespace) -> int:
         webhook_pb2.DeleteWebhookRequest(name=_name(args.webhook_id)), metadata=client.metadata
     )
     if args.format == "json":
-        emit_json({"webhook": _json(w)})
+        emit_json({"webhook": plain(w)})
     else:
         console.print(f"removed webhook {w.webhook_id} ({w.url})")
     return 0
@@ -158,7 +151,7 @@ def webhooks_test(args: argparse.Namespace) -> int:
         webhook_pb2.TestWebhookRequest(name=_name(args.webhook_id)), metadata=client.metadata
     )
     if args.format == "json":
-        emit_json(_json(r))
+        emit_json(plain(r))
     elif r.ok:
         console.print(f"delivered {r.event_id}: HTTP {r.status_code}")
     else:
@@ -185,7 +178,7 @@ def webhooks_deliveries(args: argparse.Namespace) -> int:
         if not page:
             break
     if args.format == "json":
-        emit_json({"deliveries": [_json(d) for d in found], "next_page_token": page})
+        emit_page("deliveries", found, page)
         return 0
     table(
         f"Deliveries of {args.webhook_id} ({len(found)})",
@@ -214,7 +207,7 @@ def webhooks_redeliver(args: argparse.Namespace) -> int:
         metadata=client.metadata,
     )
     if args.format == "json":
-        emit_json(_json(r))
+        emit_json(plain(r))
     else:
         what = f"event {args.event}" if args.event else "dead deliveries"
         console.print(f"queued {r.queued} {what} again")

@@ -1,4 +1,12 @@
-"""Printing data: a rich table for people, JSON for scripts (`--format json`)."""
+"""Printing data: a rich table for people, JSON for scripts (`--format json`).
+
+The JSON convention (`plain`, `emit_page`): field names as in the proto
+(snake_case); every field present, `null` when a message field is unset;
+integers as JSON numbers (int64 too), hashes and other bytes in lowercase
+hex, enums by name, times as RFC 3339 UTC strings, durations in seconds as
+numbers; a list is an object with the items under their plural name and
+`next_page_token` ("" on the last page).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
@@ -24,13 +35,72 @@ def emit_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def plain(message: Message) -> dict[str, Any]:
+    """A message as the JSON convention above has it."""
+    out: dict[str, Any] = {}
+    fields: Any = message.DESCRIPTOR.fields
+    for field in fields:
+        value = getattr(message, field.name)
+        if _is_map(field):
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {str(k): _value(value_field, v) for k, v in value.items()}
+        elif _is_repeated(field):
+            out[field.name] = [_value(field, v) for v in value]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _value(field, value)
+    return out
+
+
+# Descriptors are typed loosely by protobuf's stubs (two implementations): Any here.
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
+
+
+def _is_map(field: Any) -> bool:
+    return (
+        _is_repeated(field)
+        and field.type == FieldDescriptor.TYPE_MESSAGE
+        and field.message_type.GetOptions().map_entry
+    )
+
+
+def _value(field: Any, value: Any) -> Any:
+    if isinstance(value, Timestamp):
+        return value.ToJsonString()
+    if isinstance(value, Duration):
+        return value.ToTimedelta().total_seconds()
+    if isinstance(value, Message):
+        return plain(value)
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return bytes(value).hex()
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        enum = field.enum_type.values_by_number.get(value)
+        return enum.name if enum is not None else value
+    return value
+
+
+def emit_page(items_name: str, items: Sequence[Message], next_page_token: str = "") -> None:
+    """A list, as scripts read every list: items and the token of the next page."""
+    emit_json({items_name: [plain(i) for i in items], "next_page_token": next_page_token})
+
+
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    whole: Sequence[int] = (0,),
+) -> None:
+    """A table for people. Columns in `whole` (by default the first, the identifier) are
+    never cut or wrapped, however narrow the terminal, so they can be copied back into a
+    command; the others give way."""
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(columns):
-        # The first column is the identifier: never cut or wrapped, however narrow
-        # the terminal, so it can be copied back into a command.
-        widest = max((len(str(row[0])) for row in rows), default=0) if i == 0 else None
-        t.add_column(c, no_wrap=i == 0, min_width=widest)
+        keep = i in whole
+        widest = max((len(str(row[i])) for row in rows), default=0) if keep else None
+        t.add_column(c, no_wrap=keep, min_width=widest)
     for row in rows:
         t.add_row(*(str(v) for v in row))
     console.print(t)
