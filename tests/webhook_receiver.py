@@ -9,6 +9,7 @@ drops the connection without answering.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,14 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, port: int = 0, *, slow_seconds: float = 1.0, hang_seconds: float = 120.0):
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        slow_seconds: float = 1.0,
+        hang_seconds: float = 120.0,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.slow_seconds = slow_seconds
         self.hang_seconds = hang_seconds
         self.requests: list[Received] = []
@@ -74,12 +82,16 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/ota"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hooks/ota"
 
     def script(self, *behaviours: str) -> None:
         with self._lock:

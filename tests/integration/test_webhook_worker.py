@@ -3,8 +3,10 @@ sends, each event once when the receiver is well, in order per rollout."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,8 @@ from ota.domain import webhooks as rules
 from ota.store import webhooks
 from ota.store.database import migrate, open_database
 from ota.store.session import Store
+from ota.store.webhooks import new_secret
+from ota.tls import generate_dev_pki
 from ota.transport.webhooks import Sender, WebhookWorker
 from tests.e2e.scenario import wait_for
 from tests.webhook_receiver import receiving, verify_all
@@ -79,3 +83,23 @@ def test_only_the_lease_holder_sends_and_each_event_arrives_once_in_order(store:
 def webhooks_pending(store: Store) -> int:
     with store.transaction() as session:
         return webhooks.pending_count(session)
+
+
+def test_https_endpoints_are_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    pki = generate_dev_pki(tmp_path / "pki")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki.server_cert, pki.server_key)
+    secret = new_secret()
+    with receiving(tls=tls) as receiver:
+        assert receiver.url.startswith("https://127.0.0.1:")
+        trusting = Sender(timeout_seconds=10, ca_file=str(pki.ca_cert))
+        outcome = trusting.send(
+            receiver.url, secret, "msg_tls", '{"type":"x"}', SystemClock().now()
+        )
+        assert (outcome.ok, outcome.status) == (True, 200), outcome.error
+        verify_all(receiver.snapshot(), secret)
+        # The system's CAs do not know this one: refused before anything is sent.
+        stranger = Sender(timeout_seconds=10)
+        refused = stranger.send(receiver.url, secret, "msg_x", "{}", SystemClock().now())
+        assert not refused.ok and "CERTIFICATE_VERIFY_FAILED" in refused.error
+        assert len(receiver.snapshot()) == 1
