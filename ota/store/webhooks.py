@@ -21,7 +21,6 @@ from typing import Any
 from sqlalchemy import delete, func, update
 from sqlmodel import Session, col, select
 
-from ota.clock import utc
 from ota.domain.webhooks import (
     DELIVERY_DEAD,
     DELIVERY_DELIVERED,
@@ -169,16 +168,20 @@ def due(session: Session, now: datetime, *, scan: int = 2000) -> list[Due]:
     A queue whose head waits for a retry waits as a whole: later events of one
     rollout never overtake an earlier one. A dead delivery leaves the queue.
     """
-    rows = session.exec(
-        select(WebhookDeliveryRow)
+    # The head of each queue, found in the database: a long queue of one endpoint
+    # never hides the heads of the others.
+    heads = (
+        select(func.min(WebhookDeliveryRow.id))
         .where(WebhookDeliveryRow.state == DELIVERY_PENDING)
+        .group_by(col(WebhookDeliveryRow.webhook_id), col(WebhookDeliveryRow.ordering_key))
+    )
+    ready = session.exec(
+        select(WebhookDeliveryRow)
+        .where(col(WebhookDeliveryRow.id).in_(heads))
+        .where(col(WebhookDeliveryRow.next_attempt_at) <= now)
         .order_by(col(WebhookDeliveryRow.id))
         .limit(scan)
     ).all()
-    heads: dict[tuple[str, str], WebhookDeliveryRow] = {}
-    for row in rows:
-        heads.setdefault((row.webhook_id, row.ordering_key), row)
-    ready = [r for r in heads.values() if utc(r.next_attempt_at) <= now]
     if not ready:
         return []
     hooks = {

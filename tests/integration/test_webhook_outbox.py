@@ -114,3 +114,38 @@ def test_events_commit_with_their_change_and_keep_their_order_through_retries(
             webhooks.redeliver(session, hook.webhook_id, event_id="", dead_only=True, now=NOW) == 1
         )
         assert webhooks.pending_count(session) == 3  # b wants only kills
+
+
+def test_a_long_queue_of_one_endpoint_never_hides_another(store: Store) -> None:
+    with store.transaction() as session:
+        slow, other = (
+            webhooks.create(
+                session,
+                url=f"https://{name}.example/h",
+                event_types=(),
+                feature="",
+                rollout_id=rollout_id,
+                description="",
+                creator="admin",
+                now=NOW,
+            )
+            for name, rollout_id in (("slow", "r-busy"), ("other", "r-quiet"))
+        )
+    for _ in range(30):
+        _event(store, rules.ROLLOUT_STAGE_ADVANCED, "r-busy")
+    _event(store, rules.ROLLOUT_STARTED, "r-quiet")
+    with store.transaction() as session:
+        head = webhooks.due(session, NOW, scan=1)
+        assert [d.url for d in head] == [slow.url]  # the oldest head first
+        webhooks.record_attempt(
+            session,
+            head[0].delivery_id,
+            ok=False,
+            status=503,
+            error="HTTP 503",
+            now=NOW,
+            retry_at=NOW + timedelta(hours=1),
+        )
+    with store.transaction() as session:
+        # 30 rows wait behind the retrying head; the other endpoint's event goes now.
+        assert [d.url for d in webhooks.due(session, NOW, scan=1)] == [other.url]
