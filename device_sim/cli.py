@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of a bundle download call, plus the time its bytes take at "
         f"{Deadlines().download_min_rate / 1024:.0f} KiB/s",
     )
+    run.add_argument(
+        "--delivery",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="fetch TUF metadata and bundles from the control plane (grpc) or over HTTP "
+        "from --origin-url (the delivery origin, or a cache or CDN in front of it)",
+    )
+    run.add_argument("--origin-url", default="", metavar="URL", help="e.g. http://cdn:8080")
+    run.add_argument(
+        "--origin-token",
+        default=os.environ.get("OTA_ORIGIN_TOKEN", ""),
+        help="the fleet's delivery token, if the cache requires one (env OTA_ORIGIN_TOKEN)",
+    )
     run.add_argument("--state-dir", type=Path, help="device state (default: temporary)")
     run.add_argument(
         "--duration",
@@ -204,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
             deadlines=Deadlines(download_base=args.download_deadline),
             scenario=scenario,
             pull_on_connect=not args.no_pull,
+            delivery=args.delivery,
+            origin_url=args.origin_url,
+            origin_token=args.origin_token,
         ),
     )
     out = processes.Output(json_lines=args.json)

@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import urllib3
 
 from device_sim.behaviours import Misbehaving, churn
 from device_sim.device import DeviceRecord, SimDevice
@@ -36,10 +37,11 @@ from device_sim.scenario import Scenario
 from device_sim.source import Deadlines, GrpcSource
 from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
-from ota.errors import NotFound
+from ota.errors import InvalidArgument, NotFound
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, RetryPolicy
+from ota.trust.device import DeviceTrust, MetadataSource, RetryPolicy
+from ota.trust.http_source import HttpSource
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,19 @@ class FleetSettings:
     pull_on_connect: bool = True
     # Per-device failures, crashes, latency, churn and misbehaviour (`--scenario`).
     scenario: Scenario | None = None
+    # Where devices fetch TUF metadata and bundles: "grpc" (the control plane) or
+    # "http" (`origin_url`: the delivery origin, or a cache or CDN in front of it).
+    delivery: str = "grpc"
+    origin_url: str = ""
+    origin_token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.delivery not in ("grpc", "http"):
+            raise InvalidArgument(f"{self.delivery!r} is not grpc or http", field="delivery")
+        if self.delivery == "http" and not self.origin_url.startswith(("http://", "https://")):
+            raise InvalidArgument(
+                "HTTP delivery needs an http:// or https:// origin URL", field="origin_url"
+            )
 
 
 def provision(
@@ -130,6 +145,8 @@ class SimulatedFleet:
         self._channel = grpc.insecure_channel(settings.server)
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
         self._downloads = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-download")
+        # One connection pool for every device's HTTP fetches, as they share one channel.
+        self._http = urllib3.PoolManager(maxsize=2 * settings.workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -234,6 +251,14 @@ class SimulatedFleet:
         source = GrpcSource(
             self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
         )
+        delivery: MetadataSource = source
+        if settings.delivery == "http":
+            delivery = HttpSource(
+                settings.origin_url,
+                deadlines=settings.deadlines,
+                pool=self._http,
+                token=settings.origin_token,
+            )
         scenario = settings.scenario
         skew = settings.clock_skew(p.device_id) if settings.clock_skew else timedelta(0)
         clock: Clock = SkewedClock(self.clock, skew) if skew else self.clock
@@ -243,7 +268,7 @@ class SimulatedFleet:
             firmware=p.firmware,
             state_dir=state_dir,
             trusted_root=settings.trusted_root,
-            source=source,
+            source=delivery,
             clock=clock,
             retry=settings.retry,
             durable=settings.durable,
@@ -408,3 +433,4 @@ class SimulatedFleet:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()
+        self._http.clear()

@@ -24,6 +24,9 @@ from ota.api.webhooks import WebhookServicer
 from ota.broker.passwords import PasswordFile
 from ota.clock import Clock, SystemClock
 from ota.config import ServerConfig
+from ota.delivery.origin import Origin, OriginMetrics, OriginSettings
+from ota.delivery.published import StoredBundles
+from ota.delivery.server import HttpListener
 from ota.domain.webhooks import RetryPolicy
 from ota.errors import InvalidArgument
 from ota.metrics import Metrics, MetricsServer
@@ -119,6 +122,8 @@ class ControlPlane:
     webhooks: WebhookWorker
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
+    origin: Origin | None = None
+    origin_server: HttpListener | None = None
 
     @classmethod
     def build(
@@ -254,6 +259,16 @@ class ControlPlane:
         metrics.watch_process(
             replica=lease.holder, holds_lease=lease.held, broker_up=link.connected.is_set
         )
+        origin = Origin(
+            repo,
+            StoredBundles(store),
+            OriginSettings(
+                blobs=config.data_dir / "blobs",
+                timestamp_max_age=config.origin_timestamp_max_age,
+                token=config.origin_token,
+            ),
+            OriginMetrics(metrics.registry),
+        )
         return cls(
             config,
             port,
@@ -267,12 +282,22 @@ class ControlPlane:
             lease,
             webhook_worker,
             metrics,
+            origin=origin,
         )
 
     def start(self) -> None:
         if self.config.metrics_listen:
             # First: a port in use fails here, before any other thread runs.
             self.metrics_server = self.metrics.serve(self.config.metrics_listen)
+        if self.config.origin_listen and self.origin is not None:
+            self.origin_server = HttpListener(  # binds its port: a port in use fails here too
+                self.origin.app,
+                self.config.origin_listen,
+                name="delivery origin",
+                field="origin_listen",
+                tls_cert_file=self.config.origin_tls_cert_file,
+                tls_key_file=self.config.origin_tls_key_file,
+            )
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -282,6 +307,8 @@ class ControlPlane:
         self.webhooks.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
+        if self.origin_server is not None:
+            self.origin_server.start()
         if self.metrics_server is not None:
             log.info("metrics at http://%s/metrics", self.metrics_address)
 
@@ -293,7 +320,14 @@ class ControlPlane:
         host = self.config.metrics_listen.rpartition(":")[0] or "0.0.0.0"
         return f"{host}:{self.metrics_server.port}"
 
+    @property
+    def origin_url(self) -> str:
+        """Base URL of the delivery origin, once started; empty when off."""
+        return self.origin_server.url if self.origin_server is not None else ""
+
     def stop(self) -> None:
+        if self.origin_server is not None:
+            self.origin_server.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.server.stop(grace=2).wait()

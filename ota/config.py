@@ -59,6 +59,16 @@ class ServerConfig:
     metrics_listen: str = ""
     # "text" for people, "json" (one object a line) for log collectors.
     log_format: str = "text"
+    # The HTTP origin devices fetch TUF metadata and bundles from, meant to sit behind
+    # an HTTP cache or CDN (docs/OPERATIONS.md), e.g. "0.0.0.0:8443"; empty = off.
+    # HTTPS with its own certificate and key when set; else plain HTTP.
+    origin_listen: str = ""
+    origin_tls_cert_file: str = ""
+    origin_tls_key_file: str = ""
+    # Seconds caches may keep timestamp.json (the only URL that changes in place).
+    origin_timestamp_max_age: int = 5
+    # A fleet-wide delivery token devices send and the cache checks; empty = public.
+    origin_token: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -72,6 +82,23 @@ class ServerConfig:
             )
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
+        if self.origin_listen:
+            try:
+                parse_listen(self.origin_listen)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"{self.origin_listen!r} is not host:port, e.g. 0.0.0.0:8443",
+                    field="origin_listen",
+                ) from exc
+        if bool(self.origin_tls_cert_file) != bool(self.origin_tls_key_file):
+            raise InvalidArgument(
+                "origin TLS needs both origin_tls_cert_file and origin_tls_key_file",
+                field="origin_tls_cert_file",
+            )
+        if not 0 <= self.origin_timestamp_max_age <= 3600:
+            raise InvalidArgument(
+                "must be between 0 and 3600 seconds", field="origin_timestamp_max_age"
+            )
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(
                 f"{self.log_format!r} is not 'text' or 'json'", field="log_format"

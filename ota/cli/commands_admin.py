@@ -37,7 +37,23 @@ def register(nouns: Any) -> None:
     p.add_argument("--mqtt-url", help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--metrics-listen", help="serve Prometheus metrics here, e.g. 127.0.0.1:9464")
     p.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
+    p.add_argument(
+        "--origin-listen", help="serve TUF metadata and bundles over HTTP here, e.g. 0.0.0.0:8443"
+    )
     p.set_defaults(handler=serve)
+
+    repo = nouns.add_parser("repo", help="the TUF repository devices fetch from").add_subparsers(
+        dest="verb", required=True
+    )
+    p = repo.add_parser(
+        "export",
+        help="write the repository's metadata and bundles to DIR, laid out as the HTTP "
+        "origin serves them, for any static web server or object store",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--config", type=Path, help="the control plane's TOML config file")
+    p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
+    p.set_defaults(handler=repo_export)
 
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
     p.add_argument("--state-dir", type=Path, default=Path(".ota-dev"))
@@ -187,6 +203,7 @@ def serve(args: argparse.Namespace) -> int:
         "mqtt_url": args.mqtt_url,
         "metrics_listen": args.metrics_listen,
         "log_format": args.log_format,
+        "origin_listen": args.origin_listen,
     }
     config = load_server_config(args.config, overrides=overrides)
     # A server says what it is doing (INFO), in the format its log collector reads.
@@ -194,10 +211,35 @@ def serve(args: argparse.Namespace) -> int:
     plane = ControlPlane.build(config)
     plane.start()
     console.print(f"ota control plane serving on {config.listen} (port {plane.port})")
+    if plane.origin_url:
+        console.print(f"delivery origin at {plane.origin_url}/")
     received = _wait_for_signal()
     log.info("%s received: stopping the control plane", received)
     plane.stop()
     log.info("control plane stopped")
+    return 0
+
+
+def repo_export(args: argparse.Namespace) -> int:
+    from ota.delivery.export import export_repository
+    from ota.store.database import open_database
+    from ota.store.session import Store
+
+    config = load_server_config(args.config, overrides={"database_url": args.database_url})
+    if config.database_url.startswith("sqlite:///"):
+        db_file = Path(config.database_url.removeprefix("sqlite:///"))
+        if not db_file.is_file():
+            raise InvalidArgument(f"no database at {db_file}", field="database_url")
+    engine = open_database(config.database_url)
+    try:
+        result = export_repository(Store(engine), config.data_dir / "blobs", args.dir)
+    finally:
+        engine.dispose()
+    console.print(
+        f"exported to {args.dir}: {result.metadata_written} metadata and "
+        f"{result.bundles_written} bundle file(s) written, {result.kept} already there; "
+        f"timestamp v{result.timestamp_version}"
+    )
     return 0
 
 

@@ -65,7 +65,8 @@ class MetadataSource(Protocol):
 
     Errors a retry cannot fix (no such file, not allowed) are raised as
     ``tuf.api.exceptions.DownloadHTTPError``; anything else is taken as a broken
-    transfer and retried under the device's `RetryPolicy`.
+    transfer and retried under the device's `RetryPolicy`. A source with a true
+    ``content_addressed`` attribute gets bundle paths as ``<dir>/<sha256>.<name>``.
     """
 
     def fetch_metadata(self, role: str, version: int | None) -> bytes | None:
@@ -288,13 +289,7 @@ class DeviceTrust:
             raise VerificationError(
                 "METADATA_INVALID", "assignment needs a target path and a 32-byte sha256"
             )
-        updater = self._new_updater()
-        try:
-            with as_verification_error(assignment.target_path):
-                updater.refresh()
-                info = updater.get_targetinfo(assignment.target_path)
-        finally:
-            self._root = None
+        updater, info = self._target_info(assignment.target_path)
         if info is None:
             raise VerificationError(
                 "SIGNATURE_INVALID", f"{assignment.target_path} is not signed by a release key"
@@ -304,6 +299,26 @@ class DeviceTrust:
         if updater.find_cached_target(info, str(final)) is not None:
             return final
         return self._download(updater, info, final)
+
+    def _target_info(self, target_path: str) -> tuple[Updater, TargetFile | None]:
+        # A cache in front of the repository may serve a timestamp a few seconds older
+        # than the publication the director names: look again, under the retry policy.
+        retry = self._fetcher.retry
+        failures = 0
+        while True:
+            updater = self._new_updater()
+            try:
+                with as_verification_error(target_path):
+                    updater.refresh()
+                    info = updater.get_targetinfo(target_path)
+            finally:
+                self._root = None
+            failures += 1
+            if info is not None or failures >= retry.attempts:
+                return updater, info
+            pause = retry.delay(failures, self._fetcher.rng)
+            logger.info("%s is not in the targets yet; refreshing in %.2fs", target_path, pause)
+            retry.sleep(pause)
 
     def _check_assignment(self, assignment: common_pb2.FeatureAssignment, info: TargetFile) -> None:
         # The director picks among signed bundles; it must name one exactly as signed.
@@ -522,8 +537,8 @@ class _SourceFetcher(FetcherInterface):
 
     def __init__(self, source: MetadataSource, *, retry: RetryPolicy) -> None:
         self._source = source
-        self._retry = retry
-        self._rng = random.Random()
+        self.retry = self._retry = retry
+        self.rng = self._rng = random.Random()
         self._expected = 0
         self.received = 0
 
@@ -539,7 +554,9 @@ class _SourceFetcher(FetcherInterface):
             parent, sep, base = name.rpartition("/")
             hashed = _HASHED_NAME.match(base)
             if hashed is not None:
-                return self._target(f"{parent}{sep}{hashed['name']}")
+                # An HTTP source asks by content address (cacheable); gRPC by target path.
+                content_addressed = getattr(self._source, "content_addressed", False)
+                return self._target(name if content_addressed else f"{parent}{sep}{hashed['name']}")
         # ngclient treats 404 as "no such file" (e.g. no newer root): anything else breaks it.
         raise tuf_errors.DownloadHTTPError(f"{url} not found", 404)
 

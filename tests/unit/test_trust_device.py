@@ -25,6 +25,7 @@ from ota.trust import (
     create_root,
     target_path_for,
 )
+from ota.trust.device import RetryPolicy
 from ota.v1 import common_pb2
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -110,6 +111,7 @@ class World:
         self.source = Source(self.repo)
         self.director = Director(self.director_key)
         self.generation = 0
+        self.sleeps: list[float] = []
 
     def publish(
         self, data: bytes = BUNDLE, *, version: str = "1.0", models: tuple[str, ...] = ("ev6",)
@@ -134,7 +136,13 @@ class World:
             feature="nav", version=version, target_path=path, sha256=digest, length=len(data)
         )
 
-    def device(self, *, device_id: str = "car-1", model: str = "ev6") -> DeviceTrust:
+    def device(
+        self,
+        *,
+        device_id: str = "car-1",
+        model: str = "ev6",
+        sleep: Callable[[float], None] | None = None,
+    ) -> DeviceTrust:
         return DeviceTrust(
             device_id=device_id,
             model=model,
@@ -143,6 +151,7 @@ class World:
             trusted_root=self.root,
             source=self.source,
             clock=self.clock,
+            retry=RetryPolicy(sleep=sleep or self.sleeps.append),
             durable=False,
         )
 
@@ -260,6 +269,21 @@ def test_bundle_not_signed_by_a_release_key_is_refused(world: World) -> None:
     unknown.target_path = target_path_for("nav", "9.0")
     unknown.sha256 = hashlib.sha256(b"x").digest()
     assert _reason(lambda: world.device().fetch_bundle(unknown)) == "SIGNATURE_INVALID"
+    # It looked again under the retry policy before refusing (a cache may lag).
+    assert len(world.sleeps) == RetryPolicy().attempts - 1
+
+
+def test_a_bundle_published_while_the_device_looked_is_found_on_the_next_look(
+    world: World,
+) -> None:
+    # A cache served a timestamp older than the publication the director names.
+    path = target_path_for("nav", "1.0")
+    named = common_pb2.FeatureAssignment(
+        feature="nav", version="1.0", target_path=path, sha256=hashlib.sha256(BUNDLE).digest()
+    )
+    named.length = len(BUNDLE)
+    device = world.device(sleep=lambda _: world.publish())
+    assert device.fetch_bundle(named).read_bytes() == BUNDLE
 
 
 def test_bundle_for_another_model_or_newer_firmware_is_refused(world: World) -> None:

@@ -1,0 +1,207 @@
+"""The HTTP origin: TUF metadata and bundles as a dumb mirror any HTTP cache or CDN can front.
+
+TUF makes the transport untrusted: a device believes the signatures, not the
+server. So everything here is plain static files with cache headers:
+
+- ``/metadata/N.<role>.json`` and ``/targets/<dir>/<sha256>.<name>`` never
+  change once they exist (the repository refuses a second ``(role, version)``;
+  a bundle's URL names its own digest), so they are immutable with a one-year
+  lifetime and a cache asks the origin for each at most once.
+- ``/metadata/timestamp.json`` is what says "something new": a short lifetime
+  (`timestamp_max_age`), so a cache re-asks a few times a minute, not once per
+  device.
+
+Every answer carries a strong ETag (the SHA-256 of the bytes) and honours
+If-None-Match (304); bundles honour Range (206, 416 past the end) so a cut
+download resumes. Only published bundles are served; a pending one's bytes stay
+out of reach. With a `token`, each request must carry
+``Authorization: Bearer <token>`` (docs/DECISIONS.md: "Private bundles behind a
+shared cache").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+_VERSIONED = re.compile(r"^(?P<version>[1-9][0-9]{0,9})\.(?P<role>root|snapshot|targets)\.json$")
+_HASHED = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<name>.+)$")
+# Versions are stored as 32-bit integers on PostgreSQL: a larger one cannot exist.
+_MAX_VERSION = 2**31 - 1
+
+
+class MetadataReader(Protocol):
+    def metadata(self, role: str, version: int | None = None) -> bytes | None:
+        """Stored metadata bytes as devices fetch them (None: the latest), or None."""
+        ...
+
+
+class PublishedBundles(Protocol):
+    def published(self, target_path: str) -> tuple[str, int] | None:
+        """(sha256 hex, length) of the published bundle at `target_path`, or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class OriginSettings:
+    """What the origin serves and how long caches may keep it."""
+
+    blobs: Path
+    timestamp_max_age: int = 5
+    token: str = ""
+
+
+class OriginMetrics:
+    """Requests the origin answered, by path class and status: what a cache saves shows here."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.requests = Counter(
+            "ota_origin_requests",
+            "HTTP requests the delivery origin answered, by path class "
+            "(metadata: versioned, timestamp: timestamp.json, bundle, other) and status",
+            ["kind", "status"],
+            registry=registry,
+        )
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, int], int] = {}
+
+    def observe(self, kind: str, status: int) -> None:
+        self.requests.labels(kind, str(status)).inc()
+        with self._lock:
+            self._counts[kind, status] = self._counts.get((kind, status), 0) + 1
+
+    def count(self, kind: str, status: int | None = None) -> int:
+        """Requests of `kind` so far (with `status` only, if given)."""
+        with self._lock:
+            return sum(n for (k, s), n in self._counts.items() if k == kind and status in (None, s))
+
+
+class Origin:
+    """The origin's ASGI app (`app`), over the repository's metadata and the blob store."""
+
+    def __init__(
+        self,
+        metadata: MetadataReader,
+        bundles: PublishedBundles,
+        settings: OriginSettings,
+        metrics: OriginMetrics | None = None,
+    ) -> None:
+        self._metadata = metadata
+        self._bundles = bundles
+        self._settings = settings
+        self.metrics = metrics or OriginMetrics()
+        self.app = Starlette(
+            routes=[
+                Route("/metadata/{name}", self._get_metadata, methods=["GET", "HEAD"]),
+                Route("/targets/{path:path}", self._get_target, methods=["GET", "HEAD"]),
+                Route("/{path:path}", self._other, methods=["GET", "HEAD"]),
+            ]
+        )
+
+    # Plain functions: Starlette runs them on its thread pool, off the event loop,
+    # since the metadata read may wait on the database.
+    def _get_metadata(self, request: Request) -> Response:
+        name = str(request.path_params["name"])
+        if name == "timestamp.json":
+            kind, role, version = "timestamp", "timestamp", None
+            cache = f"public, max-age={self._settings.timestamp_max_age}"
+        else:
+            match = _VERSIONED.match(name)
+            if match is None or int(match["version"]) > _MAX_VERSION:
+                return self._answer(request, "other", _not_found())
+            kind, role, version = "metadata", match["role"], int(match["version"])
+            cache = IMMUTABLE
+        if (refused := self._refuse(request)) is not None:
+            return self._answer(request, kind, refused)
+        content = self._metadata.metadata(role, version)
+        if content is None:
+            # Root N+1 is how a device learns of a rotation; a cache keeps the 404 briefly.
+            return self._answer(request, kind, _not_found(self._settings.timestamp_max_age))
+        etag = f'"{hashlib.sha256(content).hexdigest()}"'
+        headers = {"Cache-Control": cache, "ETag": etag}
+        if _matches(request, etag):
+            return self._answer(request, kind, Response(status_code=304, headers=headers))
+        return self._answer(
+            request, kind, Response(content, media_type="application/json", headers=headers)
+        )
+
+    def _get_target(self, request: Request) -> Response:
+        path = str(request.path_params["path"])
+        parent, sep, base = path.rpartition("/")
+        hashed = _HASHED.match(base)
+        if hashed is None:
+            return self._answer(request, "other", _not_found())
+        if (refused := self._refuse(request)) is not None:
+            return self._answer(request, "bundle", refused)
+        published = self._bundles.published(f"{parent}{sep}{hashed['name']}")
+        if published is None or published[0] != hashed["sha"]:
+            return self._answer(request, "bundle", _not_found(self._settings.timestamp_max_age))
+        sha, _length = published
+        blob = self._settings.blobs / sha
+        if not blob.is_file():
+            # Published but its bytes are gone: the operator's problem, not a missing file.
+            return self._answer(
+                request, "bundle", PlainTextResponse("bundle bytes missing", status_code=503)
+            )
+        etag = f'"{sha}"'
+        headers = {"Cache-Control": IMMUTABLE, "ETag": etag}
+        if _matches(request, etag):
+            return self._answer(request, "bundle", Response(status_code=304, headers=headers))
+        return self._answer(
+            request,
+            "bundle",
+            FileResponse(blob, headers=headers, media_type="application/octet-stream"),
+        )
+
+    def _other(self, request: Request) -> Response:
+        return self._answer(request, "other", _not_found())
+
+    def _refuse(self, request: Request) -> Response | None:
+        token = self._settings.token
+        if not token:
+            return None
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        return PlainTextResponse(
+            "a delivery token is required",
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="ota"', "Cache-Control": "no-store"},
+        )
+
+    def _answer(self, request: Request, kind: str, response: Response) -> Response:
+        self.metrics.observe(kind, _status(request, response))
+        return response
+
+
+def _status(request: Request, response: Response) -> int:
+    # FileResponse decides 206/416 only when sent; count what the request asked for.
+    if isinstance(response, FileResponse) and "range" in request.headers:
+        return 206
+    return response.status_code
+
+
+def _matches(request: Request, etag: str) -> bool:
+    wanted = request.headers.get("if-none-match")
+    if wanted is None:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in wanted.split(",")}
+    return etag in tags or "*" in tags
+
+
+def _not_found(max_age: int = 60) -> Response:
+    return PlainTextResponse(
+        "not found", status_code=404, headers={"Cache-Control": f"public, max-age={max_age}"}
+    )
