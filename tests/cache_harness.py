@@ -1,0 +1,210 @@
+"""A real, private Varnish in front of the delivery origin, and a link that can misbehave.
+
+`private_varnish(work_dir, host, port)` runs Debian's ``varnishd`` in the
+foreground on a free loopback port with the VCL `ota.delivery.varnish`
+renders, as tests run their own Mosquitto: nobody else's cache, gone when the
+test ends. `OriginLink` sits between the cache and the origin and forwards
+every request unchanged, unless told to flip a byte of bundle bodies (a
+tampered cache entry) or to cut the next bundle body after some bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import urllib3
+
+from ota.delivery.varnish import render_vcl
+
+FORWARDED = ("Range", "If-None-Match", "Authorization", "If-Range")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def varnishd() -> str:
+    found = shutil.which("varnishd") or (
+        "/usr/sbin/varnishd" if Path("/usr/sbin/varnishd").exists() else None
+    )
+    if found is None:
+        raise RuntimeError("varnishd is not installed (.ci/run installs Debian's varnish)")
+    return found
+
+
+@dataclass
+class VarnishHandle:
+    work_dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def purge(self, path: str) -> int:
+        """Drop the cached object at `path`; the HTTP status of the PURGE."""
+        response = urllib3.request("PURGE", self.url + path, retries=False, timeout=10)
+        return response.status
+
+    def admin(self, *command: str) -> str:
+        done = subprocess.run(
+            ["varnishadm", "-n", str(self.work_dir), *command],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout.decode()
+
+
+@contextlib.contextmanager
+def private_varnish(
+    work_dir: Path, origin_host: str, origin_port: int, *, token: str = ""
+) -> Iterator[VarnishHandle]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    vcl = work_dir / "ota.vcl"
+    vcl.write_text(render_vcl(origin_host, origin_port, token=token))
+    port = _free_port()
+    log = (work_dir / "varnishd.log").open("wb")
+    process = subprocess.Popen(
+        [
+            varnishd(),
+            "-F",  # foreground: our child, stopped with the test
+            "-j",
+            "none",  # no privilege separation: runs as whoever runs the tests
+            "-a",
+            f"127.0.0.1:{port}",
+            "-T",
+            "127.0.0.1:0",
+            "-f",
+            str(vcl),
+            "-n",
+            str(work_dir / "instance"),
+            "-s",
+            "malloc,64m",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    handle = VarnishHandle(work_dir / "instance", port, process)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"varnishd exited with {process.returncode}: "
+                    f"{(work_dir / 'varnishd.log').read_text()[-2000:]}"
+                )
+            try:
+                urllib3.request("GET", handle.url + "/", retries=False, timeout=2)
+                break
+            except urllib3.exceptions.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("varnishd did not answer within 60 s") from None
+                time.sleep(0.1)
+        yield handle
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+class OriginLink:
+    """An HTTP hop between the cache and the origin that can tamper with or cut bundles.
+
+    `tamper`: flip one byte in the middle of every bundle body. `cut_next`: send
+    only that many bytes of the next bundle body (with the full Content-Length)
+    and drop the connection. `requests` lists the (path, Range) it forwarded.
+    """
+
+    def __init__(self, origin_url: str) -> None:
+        self.origin_url = origin_url.rstrip("/")
+        self.tamper = False
+        self.cut_next: int | None = None
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._pool = urllib3.PoolManager()
+        link = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                link._forward(self)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                link._forward(self)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        headers = {h: v for h in FORWARDED if (v := handler.headers.get(h)) is not None}
+        with self._lock:
+            self.requests.append((handler.path, headers.get("Range", "")))
+        upstream = self._pool.request(
+            handler.command,
+            self.origin_url + handler.path,
+            headers=headers,
+            retries=False,
+            redirect=False,
+            timeout=30,
+        )
+        body = upstream.data
+        bundle = handler.path.startswith("/targets/") and handler.command == "GET"
+        cut: int | None = None
+        with self._lock:
+            if bundle and self.tamper and body:
+                middle = len(body) // 2
+                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+            if bundle and self.cut_next is not None and upstream.status == 200:
+                cut, self.cut_next = self.cut_next, None
+        handler.send_response(upstream.status)
+        for name, value in upstream.headers.items():
+            if name.lower() not in (
+                "connection",
+                "transfer-encoding",
+                "content-length",
+                "date",
+                "server",
+            ):
+                handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        if cut is not None:
+            handler.send_header("Connection", "close")
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        handler.wfile.write(body if cut is None else body[:cut])
+        handler.wfile.flush()
+        if cut is not None:
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
