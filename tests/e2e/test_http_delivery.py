@@ -23,7 +23,7 @@ from ota.client import Client
 from ota.clock import SystemClock
 from ota.devstack import DevStack
 from ota.errors import VerificationError
-from ota.trust.device import DeviceTrust, RetryPolicy
+from ota.trust.device import DeviceTrust
 from ota.trust.http_source import HttpSource
 from ota.v1 import bundle_pb2, common_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
