@@ -34,6 +34,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 _VERSIONED = re.compile(r"^(?P<version>[1-9][0-9]{0,9})\.(?P<role>root|snapshot|targets)\.json$")
@@ -102,13 +103,14 @@ class Origin:
         self._bundles = bundles
         self._settings = settings
         self.metrics = metrics or OriginMetrics()
-        self.app = Starlette(
+        routes = Starlette(
             routes=[
                 Route("/metadata/{name}", self._get_metadata, methods=["GET", "HEAD"]),
                 Route("/targets/{path:path}", self._get_target, methods=["GET", "HEAD"]),
                 Route("/{path:path}", self._other, methods=["GET", "HEAD"]),
             ]
         )
+        self.app: ASGIApp = _Counted(routes, self.metrics)
 
     # Plain functions: Starlette runs them on its thread pool, off the event loop,
     # since the metadata read may wait on the database.
@@ -182,15 +184,34 @@ class Origin:
         )
 
     def _answer(self, request: Request, kind: str, response: Response) -> Response:
-        self.metrics.observe(kind, _status(request, response))
+        request.state.kind = kind  # counted by _Counted with the status actually sent
         return response
 
 
-def _status(request: Request, response: Response) -> int:
-    # FileResponse decides 206/416 only when sent; count what the request asked for.
-    if isinstance(response, FileResponse) and "range" in request.headers:
-        return 206
-    return response.status_code
+class _Counted:
+    """Counts each answer by path class and the status sent (FileResponse picks 206/416 late)."""
+
+    def __init__(self, app: ASGIApp, metrics: OriginMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        status = 500
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, observe)
+        finally:
+            state = scope.get("state") or {}
+            self._metrics.observe(str(state.get("kind", "other")), status)
 
 
 def _matches(request: Request, etag: str) -> bool:
