@@ -54,6 +54,16 @@ def register(nouns: Any) -> None:
     p.add_argument("--config", type=Path, help="the control plane's TOML config file")
     p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
     p.set_defaults(handler=repo_export)
+    p = repo.add_parser(
+        "vcl", help="print a Varnish configuration for a shared cache in front of the origin"
+    )
+    p.add_argument("--origin", required=True, metavar="HOST:PORT", help="the origin_listen address")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("OTA_ORIGIN_TOKEN", ""),
+        help="the fleet's delivery token the cache checks (env OTA_ORIGIN_TOKEN; empty: public)",
+    )
+    p.set_defaults(handler=repo_vcl)
 
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
     p.add_argument("--state-dir", type=Path, default=Path(".ota-dev"))
@@ -240,6 +250,18 @@ def repo_export(args: argparse.Namespace) -> int:
         f"{result.bundles_written} bundle file(s) written, {result.kept} already there; "
         f"timestamp v{result.timestamp_version}"
     )
+    return 0
+
+
+def repo_vcl(args: argparse.Namespace) -> int:
+    from ota.delivery.varnish import render_vcl
+    from ota.metrics import parse_listen
+
+    try:
+        host, port = parse_listen(args.origin)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{args.origin!r} is not HOST:PORT", field="origin") from exc
+    print(render_vcl(host, port, token=args.token), end="")
     return 0
 
 
