@@ -30,6 +30,7 @@ BENCHMARKS = {
     "rollout-e2e": "bench.rollout_e2e",
     "fleet-connect": "bench.fleet_connect",
     "notify-fleet": "bench.notify_fleet",
+    "origin-load": "bench.origin_load",
 }
 
 
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         "--devices",
         type=int,
         default=None,
-        help="rollout-e2e and notify-fleet fleet size (rollout-e2e: 200 with --quick, 2000 "
-        "otherwise; notify-fleet: 100 with --quick, 10000 otherwise)",
+        help="rollout-e2e, notify-fleet and origin-load fleet size (rollout-e2e and "
+        "origin-load: 200 with --quick, 2000 otherwise; notify-fleet: 100 with --quick, "
+        "10000 otherwise)",
     )
     parser.add_argument(
         "--results-dir",
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                     watch=args.watch,
                     broker_max_queued=args.broker_max_queued,
                 )
-            elif name == "notify-fleet":
+            elif name in ("notify-fleet", "origin-load"):
                 result = module.run(args.quick, devices=args.devices)
             else:
                 result = module.run(args.quick)

@@ -277,12 +277,18 @@ def start_broker(
 
 @contextlib.contextmanager
 def bench_stack(
-    state_dir: Path, *, extra_users: tuple[str, ...] = (), **broker_settings: Any
+    state_dir: Path,
+    *,
+    extra_users: tuple[str, ...] = (),
+    config_overrides: dict[str, object] | None = None,
+    **broker_settings: Any,
 ) -> Iterator[tuple[DevStack, BenchBroker]]:
     """A DevStack (keys, control plane on SQLite) on a private broker; both stopped after."""
     broker = start_broker(state_dir / "broker", extra_users=extra_users, **broker_settings)
     try:
-        stack = DevStack.start(state_dir / "stack", broker=broker.endpoint())
+        stack = DevStack.start(
+            state_dir / "stack", broker=broker.endpoint(), config_overrides=config_overrides
+        )
         try:
             yield stack, broker
         finally:

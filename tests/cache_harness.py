@@ -11,11 +11,8 @@ tampered cache entry) or to cut the next bundle body after some bytes.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,105 +20,34 @@ from pathlib import Path
 
 import urllib3
 
-from ota.delivery.varnish import render_vcl
+from ota.delivery.varnish import VarnishProcess
 
 FORWARDED = ("Range", "If-None-Match", "Authorization", "If-Range")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def varnishd() -> str:
-    found = shutil.which("varnishd") or (
-        "/usr/sbin/varnishd" if Path("/usr/sbin/varnishd").exists() else None
-    )
-    if found is None:
-        raise RuntimeError("varnishd is not installed (.ci/run installs Debian's varnish)")
-    return found
-
-
 @dataclass
 class VarnishHandle:
-    work_dir: Path
-    port: int
-    process: subprocess.Popen[bytes]
+    varnish: VarnishProcess
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.varnish.url
 
     def purge(self, path: str) -> int:
         """Drop the cached object at `path`; the HTTP status of the PURGE."""
         response = urllib3.request("PURGE", self.url + path, retries=False, timeout=10)
         return response.status
 
-    def admin(self, *command: str) -> str:
-        done = subprocess.run(
-            ["varnishadm", "-n", str(self.work_dir), *command],
-            capture_output=True,
-            timeout=30,
-            check=True,
-        )
-        return done.stdout.decode()
-
 
 @contextlib.contextmanager
 def private_varnish(
     work_dir: Path, origin_host: str, origin_port: int, *, token: str = ""
 ) -> Iterator[VarnishHandle]:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    vcl = work_dir / "ota.vcl"
-    vcl.write_text(render_vcl(origin_host, origin_port, token=token))
-    port = _free_port()
-    log = (work_dir / "varnishd.log").open("wb")
-    process = subprocess.Popen(
-        [
-            varnishd(),
-            "-F",  # foreground: our child, stopped with the test
-            "-j",
-            "none",  # no privilege separation: runs as whoever runs the tests
-            "-a",
-            f"127.0.0.1:{port}",
-            "-T",
-            "127.0.0.1:0",
-            "-f",
-            str(vcl),
-            "-n",
-            str(work_dir / "instance"),
-            "-s",
-            "malloc,64m",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    handle = VarnishHandle(work_dir / "instance", port, process)
+    varnish = VarnishProcess.start(work_dir, origin_host, origin_port, token=token)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"varnishd exited with {process.returncode}: "
-                    f"{(work_dir / 'varnishd.log').read_text()[-2000:]}"
-                )
-            try:
-                urllib3.request("GET", handle.url + "/", retries=False, timeout=2)
-                break
-            except urllib3.exceptions.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("varnishd did not answer within 60 s") from None
-                time.sleep(0.1)
-        yield handle
+        yield VarnishHandle(varnish)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
+        varnish.stop()
 
 
 class OriginLink:

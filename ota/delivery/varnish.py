@@ -18,9 +18,16 @@ Cache-Control (immutable files a year, timestamp.json a few seconds).
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from ota.errors import InvalidArgument
+from ota.broker.process import free_port, port_accepts
+from ota.errors import InvalidArgument, Unavailable
 
 
 def render_vcl(
@@ -84,3 +91,89 @@ sub vcl_backend_response {{
     }}
 }}
 """
+
+
+_FALLBACK_BINARY = "/usr/sbin/varnishd"  # Debian puts it outside a user's PATH
+
+
+def find_varnishd() -> str:
+    """The path of varnishd, or a clear error saying how to install it."""
+    found = shutil.which("varnishd")
+    if found:
+        return found
+    if os.access(_FALLBACK_BINARY, os.X_OK):
+        return _FALLBACK_BINARY
+    raise Unavailable(
+        "varnishd is not installed (looked on PATH and in /usr/sbin); "
+        "install it with `apt-get install varnish`"
+    )
+
+
+@dataclass
+class VarnishProcess:
+    """A private varnishd in the foreground, on a free loopback port (benchmarks and tests).
+
+    ``-j none``: no privilege separation, so it runs as whoever started it, with
+    its working directory under `work_dir`; nobody else's cache is touched.
+    """
+
+    work_dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls, work_dir: Path, origin_host: str, origin_port: int, *, token: str = ""
+    ) -> VarnishProcess:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        vcl = work_dir / "ota.vcl"
+        vcl.write_text(render_vcl(origin_host, origin_port, token=token))
+        port = free_port()
+        log_path = work_dir / "varnishd.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    find_varnishd(),
+                    "-F",
+                    "-j",
+                    "none",
+                    "-a",
+                    f"127.0.0.1:{port}",
+                    "-T",
+                    "127.0.0.1:0",
+                    "-f",
+                    str(vcl.resolve()),
+                    "-n",
+                    str((work_dir / "instance").resolve()),
+                    "-s",
+                    "malloc,256m",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        varnish = cls(work_dir / "instance", port, process)
+        deadline = time.monotonic() + 60
+        while not port_accepts("127.0.0.1", port):
+            if process.poll() is not None:
+                raise Unavailable(
+                    f"varnishd exited with {process.returncode}: {log_path.read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                varnish.stop()
+                raise Unavailable("varnishd did not accept connections within 60 s")
+            time.sleep(0.05)
+        return varnish
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)

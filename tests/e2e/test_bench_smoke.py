@@ -24,6 +24,7 @@ BENCHMARKS = (
     "rollout-e2e",
     "fleet-connect",
     "notify-fleet",
+    "origin-load",
 )
 KEYS = {
     "name",
@@ -64,3 +65,10 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_results(tmp_path: Path)
         assert all({"what", "met", "note"} <= t.keys() for t in result["targets"])
         assert result["machine"]["nproc"] >= 1
         assert name in proc.stdout
+    # Figures that can fail: every device finished, the cache took the load.
+    origin = json.loads((out / "origin-load.json").read_text())
+    details = origin["details"]
+    assert details["active"] == details["devices"] > 0
+    assert details["origin_requests_by_kind"]["bundle"] >= 1
+    assert 0 < origin["figure"]["value"] < origin["baseline"]["value"]
+    assert details["cache_requests"] >= 4 * details["devices"]
