@@ -65,6 +65,10 @@ class DevStack:
         return f"http://{address}/metrics" if address else ""
 
     @property
+    def origin_url(self) -> str:
+        return self.control_plane.origin_url
+
+    @property
     def mqtt_url(self) -> str:
         return f"mqtt://{self.broker.host}:{self.broker.port}"
 
@@ -81,6 +85,7 @@ class DevStack:
         tls: bool = False,
         mtls: bool = False,
         metrics_port: int | None = 0,
+        origin: bool = False,
     ) -> DevStack:
         """With `tls`, gRPC is served over TLS from a development CA (made once under
         state_dir/tls); with `mtls` too, clients must present its client certificate."""
@@ -118,6 +123,8 @@ class DevStack:
             tokens={admin_token: "admin"},
             # Prometheus metrics on loopback (0: any free port); None turns them off.
             metrics_listen="" if metrics_port is None else f"127.0.0.1:{metrics_port}",
+            # The HTTP delivery origin on a free loopback port, when asked for.
+            origin_listen="127.0.0.1:0" if origin else "",
         )
         pki = None
         if tls or mtls:

@@ -53,6 +53,7 @@ def register(nouns: Any) -> None:
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--config", type=Path, help="the control plane's TOML config file")
     p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
+    p.add_argument("--data-dir", type=Path, help="where the bundle bytes are (data_dir)")
     p.set_defaults(handler=repo_export)
     p = repo.add_parser(
         "vcl", help="print a Varnish configuration for a shared cache in front of the origin"
@@ -235,7 +236,9 @@ def repo_export(args: argparse.Namespace) -> int:
     from ota.store.database import open_database
     from ota.store.session import Store
 
-    config = load_server_config(args.config, overrides={"database_url": args.database_url})
+    config = load_server_config(
+        args.config, overrides={"database_url": args.database_url, "data_dir": args.data_dir}
+    )
     if config.database_url.startswith("sqlite:///"):
         db_file = Path(config.database_url.removeprefix("sqlite:///"))
         if not db_file.is_file():
@@ -283,13 +286,16 @@ def _wait_for_signal() -> str:
 def dev(args: argparse.Namespace) -> int:
     from ota.devstack import DevStack
 
-    stack = DevStack.start(args.state_dir, grpc_port=args.port, tls=args.tls, mtls=args.mtls)
+    stack = DevStack.start(
+        args.state_dir, grpc_port=args.port, tls=args.tls, mtls=args.mtls, origin=True
+    )
     try:
         env_file = stack.state_dir / "env"
         env_file.write_text(stack.env_lines())
         console.print(f"gRPC      {stack.server}")
         console.print(f"MQTT      {stack.mqtt_url}")
         console.print(f"metrics   {stack.metrics_url}")
+        console.print(f"origin    {stack.origin_url}/  (TUF metadata and bundles over HTTP)")
         console.print(f"token     {stack.admin_token}")
         console.print(f"root      {stack.keys.root_json}")
         console.print(f"release   {stack.keys.release_key}")
