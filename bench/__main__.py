@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
                     earlier=earlier,
                     devices=args.devices,
                     fleet_in_process=args.fleet_in_process,
-                    results_dir=results_dir,
                     watch=args.watch,
                     broker_max_queued=args.broker_max_queued,
                 )

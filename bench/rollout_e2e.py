@@ -33,9 +33,10 @@ Devices whose final events are lost never finish, so the rollout never
 completes: this benchmark then stops after STALL_S seconds without a stored
 event and says so, with the device states and the broker's log line.
 
-The last two come from this run when those benchmarks ran before this one,
-else from their JSON in bench/results (marked as such), else are left out
-and said so.
+The last two come from this run when those benchmarks ran before this one
+(`--only download --only telemetry-ingest --only rollout-e2e` runs them);
+otherwise the baseline and the ratio are n/a, never borrowed from an older
+run's results.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from bench._client import settled_outcomes, wait_following
 from bench.common import (
     MODELS,
     REGIONS,
-    RESULTS_DIR,
     Figure,
     Result,
     Target,
@@ -99,19 +99,15 @@ FINAL = {
 }
 
 
-def _earlier_baseline(
-    earlier: dict[str, Result], name: str, results_dir: Path
-) -> tuple[float | None, str]:
-    """The baseline figure of another benchmark: this run's, else its last JSON."""
+def _earlier_baseline(earlier: dict[str, Result], name: str) -> tuple[float | None, str]:
+    """The baseline figure of another benchmark from this run, or None (printed as n/a).
+
+    Never from an older results file: a baseline from another run, on another
+    load, would make the ratio meaningless.
+    """
     if name in earlier and earlier[name].baseline.value:
         return earlier[name].baseline.value, "this run"
-    path = results_dir / f"{name}.json"
-    try:
-        data = json.loads(path.read_text())
-        value = data["baseline"]["value"]
-        return (float(value), f"{path.name} from {data['started_at']} ({data['mode']})")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, "not available (run that benchmark first)"
+    return None, f"n/a: {name} did not run before this benchmark in this run"
 
 
 def _watch(
@@ -393,7 +389,6 @@ def run(
     earlier: dict[str, Result],
     devices: int | None = None,
     fleet_in_process: bool = False,
-    results_dir: Path = RESULTS_DIR,
     watch: bool = False,
     broker_max_queued: int | None = BENCH_MAX_QUEUED,
 ) -> Result:
@@ -401,7 +396,12 @@ def run(
     topics = Topics()
     with (
         tempfile.TemporaryDirectory(prefix="ota-bench-e2e-") as tmp,
-        bench_stack(Path(tmp), extra_users=(NOTIFY_USER,)) as (stack, broker),
+        bench_stack(
+            Path(tmp),
+            extra_users=(NOTIFY_USER,),
+            # Applied to the broker's config (0: no limit); None keeps the shipped value.
+            **({} if broker_max_queued is None else {"max_queued_messages": broker_max_queued}),
+        ) as (stack, broker),
     ):
         timeout = max(120.0, n / 20)
         spec: dict[str, Any] = {
@@ -562,8 +562,8 @@ def run(
     if not matches:
         raise RuntimeError(f"the report {reported} differs from the devices' {outcomes}")
 
-    raw_mib_s, raw_src = _earlier_baseline(earlier, "download", results_dir)
-    ingest_rate, ingest_src = _earlier_baseline(earlier, "telemetry-ingest", results_dir)
+    raw_mib_s, raw_src = _earlier_baseline(earlier, "download")
+    ingest_rate, ingest_src = _earlier_baseline(earlier, "telemetry-ingest")
     parts: dict[str, Any] = {"notify_s": notify["notify_s"], "notify_source": "this run"}
     parts["download_s"] = n * BUNDLE_BYTES / MIB / raw_mib_s if raw_mib_s else None
     parts["download_source"] = raw_src
