@@ -1,7 +1,8 @@
 """`python -m bench --quick` runs every benchmark end to end and writes its results.
 
-Only that the benchmarks run and report is checked: never a time or a ratio,
-which depend on the machine.
+Checked: that the benchmarks run and report, and figures that can fail
+whatever the machine (positive figures, ratios in range, counts that must be
+equal); never a time or a ratio against its target, which depend on the machine.
 """
 
 from __future__ import annotations
@@ -65,7 +66,15 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_results(tmp_path: Path)
         assert all({"what", "met", "note"} <= t.keys() for t in result["targets"])
         assert result["machine"]["nproc"] >= 1
         assert name in proc.stdout
-    # Figures that can fail: every device finished, the cache took the load.
+        assert result["figure"]["value"] > 0, name
+        if result["ratio"] is not None:
+            assert 0 < result["ratio"] < 10_000, name
+    # Figures that can fail: every device finished and reported, nothing was lost.
+    e2e = json.loads((out / "rollout-e2e.json").read_text())["details"]
+    assert e2e["outcomes"] == e2e["report_states"] == {"ACTIVE": e2e["devices"]}
+    assert e2e["events_sent"] == e2e["events_stored_after_settling"] > 0
+    assert e2e["events_lost"] == 0
+    # The cache took the load.
     origin = json.loads((out / "origin-load.json").read_text())
     details = origin["details"]
     assert details["active"] == details["devices"] > 0
