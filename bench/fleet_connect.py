@@ -8,7 +8,9 @@ credentials, and runs the simulator's real firmware: after subscribing it
 resumes its work and pulls its desired state over gRPC, as on every boot.
 
 Figure: seconds from "go" (every device registered and built) until the last
-device is connected and subscribed, at the largest N. RSS per device is the
+device is connected and subscribed, at the largest N, for the default
+simulator (one process, pull on connect); the fastest layout measured is shown
+beside it. RSS per device is the
 simulator's RSS growth from before registering to all connected, divided by
 N: everything a device costs, its TUF trust state and paho client included.
 Registration (RegisterDevices, the broker's password file) is timed apart.
@@ -84,29 +86,43 @@ def run(quick: bool) -> Result:
                 f"load {r['loadavg_1min']:.1f}"
             )
     largest = max(r["devices"] for r in runs)
-    best = min((r for r in runs if r["devices"] == largest), key=lambda r: r["connect_s"])
-    n = best["devices"]
+    at_largest = [r for r in runs if r["devices"] == largest]
+    # The headline is the simulator as shipped (one process, pull on connect); the
+    # fastest layout is shown beside it, not in its place.
+    default = next(r for r in at_largest if r["processes"] == 1 and r["pull"])
+    best = min(at_largest, key=lambda r: r["connect_s"])
+    n = default["devices"]
     at_target = n >= TARGET_DEVICES
-    how = f"{best['processes']} process(es), pull {'on' if best['pull'] else 'off'}"
+    best_how = f"{best['processes']} process(es), pull {'on' if best['pull'] else 'off'}"
+    beside = (
+        f"; best layout ({best_how}): {best['connect_s']:.2f} s, "
+        f"{best['rss_per_device_kib']:.1f} KiB each"
+        if best is not default
+        else ""
+    )
     return Result(
         name="fleet-connect",
         mode="quick" if quick else "full",
-        figure=Figure(best["connect_s"], "s", f"{n} devices connected and subscribed ({how})"),
+        figure=Figure(
+            default["connect_s"],
+            "s",
+            f"{n} devices connected and subscribed (default: 1 process, pull on connect)",
+        ),
         baseline=Figure(None, "", "no baseline (PROTOCOL §9)"),
         ratio=None,
         targets=[
             Target(
                 f"{TARGET_DEVICES} devices in <= {TARGET_S:g} s",
-                best["connect_s"] <= TARGET_S if at_target else None,
-                "" if at_target else f"measured {n} devices only",
+                default["connect_s"] <= TARGET_S if at_target else None,
+                ("" if at_target else f"measured {n} devices only") + beside,
             ),
             Target(
                 f"<= {TARGET_KIB:g} KiB RSS per device",
-                best["rss_per_device_kib"] <= TARGET_KIB if at_target else None,
-                f"{best['rss_per_device_kib']:.1f} KiB",
+                default["rss_per_device_kib"] <= TARGET_KIB if at_target else None,
+                f"{default['rss_per_device_kib']:.1f} KiB",
             ),
         ],
-        details={"runs": runs},
+        details={"runs": runs, "best_layout": best},
     )
 
 
