@@ -10,7 +10,8 @@ samples). Ingest maintains the aggregates the report reads.
 The figure is the median latency of `build_report` (the whole adoption
 report, fresh session each call). The rollout's eligible count is recorded on
 its row once after exposure, as the engine's tick does for a running rollout;
-`eligible_count_ms` is what counting it on demand (a draft) costs. The baseline is the query a report without
+`eligible_count_ms` is what counting it on demand costs, and `draft_report_ms`
+the whole report of a draft rollout of the same bundle, which counts it on demand. The baseline is the query a report without
 aggregates would start from: state counts by a plain `GROUP BY` over the
 `device_event` table of the rollout. Both run against the same file.
 """
@@ -86,8 +87,8 @@ def _event(device_id: str, seq: int, rollout_id: str, when: datetime) -> Incomin
     )
 
 
-def _build(store: Store, devices: int) -> tuple[str, dict[str, float]]:
-    """Register, create, expose, ingest; returns the rollout id and phase seconds."""
+def _build(store: Store, devices: int) -> tuple[str, str, dict[str, float]]:
+    """Register, create, expose, ingest; returns the rollout's and a draft's ids, phase seconds."""
     clock = ManualClock()
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -136,6 +137,9 @@ def _build(store: Store, devices: int) -> tuple[str, dict[str, float]]:
     rollout_id = commands.create(
         NewRollout(FEATURE, VERSION, "", plan, ""), actor="bench"
     ).rollout_id
+    # A second rollout of the same bundle stays a DRAFT: its report counts the eligible
+    # devices on demand, as an operator reviewing a draft sees it.
+    draft_id = commands.create(NewRollout(FEATURE, VERSION, "", plan, ""), actor="bench").rollout_id
     with store.transaction() as session:
         row = rollouts.get_rollout(session, rollout_id)
         rollouts.set_quietly(session, row, state="RUNNING", current_stage=0)
@@ -166,7 +170,7 @@ def _build(store: Store, devices: int) -> tuple[str, dict[str, float]]:
         log(f"round {seq}/{EVENTS_PER_DEVICE}: {stored:,} events stored")
     phases["ingest_s"] = time.perf_counter() - t0
     phases["events"] = stored
-    return rollout_id, phases
+    return rollout_id, draft_id, phases
 
 
 def _median_ms(call: Callable[[], object], runs: int) -> tuple[float, list[float]]:
@@ -187,12 +191,16 @@ def run(quick: bool) -> Result:
         try:
             migrate(db)
             store = Store(db)
-            rollout_id, phases = _build(store, devices)
+            rollout_id, draft_id, phases = _build(store, devices)
             now = datetime(2026, 1, 1, 2, tzinfo=UTC)
 
             def report() -> report_model.AdoptionReport:
                 with store.transaction() as session:
                     return report_model.build_report(session, rollout_id, now)
+
+            def draft_report() -> report_model.AdoptionReport:
+                with store.transaction() as session:
+                    return report_model.build_report(session, draft_id, now)
 
             def group_by() -> list[Any]:
                 with store.transaction() as session:
@@ -217,9 +225,12 @@ def run(quick: bool) -> Result:
             report_ms, report_runs = _median_ms(report, runs)
             base_ms, base_runs = _median_ms(group_by, max(3, runs // 3))
             eligible_ms, _ = _median_ms(eligible, runs)
+            draft_ms, draft_runs = _median_ms(draft_report, runs)
             built = report()
+            draft = draft_report()
             log(
-                f"report {report_ms:.1f} ms (eligible count {eligible_ms:.1f} ms), "
+                f"report {report_ms:.1f} ms (eligible count {eligible_ms:.1f} ms; a draft's "
+                f"report, counting on demand, {draft_ms:.1f} ms), "
                 f"GROUP BY {base_ms:.1f} ms over {phases['events']:,.0f} events"
             )
         finally:
@@ -234,6 +245,11 @@ def run(quick: bool) -> Result:
         targets=[
             Target(">= 50x faster than baseline", speedup is not None and speedup >= 50),
             Target("< 100 ms", report_ms < 100),
+            Target(
+                "a draft's report (eligible counted on demand) < 100 ms",
+                draft_ms < 100,
+                f"{draft_ms:.1f} ms",
+            ),
         ],
         details={
             "devices": devices,
@@ -243,6 +259,9 @@ def run(quick: bool) -> Result:
             "report_runs_ms": report_runs,
             "baseline_runs_ms": base_runs,
             "eligible_count_ms": eligible_ms,
+            "draft_report_ms": draft_ms,
+            "draft_report_runs_ms": draft_runs,
+            "draft_eligible": draft.eligible,
             "report_eligible": built.eligible,
             "report_exposed": built.exposed,
             "report_events_ingested": built.events_ingested,
