@@ -75,7 +75,7 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_results(tmp_path: Path)
     assert e2e["events_sent"] == e2e["events_stored_after_settling"] > 0
     assert e2e["events_lost"] == 0
     report = json.loads((out / "report.json").read_text())["details"]
-    assert report["draft_eligible"] == report["report_eligible"] == report["devices"]
+    assert report["draft_eligible"] == report["report_eligible"] > 0
     assert report["draft_report_ms"] > 0
     # The cache took the load.
     origin = json.loads((out / "origin-load.json").read_text())
