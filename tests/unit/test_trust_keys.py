@@ -227,6 +227,7 @@ def test_public_surface_is_exactly_what_ota_trust_exports() -> None:
         "device",
         "director",
         "freshness",
+        "http_source",
         "keys",
         "release",
         "repository",
