@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -275,3 +279,152 @@ async def _broadcast(
         await asyncio.gather(*listeners, return_exceptions=True)
         await asyncio.gather(*(c.disconnect() for c in [*clients, pub]), return_exceptions=True)
     return {"connect_s": connect_s, "notify_s": delivered_s}
+
+
+# --- the notify baseline with its receivers in child processes ------------------------
+
+
+def broadcast_baseline_in_processes(
+    host: str,
+    port: int,
+    accounts: dict[str, str],
+    publisher: tuple[str, str],
+    topics: Topics,
+    *,
+    timeout: float,
+    processes: int = 2,
+) -> dict[str, float]:
+    """`broadcast_baseline` with the receiving devices split over `processes` children.
+
+    The layout of the fleet it is compared with: the devices in child processes,
+    the publisher (the control plane's side) in this one. Every process reads
+    the same wall clock, so delivery is first publish to the last child's last
+    message.
+    """
+    ids = sorted(accounts)
+    shares = [ids[i::processes] for i in range(processes)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.mqtt_tools"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in shares
+    ]
+    try:
+        for child, share in zip(children, shares, strict=True):
+            assert child.stdin is not None
+            spec = {
+                "host": host,
+                "port": port,
+                "accounts": {d: accounts[d] for d in share},
+                "topic_root": topics.root,
+                "timeout": timeout,
+            }
+            child.stdin.write(json.dumps(spec) + "\n")
+            child.stdin.close()
+        ready = [_line(child) for child in children]
+        t0 = asyncio.run(_publish_each(host, port, publisher, topics, ids))
+        done = [_line(child) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+    if sum(int(d["received"]) for d in done) != len(ids):
+        raise RuntimeError(f"the baseline's receivers got {done}, not {len(ids)} messages")
+    return {
+        "connect_s": max(float(r["connect_s"]) for r in ready),
+        "notify_s": max(float(d["last_at"]) for d in done) - t0,
+        "processes": float(processes),
+    }
+
+
+def _line(child: subprocess.Popen[str]) -> dict[str, Any]:
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"a baseline receiver exited with {child.wait(timeout=10)}")
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+async def _publish_each(
+    host: str, port: int, publisher: tuple[str, str], topics: Topics, ids: list[str]
+) -> float:
+    payload = b"\x00" * 200  # about the size of a signed desired state envelope
+    pub = Connection(
+        host,
+        port,
+        username=publisher[0],
+        password=publisher[1],
+        client_id=publisher[0],
+        max_inflight=1000,
+    )
+    await pub.connect()
+    try:
+        t0 = time.time()
+        await asyncio.gather(
+            *(pub.publish(topics.desired(d), payload, qos=1, retain=True) for d in ids)
+        )
+        return t0
+    finally:
+        await pub.disconnect()
+
+
+async def _receive(spec: dict[str, Any]) -> None:
+    accounts: dict[str, str] = spec["accounts"]
+    topics = Topics(spec["topic_root"])
+    gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+    clients: list[Connection] = []
+    received = 0
+    last_at = 0.0
+    all_in = asyncio.Event()
+
+    async def connect(device_id: str) -> None:
+        client = Connection(
+            spec["host"],
+            spec["port"],
+            username=device_id,
+            password=accounts[device_id],
+            client_id=device_id,
+        )
+        async with gate:
+            await client.connect()
+            clients.append(client)
+            await client.subscribe(topics.desired(device_id), retained=False)
+
+    async def listen(client: Connection) -> None:
+        nonlocal received, last_at
+        async for _message in client.messages:
+            received += 1
+            last_at = time.time()
+            if received == len(accounts):
+                all_in.set()
+            return
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connect(d) for d in accounts))
+    print(json.dumps({"connect_s": time.perf_counter() - t0}), flush=True)
+    listeners = [asyncio.create_task(listen(c)) for c in clients]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), float(spec["timeout"]))
+        print(json.dumps({"last_at": last_at, "received": received}), flush=True)
+    finally:
+        for task in listeners:
+            task.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
+        await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
+
+
+def main() -> None:
+    """A baseline receiver: a JSON spec on stdin, JSON lines on stdout."""
+    spec = json.loads(sys.stdin.readline())
+    raise_open_files_limit(len(spec["accounts"]) + 512)
+    asyncio.run(_receive(spec))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,10 @@ both processes read the same clock). What the devices do next (download and
 install) runs concurrently, as in a real rollout, and competes for the cores.
 
 Baseline: the same device ids (re-registered, so with fresh secrets), each
-connected and subscribed to its own `desired` topic; one control-plane-side
-client publishes one retained 200-byte message to each; first publish to
-last delivery. The ACL gives each device only its own topic, so a single
+connected and subscribed to its own `desired` topic, split over two child
+processes as the fleet is; one control-plane-side client in this process
+publishes one retained 200-byte message to each; first publish to last
+delivery, on the wall clock every process reads. The ACL gives each device only its own topic, so a single
 shared broadcast topic is not possible.
 """
 
@@ -47,7 +48,7 @@ from bench.common import (
     ratio,
 )
 from bench.fleet_connect import ROOT, scratch_dir
-from bench.mqtt_tools import broadcast_baseline
+from bench.mqtt_tools import broadcast_baseline_in_processes
 from device_sim.fleet import provision
 from device_sim.profile import compose_fleet
 from ota.client import Client
@@ -112,13 +113,15 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
             )
         finally:
             client.close()
-        baseline = broadcast_baseline(
+        # The same layout as the fleet: receivers in two child processes.
+        baseline = broadcast_baseline_in_processes(
             broker.host,
             broker.port,
             secrets,
             (NOTIFY_USER, broker.extra[NOTIFY_USER]),
             Topics(),
             timeout=max(120.0, n / 20),
+            processes=2,
         )
         log(
             f"baseline: {n} retained publishes delivered in {baseline['notify_s']:.2f} s "
