@@ -248,3 +248,35 @@ def test_a_tampered_cache_entry_is_refused_and_a_purge_heals_it(
     ).fetch_bundle(assignment(bundle_of(client, "1.0.0")))
     assert hashlib.sha256(healed.read_bytes()).hexdigest() == sha
     assert origin_requests(stack)["bundle", "200"] == before + 1
+
+
+def test_with_a_delivery_token_the_cache_refuses_strangers_and_shares_one_copy(
+    tmp_path: Path, broker: BrokerHandle
+) -> None:
+    token = "fleet-token-1"
+    dev = DevStack.start(
+        tmp_path / "stack",
+        broker=endpoint(broker),
+        config_overrides={"origin_listen": "127.0.0.1:0", "origin_token": token},
+    )
+    try:
+        origin = dev.control_plane.origin_server
+        assert origin is not None
+        with private_varnish(tmp_path / "varnish", "127.0.0.1", origin.port, token=token) as cache:
+            path = "/metadata/1.root.json"
+            assert urllib3.request("GET", cache.url + path, retries=False).status == 401
+            wrong = {"Authorization": "Bearer nope"}
+            assert urllib3.request("GET", cache.url + path, headers=wrong).status == 401
+            good = {"Authorization": f"Bearer {token}"}
+            for _ in range(3):
+                answer = urllib3.request("GET", cache.url + path, headers=good)
+                assert answer.status == 200
+                assert answer.data == dev.keys.root_json.read_bytes()
+            # Strangers never reached the origin; the fleet's three asks cost it one.
+            assert origin_requests(dev)["metadata", "200"] == 1
+            assert origin_requests(dev)["metadata", "401"] == 0
+            # A device with the token verifies through the cache as any other.
+            source = HttpSource(cache.url, deadlines=Deadlines(), token=token)
+            lone_device(dev, tmp_path, source, "tok-1").refresh_metadata()
+    finally:
+        dev.stop()
