@@ -1,0 +1,55 @@
+"""Choosing HTTP delivery: a simulator configured wrongly says so in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device_sim.cli import main
+from device_sim.fleet import FleetSettings
+from device_sim.profile import FailureProfile
+from ota.delivery.varnish import render_vcl
+from ota.errors import InvalidArgument
+
+
+def settings(**kw: str) -> FleetSettings:
+    return FleetSettings(
+        server="127.0.0.1:1",
+        admin_token="t",
+        trusted_root=b"{}",
+        state_dir=Path("/nonexistent"),
+        failures=FailureProfile(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_http_delivery_needs_an_http_url() -> None:
+    assert settings(delivery="http", origin_url="https://cdn.example").origin_url
+    for bad in ("", "cdn.example", "ftp://cdn.example"):
+        with pytest.raises(InvalidArgument) as refused:
+            settings(delivery="http", origin_url=bad)
+        assert refused.value.field == "origin_url"
+    with pytest.raises(InvalidArgument) as refused:
+        settings(delivery="carrier-pigeon")
+    assert refused.value.field == "delivery"
+
+
+def test_ota_sim_says_what_is_missing_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    code = main(["run", "--devices", "1", "--root", str(root), "--delivery", "http"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.count("\n") == 0 and "origin_url" in err and "http://" in err
+
+
+def test_the_vcl_refuses_values_that_would_break_out_of_a_string() -> None:
+    vcl = render_vcl("origin.internal", 8443, token="abc")
+    assert '.host = "origin.internal";' in vcl and '"Bearer abc"' in vcl
+    assert "Authorization" not in render_vcl("origin.internal", 8443)
+    for bad in ('a"b', "a\nb", "a}b"):
+        with pytest.raises(InvalidArgument):
+            render_vcl("origin", 1, token=bad)
