@@ -180,25 +180,45 @@ def test_a_token_keeps_strangers_out(tmp_path: Path, broker: BrokerHandle) -> No
 
 
 def test_export_writes_what_the_origin_serves(
-    stack: DevStack,
-    published: tuple[str, bytes],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    database_url: str, broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path, data = published
-    out = tmp_path / "mirror"
-    database = stack.control_plane.config.database_url
-    config = tmp_path / "ota.toml"
-    config.write_text(f'database_url = "{database}"\ndata_dir = "{stack.state_dir / "data"}"\n')
-    assert main(["repo", "export", str(out), "--config", str(config)]) == 0
-    assert (out / path.lstrip("/")).read_bytes() == data
-    for name in ("1.root.json", "timestamp.json", "2.snapshot.json", "2.targets.json"):
-        assert (out / "metadata" / name).read_bytes() == get(stack, f"/metadata/{name}").data, name
-    # Again: nothing new, everything kept.
-    assert main(["repo", "export", str(out), "--config", str(config)]) == 0
-    assert "0 bundle file(s) written" in capsys.readouterr().out
-    # A user's mistake is one line and a non-zero exit.
-    assert (
-        main(["repo", "export", str(out), "--database-url", f"sqlite:///{tmp_path}/none.db"]) == 1
+    # The export reads the store itself: on each kind of database.
+    stack = DevStack.start(
+        tmp_path / "stack",
+        broker=endpoint(broker),
+        database_url=database_url,
+        config_overrides={"origin_listen": "127.0.0.1:0"},
     )
-    assert "no database at" in capsys.readouterr().err
+    try:
+        client = Client.connect(stack.server, stack.admin_token)
+        try:
+            sha = publish(client, stack, tmp_path, "1.0.0", size=50_000)
+            target = (
+                client.bundles.ListBundles(
+                    bundle_pb2.ListBundlesRequest(), metadata=client.metadata
+                )
+                .bundles[0]
+                .target_path
+            )
+        finally:
+            client.close()
+        data = (tmp_path / "bundle-1.0.0.bin").read_bytes()
+        parent, _, name = target.rpartition("/")
+        out = tmp_path / "mirror"
+        config = tmp_path / "ota.toml"
+        config.write_text(
+            f'database_url = "{database_url}"\ndata_dir = "{stack.state_dir / "data"}"\n'
+        )
+        assert main(["repo", "export", str(out), "--config", str(config)]) == 0
+        assert (out / "targets" / parent / f"{sha}.{name}").read_bytes() == data
+        for file in ("1.root.json", "timestamp.json", "2.snapshot.json", "2.targets.json"):
+            assert (out / "metadata" / file).read_bytes() == get(stack, f"/metadata/{file}").data
+        # Again: nothing new, everything kept.
+        assert main(["repo", "export", str(out), "--config", str(config)]) == 0
+        assert "0 bundle file(s) written" in capsys.readouterr().out
+        # A user's mistake is one line and a non-zero exit.
+        missing = f"sqlite:///{tmp_path}/none.db"
+        assert main(["repo", "export", str(out), "--database-url", missing]) == 1
+        assert "no database at" in capsys.readouterr().err
+    finally:
+        stack.stop()
