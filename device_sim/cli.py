@@ -19,7 +19,7 @@ import grpc
 from device_sim import processes
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import ClockSkew, FailureProfile, HealthProfile, compose_fleet
-from device_sim.scenario import load_scenario
+from device_sim.scenario import MAX_UNREACHABLE_FOR, Scenario, load_scenario
 from device_sim.source import Deadlines
 from ota.errors import OtaError
 from ota.trust.device import RetryPolicy
@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RetryPolicy().attempts,
         help="calls per metadata file or bundle before a device gives up (with backoff)",
+    )
+    run.add_argument(
+        "--unreachable-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a device keeps retrying (with jittered backoff, keeping its place) "
+        "while the control plane cannot be reached -- a restart, an outage -- before it "
+        f"reports CONTROL_PLANE_UNREACHABLE (default {RetryPolicy().unreachable_for:g}, "
+        "or the scenario's unreachable_for)",
     )
     run.add_argument(
         "--download-deadline",
@@ -160,6 +170,20 @@ def _positive(value: int, field: str) -> int:
     return value
 
 
+def _unreachable_for(args: argparse.Namespace, scenario: Scenario | None) -> float:
+    """Seconds devices wait out an unreachable control plane: the flag, the scenario, or 600."""
+    seconds: float | None = args.unreachable_for
+    if seconds is None and scenario is not None:
+        seconds = scenario.unreachable_for
+    if seconds is None:
+        return RetryPolicy().unreachable_for
+    if not 0 <= seconds <= MAX_UNREACHABLE_FOR:
+        raise OtaError(
+            f"must be between 0 and {MAX_UNREACHABLE_FOR:g} seconds", field="unreachable_for"
+        )
+    return seconds
+
+
 def _scratch() -> str | None:
     """Where a temporary fleet keeps its state: memory (tmpfs) where there is one.
 
@@ -213,7 +237,10 @@ def run(args: argparse.Namespace) -> int:
             health_interval=health_interval,
             seed=seed,
             clock_skew=skew,
-            retry=RetryPolicy(attempts=_positive(args.download_attempts, "download_attempts")),
+            retry=RetryPolicy(
+                attempts=_positive(args.download_attempts, "download_attempts"),
+                unreachable_for=_unreachable_for(args, scenario),
+            ),
             deadlines=Deadlines(download_base=args.download_deadline),
             scenario=scenario,
             pull_on_connect=not args.no_pull,

@@ -30,7 +30,7 @@ from device_sim.mqtt import Connection, MqttError, Will
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
 from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
-from ota.domain.states import SETTLED
+from ota.domain.progress import Standing, advance, is_waiting
 from ota.errors import VerificationError
 from ota.transport.topics import Topics
 from ota.trust.device import DeviceTrust, StaleDesiredState, check_not_downgrade
@@ -83,6 +83,8 @@ class DeviceRecord:
     # ("feature@version", or "" when the device runs no feature).
     periodic_samples: dict[str, int] = field(default_factory=dict)
     periodic_crashes: dict[str, int] = field(default_factory=dict)
+    # Times the device gave up waiting for an unreachable control plane, by rollout.
+    gave_up: dict[str, int] = field(default_factory=dict)
 
 
 class PowerCut(Exception):
@@ -327,13 +329,8 @@ class SimDevice:
                     await self._fail(a, exc.reason, str(exc))
                     return
             await self.report(a, "DOWNLOADING")
-        try:
-            # After a restart this finds the kept file and re-verifies it against TUF.
-            path = await asyncio.get_running_loop().run_in_executor(
-                self.download_executor, self.trust.fetch_bundle, a
-            )
-        except VerificationError as exc:
-            await self._fail(a, exc.reason, str(exc))
+        path = await self._fetch(a)
+        if path is None:
             return
         if not reached_at_least(reached, "VERIFIED"):
             await self.report(a, "DOWNLOADED")
@@ -349,6 +346,29 @@ class SimDevice:
         installed = self.features.install(a, path)
         await self._save()
         await self._finish_install(a, installed)
+
+    async def _fetch(self, a: common_pb2.FeatureAssignment) -> Path | None:
+        """Download and verify `a`'s bundle; None once a failure was reported.
+
+        A control plane out of reach for the whole retry window is said once
+        (CONTROL_PLANE_UNREACHABLE, not a failure: the work stays in flight) and
+        then waited for again, for as long as it takes.
+        """
+        said_unreachable = False
+        while True:
+            try:
+                # After a restart this finds the kept file and re-verifies it against TUF.
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.download_executor, self.trust.fetch_bundle, a
+                )
+            except VerificationError as exc:
+                if not is_waiting(exc.reason):
+                    await self._fail(a, exc.reason, str(exc))
+                    return None
+                if not said_unreachable:
+                    log.info("%s: %s; still trying", self.device_id, exc)
+                    await self.report(a, "FAILED", reason=exc.reason, detail=str(exc))
+                    said_unreachable = True
 
     async def _finish_install(
         self, a: common_pb2.FeatureAssignment, current: InstalledBundle
@@ -520,17 +540,23 @@ class SimDevice:
         # the next session resumes the work and reports the step again (a new seq).
         await self._publish_event(payload)
         if a.rollout_id:
-            settled = self.record.last_state.get(a.rollout_id) in SETTLED
-            if not (state == "FAILED" and settled):
-                # Same rule as the control plane: a refusal after the device has
-                # settled is a reason, not a lost install.
-                self.record.last_state[a.rollout_id] = state
+            # The control plane's rule (`ota.domain.progress`): a refusal after the
+            # device settled is a reason, not a lost install; giving up on an
+            # unreachable control plane is a wait, not a failure.
+            before = Standing(
+                self.record.last_state.get(a.rollout_id, "TARGETED"),
+                self.record.failed_reason.get(a.rollout_id, ""),
+            )
+            after = advance(before, state, reason)
+            self.record.last_state[a.rollout_id] = after.state
             self.record.last_reason[a.rollout_id] = reason
             self.record.states_seen.setdefault(a.rollout_id, set()).add(state)
             sent = self.record.events_by_rollout
             sent[a.rollout_id] = sent.get(a.rollout_id, 0) + 1
-            if state == "FAILED":
-                self.record.failed_reason[a.rollout_id] = reason
+            if after.failure:
+                self.record.failed_reason[a.rollout_id] = after.failure
+            if is_waiting(reason):
+                self.record.gave_up[a.rollout_id] = self.record.gave_up.get(a.rollout_id, 0) + 1
         self.record.events_sent += 1
         if self.duplicate_every and seq % self.duplicate_every == 0:
             self.record.duplicates_sent += 1

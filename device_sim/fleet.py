@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -47,6 +48,14 @@ from ota.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 
 REGISTER_BATCH = 1000
+# gRPC's own reconnect backoff grows to two minutes: after an outage the channel
+# would stay down that long after the control plane is back. Devices back off
+# themselves (`RetryPolicy`); the channel only needs to try again soon.
+DEVICE_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
 # Connections waiting for their CONNACK at once. Mosquitto listens with a
 # backlog of 100; beyond it the kernel drops SYNs and a connect waits a second.
 CONNECTS_AT_ONCE = 64
@@ -132,6 +141,10 @@ def provision(
     return secrets, mqtt_url, topic_root
 
 
+class FleetStopping(Exception):
+    """Raised in a device's retry pause when the fleet stops: the device gives up quietly."""
+
+
 class SimulatedFleet:
     """N devices on one event loop in a background thread."""
 
@@ -142,7 +155,9 @@ class SimulatedFleet:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.devices: list[SimDevice] = []
-        self._channel = grpc.insecure_channel(settings.server)
+        self._channel = grpc.insecure_channel(settings.server, options=DEVICE_CHANNEL_OPTIONS)
+        # Set by `stop`: a device waiting out an unreachable control plane stops waiting.
+        self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
         self._downloads = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-download")
         # One connection pool for every device's HTTP fetches, as they share one channel.
@@ -244,6 +259,11 @@ class SimulatedFleet:
 
         return asyncio.run_coroutine_threadsafe(cycle(), self._loop).result(timeout=timeout)
 
+    def _pause(self, seconds: float) -> None:
+        """A device's pause between retries, cut short when the fleet stops."""
+        if self._stopping.wait(seconds):
+            raise FleetStopping("the fleet is stopping")
+
     def _device(self, p: DeviceProfile, *, record: DeviceRecord | None = None) -> SimDevice:
         settings = self.settings
         assert self._topics is not None
@@ -270,7 +290,7 @@ class SimulatedFleet:
             trusted_root=settings.trusted_root,
             source=delivery,
             clock=clock,
-            retry=settings.retry,
+            retry=dataclasses.replace(settings.retry, sleep=self._pause),
             durable=settings.durable,
         )
         return SimDevice(
@@ -430,6 +450,9 @@ class SimulatedFleet:
             self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+        # Only now (the devices' tasks are gone, so nothing reports it): wake the threads
+        # still waiting out an unreachable control plane, so shutting down is quick.
+        self._stopping.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()

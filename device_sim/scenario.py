@@ -2,7 +2,8 @@
 
 A scenario says who the devices are (`fleet`), how likely installs fail and
 health samples crash for some of them (`failures`), whose clocks are off
-(`clock_skew`), who is slow to act on a desired state (`latency`), who goes
+(`clock_skew`), how long devices wait out an unreachable control plane before
+saying so (`unreachable_for`, seconds), who is slow to act on a desired state (`latency`), who goes
 offline and comes back (`churn`), and which devices misbehave on the wire
 (`misbehaving`). Rules pick devices with `model`, `region`, `firmware` and
 `devices` (device id) patterns, fnmatch-style; a rule without any picks all.
@@ -18,6 +19,7 @@ README), and the file itself is bounded in size and nesting before it is parsed.
     failures:
       - {model: ev9, region: us, version: 2.0.0, install: 0.5, crash: 0.1}
     health_interval: 30
+    unreachable_for: 600
     clock_skew:
       - {devices: "sim-00000[0-4]", seconds: -7200}
     latency:
@@ -77,7 +79,10 @@ _TOP_KEYS = {
     "latency",
     "churn",
     "misbehaving",
+    "unreachable_for",
 }
+# The longest a device may be told to wait out an unreachable control plane: a week.
+MAX_UNREACHABLE_FOR = 7 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,9 @@ class Scenario:
     latency: tuple[LatencyRule, ...] = ()
     churn: tuple[ChurnRule, ...] = ()
     misbehaving: tuple[Misbehaviour, ...] = ()
+    # Seconds a device waits out an unreachable control plane before it says so
+    # (None: the simulator's default, `--unreachable-for`).
+    unreachable_for: float | None = None
     _devices: list[DeviceProfile] = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -255,7 +263,16 @@ def parse_scenario(data: Any) -> Scenario:
             f"may hold at most {MAX_FLEET} devices in all, got {total}", field="fleet"
         )
     prefix = _str(doc.get("prefix", "sim"), "prefix")
+    unreachable_for = None
+    if "unreachable_for" in doc:
+        unreachable_for = _number(doc["unreachable_for"], "unreachable_for", low=0)
+        if unreachable_for > MAX_UNREACHABLE_FOR:
+            raise InvalidArgument(
+                f"must be at most {MAX_UNREACHABLE_FOR:g} seconds, got {unreachable_for:g}",
+                field="unreachable_for",
+            )
     return Scenario(
+        unreachable_for=unreachable_for,
         fleet=fleet,
         seed=_int(doc.get("seed", 1), "seed", low=0, high=MAX_SEED),
         prefix=prefix,

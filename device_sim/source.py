@@ -15,6 +15,7 @@ import grpc
 from tuf.api.exceptions import DownloadHTTPError
 
 from ota.errors import InvalidArgument
+from ota.trust.retry import Unreachable
 from ota.v1 import bundle_pb2, bundle_pb2_grpc
 
 # Answers a retry cannot change, as the HTTP status ngclient understands.
@@ -27,6 +28,11 @@ _PERMANENT = {
     grpc.StatusCode.OUT_OF_RANGE: 416,
     grpc.StatusCode.UNIMPLEMENTED: 501,
 }
+
+
+# Answers that mean the control plane is not there (stopped, restarting, overloaded):
+# the device waits for it rather than counting a failed attempt.
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 @dataclass(frozen=True)
@@ -77,10 +83,10 @@ class GrpcSource:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            permanent = _permanent(exc)
-            if permanent is None:
+            meaning = _translated(exc, answered=False)
+            if meaning is exc:
                 raise
-            raise permanent from exc
+            raise meaning from exc
         content: bytes = response.content
         return content
 
@@ -98,10 +104,11 @@ class GrpcSource:
                 if received > max_length:
                     return  # the caller sees the excess and refuses; finally ends the call
         except grpc.RpcError as exc:
-            permanent = _permanent(exc)
-            if permanent is None:
-                raise  # cut, reset, deadline: the caller resumes from the last byte
-            raise permanent from exc
+            # Cut, reset, deadline: the caller resumes from the last byte.
+            meaning = _translated(exc, answered=received > 0)
+            if meaning is exc:
+                raise
+            raise meaning from exc
         finally:
             # Stopped early (excess, a refusal, a closed generator): end the call now
             # rather than leave the server streaming until the deadline.
@@ -122,9 +129,18 @@ class GrpcSource:
         return out
 
 
-def _permanent(exc: grpc.RpcError) -> DownloadHTTPError | None:
-    """A refusal a retry cannot change, as ngclient's HTTP error; None if worth a retry."""
-    status = _PERMANENT.get(exc.code())
-    if status is None:
-        return None
-    return DownloadHTTPError(f"{exc.code().name}: {exc.details()}", status)
+def _translated(exc: grpc.RpcError, *, answered: bool) -> Exception:
+    """What a failed call means to the device's retry policy (`ota.trust.retry`).
+
+    A refusal a retry cannot change becomes ngclient's HTTP error; a control plane
+    that is not there (UNAVAILABLE: refused, reset, shutting down; or no answer at
+    all before the deadline) `Unreachable`; anything else -- a stream that trickled
+    past its deadline, say -- stays a broken transfer.
+    """
+    code = exc.code()
+    status = _PERMANENT.get(code)
+    if status is not None:
+        return DownloadHTTPError(f"{code.name}: {exc.details()}", status)
+    if code in _UNREACHABLE or (code == grpc.StatusCode.DEADLINE_EXCEEDED and not answered):
+        return Unreachable(f"{code.name}: {exc.details()}")
+    return exc

@@ -308,6 +308,7 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
             unreachable=stragglers.unreachable,
             reachable_not_applied=stragglers.reachable_not_applied,
             last_seen=_counts(stragglers.last_seen),
+            waiting_for_control_plane=stragglers.waiting_for_control_plane,
         )
         if stragglers
         else None,

@@ -41,6 +41,7 @@ FAILURE_REASONS = (
     "INSTALL_FAILED",
     "CLOCK_INVALID",
     "METADATA_INVALID",
+    "CONTROL_PLANE_UNREACHABLE",
 )
 
 # Rollout states (`ota.v1.RolloutState` without its prefix).

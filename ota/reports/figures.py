@@ -74,6 +74,7 @@ def figures(report: report_pb2.RolloutReport) -> list[Figure]:
     s = report.stragglers
     out.append(("stragglers", "unreachable", str(s.unreachable)))
     out.append(("stragglers", "reachable_not_applied", str(s.reachable_not_applied)))
+    out.append(("stragglers", "waiting_for_control_plane", str(s.waiting_for_control_plane)))
     out += [("last_seen", c.key, str(c.count)) for c in s.last_seen]
     for point in report.adoption_curve:
         when = point.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -25,6 +25,7 @@ from ota.domain.durations import (
     percentile_seconds,
 )
 from ota.domain.plan import RolloutPlan
+from ota.domain.progress import is_waiting
 from ota.domain.states import ALL_STATES, FUNNEL, SETTLED
 from ota.rollout.exposure import reported_eligible
 from ota.store import adoption, bundles, rollouts
@@ -123,6 +124,8 @@ class Stragglers:
     unreachable: int
     reachable_not_applied: int
     last_seen: dict[str, int]
+    # Of them, those that gave up waiting for the control plane (not failures).
+    waiting_for_control_plane: int = 0
 
 
 @dataclass(frozen=True)
@@ -409,18 +412,19 @@ def _stragglers(session: Session, rollout_id: str, now: datetime) -> Stragglers:
     # find the stragglers alone: the cost is theirs, not the exposed devices'.
     not_done = [s for s in ALL_STATES if s not in (*SETTLED, "FAILED")]
     rows = session.exec(
-        select(DeviceRow.online, DeviceRow.last_seen_at)
+        select(DeviceRow.online, DeviceRow.last_seen_at, RolloutDeviceRow.reason)
         .join(RolloutDeviceRow, col(DeviceRow.device_id) == col(RolloutDeviceRow.device_id))
         .where(RolloutDeviceRow.rollout_id == rollout_id)
         .where(col(RolloutDeviceRow.state).in_(not_done))
     ).all()
     histogram = dict.fromkeys(LAST_SEEN_BUCKETS, 0)
-    unreachable = 0
-    for online, last_seen in rows:
+    unreachable = waiting = 0
+    for online, last_seen, reason in rows:
         if not online:
             unreachable += 1
+        waiting += is_waiting(reason)
         histogram[_last_seen_bucket(now, last_seen)] += 1
-    return Stragglers(unreachable, len(rows) - unreachable, histogram)
+    return Stragglers(unreachable, len(rows) - unreachable, histogram, waiting)
 
 
 def _last_seen_bucket(now: datetime, last_seen: datetime | None) -> str:

@@ -13,7 +13,8 @@ from sqlmodel import Session, select
 
 from ota.clock import utc
 from ota.domain.durations import duration_bucket, time_bucket
-from ota.domain.states import FUNNEL, RANK, SETTLED
+from ota.domain.progress import Standing, advance, counted_failure
+from ota.domain.states import FUNNEL, RANK
 from ota.store import adoption
 from ota.store.models import IngestDropRow, RolloutDeviceRow
 from ota.store.plain_sql import PlainSQL, TimeConversion, padded
@@ -339,9 +340,11 @@ def _apply_progress(
             # Not exposed by this rollout, or a late event: it is kept, but the
             # device's state only moves forward in its own sequence order.
             continue
+        after = advance(Standing(row.state, row.reason), event.state, event.error_code)
         _count(
             row,
             event,
+            after,
             now=now,
             times=times,
             firmware=firmware.get(event.device_id, ""),
@@ -349,12 +352,10 @@ def _apply_progress(
             running=running,
         )
         row.last_seq = event.seq
-        if event.state == "FAILED":
-            # Kept after a later revert: the report still shows why it failed.
-            row.reason = event.error_code
+        if after.reason != row.reason:
+            row.reason = after.reason
             row.dirty.add("reason")
-        if not (event.state == "FAILED" and row.state in SETTLED):
-            row.state = event.state
+        row.state = after.state
         row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
         row.updated_at = now
         row.dirty.update(_ALWAYS_WRITTEN)
@@ -395,6 +396,7 @@ def _attribute_health(
 def _count(
     row: _Progress,
     event: IncomingEvent,
+    after: Standing,
     *,
     now: datetime,
     times: TimeConversion,
@@ -402,22 +404,25 @@ def _count(
     deltas: adoption.AdoptionDeltas,
     running: adoption.RunningVersions,
 ) -> None:
-    """What this event changes in the aggregates (called before the row moves)."""
+    """What moving the row to `after` changes in the aggregates (called before it moves)."""
     cohort = (row.stage, row.model, row.region, firmware)
     rid = row.rollout_id
     bucket = time_bucket(now)
     _stamp_steps(row, event, cohort, now=now, times=times, deltas=deltas)
-    new_state = row.state if event.state == "FAILED" and row.state in SETTLED else event.state
+    new_state = after.state
     if new_state != row.state:
         if row.state != "TARGETED":
             deltas.add(rid, "state", row.state, cohort, value=-1)
         deltas.add(rid, "state", new_state, cohort)
         if new_state in ("FAILED", "ROLLED_BACK", "DEACTIVATED"):
             deltas.add(rid, "entered", new_state, cohort, bucket=bucket)
-    if event.state == "FAILED" and event.error_code != row.reason:
-        if row.reason:
-            deltas.add(rid, "failed", row.reason, cohort, value=-1)
-        deltas.add(rid, "failed", event.error_code, cohort)
+    failure_before = counted_failure(row.reason)
+    if after.failure != failure_before:
+        # Failures by reason count devices, even reverted since; a wait is not one.
+        if failure_before:
+            deltas.add(rid, "failed", failure_before, cohort, value=-1)
+        if after.failure:
+            deltas.add(rid, "failed", after.failure, cohort)
     if event.feature and new_state != row.state:
         _count_version(event, new_state, bucket, deltas, running)
 

@@ -13,9 +13,10 @@ cannot make expired metadata look fresh.
 
 Delivery: bundle bytes stream through `MetadataSource.fetch_target` from a byte
 offset. A stream that breaks (cut, reset, deadline) is resumed from the last
-byte received after a jittered, exponentially growing pause, for a bounded
-number of attempts (`RetryPolicy`); more bytes than the signed length end the
-download at once. What is received is only ever kept once python-tuf checked its
+byte received after a jittered, exponentially growing pause (`RetryPolicy`):
+while the control plane cannot be reached (a restart, an outage) for minutes,
+otherwise for a bounded number of attempts; more bytes than the signed length
+end the download at once. What is received is only ever kept once python-tuf checked its
 length and hashes against the release-signed target.
 """
 
@@ -27,13 +28,12 @@ import logging
 import os
 import random
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 from urllib.parse import quote
 
 from google.protobuf.message import DecodeError
@@ -47,10 +47,19 @@ from ota.clock import Clock
 from ota.domain.version import Version
 from ota.errors import FailedPrecondition, InvalidArgument, OtaError, VerificationError
 from ota.trust.director import director_keys, open_envelope
+from ota.trust.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+
+__all__ = [
+    "ControlPlaneUnreachable",
+    "DeviceTrust",
+    "MetadataSource",
+    "RetryPolicy",
+    "StaleDesiredState",
+    "Unreachable",
+]
 
 METADATA_BASE = "ota://metadata/"
 TARGETS_BASE = "ota://targets/"
@@ -64,8 +73,11 @@ class MetadataSource(Protocol):
     """Where a device gets TUF metadata and bundle bytes (gRPC on real devices).
 
     Errors a retry cannot fix (no such file, not allowed) are raised as
-    ``tuf.api.exceptions.DownloadHTTPError``; anything else is taken as a broken
-    transfer and retried under the device's `RetryPolicy`. A source with a true
+    ``tuf.api.exceptions.DownloadHTTPError``; a control plane that cannot be
+    reached (refused, reset, unavailable, no answer) as `Unreachable` (or any
+    ``ConnectionError``/``TimeoutError``), which the device waits out; anything
+    else is taken as a broken transfer. Both are retried under the device's
+    `RetryPolicy` (`ota.trust.retry`). A source with a true
     ``content_addressed`` attribute gets bundle paths as ``<dir>/<sha256>.<name>``.
     """
 
@@ -76,54 +88,6 @@ class MetadataSource(Protocol):
     def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
         """Bundle bytes from `offset`, at most `max_length` of them."""
         ...
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How a device retries a transfer that broke on the way: bounded, with jittered backoff.
-
-    `attempts` counts calls, the first included. After the n-th failed call the
-    device pauses for a time drawn uniformly from [d/2, d], where
-    d = min(`max_delay`, `first_delay` * 2**(n-1)) seconds: pauses grow, and the
-    jitter keeps a fleet that lost its server at the same moment from coming
-    back in step. `sleep` is injectable so tests need not wait.
-    """
-
-    attempts: int = 5
-    first_delay: float = 0.5
-    max_delay: float = 30.0
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise InvalidArgument("must be at least 1", field="attempts")
-        if not 0 <= self.first_delay <= self.max_delay:
-            raise InvalidArgument(
-                "delays must satisfy 0 <= first_delay <= max_delay", field="first_delay"
-            )
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        """The pause after `failures` failed calls in a row (failures >= 1)."""
-        ceiling = min(self.max_delay, self.first_delay * 2.0 ** min(failures - 1, 62))
-        return ceiling * (0.5 + 0.5 * rng.random())
-
-    def call(
-        self, what: str, fn: Callable[[], T], rng: random.Random, *, permanent: type[Exception]
-    ) -> T:
-        """Run `fn`, retrying any error but `permanent` ones; the last error is raised."""
-        failures = 0
-        while True:
-            try:
-                return fn()
-            except permanent:
-                raise
-            except Exception as exc:
-                failures += 1
-                if failures >= self.attempts:
-                    raise
-                pause = self.delay(failures, rng)
-                logger.info("%s failed (%s); retrying in %.2fs", what, exc, pause)
-                self.sleep(pause)
 
 
 class StaleDesiredState(VerificationError):
@@ -524,6 +488,9 @@ def as_verification_error(subject: str) -> Iterator[None]:
     except tuf_errors.DownloadLengthMismatchError as exc:
         # More bytes than the signed length (endless data), cut off at the cap.
         raise VerificationError("LENGTH_MISMATCH", f"{subject}: {exc}") from exc
+    except ControlPlaneUnreachable as exc:
+        # Waited the retry window out: the device will try again, nothing failed.
+        raise VerificationError("CONTROL_PLANE_UNREACHABLE", f"{subject}: {exc}") from exc
     except tuf_errors.DownloadError as exc:
         raise VerificationError("DOWNLOAD_FAILED", f"{subject}: {exc}") from exc
     except tuf_errors.RepositoryError as exc:
@@ -579,7 +546,7 @@ class _SourceFetcher(FetcherInterface):
 
     def _target(self, target_path: str) -> Iterator[bytes]:
         self.received = 0
-        failures = 0
+        retries = self._retry.tracker(f"download of {target_path}", self._rng)
         while True:
             chunks: Iterator[bytes] | None = None
             try:
@@ -588,6 +555,7 @@ class _SourceFetcher(FetcherInterface):
                 )
                 for chunk in chunks:
                     self.received += len(chunk)
+                    retries.progressed()
                     if self.received > self._expected:
                         # Endless data: stop now, not when memory or disk runs out.
                         raise tuf_errors.DownloadLengthMismatchError(
@@ -601,17 +569,17 @@ class _SourceFetcher(FetcherInterface):
             except Exception as exc:
                 if self.received == self._expected:
                     return  # broke after the last byte: the hash check decides
-                failures += 1
-                if failures >= self._retry.attempts:
+                try:
+                    # Pauses (the place is kept: the next call resumes at self.received),
+                    # or gives up.
+                    retries.failed(exc)
+                except ControlPlaneUnreachable:
+                    raise
+                except Exception as last:
                     raise tuf_errors.DownloadError(
-                        f"{target_path}: gave up after {failures} attempts at byte "
-                        f"{self.received} of {self._expected}: {exc}"
-                    ) from exc
-                pause = self._retry.delay(failures, self._rng)
-                logger.info(
-                    "resuming %s at byte %d in %.2fs: %s", target_path, self.received, pause, exc
-                )
-                self._retry.sleep(pause)
+                        f"{target_path}: gave up after {self._retry.attempts} attempts at "
+                        f"byte {self.received} of {self._expected}: {last}"
+                    ) from last
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tuf.api.exceptions import DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
 from device_sim.source import Deadlines
 from ota.errors import InvalidArgument, VerificationError
-from ota.trust.device import RetryPolicy
+from ota.trust.retry import ControlPlaneUnreachable, Fault, RetryPolicy, Unreachable, classify
 from tests.unit.test_device_sim import World, assigned, bundle
 
 
@@ -31,27 +32,43 @@ def test_a_retry_policy_refuses_nonsense() -> None:
         RetryPolicy(first_delay=5.0, max_delay=1.0)
     with pytest.raises(InvalidArgument):
         RetryPolicy(first_delay=-1.0)
+    with pytest.raises(InvalidArgument):
+        RetryPolicy(unreachable_for=-1.0)
 
 
-def test_call_retries_transient_errors_and_gives_up_after_the_attempts() -> None:
-    sleeps: list[float] = []
-    policy = RetryPolicy(attempts=3, first_delay=0.2, sleep=sleeps.append)
+class FakeTime:
+    """Monotonic seconds that only pauses advance: a retry loop runs in no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def policy(self, **kwargs: Any) -> RetryPolicy:
+        return RetryPolicy(sleep=self.sleep, clock=lambda: self.now, **kwargs)
+
+
+def test_call_retries_broken_calls_and_gives_up_after_the_attempts() -> None:
+    t = FakeTime()
+    policy = t.policy(attempts=3, first_delay=0.2)
     calls: list[int] = []
 
     def flaky() -> str:
         calls.append(1)
         if len(calls) < 3:
-            raise ConnectionError("down")
+            raise RuntimeError("garbled answer")
         return "ok"
 
     assert policy.call("x", flaky, random.Random(1), permanent=LookupError) == "ok"
-    assert len(sleeps) == 2
+    assert len(t.sleeps) == 2
 
     def broken() -> str:
-        raise ConnectionError("still down")
+        raise RuntimeError("still garbled")
 
-    calls.clear()
-    with pytest.raises(ConnectionError, match="still down"):
+    with pytest.raises(RuntimeError, match="still garbled"):
         policy.call("x", broken, random.Random(1), permanent=LookupError)
 
     def refused() -> str:
@@ -62,6 +79,97 @@ def test_call_retries_transient_errors_and_gives_up_after_the_attempts() -> None
     with pytest.raises(KeyError):
         policy.call("x", refused, random.Random(1), permanent=LookupError)
     assert len(calls) == 1  # a permanent error is not retried
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError("refused"),
+        ConnectionResetError("reset"),
+        Unreachable("UNAVAILABLE: failed to connect"),
+        TimeoutError("no answer"),
+    ],
+)
+def test_an_unreachable_control_plane_is_waited_for_minutes_not_attempts(
+    error: Exception,
+) -> None:
+    t = FakeTime()
+    policy = t.policy(attempts=3, first_delay=0.5, max_delay=8.0, unreachable_for=120.0)
+    calls: list[float] = []
+
+    def down_for_100s() -> str:
+        calls.append(t.now)
+        if t.now < 100.0:
+            raise error
+        return "back"
+
+    assert policy.call("metadata", down_for_100s, random.Random(2), permanent=LookupError) == "back"
+    assert len(calls) > policy.attempts  # a restart is not a broken transfer
+    assert max(t.sleeps) <= 8.0  # and backs off, jittered, up to its ceiling
+    assert t.sleeps[:4] == sorted(t.sleeps[:4])
+
+
+def test_an_unreachable_control_plane_is_given_up_on_time_with_a_reason_of_its_own() -> None:
+    t = FakeTime()
+    policy = t.policy(first_delay=0.5, max_delay=8.0, unreachable_for=60.0)
+
+    def down() -> str:
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(ControlPlaneUnreachable, match="unreachable for 60s"):
+        policy.call("metadata", down, random.Random(3), permanent=LookupError)
+    assert t.now == pytest.approx(60.0)  # the last pause ends at the window, not past it
+    # python-tuf passes a DownloadError through unchanged, so the reason survives it.
+    assert issubclass(ControlPlaneUnreachable, DownloadError)
+
+
+def test_progress_ends_a_wait_and_the_backoff() -> None:
+    t = FakeTime()
+    retries = t.policy(first_delay=1.0, max_delay=30.0, unreachable_for=10.0).tracker(
+        "download", random.Random(4)
+    )
+    for _ in range(3):
+        retries.failed(ConnectionResetError("reset"))
+    assert 2.0 <= t.sleeps[-1] <= 4.0
+    assert t.now < 10.0
+    retries.progressed()  # bytes arrived: the control plane is back
+    retries.failed(ConnectionResetError("reset again"))
+    assert 0.5 <= t.sleeps[-1] <= 1.0  # backoff starts over
+    t.now += 9.0  # a new wait: 9 s of it is not yet the 10 s window
+    retries.failed(ConnectionResetError("reset"))
+    with pytest.raises(ControlPlaneUnreachable):
+        t.now += 5.0
+        retries.failed(ConnectionResetError("reset"))
+
+
+def test_broken_calls_count_attempts_and_unreachable_ones_do_not() -> None:
+    t = FakeTime()
+    retries = t.policy(attempts=3, unreachable_for=1000.0).tracker("download", random.Random(5))
+    for _ in range(20):
+        retries.failed(Unreachable("UNAVAILABLE"))
+    retries.failed(RuntimeError("DEADLINE_EXCEEDED while bytes trickled"))
+    retries.failed(RuntimeError("DEADLINE_EXCEEDED while bytes trickled"))
+    with pytest.raises(RuntimeError):
+        retries.failed(RuntimeError("DEADLINE_EXCEEDED while bytes trickled"))
+
+
+def test_faults_are_classified_by_what_a_retry_can_change() -> None:
+    assert classify(Unreachable("UNAVAILABLE")) is Fault.UNREACHABLE
+    assert classify(ConnectionRefusedError()) is Fault.UNREACHABLE
+    assert classify(ConnectionResetError()) is Fault.UNREACHABLE
+    assert classify(TimeoutError()) is Fault.UNREACHABLE
+    assert classify(RuntimeError("odd answer")) is Fault.BROKEN
+    assert classify(DownloadHTTPError("NOT_FOUND", 404)) is Fault.FINAL
+    assert classify(DownloadLengthMismatchError("endless")) is Fault.FINAL
+    assert classify(ControlPlaneUnreachable("gave up")) is Fault.FINAL
+
+
+def test_a_final_refusal_is_raised_at_once() -> None:
+    t = FakeTime()
+    retries = t.policy().tracker("download", random.Random(6))
+    with pytest.raises(DownloadHTTPError):
+        retries.failed(DownloadHTTPError("PERMISSION_DENIED: revoked", 403))
+    assert t.sleeps == []
 
 
 def test_a_download_deadline_grows_with_what_is_asked() -> None:

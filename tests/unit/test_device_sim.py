@@ -204,8 +204,18 @@ class World:
         self.director = Director(self.keys("director"))
         self.generation = 0
         self.sleeps: list[float] = []
+        # Monotonic seconds for the retry policy, advanced by each (simulated) pause;
+        # `on_sleep` sees the total, e.g. to end an outage after a while.
+        self.monotonic = 0.0
+        self.on_sleep: Callable[[float], None] | None = None
         self.wire = Wire()
         self._executor = ThreadPoolExecutor(1)
+
+    def _sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.monotonic += seconds
+        if self.on_sleep is not None:
+            self.on_sleep(self.monotonic)
 
     def keys(self, role: str) -> CryptoSigner:
         return self.repo.keys[role]
@@ -216,6 +226,7 @@ class World:
         crash: Callable[[common_pb2.FeatureAssignment], bool] | None = None,
         clock: Clock | None = None,
         attempts: int = 3,
+        unreachable_for: float = 60.0,
     ) -> SimDevice:
         """A device (re)started on the same state directory."""
         clock = clock or self.clock
@@ -227,7 +238,14 @@ class World:
             trusted_root=self.repo.root,
             source=self.source,
             clock=clock,
-            retry=RetryPolicy(attempts=attempts, first_delay=0.1, sleep=self.sleeps.append),
+            retry=RetryPolicy(
+                attempts=attempts,
+                first_delay=0.1,
+                max_delay=2.0,
+                unreachable_for=unreachable_for,
+                sleep=self._sleep,
+                clock=lambda: self.monotonic,
+            ),
             durable=False,
         )
         device = SimDevice(
@@ -558,11 +576,11 @@ def test_a_download_cut_twice_resumes_from_the_last_byte(world: World) -> None:
     assert len(world.sleeps) == 2 and world.sleeps[1] > world.sleeps[0] / 2
 
 
-def test_a_download_that_keeps_failing_gives_up_then_a_later_state_retries(
+def test_a_download_that_keeps_breaking_gives_up_then_a_later_state_retries(
     world: World,
 ) -> None:
     v1 = assigned(world.repo.publish("1.0"), "r-1")
-    world.source.failure = ConnectionResetError("link down")
+    world.source.failure = ValueError("garbled stream")  # the server answers, badly
     device = world.boot(attempts=4)
 
     deliver(device, world.desired(v1))
@@ -575,6 +593,47 @@ def test_a_download_that_keeps_failing_gives_up_then_a_later_state_retries(
     world.source.failure = None
     deliver(device, world.desired(v1))  # renewed: a transient failure is tried again
     assert running(device) == ("1.0", True)
+
+
+def test_an_unreachable_control_plane_is_waited_out_without_a_word(world: World) -> None:
+    v1 = assigned(world.repo.publish("1.0"), "r-1")
+    world.source.failure = ConnectionRefusedError("control plane restarting")
+    device = world.boot(attempts=3, unreachable_for=60.0)
+
+    def back_after_40s(now: float) -> None:
+        if now >= 40.0:
+            world.source.failure = None
+
+    world.on_sleep = back_after_40s
+    deliver(device, world.desired(v1))
+
+    assert running(device) == ("1.0", True)
+    assert world.wire.failures() == []
+    assert device.record.last_state["r-1"] == "ACTIVE"
+    assert len(world.source.target_calls) > 3  # far more than the attempts of a broken one
+    assert max(world.sleeps) <= 2.0
+
+
+def test_a_device_that_gives_up_on_the_control_plane_says_so_once_and_keeps_trying(
+    world: World,
+) -> None:
+    v1 = assigned(world.repo.publish("1.0"), "r-1")
+    world.source.failure = ConnectionResetError("connection reset")
+    device = world.boot(unreachable_for=10.0)
+
+    def back_after_25s(now: float) -> None:
+        if now >= 25.0:
+            world.source.failure = None
+
+    world.on_sleep = back_after_25s
+    deliver(device, world.desired(v1))
+
+    assert world.wire.failures() == [("r-1", "CONTROL_PLANE_UNREACHABLE")]
+    assert running(device) == ("1.0", True)
+    # The same rule as the control plane's: a wait, not a failure.
+    assert device.record.last_state["r-1"] == "ACTIVE"
+    assert device.record.gave_up == {"r-1": 1}
+    assert "r-1" not in device.record.failed_reason
 
 
 def test_clock_skew_by_device_pattern() -> None:
