@@ -39,6 +39,7 @@ from device_sim.source import Deadlines, GrpcSource
 from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
 from ota.errors import InvalidArgument, NotFound
+from ota.tls import CHANNEL_OPTIONS
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
 from ota.trust.device import DeviceTrust, MetadataSource, RetryPolicy
@@ -48,14 +49,9 @@ from ota.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 
 REGISTER_BATCH = 1000
-# gRPC's own reconnect backoff grows to two minutes: after an outage the channel
-# would stay down that long after the control plane is back. Devices back off
-# themselves (`RetryPolicy`); the channel only needs to try again soon.
-DEVICE_CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-)
+# Devices back off themselves (`RetryPolicy`): the channel need only try again soon
+# after an outage, not after gRPC's default of up to two minutes.
+DEVICE_CHANNEL_OPTIONS = CHANNEL_OPTIONS
 # Connections waiting for their CONNACK at once. Mosquitto listens with a
 # backlog of 100; beyond it the kernel drops SYNs and a connect waits a second.
 CONNECTS_AT_ONCE = 64

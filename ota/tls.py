@@ -70,11 +70,21 @@ class ClientTls:
         )
 
 
+# gRPC's reconnect backoff grows to two minutes by default: a client that lost a
+# restarting control plane (a watch, say) would stay disconnected that long after
+# it is back. Callers back off themselves; the channel need only try again soon.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+
+
 def channel(server: str, tls: ClientTls | None) -> grpc.Channel:
     """A channel to `server`: TLS when `tls` is given, plaintext otherwise."""
     if tls is None:
-        return grpc.insecure_channel(server)
-    return grpc.secure_channel(server, tls.credentials())
+        return grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(server, tls.credentials(), options=CHANNEL_OPTIONS)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from rich.markup import escape
 from ota.cli import report_render
 from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, table
-from ota.cli.watch import watch_rollout
+from ota.cli.watch import DEFAULT_RECONNECT_FOR, watch_rollout
 from ota.client import Client, PendingSigning
+from ota.domain.durations import parse_duration
 from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
 from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
 from ota.domain.shares import parse_share, share_text
@@ -197,8 +198,22 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--feature", default="")
     client_options(p)
     p.set_defaults(handler=rollout_list)
-    p = rollout.add_parser("watch", help="live progress until the rollout ends")
+    p = rollout.add_parser(
+        "watch",
+        help="live progress until the rollout ends",
+        description="Live transitions and progress until the rollout ends. Exits 0 when it "
+        "completes, 3 when it ends otherwise (aborted, rolled back, killed), 1 when the "
+        "control plane stays out of reach for longer than --reconnect-for.",
+    )
     p.add_argument("rollout_id")
+    p.add_argument(
+        "--reconnect-for",
+        type=_reconnect_for,
+        default=DEFAULT_RECONNECT_FOR,
+        metavar="DURATION",
+        help="when the control plane goes away (a restart, an outage), keep reconnecting "
+        "for this long before giving up, e.g. 90s, 10m, 1h (default 5m)",
+    )
     client_options(p)
     p.set_defaults(handler=rollout_watch)
     p = rollout.add_parser("history", help="the audit log")
@@ -710,8 +725,28 @@ def rollout_list(args: argparse.Namespace) -> int:
 
 def rollout_watch(args: argparse.Namespace) -> int:
     client = _client(args)
-    final = watch_rollout(client, args.rollout_id, json_lines=args.format == "json")
+    final = watch_rollout(
+        client,
+        args.rollout_id,
+        json_lines=args.format == "json",
+        reconnect_for=args.reconnect_for,
+        server=args.server,
+    )
     return 0 if final in ("COMPLETED",) else 3
+
+
+MAX_RECONNECT_FOR = 7 * 86_400
+
+
+def _reconnect_for(text: str) -> float:
+    """An argparse type: a duration such as 90s or 5m, as seconds."""
+    try:
+        seconds = parse_duration(text, field="--reconnect-for")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+    if seconds > MAX_RECONNECT_FOR:
+        raise argparse.ArgumentTypeError(f"at most 7d, got {text!r}")
+    return float(seconds)
 
 
 def rollout_history(args: argparse.Namespace) -> int:

@@ -8,12 +8,17 @@ report's stage funnels.
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import grpc
 from google.protobuf.json_format import MessageToJson
 from rich.console import Console
 
 from ota.client import Client
+from ota.errors import OtaError
 from ota.reports.figures import rollout_state
 from ota.v1 import report_pb2, rollout_pb2
 
@@ -48,37 +53,175 @@ def progress_lines(report: report_pb2.RolloutReport) -> list[str]:
     return lines
 
 
+# Answers that mean the control plane went away (a restart, an outage), not that the
+# watch is wrong: reconnect. Anything else (not found, not allowed) ends the watch.
+RECONNECT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+DEFAULT_RECONNECT_FOR = 300.0
+FINAL_STATES = (
+    rollout_pb2.ROLLOUT_STATE_COMPLETED,
+    rollout_pb2.ROLLOUT_STATE_ABORTED,
+    rollout_pb2.ROLLOUT_STATE_ROLLED_BACK,
+    rollout_pb2.ROLLOUT_STATE_KILLED,
+)
+
+
+class WatchLost(OtaError):
+    """The control plane stayed out of reach for longer than the watch was told to wait."""
+
+
+@dataclass
+class Reconnect:
+    """When to try the control plane again, and when to stop trying.
+
+    Jittered exponential pauses (0.5 s doubling up to 5 s), for at most
+    `give_up_after` seconds since the watch last heard from the server.
+    """
+
+    give_up_after: float
+    first_delay: float = 0.5
+    max_delay: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    _lost_at: float | None = None
+    _failures: int = 0
+
+    @property
+    def tries(self) -> int:
+        """Reconnections tried since the server was last heard from."""
+        return self._failures
+
+    @property
+    def lost(self) -> bool:
+        return self._lost_at is not None
+
+    def heard(self) -> None:
+        """The server answered: any outage is over."""
+        self._lost_at = None
+        self._failures = 0
+
+    def next_pause(self) -> float | None:
+        """The pause before the next try, or None: waited long enough, give up."""
+        now = self.clock()
+        if self._lost_at is None:
+            self._lost_at = now
+        left = self._lost_at + self.give_up_after - now
+        if left <= 0:
+            return None
+        self._failures += 1
+        ceiling = min(self.max_delay, self.first_delay * 2.0 ** min(self._failures - 1, 30))
+        return min(ceiling * (0.5 + 0.5 * self.rng.random()), left)
+
+
 def watch_rollout(
-    client: Client, rollout_id: str, *, json_lines: bool = False, console: Console | None = None
+    client: Client,
+    rollout_id: str,
+    *,
+    json_lines: bool = False,
+    console: Console | None = None,
+    reconnect_for: float = DEFAULT_RECONNECT_FOR,
+    server: str = "",
+    sleep: Callable[[float], None] = time.sleep,
 ) -> str:
-    """Print transitions and progress until the rollout ends; returns its final state."""
+    """Print transitions and progress until the rollout ends; returns its final state.
+
+    A control plane that goes away (restarted, upgraded, down for a while) is
+    reconnected to, with backoff, for up to `reconnect_for` seconds; the watch
+    resumes from the rollout as it is then, without repeating what it printed.
+    Giving up raises `WatchLost`.
+    """
     console = console or Console()
-    final = ""
-    shown = 0.0
-    stream = client.rollouts.WatchRollout(
-        rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
-    )
-    for update in stream:
-        final = rollout_state(update.rollout.state)
-        if json_lines:
-            print(MessageToJson(update, indent=None, preserving_proto_field_name=True))
-            continue
-        for e in update.events:
-            console.print(
+    errors = Console(stderr=True)
+    view = _View(client, rollout_id, json_lines=json_lines, console=console)
+    reconnect = Reconnect(reconnect_for)
+    while True:
+        try:
+            stream = client.rollouts.WatchRollout(
+                rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
+            )
+            for update in stream:
+                if reconnect.lost:
+                    errors.print("reconnected to the control plane; watching again", style="dim")
+                reconnect.heard()
+                if view.show(update):
+                    return view.final
+            if view.ended:
+                return view.final
+            # The stream ended with the rollout still going (a server shutting down):
+            # treat it as a lost connection.
+            reason = "the server closed the watch"
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code not in RECONNECT_CODES:
+                raise
+            reason = f"{code.name}: {exc.details()}"
+        pause = reconnect.next_pause()
+        if pause is None:
+            raise WatchLost(
+                f"lost the control plane{f' at {server}' if server else ''} and could not "
+                f"reconnect for {_seconds(reconnect_for)} ({reason}); the rollout goes on "
+                "without this watch: `ota rollout watch` again, or raise --reconnect-for"
+            )
+        if reconnect.tries == 1:  # once per outage
+            errors.print(
+                f"lost the control plane ({reason}); reconnecting for up to "
+                f"{_seconds(reconnect_for)}",
+                style="dim",
+            )
+        sleep(pause)
+
+
+def _seconds(value: float) -> str:
+    whole = int(value)
+    if whole % 60 == 0 and whole >= 60:
+        return f"{whole // 60}m"
+    return f"{value:g}s"
+
+
+class _View:
+    """What the watch printed so far: each audit entry once, across reconnections."""
+
+    def __init__(
+        self, client: Client, rollout_id: str, *, json_lines: bool, console: Console
+    ) -> None:
+        self._client = client
+        self._rollout_id = rollout_id
+        self._json = json_lines
+        self._console = console
+        self._last_event = 0
+        self._shown = 0.0
+        self.final = ""
+        self.ended = False
+
+    def show(self, update: rollout_pb2.RolloutUpdate) -> bool:
+        """Print one update; True once the rollout has ended."""
+        self.final = rollout_state(update.rollout.state)
+        self.ended = update.rollout.state in FINAL_STATES
+        # A new stream starts with the whole audit log: print only what is new.
+        fresh = [e for e in update.events if e.id > self._last_event]
+        self._last_event = max([self._last_event, *(e.id for e in update.events)])
+        if self._json:
+            del update.events[:]
+            update.events.extend(fresh)
+            print(MessageToJson(update, indent=None, preserving_proto_field_name=True), flush=True)
+            return self.ended
+        for e in fresh:
+            self._console.print(
                 f"[bold]{e.time.ToDatetime().strftime('%H:%M:%S')}[/bold] {e.actor:<8} "
                 f"{e.action:<9} {rollout_state(e.to_state):<11} {e.reason}"
             )
-        ended = update.rollout.state in (
-            rollout_pb2.ROLLOUT_STATE_COMPLETED,
-            rollout_pb2.ROLLOUT_STATE_ABORTED,
-            rollout_pb2.ROLLOUT_STATE_ROLLED_BACK,
-        )
-        if update.events or ended or time.monotonic() - shown >= REFRESH_SECONDS:
-            report = client.reports.GetRolloutReport(
-                report_pb2.GetRolloutReportRequest(rollout_id=rollout_id),
-                metadata=client.metadata,
+        if fresh or self.ended or time.monotonic() - self._shown >= REFRESH_SECONDS:
+            report = self._client.reports.GetRolloutReport(
+                report_pb2.GetRolloutReportRequest(rollout_id=self._rollout_id),
+                metadata=self._client.metadata,
             )
-            shown = time.monotonic()
+            self._shown = time.monotonic()
             for line in progress_lines(report):
-                console.print(line, style="dim")
-    return final
+                self._console.print(line, style="dim")
+        return self.ended
