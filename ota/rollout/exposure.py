@@ -6,7 +6,6 @@ each stage would expose, who is left out and why), so the two never disagree.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ from ota.domain.bucketing import is_control, is_exposed
 from ota.domain.plan import RolloutPlan, Stage
 from ota.domain.selector import DeviceAttributes, Selector
 from ota.domain.states import DRAFT
-from ota.domain.version import Version
-from ota.errors import InvalidArgument
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
-from ota.store import desired, fleet, rollouts
+from ota.store import bundles, desired, fleet, rollouts
 from ota.store.models import BundleRow, DeviceRow, RolloutRow
 
 # Why a device of the fleet is left out of a rollout.
@@ -39,15 +36,8 @@ class Candidate:
 
 
 def compatible(device: DeviceRow | DeviceAttributes, bundle: BundleRow) -> bool:
-    models = set(json.loads(bundle.models_json))
-    if models and device.model not in models:
-        return False
-    if not bundle.min_firmware:
-        return True
-    try:
-        return Version.parse(device.firmware) >= Version.parse(bundle.min_firmware)
-    except InvalidArgument:
-        return False
+    """Whether the bundle was signed for this device's model and firmware."""
+    return bundles.compatibility(bundle).admits(device.model, device.firmware)
 
 
 def classify(
@@ -92,11 +82,7 @@ def _covers(
 
 def eligibility(rollout: RolloutRow, bundle: BundleRow) -> fleet.Eligibility:
     """The devices a rollout may reach: its selector, and the models and firmware its bundle serves."""
-    return fleet.Eligibility(
-        Selector.parse(rollout.selector),
-        models=tuple(json.loads(bundle.models_json)),
-        min_firmware=bundle.min_firmware or "",
-    )
+    return fleet.Eligibility(Selector.parse(rollout.selector), bundles.compatibility(bundle))
 
 
 def eligible_count(session: Session, rollout: RolloutRow, bundle: BundleRow) -> int:

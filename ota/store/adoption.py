@@ -30,8 +30,8 @@ from ota.domain.durations import time_bucket
 from ota.domain.plan import RolloutPlan
 from ota.domain.selector import DeviceAttributes, Selector
 from ota.domain.states import ROLLOUT_ACTIVE
-from ota.domain.version import Version
 from ota.errors import InvalidArgument
+from ota.store import bundles
 from ota.store.models import (
     AdoptionStatRow,
     BundleRow,
@@ -228,18 +228,10 @@ class HealthTarget:
 
 
 def _compatible(device: DeviceRow, bundle: BundleRow | None) -> bool:
-    """The rule of `ota.rollout.exposure.compatible`: signed for its model and firmware."""
-    if bundle is None:
-        return False
-    models = set(json.loads(bundle.models_json))
-    if models and device.model not in models:
-        return False
-    if not bundle.min_firmware:
-        return True
-    try:
-        return Version.parse(device.firmware) >= Version.parse(bundle.min_firmware)
-    except InvalidArgument:
-        return False
+    """Signed for the device's model and firmware (`ota.domain.compatibility`)."""
+    return bundle is not None and bundles.compatibility(bundle).admits(
+        device.model, device.firmware
+    )
 
 
 class HealthAttribution:

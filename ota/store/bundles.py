@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
+from ota.domain.compatibility import Compatibility
 from ota.domain.webhooks import KEYS_ROTATED, ordering_key
 from ota.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from ota.store import audit, webhooks
@@ -262,3 +263,8 @@ class SqlMetadataStore:
                     ordering_key=ordering_key(other="keys"),
                     now=datetime.now(UTC),
                 )
+
+
+def compatibility(bundle: BundleRow) -> Compatibility:
+    """The models and firmware floor the bundle was signed for."""
+    return Compatibility.of(json.loads(bundle.models_json), bundle.min_firmware)

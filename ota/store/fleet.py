@@ -6,7 +6,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -26,9 +26,9 @@ from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from ota.broker.passwords import check_username
+from ota.domain.compatibility import Compatibility
 from ota.domain.selector import DeviceAttributes, Selector, Term
-from ota.domain.version import Version
-from ota.errors import InvalidArgument, NotFound
+from ota.errors import NotFound
 from ota.store.models import DeviceRow, RolloutDeviceRow
 
 
@@ -109,33 +109,23 @@ class DeviceInfo(NamedTuple):
 
 @dataclass(frozen=True)
 class Eligibility:
-    """Which devices a rollout may reach: its selector and what its bundle was signed for.
-
-    `models` empty means every model; `min_firmware` empty means no floor.
-    """
+    """Which devices a rollout may reach: its selector and what its bundle was signed for."""
 
     selector: Selector
-    models: Collection[str] = ()
-    min_firmware: str = ""
+    compatibility: Compatibility = field(default_factory=Compatibility)
 
     @property
     def judges_firmware(self) -> bool:
-        return bool(self.min_firmware) or any(t.attr == "firmware" for t in self.selector.terms)
+        return bool(self.compatibility.min_firmware) or any(
+            t.attr == "firmware" for t in self.selector.terms
+        )
 
     def admits_firmware(self, firmware: str) -> bool:
         """The firmware terms of the selector and the bundle's floor, for one firmware string."""
-        if not self.compatible_firmware(firmware):
+        if not self.compatibility.admits_firmware(firmware):
             return False
         probe = DeviceAttributes("", "", "", firmware)
         return all(t.matches(probe) for t in self.selector.terms if t.attr == "firmware")
-
-    def compatible_firmware(self, firmware: str) -> bool:
-        if not self.min_firmware:
-            return True
-        try:
-            return Version.parse(firmware) >= Version.parse(self.min_firmware)
-        except InvalidArgument:
-            return False
 
 
 def eligible_where(
@@ -153,8 +143,10 @@ def eligible_where(
     for term in eligibility.selector.terms:
         if term.attr != "firmware":
             conditions.append(_text_condition(session, term))
-    if eligibility.models:
-        conditions.append(_DEVICE.c.model.in_(sorted(eligibility.models)))
+    # `Compatibility` in SQL: the model list as IN, the firmware floor judged per
+    # distinct firmware string by `Compatibility.admits_firmware` below.
+    if eligibility.compatibility.models:
+        conditions.append(_DEVICE.c.model.in_(sorted(eligibility.compatibility.models)))
     if judge_firmware and eligibility.judges_firmware:
         conditions.append(_DEVICE.c.firmware.in_(_firmware_admitted(session, eligibility)))
     return conditions

@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from device_sim.source import _translated
+from ota.domain.compatibility import Compatibility
 from ota.domain.progress import Standing, advance, counted_failure
 from ota.trust.retry import Unreachable
 
@@ -77,3 +78,16 @@ def test_grpc_answers_are_translated_for_the_retry_policy(
         assert out is exc
     else:
         assert getattr(out, "status_code", None) is not None
+
+
+# -- compatibility: one rule, for exposure, health attribution and the SQL queries ---------
+
+
+def test_compatibility_is_the_signed_models_and_firmware_floor() -> None:
+    c = Compatibility.of(["ev6", "ev9"], "4.1")
+    assert c.admits("ev6", "4.1.0") and c.admits("ev9", "5")
+    assert not c.admits("niro", "4.2")  # a model the bundle was not built for
+    assert not c.admits("ev6", "4.0.9")  # below the floor
+    assert not c.admits("ev6", "beta")  # unparsable firmware is below every floor
+    anything = Compatibility.of([], None)
+    assert anything.admits("niro", "beta")
