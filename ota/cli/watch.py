@@ -9,6 +9,7 @@ report's stage funnels.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,7 +138,6 @@ def watch_rollout(
     Giving up raises `WatchLost`.
     """
     console = console or Console()
-    errors = Console(stderr=True)
     view = _View(client, rollout_id, json_lines=json_lines, console=console)
     reconnect = Reconnect(reconnect_for)
     while True:
@@ -147,7 +147,7 @@ def watch_rollout(
             )
             for update in stream:
                 if reconnect.lost:
-                    errors.print("reconnected to the control plane; watching again", style="dim")
+                    print("reconnected to the control plane; watching again", file=sys.stderr)
                 reconnect.heard()
                 if view.show(update):
                     return view.final
@@ -158,7 +158,8 @@ def watch_rollout(
             reason = "the server closed the watch"
         except grpc.RpcError as exc:
             code = exc.code()
-            if code not in RECONNECT_CODES:
+            if code not in RECONNECT_CODES or not view.heard:
+                # Never reached at all: a wrong address is likelier than a restart.
                 raise
             reason = f"{code.name}: {exc.details()}"
         pause = reconnect.next_pause()
@@ -169,10 +170,11 @@ def watch_rollout(
                 "without this watch: `ota rollout watch` again, or raise --reconnect-for"
             )
         if reconnect.tries == 1:  # once per outage
-            errors.print(
+            print(
                 f"lost the control plane ({reason}); reconnecting for up to "
                 f"{_seconds(reconnect_for)}",
-                style="dim",
+                file=sys.stderr,
+                flush=True,
             )
         sleep(pause)
 
@@ -198,9 +200,11 @@ class _View:
         self._shown = 0.0
         self.final = ""
         self.ended = False
+        self.heard = False  # any update received yet
 
     def show(self, update: rollout_pb2.RolloutUpdate) -> bool:
         """Print one update; True once the rollout has ended."""
+        self.heard = True
         self.final = rollout_state(update.rollout.state)
         self.ended = update.rollout.state in FINAL_STATES
         # A new stream starts with the whole audit log: print only what is new.

@@ -10,6 +10,7 @@ import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
 from device_sim.source import Deadlines
+from ota.cli.watch import Reconnect
 from ota.errors import InvalidArgument, VerificationError
 from ota.trust.retry import ControlPlaneUnreachable, Fault, RetryPolicy, Unreachable, classify
 from tests.unit.test_device_sim import World, assigned, bundle
@@ -230,3 +231,17 @@ def test_a_stream_cut_after_its_last_byte_needs_no_retry(tmp_path: Path) -> None
         assert len(world.source.target_calls) == 1
     finally:
         world.close()
+
+
+def test_watch_reconnects_with_growing_jittered_pauses_until_its_time_is_up() -> None:
+    now = [0.0]
+    reconnect = Reconnect(30.0, clock=lambda: now[0], rng=random.Random(7))
+    pauses: list[float] = []
+    while (pause := reconnect.next_pause()) is not None:
+        pauses.append(pause)
+        now[0] += pause
+    assert now[0] == pytest.approx(30.0)  # gave up on time, not before
+    assert pauses[0] <= 0.5 and max(pauses) <= 5.0
+    assert len(pauses) > 6
+    reconnect.heard()  # the server answered: a later outage gets the whole time again
+    assert not reconnect.lost and reconnect.next_pause() is not None
