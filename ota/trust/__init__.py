@@ -7,6 +7,7 @@ repository  control plane: accept targets, publish snapshot and timestamp
 served      control plane: metadata as devices fetch it, from memory
 director    control plane: DSSE-signed desired states; `open_envelope` verifies
 device      device: verify desired states, fetch bundles through python-tuf
+retry       device: wait out an unreachable control plane, retry broken transfers
 """
 
 from ota.trust.device import DeviceTrust, MetadataSource, StaleDesiredState
@@ -15,19 +16,23 @@ from ota.trust.freshness import TimestampRefresher
 from ota.trust.keys import generate_key, load_public_key, load_signer
 from ota.trust.release import add_target, target_path_for
 from ota.trust.repository import AcceptedTarget, ImageRepository, MetadataStore
+from ota.trust.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.trust.rootgen import OnlineKeys, create_initial_targets, create_root
 
 __all__ = [
     "DESIRED_STATE_TYPE",
     "AcceptedTarget",
+    "ControlPlaneUnreachable",
     "DeviceTrust",
     "Director",
     "ImageRepository",
     "MetadataSource",
     "MetadataStore",
     "OnlineKeys",
+    "RetryPolicy",
     "StaleDesiredState",
     "TimestampRefresher",
+    "Unreachable",
     "add_target",
     "create_initial_targets",
     "create_root",

@@ -231,6 +231,7 @@ def test_public_surface_is_exactly_what_ota_trust_exports() -> None:
         "keys",
         "release",
         "repository",
+        "retry",
         "rootgen",
         "served",
     }
