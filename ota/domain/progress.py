@@ -18,15 +18,18 @@ apply events through `advance`, in the device's own sequence order:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ota.domain.states import SETTLED
+from ota.domain.states import RANK, SETTLED
 
 FAILED = "FAILED"
 CONTROL_PLANE_UNREACHABLE = "CONTROL_PLANE_UNREACHABLE"
 
 # Reasons a device gives for waiting, not for failing: never counted as failures.
 WAITING_REASONS = frozenset({CONTROL_PLANE_UNREACHABLE})
+# States in which a device has finished well; FAILED is the other way to finish.
+FINISHED_OK = ("INSTALLED", "ACTIVE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +75,29 @@ def advance(current: Standing, event_state: str, event_reason: str = "") -> Stan
         return Standing(state, event_reason)
     # A step forward (or a revert): a wait is over, a failure reason stays.
     return Standing(event_state, current.failure)
+
+
+def applies(seq: int, last_applied: int) -> bool:
+    """Whether an event moves the device: only in its own sequence order, never backwards.
+
+    A late or repeated event is kept as a fact, but does not move the standing.
+    """
+    return seq > last_applied
+
+
+def furthest_rank(rank: int, event_state: str) -> int:
+    """The furthest funnel step reached, after an event (outcomes reach no step)."""
+    return max(rank, RANK.get(event_state, 0))
+
+
+def failed(states: Mapping[str, int]) -> int:
+    """Devices that finished by failing, from a count of devices by state."""
+    return states.get(FAILED, 0)
+
+
+def finished(states: Mapping[str, int]) -> int:
+    """Devices that finished, well or not: what the gates and stage evidence count.
+
+    A device waiting for the control plane is in an earlier state: not finished.
+    """
+    return failed(states) + sum(states.get(s, 0) for s in FINISHED_OK)

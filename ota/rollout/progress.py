@@ -7,13 +7,14 @@ from datetime import datetime
 
 from sqlmodel import Session
 
+from ota.domain import progress as rules
 from ota.store import rollouts
-
-FINISHED_OK = ("INSTALLED", "ACTIVE")
 
 
 @dataclass(frozen=True)
 class Progress:
+    """Devices by state, and what the rules of `ota.domain.progress` count in them."""
+
     states: dict[str, int]
 
     @property
@@ -22,11 +23,11 @@ class Progress:
 
     @property
     def failed(self) -> int:
-        return self.states.get("FAILED", 0)
+        return rules.failed(self.states)
 
     @property
     def finished(self) -> int:
-        return self.failed + sum(self.states.get(s, 0) for s in FINISHED_OK)
+        return rules.finished(self.states)
 
 
 def read_progress(

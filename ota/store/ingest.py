@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from ota.clock import utc
 from ota.domain.durations import duration_bucket, time_bucket
-from ota.domain.progress import Standing, advance, counted_failure
+from ota.domain.progress import Standing, advance, applies, counted_failure, furthest_rank
 from ota.domain.states import FUNNEL, RANK
 from ota.store import adoption
 from ota.store.models import IngestDropRow, RolloutDeviceRow
@@ -336,7 +336,7 @@ def _apply_progress(
             _count_health(
                 row.rollout_id, adoption.HEALTH, cohort, event.health, bucket=bucket, deltas=deltas
             )
-        if row is None or event.seq <= row.last_seq:
+        if row is None or not applies(event.seq, row.last_seq):
             # Not exposed by this rollout, or a late event: it is kept, but the
             # device's state only moves forward in its own sequence order.
             continue
@@ -356,7 +356,7 @@ def _apply_progress(
             row.reason = after.reason
             row.dirty.add("reason")
         row.state = after.state
-        row.furthest_rank = max(row.furthest_rank, RANK.get(event.state, 0))
+        row.furthest_rank = furthest_rank(row.furthest_rank, event.state)
         row.updated_at = now
         row.dirty.update(_ALWAYS_WRITTEN)
         changed[(row.rollout_id, row.device_id)] = row

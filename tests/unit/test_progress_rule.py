@@ -91,3 +91,12 @@ def test_compatibility_is_the_signed_models_and_firmware_floor() -> None:
     assert not c.admits("ev6", "beta")  # unparsable firmware is below every floor
     anything = Compatibility.of([], None)
     assert anything.admits("niro", "beta")
+
+
+def test_finished_counts_failures_and_installs_but_not_waits() -> None:
+    from ota.domain.progress import applies, failed, finished, furthest_rank
+
+    counts = {"ACTIVE": 3, "INSTALLED": 1, "FAILED": 2, "DOWNLOADING": 4}
+    assert (failed(counts), finished(counts)) == (2, 6)
+    assert applies(5, 4) and not applies(4, 4) and not applies(3, 4)
+    assert furthest_rank(2, "ACTIVE") == 7 and furthest_rank(5, "FAILED") == 5
