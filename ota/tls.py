@@ -73,9 +73,9 @@ class ClientTls:
 # gRPC's reconnect backoff grows to two minutes by default: a client that lost a
 # restarting control plane (a watch, say) would stay disconnected that long after
 # it is back. Callers back off themselves; the channel need only try again soon.
+# (Not grpc.min_reconnect_backoff_ms: that is the connect timeout, 20 s by default.)
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
 

@@ -106,12 +106,17 @@ def listen_port() -> int:
 
 
 def try_get_rollout(client: Any, rollout_id: str) -> rollout_pb2.Rollout | None:
-    """The rollout, or None while no control plane answers (between a kill and a restart)."""
+    """The rollout, or None while no control plane answers (between a kill and a restart).
+
+    Waits for the client's channel to reconnect (it backs off after a kill, for up
+    to 5 s), so a call right after a restart reaches the new process.
+    """
     try:
         r: rollout_pb2.Rollout = client.rollouts.GetRollout(
             rollout_pb2.GetRolloutRequest(rollout_id=rollout_id),
             metadata=client.metadata,
-            timeout=5,
+            timeout=10,
+            wait_for_ready=True,
         )
     except grpc.RpcError:
         return None
@@ -124,7 +129,8 @@ def try_promote(client: Any, rollout_id: str) -> int | None:
         r: rollout_pb2.Rollout = client.rollouts.PromoteRollout(
             rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason="test: next stage"),
             metadata=client.metadata,
-            timeout=5,
+            timeout=10,
+            wait_for_ready=True,
         )
     except grpc.RpcError:
         return None  # no control plane answered, or a race with the engine: retry later
