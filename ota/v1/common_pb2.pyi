@@ -74,6 +74,11 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     INSTALL_FAILED: _FailureReason.ValueType  # 9
     CLOCK_INVALID: _FailureReason.ValueType  # 10
     METADATA_INVALID: _FailureReason.ValueType  # 11
+    CONTROL_PLANE_UNREACHABLE: _FailureReason.ValueType  # 12
+    """The device gave up waiting for the control plane (refused, reset, unavailable,
+    no answer) after its retry window. Not a failure of the bundle or the install:
+    no install-failure gate counts it, and the device tries again later.
+    """
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why a device refused or failed an update. Devices report exactly one."""
@@ -90,6 +95,11 @@ DOWNLOAD_FAILED: FailureReason.ValueType  # 8
 INSTALL_FAILED: FailureReason.ValueType  # 9
 CLOCK_INVALID: FailureReason.ValueType  # 10
 METADATA_INVALID: FailureReason.ValueType  # 11
+CONTROL_PLANE_UNREACHABLE: FailureReason.ValueType  # 12
+"""The device gave up waiting for the control plane (refused, reset, unavailable,
+no answer) after its retry window. Not a failure of the bundle or the install:
+no install-failure gate counts it, and the device tries again later.
+"""
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 @_typing.final

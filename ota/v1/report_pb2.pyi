@@ -374,10 +374,15 @@ class Stragglers(_message.Message):
     UNREACHABLE_FIELD_NUMBER: _builtins.int
     REACHABLE_NOT_APPLIED_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_CONTROL_PLANE_FIELD_NUMBER: _builtins.int
     unreachable: _builtins.int
     """Exposed, not done, and offline."""
     reachable_not_applied: _builtins.int
     """Exposed, not done, online: the device has the desired state but has not applied it."""
+    waiting_for_control_plane: _builtins.int
+    """Of the stragglers, those whose last word is that they gave up waiting for the
+    control plane (CONTROL_PLANE_UNREACHABLE) and will try again: not failures.
+    """
     @_builtins.property
     def last_seen(self) -> _containers.RepeatedCompositeFieldContainer[Global___CountByKey]:
         """Last seen, for the stragglers: "<1m", "1-10m", "10-60m", "1-24h", ">1d", "never"."""
@@ -388,10 +393,11 @@ class Stragglers(_message.Message):
         unreachable: _builtins.int = ...,
         reachable_not_applied: _builtins.int = ...,
         last_seen: _abc.Iterable[Global___CountByKey] | None = ...,
+        waiting_for_control_plane: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "reachable_not_applied", b"reachable_not_applied", "unreachable", b"unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "reachable_not_applied", b"reachable_not_applied", "unreachable", b"unreachable", "waiting_for_control_plane", b"waiting_for_control_plane"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
