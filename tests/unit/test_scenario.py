@@ -87,6 +87,12 @@ def test_a_scenario_needs_only_a_fleet() -> None:
     assert [d.device_id for d in s.devices()] == ["sim-000000", "sim-000001", "sim-000002"]
     assert s.clock_skew_fn() is None
     assert not s.failures and not s.churn and not s.misbehaving
+    assert s.unreachable_for is None  # the simulator's default window
+
+
+def test_a_scenario_sets_how_long_devices_wait_out_the_control_plane() -> None:
+    s = scenario("fleet: [{count: 1, model: ev6, region: eu}]\nunreachable_for: 90")
+    assert s.unreachable_for == 90.0
 
 
 BAD: list[tuple[str, str]] = [
@@ -131,6 +137,8 @@ BAD: list[tuple[str, str]] = [
     ),
     ("fleet: [{count: 1, model: ev6, region: eu}]\nmisbehaving: {kind: flood}", "misbehaving"),
     ("fleet: [{count: 1, model: ev6, region: eu}]\nhealth_interval: soon", "health_interval"),
+    ("fleet: [{count: 1, model: ev6, region: eu}]\nunreachable_for: -1", "unreachable_for"),
+    ("fleet: [{count: 1, model: ev6, region: eu}]\nunreachable_for: 1e9", "unreachable_for"),
 ]
 
 
