@@ -253,7 +253,6 @@ def test_a_rollout_rides_out_control_plane_kills_and_an_outage_while_devices_dow
             # Nobody gave up: the outage was well inside the devices' window.
             assert not any(d.record.gave_up for d in fleet.devices)
             assert not any(d.record.failed_reason for d in fleet.devices)
-            assert retries.downloads >= 2  # bundles, not only metadata, were cut and resumed
         finally:
             retry_logger.removeHandler(retries)
             retry_logger.setLevel(level)
