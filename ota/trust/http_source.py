@@ -2,8 +2,10 @@
 
 A `MetadataSource` for `DeviceTrust`, like the gRPC one, with the same
 contract: a refusal a retry cannot change (404 on a bundle, 401, 403, 416 ...)
-is raised as ``DownloadHTTPError`` and ends the transfer; anything else (5xx,
-429, a reset, a timeout, a stall) is an ordinary exception the device retries
+is raised as ``DownloadHTTPError`` and ends the transfer; an origin or cache that
+cannot be reached (connection refused or reset, a connect timeout, 502, 503,
+504) is `Unreachable`, waited out like a control-plane restart; anything else
+(other 5xx, 429, a stall) is an ordinary exception the device retries
 and, for a bundle, resumes from the last byte with a ``Range`` request. A
 missing metadata version is None, as ngclient expects of "no newer root".
 
@@ -26,12 +28,17 @@ from urllib.parse import quote
 
 import urllib3
 from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
+
+from ota.trust.retry import Unreachable
 
 CHUNK = 64 * 1024
 # More than any metadata file this repository signs; ngclient caps each role lower still.
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 # Answers a retry cannot change. 404 on metadata is "no such version" (None).
 _PERMANENT = frozenset({400, 401, 403, 404, 405, 410, 412, 416, 501})
+# A gateway or cache whose origin is down (being restarted): waited out, not counted.
+_UNREACHABLE = frozenset({502, 503, 504})
 
 
 class TransferDeadlines(Protocol):
@@ -110,15 +117,20 @@ class HttpSource:
             _release(response)
 
     def _get(self, url: str, headers: dict[str, str], seconds: float) -> urllib3.BaseHTTPResponse:
-        return self._pool.request(
-            "GET",
-            url,
-            headers=headers,
-            timeout=urllib3.Timeout(connect=seconds, read=seconds),
-            retries=False,  # the device's RetryPolicy decides, with its backoff
-            preload_content=False,
-            redirect=False,
-        )
+        try:
+            return self._pool.request(
+                "GET",
+                url,
+                headers=headers,
+                timeout=urllib3.Timeout(connect=seconds, read=seconds),
+                retries=False,  # the device's RetryPolicy decides, with its backoff
+                preload_content=False,
+                redirect=False,
+            )
+        except (NewConnectionError, ConnectTimeoutError, ProtocolError) as exc:
+            # Nobody answered (refused, reset, no connection in time): an origin or
+            # cache being restarted, not a fault of this transfer.
+            raise Unreachable(f"{url}: {exc}") from exc
 
 
 def _check(response: urllib3.BaseHTTPResponse, what: str) -> None:
@@ -127,6 +139,8 @@ def _check(response: urllib3.BaseHTTPResponse, what: str) -> None:
         return
     if status in _PERMANENT:
         raise DownloadHTTPError(f"{what}: HTTP {status}", status)
+    if status in _UNREACHABLE:
+        raise Unreachable(f"{what}: HTTP {status}")
     raise TransientHttpError(f"{what}: HTTP {status}")
 
 

@@ -23,6 +23,7 @@ from ota.client import Client
 from ota.delivery.origin import IMMUTABLE
 from ota.devstack import DevStack
 from ota.trust.http_source import HttpSource, TransientHttpError
+from ota.trust.retry import Fault, Unreachable, classify
 from ota.v1 import bundle_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint
@@ -125,13 +126,19 @@ def test_the_http_source_tells_not_found_from_worth_a_retry(
     with pytest.raises(DownloadHTTPError) as missing:
         list(source.fetch_target(target.replace(target[-20:], "0" * 20), 0, 10))
     assert missing.value.status_code == 404
-    # A dead origin and a failing one are worth a retry: not a DownloadError.
+    # A dead origin, or a cache whose origin is down, is waited out like a restart
+    # (unreachable); a failing one is retried as a broken transfer; neither fails.
     dead = HttpSource("http://127.0.0.1:9", deadlines=Deadlines(metadata=2))
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(Unreachable) as refused:
         dead.fetch_metadata("timestamp", None)
+    assert classify(refused.value) is Fault.UNREACHABLE
     assert not isinstance(refused.value, DownloadError)
-    with failing_server(503) as url, pytest.raises(TransientHttpError):
+    for status in (502, 503, 504):
+        with failing_server(status) as url, pytest.raises(Unreachable):
+            HttpSource(url, deadlines=Deadlines()).fetch_metadata("timestamp", None)
+    with failing_server(500) as url, pytest.raises(TransientHttpError) as broken:
         HttpSource(url, deadlines=Deadlines()).fetch_metadata("timestamp", None)
+    assert classify(broken.value) is Fault.BROKEN
     with failing_server(403) as url, pytest.raises(DownloadHTTPError):
         list(HttpSource(url, deadlines=Deadlines()).fetch_target("a/" + "0" * 64 + ".b", 0, 5))
 
