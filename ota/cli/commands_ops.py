@@ -19,7 +19,7 @@ from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
 from ota.client import Client, PendingSigning
 from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
-from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
+from ota.domain.plan_document import PLAN_LIMITS, parse_duration, parse_plan_document
 from ota.domain.shares import parse_share, share_text
 from ota.errors import InvalidArgument
 from ota.reports import html as report_html
@@ -148,7 +148,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "0.5%%,50000ppm,100%% (default %(default)s)",
     )
     p.add_argument(
-        "--soak", type=int, default=0, help="minimum soak per stage in seconds, e.g. 1800"
+        "--soak",
+        default="0",
+        help="minimum soak per stage, as in a plan file: 1800 (seconds), 30m, 2h or 1d",
     )
     p.add_argument("--selector", default="", help="which devices, e.g. 'model in (ev6, ev9)'")
     p.add_argument(
@@ -501,7 +503,7 @@ _FLAG_OF_FIELD = {
 
 def _plan_from_flags(args: argparse.Namespace) -> RolloutPlan:
     """The plan the flags describe, checked here with the errors naming the flags."""
-    stages = parse_stages(args.stages, soak_seconds=args.soak)
+    stages = parse_stages(args.stages, soak_seconds=parse_duration(args.soak, "--soak"))
     try:
         gate = install_failure_gate(
             max_failure_ppm=parse_share(args.max_failure, "--max-failure", mapping=False),
@@ -699,7 +701,7 @@ def rollout_list(args: argparse.Namespace) -> int:
                     r.feature,
                     r.version,
                     _state(r),
-                    r.current_stage + 1,
+                    r.current_stage + 1 if r.current_stage >= 0 else "-",
                     f"{r.exposed}/{r.eligible}",
                 ]
                 for r in response.rollouts
