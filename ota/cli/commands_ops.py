@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from ota.cli import report_render
 from ota.cli.connect import connect
+from ota.cli.helptext import ExamplesFormatter
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import watch_rollout
 from ota.client import Client, PendingSigning
@@ -47,6 +48,15 @@ def _client(args: argparse.Namespace) -> Client:
     return connect(args)
 
 
+_CREATE_EXAMPLES = """examples:
+  ota rollout create --plan plan.yaml --request-id rel-2026-11-lane
+  ota rollout create --feature lane-assist --version 2.0.0 --selector 'model = ev6' \\
+      --stages 1%,10%,100% --soak 30m --max-failure 5% --on-breach rollback
+  ota rollout create --feature lane-assist --version 2.0.0 --stages 5000ppm,50%,100% \\
+      --max-failure 25000ppm
+"""
+
+
 def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
     bundle = nouns.add_parser("bundle", help="signed feature bundles").add_subparsers(
         dest="verb", required=True
@@ -59,11 +69,11 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "at once; with fewer signatures it stays PENDING (invisible) until `ota bundle sign` "
         "adds the rest, or is refused with --require-visible.",
     )
-    p.add_argument("file", type=Path)
-    p.add_argument("--feature", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("file", type=Path, help="the bundle's bytes, e.g. lane-assist.bin")
+    p.add_argument("--feature", required=True, help="feature name, e.g. lane-assist")
+    p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0 (immutable)")
     p.add_argument("--model", action="append", default=[], help="compatible model (repeat)")
-    p.add_argument("--min-firmware", default="")
+    p.add_argument("--min-firmware", default="", help="lowest base firmware it runs on, e.g. 4.0")
     p.add_argument("--key", action="append", type=Path, default=[], help="release key (repeat)")
     p.add_argument(
         "--require-visible",
@@ -95,8 +105,13 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=bundle_discard)
     p = bundle.add_parser("list", help="published and pending bundles")
-    p.add_argument("--feature", default="")
-    p.add_argument("--state", choices=("all", "published", "pending", "stale"), default="all")
+    p.add_argument("--feature", default="", help="only this feature's bundles")
+    p.add_argument(
+        "--state",
+        choices=("all", "published", "pending", "stale"),
+        default="all",
+        help="only bundles in this state (default all)",
+    )
     client_options(p)
     p.set_defaults(handler=bundle_list)
     p = bundle.add_parser("get", help="one bundle")
@@ -106,23 +121,23 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
 
     fleet = nouns.add_parser("fleet", help="devices").add_subparsers(dest="verb", required=True)
     p = fleet.add_parser("register", help="provision a device; prints its secret once")
-    p.add_argument("device_id")
-    p.add_argument("--model", required=True)
-    p.add_argument("--region", required=True)
-    p.add_argument("--firmware", required=True)
+    p.add_argument("device_id", help="the device's id, also its MQTT username, e.g. car-0001")
+    p.add_argument("--model", required=True, help="hardware model, e.g. ev6")
+    p.add_argument("--region", required=True, help="region, e.g. eu")
+    p.add_argument("--firmware", required=True, help="base firmware version, e.g. 4.2.0")
     client_options(p)
     p.set_defaults(handler=fleet_register)
     p = fleet.add_parser("list", help="devices matching a selector")
-    p.add_argument("--selector", default="")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--selector", default="", help="which devices, e.g. 'region = \"eu\"'")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     client_options(p)
     p.set_defaults(handler=fleet_list)
     p = fleet.add_parser("get", help="one device and its recent events")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id")
     client_options(p)
     p.set_defaults(handler=fleet_get)
     p = fleet.add_parser("revoke", help="revoke a device's credentials")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id")
     client_options(p)
     p.set_defaults(handler=fleet_revoke)
 
@@ -137,10 +152,12 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "salt_from; see README.md) or --feature/--version/--stages. Every share carries its "
         "unit: 10% or 0.5% (a percentage), 100000ppm (parts per million; in a plan file also "
         "{ppm: 100000}); a bare number is refused. Prints how many devices stage 1 will expose.",
+        epilog=_CREATE_EXAMPLES,
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("--plan", type=Path, help="plan file (YAML or JSON), e.g. plan.yaml")
-    p.add_argument("--feature")
-    p.add_argument("--version")
+    p.add_argument("--feature", help="without --plan: the feature, e.g. lane-assist")
+    p.add_argument("--version", help="without --plan: a published bundle's version, e.g. 2.0.0")
     p.add_argument(
         "--stages",
         default="1%,10%,100%",
@@ -165,46 +182,55 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         default=5,
         help="finished installs the gate needs before it judges, e.g. 20 (default %(default)s)",
     )
-    p.add_argument("--on-breach", choices=("pause", "hold", "rollback"), default="pause")
-    p.add_argument("--request-id", default="")
+    p.add_argument(
+        "--on-breach",
+        choices=("pause", "hold", "rollback"),
+        default="pause",
+        help="what the gate does when it trips (default pause)",
+    )
+    p.add_argument(
+        "--request-id",
+        default="",
+        help="makes create idempotent: the same id and plan return the same rollout",
+    )
     client_options(p)
     p.set_defaults(handler=rollout_create)
     p = rollout.add_parser(
         "edit",
         help="a new plan version (only stages after the current one may change)",
     )
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     p.add_argument("--plan", type=Path, required=True, help="the whole new plan file")
-    p.add_argument("--reason", default="")
+    p.add_argument("--reason", default="", help="why, for the audit log")
     p.add_argument("--etag", default="", help="refuse if the rollout changed since this etag")
     client_options(p)
     p.set_defaults(handler=rollout_edit)
     p = rollout.add_parser(
         "plan", help="dry run: who each stage exposes from the current fleet, who is left out"
     )
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_plan)
     for verb, text in ROLLOUT_VERBS.items():
         p = rollout.add_parser(verb, help=text)
-        p.add_argument("rollout_id")
-        p.add_argument("--reason", default="")
+        p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+        p.add_argument("--reason", default="", help="why, for the audit log")
         client_options(p)
         p.set_defaults(handler=rollout_command, command=verb)
     p = rollout.add_parser("status", help="a rollout's state and progress")
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_status)
     p = rollout.add_parser("list", help="rollouts")
-    p.add_argument("--feature", default="")
+    p.add_argument("--feature", default="", help="only this feature's rollouts")
     client_options(p)
     p.set_defaults(handler=rollout_list)
     p = rollout.add_parser("watch", help="live progress until the rollout ends")
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_watch)
     p = rollout.add_parser("history", help="the audit log")
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_history)
 
@@ -215,13 +241,14 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "JSON (the ReportService message) or one self-contained HTML file with charts that "
         "opens offline. With --feature, the versions devices run over time.",
     )
-    p.add_argument("rollout_id", nargs="?", default="")
+    p.add_argument("rollout_id", nargs="?", default="", help="the rollout (or give --feature)")
     p.add_argument("--feature", default="", help="report on a feature across its rollouts")
     client_options(p)
     p.set_defaults(handler=report)
     for action in p._actions:
         if action.dest == "format":
             action.choices = ("table", "csv", "json", "html")
+            action.help = "terminal tables, CSV, JSON, or one HTML file (give --out)"
     p.add_argument("--out", type=Path, help="write to a file instead of stdout")
 
 
