@@ -143,8 +143,10 @@ def test_share_flags_need_their_unit_and_say_what_stage_one_exposes(
     line = _one_error(_ota(stack, *base, "--stages", "40%,10%"))
     assert line == "ota: error: --stages: exposure must not decrease: 10% after 40%"
     helped = _ota(stack, "rollout", "create", "--help").stdout
+    options, _, examples = helped.partition("examples:")
     for flag in ("--stages", "--max-failure"):
-        assert "e.g." in helped.split(flag)[-1].split("--")[0], helped
+        assert "e.g." in options.split(flag)[-1].split("--")[0], helped
+        assert flag in examples, helped
     _nothing_stored_and_everything_answers(stack, world, before)
 
     created = _ota(stack, *base, "--stages", "25%,500000ppm,100%")
