@@ -381,7 +381,8 @@ def _read_file(path: Path, *, limit: int | None = None) -> bytes:
         with path.open("rb") as f:
             data = f.read() if limit is None else f.read(limit + 1)
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=str(path)) from exc
+        # The field is the path already: "plan.yaml: No such file or directory".
+        raise InvalidArgument(str(exc.strerror), field=str(path)) from exc
     if limit is not None and len(data) > limit:
         raise InvalidArgument(f"is larger than the {limit} bytes accepted", field=str(path))
     return data

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from ota.cli import output
+from ota.cli.main import main
 
 
 def test_a_narrow_table_folds_long_names_instead_of_cutting_them(
@@ -23,3 +25,11 @@ def test_a_narrow_table_folds_long_names_instead_of_cutting_them(
         line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")
     )
     assert cells == name
+
+
+def test_a_plan_file_that_cannot_be_read_is_one_line_naming_it_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "plan.yaml"
+    assert main(["rollout", "create", "--plan", str(missing), "--server", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err == f"ota: error: {missing}: No such file or directory\n"
