@@ -50,7 +50,7 @@ def register(nouns: Any) -> None:
         help="write the repository's metadata and bundles to DIR, laid out as the HTTP "
         "origin serves them, for any static web server or object store",
     )
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the directory to write, e.g. /srv/ota")
     p.add_argument("--config", type=Path, help="the control plane's TOML config file")
     p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
     p.add_argument("--data-dir", type=Path, help="where the bundle bytes are (data_dir)")
