@@ -28,9 +28,18 @@ from ota.trust.device import RetryPolicy
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ota-sim", description="A simulated device fleet.")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    run = verbs.add_parser("run", help="provision N devices and keep them online")
-    run.add_argument("--devices", type=int, default=100)
-    run.add_argument("--server", default=os.environ.get("OTA_SERVER", "127.0.0.1:50051"))
+    run = verbs.add_parser(
+        "run",
+        help="provision N devices and keep them online",
+        description="Register N devices with the admin token, connect them all and print a "
+        "count of their states until Ctrl-C or --duration.",
+    )
+    run.add_argument("--devices", type=int, default=100, help="fleet size (default 100)")
+    run.add_argument(
+        "--server",
+        default=os.environ.get("OTA_SERVER", "127.0.0.1:50051"),
+        help="control plane address (env OTA_SERVER)",
+    )
     run.add_argument(
         "--token",
         default=os.environ.get("OTA_TOKEN", ""),
@@ -42,9 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the trusted root.json devices are provisioned with",
     )
-    run.add_argument("--models", default="ev6,ev9,niro")
-    run.add_argument("--regions", default="eu,us")
-    run.add_argument("--firmware", default="4.2.0")
+    run.add_argument(
+        "--models",
+        default="ev6,ev9,niro",
+        help="comma-separated models, assigned round-robin (default %(default)s)",
+    )
+    run.add_argument(
+        "--regions",
+        default="eu,us",
+        help="comma-separated regions, assigned round-robin (default %(default)s)",
+    )
+    run.add_argument(
+        "--firmware", default="4.2.0", help="every device's base firmware (default %(default)s)"
+    )
     run.add_argument("--prefix", default="sim", help="device ids are PREFIX-000000, ...")
     run.add_argument(
         "--fail",
@@ -120,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="stop after this many seconds (default: until Ctrl-C)",
     )
-    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--seed", type=int, default=1, help="fixes the randomness (default 1)")
     run.add_argument(
         "--status-interval",
         type=float,

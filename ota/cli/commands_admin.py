@@ -50,7 +50,7 @@ def register(nouns: Any) -> None:
         help="write the repository's metadata and bundles to DIR, laid out as the HTTP "
         "origin serves them, for any static web server or object store",
     )
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the directory to write, e.g. /srv/ota")
     p.add_argument("--config", type=Path, help="the control plane's TOML config file")
     p.add_argument("--database-url", help="sqlite:///ota.db or postgresql://...")
     p.add_argument("--data-dir", type=Path, help="where the bundle bytes are (data_dir)")
@@ -67,7 +67,12 @@ def register(nouns: Any) -> None:
     p.set_defaults(handler=repo_vcl)
 
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
-    p.add_argument("--state-dir", type=Path, default=Path(".ota-dev"))
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".ota-dev"),
+        help="keys, database, broker files and env file (default .ota-dev)",
+    )
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument(
         "--tls",
@@ -80,15 +85,17 @@ def register(nouns: Any) -> None:
     p.set_defaults(handler=dev)
 
     p = nouns.add_parser("demo", help="dev stack + simulated fleet + scripted rollouts")
-    p.add_argument("--devices", type=int, default=1200)
+    p.add_argument("--devices", type=int, default=1200, help="fleet size (default 1200)")
     p.add_argument("--state-dir", type=Path, help="keep the demo's files here (default: temporary)")
     p.set_defaults(handler=demo)
 
     p = nouns.add_parser("broker-config", help="write a Mosquitto config, ACL and password file")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--bind", default="127.0.0.1")
-    p.add_argument("--topic-root", default="ota/v1")
+    p.add_argument("--out", type=Path, required=True, help="directory for the broker's files")
+    p.add_argument("--port", type=int, default=1883, help="MQTT listener port (default 1883)")
+    p.add_argument(
+        "--bind", default="127.0.0.1", help="listener address (default 127.0.0.1; 0.0.0.0: all)"
+    )
+    p.add_argument("--topic-root", default="ota/v1", help="root of every topic (default ota/v1)")
     p.add_argument("--tls-port", type=int, help="also listen for MQTT over TLS here (e.g. 8883)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the TLS listener")
     p.add_argument("--tls-cert", type=Path, help="the broker's certificate (PEM)")
@@ -126,11 +133,15 @@ def register(nouns: Any) -> None:
         "With N > 1 release keys they are release-1.pem..release-N.pem, one per engineer, "
         "and every bundle needs the threshold of them (likewise for root keys).",
     )
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--root-keys", type=int, default=1, metavar="N")
-    p.add_argument("--root-threshold", type=int, default=1, metavar="K")
-    p.add_argument("--release-keys", type=int, default=1, metavar="N")
-    p.add_argument("--release-threshold", type=int, default=1, metavar="K")
+    p.add_argument("--out", type=Path, required=True, help="directory of the new keyring")
+    p.add_argument("--root-keys", type=int, default=1, metavar="N", help="root keys (default 1)")
+    p.add_argument("--root-threshold", type=int, default=1, metavar="K", help="K of N sign a root")
+    p.add_argument(
+        "--release-keys", type=int, default=1, metavar="N", help="release keys (default 1)"
+    )
+    p.add_argument(
+        "--release-threshold", type=int, default=1, metavar="K", help="K of N sign a bundle"
+    )
     p.set_defaults(handler=keys_generate)
 
     p = keys.add_parser(
@@ -139,7 +150,9 @@ def register(nouns: Any) -> None:
         description="Make a key for a rotation: FILE (PKCS#8 PEM, mode 0600) and "
         "FILE.pub.json (TUF key dict). Hand out only the .pub.json.",
     )
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="private key file, e.g. release-4.pem"
+    )
     p.set_defaults(handler=keys_new)
 
     p = keys.add_parser(
@@ -197,7 +210,9 @@ def register(nouns: Any) -> None:
             default=[],
             help=f"the {role} public key(s) of the new root (repeat to list old and new)",
         )
-    p.add_argument("--expires-in-days", type=int, default=365)
+    p.add_argument(
+        "--expires-in-days", type=int, default=365, help="lifetime of root N+1 (default 365)"
+    )
     p.add_argument("--trusted-root", type=Path, help="verify the server's root chain from this")
     p.add_argument("--out", type=Path, help="also write root N+1 to this file")
     p.add_argument("--dry-run", action="store_true", help="show root N+1, upload nothing")
@@ -394,7 +409,12 @@ def _client_options(p: argparse.ArgumentParser) -> None:
         "--token", default=os.environ.get("OTA_TOKEN", ""), help="bearer token (env OTA_TOKEN)"
     )
     add_tls_options(p)
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output for people (table) or scripts (json)",
+    )
 
 
 def keys_rotate_root(args: argparse.Namespace) -> int:

@@ -15,12 +15,14 @@ from rich.markup import escape
 
 from ota.cli import report_render
 from ota.cli.connect import connect
+from ota.cli.helptext import ExamplesFormatter
 from ota.cli.output import console, emit_json, table
 from ota.cli.watch import DEFAULT_RECONNECT_FOR, watch_rollout
 from ota.client import Client, PendingSigning
 from ota.domain.durations import parse_duration
 from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
 from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
+from ota.domain.plan_document import parse_duration as parse_plan_duration
 from ota.domain.shares import parse_share, share_text
 from ota.errors import InvalidArgument
 from ota.reports import html as report_html
@@ -48,6 +50,15 @@ def _client(args: argparse.Namespace) -> Client:
     return connect(args)
 
 
+_CREATE_EXAMPLES = """examples:
+  ota rollout create --plan plan.yaml --request-id rel-2026-11-lane
+  ota rollout create --feature lane-assist --version 2.0.0 --selector 'model = ev6' \\
+      --stages 1%,10%,100% --soak 30m --max-failure 5% --on-breach rollback
+  ota rollout create --feature lane-assist --version 2.0.0 --stages 5000ppm,50%,100% \\
+      --max-failure 25000ppm
+"""
+
+
 def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
     bundle = nouns.add_parser("bundle", help="signed feature bundles").add_subparsers(
         dest="verb", required=True
@@ -60,11 +71,11 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "at once; with fewer signatures it stays PENDING (invisible) until `ota bundle sign` "
         "adds the rest, or is refused with --require-visible.",
     )
-    p.add_argument("file", type=Path)
-    p.add_argument("--feature", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("file", type=Path, help="the bundle's bytes, e.g. lane-assist.bin")
+    p.add_argument("--feature", required=True, help="feature name, e.g. lane-assist")
+    p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0 (immutable)")
     p.add_argument("--model", action="append", default=[], help="compatible model (repeat)")
-    p.add_argument("--min-firmware", default="")
+    p.add_argument("--min-firmware", default="", help="lowest base firmware it runs on, e.g. 4.0")
     p.add_argument("--key", action="append", type=Path, default=[], help="release key (repeat)")
     p.add_argument(
         "--require-visible",
@@ -96,8 +107,13 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=bundle_discard)
     p = bundle.add_parser("list", help="published and pending bundles")
-    p.add_argument("--feature", default="")
-    p.add_argument("--state", choices=("all", "published", "pending", "stale"), default="all")
+    p.add_argument("--feature", default="", help="only this feature's bundles")
+    p.add_argument(
+        "--state",
+        choices=("all", "published", "pending", "stale"),
+        default="all",
+        help="only bundles in this state (default all)",
+    )
     client_options(p)
     p.set_defaults(handler=bundle_list)
     p = bundle.add_parser("get", help="one bundle")
@@ -107,23 +123,23 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
 
     fleet = nouns.add_parser("fleet", help="devices").add_subparsers(dest="verb", required=True)
     p = fleet.add_parser("register", help="provision a device; prints its secret once")
-    p.add_argument("device_id")
-    p.add_argument("--model", required=True)
-    p.add_argument("--region", required=True)
-    p.add_argument("--firmware", required=True)
+    p.add_argument("device_id", help="the device's id, also its MQTT username, e.g. car-0001")
+    p.add_argument("--model", required=True, help="hardware model, e.g. ev6")
+    p.add_argument("--region", required=True, help="region, e.g. eu")
+    p.add_argument("--firmware", required=True, help="base firmware version, e.g. 4.2.0")
     client_options(p)
     p.set_defaults(handler=fleet_register)
     p = fleet.add_parser("list", help="devices matching a selector")
-    p.add_argument("--selector", default="")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--selector", default="", help="which devices, e.g. 'region = \"eu\"'")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     client_options(p)
     p.set_defaults(handler=fleet_list)
     p = fleet.add_parser("get", help="one device and its recent events")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id")
     client_options(p)
     p.set_defaults(handler=fleet_get)
     p = fleet.add_parser("revoke", help="revoke a device's credentials")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id")
     client_options(p)
     p.set_defaults(handler=fleet_revoke)
 
@@ -138,10 +154,12 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "salt_from; see README.md) or --feature/--version/--stages. Every share carries its "
         "unit: 10% or 0.5% (a percentage), 100000ppm (parts per million; in a plan file also "
         "{ppm: 100000}); a bare number is refused. Prints how many devices stage 1 will expose.",
+        epilog=_CREATE_EXAMPLES,
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("--plan", type=Path, help="plan file (YAML or JSON), e.g. plan.yaml")
-    p.add_argument("--feature")
-    p.add_argument("--version")
+    p.add_argument("--feature", help="without --plan: the feature, e.g. lane-assist")
+    p.add_argument("--version", help="without --plan: a published bundle's version, e.g. 2.0.0")
     p.add_argument(
         "--stages",
         default="1%,10%,100%",
@@ -149,7 +167,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "0.5%%,50000ppm,100%% (default %(default)s)",
     )
     p.add_argument(
-        "--soak", type=int, default=0, help="minimum soak per stage in seconds, e.g. 1800"
+        "--soak",
+        default="0",
+        help="minimum soak per stage, as in a plan file: 1800 (seconds), 30m, 2h or 1d",
     )
     p.add_argument("--selector", default="", help="which devices, e.g. 'model in (ev6, ev9)'")
     p.add_argument(
@@ -164,38 +184,47 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         default=5,
         help="finished installs the gate needs before it judges, e.g. 20 (default %(default)s)",
     )
-    p.add_argument("--on-breach", choices=("pause", "hold", "rollback"), default="pause")
-    p.add_argument("--request-id", default="")
+    p.add_argument(
+        "--on-breach",
+        choices=("pause", "hold", "rollback"),
+        default="pause",
+        help="what the gate does when it trips (default pause)",
+    )
+    p.add_argument(
+        "--request-id",
+        default="",
+        help="makes create idempotent: the same id and plan return the same rollout",
+    )
     client_options(p)
     p.set_defaults(handler=rollout_create)
     p = rollout.add_parser(
         "edit",
         help="a new plan version (only stages after the current one may change)",
     )
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     p.add_argument("--plan", type=Path, required=True, help="the whole new plan file")
-    p.add_argument("--reason", default="")
+    p.add_argument("--reason", default="", help="why, for the audit log")
     p.add_argument("--etag", default="", help="refuse if the rollout changed since this etag")
     client_options(p)
     p.set_defaults(handler=rollout_edit)
     p = rollout.add_parser(
         "plan", help="dry run: who each stage exposes from the current fleet, who is left out"
     )
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_plan)
     for verb, text in ROLLOUT_VERBS.items():
         p = rollout.add_parser(verb, help=text)
-        p.add_argument("rollout_id")
-        p.add_argument("--reason", default="")
+        p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+        p.add_argument("--reason", default="", help="why, for the audit log")
         client_options(p)
         p.set_defaults(handler=rollout_command, command=verb)
     p = rollout.add_parser("status", help="a rollout's state and progress")
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_status)
     p = rollout.add_parser("list", help="rollouts")
-    p.add_argument("--feature", default="")
+    p.add_argument("--feature", default="", help="only this feature's rollouts")
     client_options(p)
     p.set_defaults(handler=rollout_list)
     p = rollout.add_parser(
@@ -205,7 +234,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "completes, 3 when it ends otherwise (aborted, rolled back, killed), 1 when the "
         "control plane stays out of reach for longer than --reconnect-for.",
     )
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     p.add_argument(
         "--reconnect-for",
         type=_reconnect_for,
@@ -217,7 +246,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=rollout_watch)
     p = rollout.add_parser("history", help="the audit log")
-    p.add_argument("rollout_id")
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_history)
 
@@ -228,13 +257,14 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "JSON (the ReportService message) or one self-contained HTML file with charts that "
         "opens offline. With --feature, the versions devices run over time.",
     )
-    p.add_argument("rollout_id", nargs="?", default="")
+    p.add_argument("rollout_id", nargs="?", default="", help="the rollout (or give --feature)")
     p.add_argument("--feature", default="", help="report on a feature across its rollouts")
     client_options(p)
     p.set_defaults(handler=report)
     for action in p._actions:
         if action.dest == "format":
             action.choices = ("table", "csv", "json", "html")
+            action.help = "terminal tables, CSV, JSON, or one HTML file (give --out)"
     p.add_argument("--out", type=Path, help="write to a file instead of stdout")
 
 
@@ -367,7 +397,8 @@ def _read_file(path: Path, *, limit: int | None = None) -> bytes:
         with path.open("rb") as f:
             data = f.read() if limit is None else f.read(limit + 1)
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=str(path)) from exc
+        # The field is the path already: "plan.yaml: No such file or directory".
+        raise InvalidArgument(str(exc.strerror), field=str(path)) from exc
     if limit is not None and len(data) > limit:
         raise InvalidArgument(f"is larger than the {limit} bytes accepted", field=str(path))
     return data
@@ -516,7 +547,7 @@ _FLAG_OF_FIELD = {
 
 def _plan_from_flags(args: argparse.Namespace) -> RolloutPlan:
     """The plan the flags describe, checked here with the errors naming the flags."""
-    stages = parse_stages(args.stages, soak_seconds=args.soak)
+    stages = parse_stages(args.stages, soak_seconds=parse_plan_duration(args.soak, "--soak"))
     try:
         gate = install_failure_gate(
             max_failure_ppm=parse_share(args.max_failure, "--max-failure", mapping=False),
@@ -714,7 +745,7 @@ def rollout_list(args: argparse.Namespace) -> int:
                     r.feature,
                     r.version,
                     _state(r),
-                    r.current_stage + 1,
+                    r.current_stage + 1 if r.current_stage >= 0 else "-",
                     f"{r.exposed}/{r.eligible}",
                 ]
                 for r in response.rollouts

@@ -29,7 +29,12 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "call. Tokens in the server's config keep working (the bootstrap admin).",
     ).add_subparsers(dest="verb", required=True)
     p = verbs.add_parser("create", help="a new token; prints it once")
-    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=ROLES,
+        help="viewer reads; release also publishes and runs rollouts; admin does everything",
+    )
     p.add_argument("--name", required=True, help="who or what holds it (shown in the audit log)")
     p.add_argument(
         "--expires-in",

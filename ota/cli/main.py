@@ -22,6 +22,7 @@ from ota.cli import (
     commands_webhooks,
 )
 from ota.cli.connect import add_tls_options
+from ota.cli.helptext import describe_commands
 from ota.errors import OtaError
 from ota.logs import configure_logging
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_tokens.register(nouns, _add_client_options)
     commands_webhooks.register(nouns, _add_client_options)
     commands_audit.register(nouns, _add_client_options)
+    describe_commands(parser)
     return parser
 
 

@@ -100,7 +100,8 @@ def table(
     for i, c in enumerate(columns):
         keep = i in whole
         widest = max((len(str(row[i])) for row in rows), default=0) if keep else None
-        t.add_column(c, no_wrap=keep, min_width=widest)
+        # The others fold rather than cut: a value cut to "3e64d9…" is lost for copying.
+        t.add_column(c, no_wrap=keep, min_width=widest, overflow="fold")
     for row in rows:
         t.add_row(*(str(v) for v in row))
     console.print(t)

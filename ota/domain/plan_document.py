@@ -226,11 +226,11 @@ def _timing(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             f"must be auto or approval, got {advance!r}", field=f"{where}.advance"
         )
     return {
-        "min_soak_seconds": _duration(doc.get("min_soak", 0), f"{where}.min_soak"),
+        "min_soak_seconds": parse_duration(doc.get("min_soak", 0), f"{where}.min_soak"),
         "min_exposed": (
             _int(doc, "min_exposed", where, high=MAX_DEVICES) if "min_exposed" in doc else 0
         ),
-        "deadline_seconds": _duration(doc.get("deadline", 0), f"{where}.deadline"),
+        "deadline_seconds": parse_duration(doc.get("deadline", 0), f"{where}.deadline"),
         "advance": advance,
     }
 
@@ -255,7 +255,7 @@ def _gate(doc: Mapping[str, Any], where: str) -> Gate:
                 if "min_sample" in doc
                 else 5
             ),
-            window_seconds=_duration(doc.get("window", 0), f"{where}.window"),
+            window_seconds=parse_duration(doc.get("window", 0), f"{where}.window"),
             breaches_to_trip=(
                 _int(doc, "breaches_to_trip", where, low=1, high=MAX_BREACHES)
                 if "breaches_to_trip" in doc
@@ -356,7 +356,7 @@ def _bool(doc: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _duration(value: Any, field: str) -> int:
+def parse_duration(value: Any, field: str) -> int:
     """`90` (seconds), `30s`, `15m`, `2h`, `1d`; at most a year."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         seconds = value

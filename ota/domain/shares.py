@@ -61,19 +61,21 @@ def parse_share(value: Any, field: str, *, mapping: bool = True) -> int:
         # A bare number: say what it would be as a percentage, the usual intent.
         example = _bare_example(text)
         raise InvalidArgument(
-            f"{text} has no unit: {_forms(example, mapping=mapping)}", field=field
+            f"{text} has no unit: {_forms(example, mapping=mapping)}{_fraction_hint(text)}",
+            field=field,
         )
     lowered = text.lower()
     if lowered.endswith("%"):
         return _in_range(_percent(lowered[:-1].strip(), text, field), text, field)
     if lowered.endswith("ppm"):
         digits = lowered[:-3].strip()
-        if not digits.isdigit() or not digits.isascii() or len(digits) > 7:
+        if not digits.isdigit() or not digits.isascii():
             raise InvalidArgument(
                 f"{text!r} is not a whole number of parts per million (0ppm to 1000000ppm)",
                 field=field,
             )
-        return _in_range(int(digits), text, field)
+        # More digits than 1000000 has is out of range, said without converting them.
+        return _in_range(int(digits) if len(digits) <= 7 else PPM_MAX + 1, text, field)
     raise InvalidArgument(
         f"{text!r} is not a share: {_forms(100_000, mapping=mapping)}", field=field
     )
@@ -91,6 +93,18 @@ def _bare_example(text: str) -> int:
     if 0 < number <= PPM_MAX and number == number.to_integral_value():
         return int(number)
     return 100_000
+
+
+def _fraction_hint(text: str) -> str:
+    """For 0.05, which may be a fraction: what it is as a percentage, so 0.05% is not a slip."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return ""
+    ppm = number * PPM_MAX
+    if not 0 < number < 1 or ppm != ppm.to_integral_value():
+        return ""
+    return f" (as a fraction, {text} is {share_text(int(ppm))})"
 
 
 def _percent(number: str, text: str, field: str) -> int:

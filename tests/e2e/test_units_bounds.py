@@ -143,8 +143,10 @@ def test_share_flags_need_their_unit_and_say_what_stage_one_exposes(
     line = _one_error(_ota(stack, *base, "--stages", "40%,10%"))
     assert line == "ota: error: --stages: exposure must not decrease: 10% after 40%"
     helped = _ota(stack, "rollout", "create", "--help").stdout
+    options, _, examples = helped.partition("examples:")
     for flag in ("--stages", "--max-failure"):
-        assert "e.g." in helped.split(flag)[-1].split("--")[0], helped
+        assert "e.g." in options.split(flag)[-1].split("--")[0], helped
+        assert flag in examples, helped
     _nothing_stored_and_everything_answers(stack, world, before)
 
     created = _ota(stack, *base, "--stages", "25%,500000ppm,100%")
@@ -191,6 +193,31 @@ def test_values_that_overflow_are_refused_and_poison_nothing(
     details = _refused(world, rollout_pb2.CreateRolloutRequest(plan_document=HEAD + plan))
     assert details.startswith(f"{field}: ")
     _nothing_stored_and_everything_answers(stack, world, before)
+
+
+def test_soak_flag_reads_durations_like_a_plan_and_a_draft_lists_no_stage(
+    stack: DevStack, world: Client
+) -> None:
+    before = _rollout_ids(world)
+    base = ("rollout", "create", "--feature", "lane-assist", "--version", "1.0.0")
+    line = _one_error(_ota(stack, *base, "--soak", "30 minutes"))
+    assert line.startswith("ota: error: --soak: give a duration like 30s, 15m, 2h or 1d")
+    line = _one_error(_ota(stack, *base, "--soak", "400d"))
+    assert line == "ota: error: --soak: must be at most 365d, got 400d"
+    _nothing_stored_and_everything_answers(stack, world, before)
+
+    created = _ota(stack, *base, "--stages", "10%,100%", "--soak", "30m")
+    assert created.returncode == 0, created.stderr
+    rollout_id = created.stdout.split()[1]
+    got = world.rollouts.GetRollout(
+        rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=world.metadata
+    )
+    assert [s.min_soak_seconds for s in got.stages] == [1800, 1800]
+    listed = _ota(stack, "rollout", "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if rollout_id in line)
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[3:5] == ["DRAFT", "-"], row  # not started: no stage, as `status` says
 
 
 @pytest.mark.parametrize(

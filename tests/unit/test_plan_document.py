@@ -253,6 +253,26 @@ def test_the_message_shows_the_number_with_its_units() -> None:
     )
 
 
+def test_a_bare_fraction_is_also_shown_as_the_percentage_it_would_be() -> None:
+    # `max: 0.05` is often meant as 5%: the message must not only suggest 0.05%.
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(
+            BARE + "stages: [{exposure: 100%}]\ngates: [{metric: install_failure, max: 0.05}]"
+        )
+    assert str(e.value) == (
+        "gates[0].max: 0.05 has no unit: write a percentage like 0.05%, "
+        "or parts per million like {ppm: 500} or 500ppm (as a fraction, 0.05 is 5%)"
+    )
+
+
+@pytest.mark.parametrize("ppm", ["1000001ppm", "1000000000000ppm", "9" * 5000 + "ppm"])
+def test_too_many_ppm_is_out_of_range_not_malformed(ppm: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_plan_document(BARE + f"stages: [{{exposure: {ppm}}}]")
+    assert e.value.field == "stages[0].exposure"
+    assert str(e.value).startswith("stages[0].exposure: must be between 0% and 100%")
+
+
 def test_every_form_with_a_unit_means_the_same_share() -> None:
     text = BARE + (
         "holdout: {ppm: 50000}\n"
