@@ -42,7 +42,9 @@ def progress_lines(report: report_pb2.RolloutReport) -> list[str]:
     failed = sum(c.count for c in report.failures_by_reason)
     lines.append(
         f"   total  {bar(report.funnel[-1].devices if report.funnel else 0, report.eligible)} "
-        f"exposed {report.exposed}/{report.eligible} eligible  failed {failed}  "
+        f"exposed {report.exposed}/{report.eligible - report.exposure_gap.holdout} eligible"
+        + (f" (holdout {report.exposure_gap.holdout})" if report.exposure_gap.holdout else "")
+        + f"  failed {failed}  "
         f"unreachable {report.stragglers.unreachable}  [{rollout_state(report.rollout.state)}]"
     )
     return lines
