@@ -24,9 +24,8 @@ from ota.client import Client
 from ota.devstack import DevStack
 from ota.reports.figures import figures, header
 from ota.v1 import report_pb2, rollout_pb2, token_pb2
-from tests.e2e.scenario import MODELS, REGIONS, create_from_plan, get_rollout, publish
+from tests.e2e.scenario import MODELS, REGIONS, create_from_plan, get_rollout, publish, wait_for
 from tests.e2e.scenario import report as grpc_report
-from tests.e2e.scenario import wait_for
 
 pytestmark = pytest.mark.e2e
 
