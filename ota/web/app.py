@@ -197,13 +197,16 @@ class Dashboard:
             return self._to_signin(request)
         rollout_id = request.path_params["rollout_id"]
         try:
-            report = self.report(rollout_id)
+            return self.rollout_page(rollout_id, caller)
         except NotFound:
             return self._not_found(caller, f"There is no rollout {rollout_id}.")
+
+    def rollout_page(self, rollout_id: str, caller: Caller) -> HTMLResponse:
+        """The rollout page: the report as of now, and the stream that keeps it current."""
         return self._page(
             "rollout.html",
             caller,
-            view=build_view(report),
+            view=build_view(self.report(rollout_id)),
             stream=f"/rollouts/{quote(rollout_id)}/events",
         )
 
