@@ -9,11 +9,15 @@ and 390 px go to the test artifacts (OTA_TEST_ARTIFACTS, else test-artifacts/).
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
 import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from google.protobuf.json_format import MessageToJson, Parse
@@ -24,6 +28,8 @@ from ota.client import Client
 from ota.devstack import DevStack
 from ota.reports.figures import figures, header
 from ota.v1 import report_pb2, rollout_pb2, token_pb2
+from tests.broker_harness import BrokerHandle
+from tests.conftest import endpoint
 from tests.e2e.scenario import MODELS, REGIONS, create_from_plan, get_rollout, publish, wait_for
 from tests.e2e.scenario import report as grpc_report
 
@@ -134,8 +140,9 @@ def _plan(version: str, stages: str, gates: str = "") -> str:
 
 
 def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
-    stack: DevStack, tmp_path: Path, browser: Any
+    stack: DevStack, tmp_path: Path, browser: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     fleet = SimulatedFleet(
         compose_fleet(40, models=MODELS, regions=REGIONS, firmware="4.2.0"),
         FleetSettings(
@@ -321,6 +328,49 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
         page.goto(f"{base}/rollouts/{first}")
         assert page.url.startswith(base + "/signin")
         context.close()
+        # The token went in a form body once: in no URL, no log line.
+        assert viewer not in caplog.text
+        assert "dashboard sign-in: pm-anna (viewer)" in caplog.text
     finally:
         client.close()
         fleet.stop()
+
+
+def test_dashboard_over_tls_marks_its_cookie_secure_and_logs_no_token(
+    tmp_path: Path, broker: BrokerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    stack = DevStack.start(tmp_path / "stack", broker=endpoint(broker), tls=True)
+    try:
+        assert stack.pki is not None
+        url = urlsplit(stack.dashboard_url)
+        assert url.scheme == "https"
+        tls = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+
+        def post(token: str) -> http.client.HTTPResponse:
+            conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=tls)
+            conn.request(
+                "POST",
+                "/signin",
+                body=urlencode({"token": token, "next": "/fleet"}),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            return conn.getresponse()
+
+        refused = post("ota_" + "1" * 64)
+        assert refused.status == 401
+        assert refused.getheader("Set-Cookie") is None
+        signed_in = post(stack.admin_token)
+        assert signed_in.status == 303
+        assert signed_in.getheader("Location") == "/fleet"
+        cookie = signed_in.getheader("Set-Cookie") or ""
+        assert "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=strict" in cookie
+        # A plain-HTTP client gets no page from the TLS listener.
+        plain = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/signin")
+            plain.getresponse().read()
+        assert stack.admin_token not in caplog.text
+        assert "1" * 64 not in caplog.text
+    finally:
+        stack.stop()
