@@ -120,7 +120,7 @@ def build_view(report: report_pb2.RolloutReport) -> ReportView:
             (label(k), cell("exposure", k))
             for k in ("eligible", "holdout", "exposed", "applied", "reverted")
         ]
-        + [("used", cell("funnel", "USED"))],
+        + ([("used", cell("funnel", "USED"))] if ("funnel", "USED") in by_key else []),
         funnel=_funnel_rows(report, cell),
     )
     partition = ("applied", "reverted", "failed", "in_progress", "not_yet_notified")
@@ -188,8 +188,11 @@ def build_view(report: report_pb2.RolloutReport) -> ReportView:
         Table(
             "Stragglers",
             ["devices"],
-            [Row(label(k), [cell("stragglers", k)]) for _, k, _ in sections["stragglers"]]
-            + [Row(f"last seen {k}", [cell("last_seen", k)]) for _, k, _ in sections["last_seen"]],
+            [Row(label(k), [cell("stragglers", k)]) for _, k, _ in sections.get("stragglers", [])]
+            + [
+                Row(f"last seen {k}", [cell("last_seen", k)])
+                for _, k, _ in sections.get("last_seen", [])
+            ],
             note="Exposed devices not done yet, offline or online.",
             anchor="stragglers",
         )
@@ -378,6 +381,11 @@ def build_feature_view(report: report_pb2.FeatureReport) -> FeatureView:
     for v in report.versions:
         at = {p.time.seconds: p.devices for p in v.points}
         series[v.version] = [at.get(t) for t in times]
+    if times:
+        # Each point closes a minute: the chart starts from 0 at the first minute's start.
+        times.insert(0, times[0] - 60)
+        for values in series.values():
+            values.insert(0, 0)
     return FeatureView(
         report.feature,
         [
