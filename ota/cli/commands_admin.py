@@ -306,7 +306,10 @@ def dev(args: argparse.Namespace) -> int:
     )
     try:
         env_file = stack.state_dir / "env"
-        env_file.write_text(stack.env_lines())
+        # Whole or absent: a script waiting for the file never reads half of it.
+        partial = env_file.with_name("env.partial")
+        partial.write_text(stack.env_lines())
+        partial.replace(env_file)
         console.print(f"gRPC      {stack.server}")
         console.print(f"MQTT      {stack.mqtt_url}")
         console.print(f"metrics   {stack.metrics_url}")
