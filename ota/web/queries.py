@@ -1,4 +1,4 @@
-"""What the dashboard's list pages read: one grouped query per page, no per-row scans."""
+"""What the dashboard's list pages read: grouped queries, no scan of the events."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from ota.domain.states import ROLLOUT_FINAL
 from ota.errors import InvalidArgument, NotFound
 from ota.reports.figures import pct
 from ota.reports.labels import label, rollout_state_label
+from ota.rollout.exposure import holdout_count
 from ota.store import adoption
 from ota.store.models import (
     AdoptionStatRow,
+    BundleRow,
     DeviceEventRow,
     DeviceRow,
     DeviceVersionRow,
@@ -38,7 +40,8 @@ class RolloutLine:
     state_label: str
     stage: str
     phase: str
-    eligible: int
+    eligible: int  # outside the holdout: the devices the rollout may expose
+    holdout: int
     exposed: int
     active: int
     used: int
@@ -89,6 +92,11 @@ def rollout_lines(session: Session, *, feature: str = "", state: str = "") -> li
         samples = s[(adoption.HEALTH, "samples")]
         control = s[(adoption.HOLDOUT_HEALTH, "samples")]
         stage = f"{r.current_stage + 1} of {len(plan.stages)}" if r.current_stage >= 0 else "-"
+        eligible = r.eligible or 0
+        holdout = 0
+        if plan.holdout_ppm and eligible:
+            bundle = session.get(BundleRow, r.bundle_name)
+            holdout = holdout_count(session, r, bundle, eligible) if bundle else 0
         out.append(
             RolloutLine(
                 r.rollout_id,
@@ -98,7 +106,8 @@ def rollout_lines(session: Session, *, feature: str = "", state: str = "") -> li
                 rollout_state_label(r.state),
                 stage,
                 label(r.phase) if r.phase and r.state == "RUNNING" else "",
-                r.eligible or 0,
+                eligible - holdout,
+                holdout,
                 exposed,
                 active,
                 used,
