@@ -305,6 +305,8 @@ class ControlPlane:
                 tls_cert_file=self.config.origin_tls_cert_file,
                 tls_key_file=self.config.origin_tls_key_file,
             )
+        if self.config.dashboard_listen:
+            self.dashboard_server = self._dashboard()  # binds its port: fails here too
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -316,8 +318,7 @@ class ControlPlane:
         log.info("control plane serving gRPC on port %d", self.port)
         if self.origin_server is not None:
             self.origin_server.start()
-        if self.config.dashboard_listen:
-            self.dashboard_server = self._dashboard()
+        if self.dashboard_server is not None:
             self.dashboard_server.start()
         if self.metrics_server is not None:
             log.info("metrics at http://%s/metrics", self.metrics_address)
