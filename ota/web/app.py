@@ -222,18 +222,15 @@ class Dashboard:
 
     async def _stream(self, rollout_id: str) -> AsyncIterator[str]:
         yield "retry: 2000\n: following\n\n"
-        updates = self.live.follow(rollout_id)
-        try:
+        with self.live.follow(rollout_id) as updates:
             while True:
                 try:
-                    html = await asyncio.wait_for(anext(updates), timeout=15.0)
+                    html = await asyncio.wait_for(updates.get(), timeout=15.0)
                 except TimeoutError:
                     yield ": keep-alive\n\n"  # proxies close silent connections
                     continue
                 data = "".join(f"data: {line}\n" for line in html.split("\n"))
                 yield f"event: report\n{data}\n"
-        finally:
-            await updates.aclose()
 
     def feature(self, request: Request) -> Response:
         caller = self._caller(request)

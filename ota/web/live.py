@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import Table, func
@@ -62,8 +62,9 @@ class LiveReports:
         *,
         interval: float = 1.0,
         refresh: float = 10.0,
+        read_fingerprint: Callable[[str], Fingerprint] | None = None,
     ) -> None:
-        self._store = store
+        self._fingerprint = read_fingerprint or (lambda rid: fingerprint(store, rid))
         self._render = render  # rollout id -> the report's HTML fragment
         self._interval = interval
         self._refresh = refresh
@@ -76,8 +77,14 @@ class LiveReports:
     def watching(self) -> int:
         return len(self._watchers)
 
-    async def follow(self, rollout_id: str) -> AsyncGenerator[str, None]:
-        """The rollout's report, re-rendered, each time it changes (not the current one)."""
+    @contextlib.contextmanager
+    def follow(self, rollout_id: str) -> Iterator[asyncio.Queue[str]]:
+        """A queue of the rollout's report, re-rendered each time it changes.
+
+        Only renderings newer than the page the viewer has are put in it; it holds
+        one at most (the newest). Leaving the block stops following, and the last
+        viewer to leave stops the rollout's watcher.
+        """
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1)
         watcher = self._watchers.get(rollout_id)
         if watcher is None:
@@ -85,8 +92,7 @@ class LiveReports:
             watcher.task = asyncio.create_task(self._watch(watcher))
         watcher.viewers.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            yield queue
         finally:
             watcher.viewers.discard(queue)
             if not watcher.viewers and self._watchers.get(rollout_id) is watcher:
@@ -99,7 +105,7 @@ class LiveReports:
         built = time.monotonic()
         while watcher.viewers:
             try:
-                now_print = await asyncio.to_thread(fingerprint, self._store, watcher.rollout_id)
+                now_print = await asyncio.to_thread(self._fingerprint, watcher.rollout_id)
                 self.checks += 1
                 if last is None:
                     last = now_print  # the page was rendered just now
