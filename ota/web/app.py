@@ -26,6 +26,7 @@ from ota.clock import Clock
 from ota.errors import InvalidArgument, NotFound
 from ota.reports.model import build_feature_report, build_report
 from ota.reports.view import build_feature_view, build_view
+from ota.store.models import RolloutRow
 from ota.store.session import Store
 from ota.v1 import report_pb2
 from ota.web import queries
@@ -214,11 +215,17 @@ class Dashboard:
         if self._caller(request) is None:
             return Response("sign in first", status_code=401)
         rollout_id = request.path_params["rollout_id"]
+        if not await asyncio.to_thread(self._rollout_exists, rollout_id):
+            return Response("no such rollout", status_code=404)
         return StreamingResponse(
             self._stream(rollout_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    def _rollout_exists(self, rollout_id: str) -> bool:
+        with self.store.transaction() as session:
+            return session.get(RolloutRow, rollout_id) is not None
 
     async def _stream(self, rollout_id: str) -> AsyncIterator[str]:
         yield "retry: 2000\n: following\n\n"

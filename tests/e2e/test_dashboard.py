@@ -299,6 +299,8 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
         page.goto(f"{base}/?feature=lane-assist&state=ROLLED_BACK")
         assert page.locator("#rollouts tr[data-rollout]").count() == 1
         assert page.locator(f"tr[data-rollout='{second}']").count() == 1
+        assert context.request.get(base + "/rollouts/r-nope/events").status == 404
+        assert context.request.get(base + "/rollouts/r-nope").status == 404
         page.goto(base + "/")
         assert page.locator("#rollouts tr[data-rollout]").count() == 2
         errors.none("rollouts page")
