@@ -240,6 +240,11 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
         # The holdout has its own line, and the stage's target leaves it out.
         assert shown["exposure|holdout"] == str(r.exposure_gap.holdout)
         assert r.exposure_gap.holdout == 40 - r.exposed
+        status = get_rollout(client, first)  # what `ota rollout status` prints from
+        assert (status.eligible - status.holdout, status.holdout) == (
+            r.exposed,
+            r.exposure_gap.holdout,
+        )
         gap = {c.key: c.count for c in r.exposure_gap.reasons}
         assert gap["rounding"] == 0 and r.target_exposed == r.exposed
         holdout_row = page.locator("#exposure tr", has_text="holdout (never exposed)")
