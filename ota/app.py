@@ -327,6 +327,11 @@ class ControlPlane:
         assert self.auth is not None and self.clock is not None
         cert, key = self.config.dashboard_tls
         dashboard = Dashboard(self.store, self.auth, self.clock, secure_cookies=bool(cert))
+        self.metrics.watch_dashboard(
+            lambda: len(dashboard.sessions),
+            lambda: dashboard.live.watching,
+            lambda: dashboard.live.renders,
+        )
         return DashboardServer(
             dashboard, self.config.dashboard_listen, tls_cert_file=cert, tls_key_file=key
         )

@@ -69,6 +69,11 @@ class Sessions:
             session.checked = now
         return session.caller
 
+    def __len__(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.expires > now)
+
     def sign_out(self, sid: str | None) -> None:
         if sid:
             with self._lock:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import ssl
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,9 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
         page.goto(f"{base}/rollouts/{first}")
         page.wait_for_selector("#live.on")
         assert page.inner_text("[data-figure='exposure|exposed']") == "0"
+        metrics = urllib.request.urlopen(stack.metrics_url, timeout=30).read().decode()
+        assert "ota_dashboard_sessions 1.0" in metrics
+        assert "ota_dashboard_live_rollouts 1.0" in metrics
         page.evaluate("window.notReloaded = true")
         client.rollouts.StartRollout(
             rollout_pb2.RolloutCommandRequest(rollout_id=first), metadata=client.metadata
