@@ -308,6 +308,11 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
         page.goto(f"{base}/?feature=lane-assist&state=ROLLED_BACK")
         assert page.locator("#rollouts tr[data-rollout]").count() == 1
         assert page.locator(f"tr[data-rollout='{second}']").count() == 1
+        # Assets come from the control plane, under hashed names, cached for good.
+        for src in page.eval_on_selector_all("script[src]", "els => els.map(e => e.src)"):
+            asset = context.request.get(src)
+            assert asset.status == 200 and src.startswith(base + "/static/")
+            assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
         assert context.request.get(base + "/rollouts/r-nope/events").status == 404
         assert context.request.get(base + "/rollouts/r-nope").status == 404
         page.goto(base + "/")
