@@ -228,8 +228,10 @@ class Dashboard:
             return session.get(RolloutRow, rollout_id) is not None
 
     async def _stream(self, rollout_id: str) -> AsyncIterator[str]:
-        yield "retry: 2000\n: following\n\n"
         with self.live.follow(rollout_id) as updates:
+            # Following before the first byte: once the browser sees the stream open,
+            # no change can slip by unannounced.
+            yield "retry: 2000\n: following\n\n"
             while True:
                 try:
                     html = await asyncio.wait_for(updates.get(), timeout=15.0)

@@ -107,9 +107,9 @@ class LiveReports:
             try:
                 now_print = await asyncio.to_thread(self._fingerprint, watcher.rollout_id)
                 self.checks += 1
-                if last is None:
-                    last = now_print  # the page was rendered just now
-                elif now_print != last or time.monotonic() - built >= self._refresh:
+                # The first check renders too: the rollout may have moved between the
+                # page's rendering and this watcher's start.
+                if last is None or now_print != last or time.monotonic() - built >= self._refresh:
                     last = now_print
                     built = time.monotonic()
                     html = await asyncio.to_thread(self._render, watcher.rollout_id)

@@ -181,6 +181,7 @@ def test_dashboard_signs_in_follows_a_rollout_live_and_states_a_rollback(
             page.click("button[type=submit]")
         assert refused.value.status == 401
         assert "not valid" in page.inner_text(".error")
+        _shoot(page, "signin")
         assert context.request.post(base + "/signin", form={"token": ""}).status == 401
         assert (
             context.request.post(
