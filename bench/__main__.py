@@ -27,6 +27,7 @@ BENCHMARKS = {
     "telemetry-ingest": "bench.telemetry_ingest",
     "download": "bench.download",
     "report": "bench.report",
+    "dashboard": "bench.dashboard",
     "rollout-e2e": "bench.rollout_e2e",
     "fleet-connect": "bench.fleet_connect",
     "notify-fleet": "bench.notify_fleet",

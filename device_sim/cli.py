@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(MODEL or VERSION may be *; repeat)",
     )
     run.add_argument(
+        "--use",
+        action="append",
+        default=[],
+        metavar="MODEL[@VERSION]=P",
+        help="share of health samples in which the feature was used, e.g. 'ev6=0.8' "
+        "(MODEL or VERSION may be *; repeat)",
+    )
+    run.add_argument(
         "--health-interval",
         type=float,
         default=0.0,
@@ -252,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             trusted_root=root,
             state_dir=state_dir,
             failures=FailureProfile.parse(args.fail),
-            health=HealthProfile.parse(args.crash),
+            health=HealthProfile.parse(args.crash, args.use),
             health_interval=health_interval,
             seed=seed,
             clock_skew=skew,

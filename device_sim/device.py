@@ -85,6 +85,9 @@ class DeviceRecord:
     periodic_crashes: dict[str, int] = field(default_factory=dict)
     # Times the device gave up waiting for an unreachable control plane, by rollout.
     gave_up: dict[str, int] = field(default_factory=dict)
+    # Periodic samples that reported using the feature, and the uses they reported.
+    periodic_samples_used: dict[str, int] = field(default_factory=dict)
+    periodic_uses: dict[str, int] = field(default_factory=dict)
 
 
 class PowerCut(Exception):
@@ -395,6 +398,12 @@ class SimDevice:
         # No draw without a crash rate: the failure draws of seeded fleets stay as they were.
         return 1 if rate and self.rng.random() < rate else 0
 
+    def _draw_uses(self, version: str) -> int:
+        """How often the feature was used since the last sample (its scenario's rate)."""
+        rate = self.health.use_rate(self.profile.model, version)
+        # No draw without a rate, so seeded fleets without usage draw as before.
+        return 1 + self.rng.randrange(5) if rate and self.rng.random() < rate else 0
+
     def _health_sample(self, a: common_pb2.FeatureAssignment) -> common_pb2.HealthSample:
         """The first health sample, sent with ACTIVE: did the feature crash on start?"""
         crashes = self._draw_crash(a.version)
@@ -428,6 +437,7 @@ class SimDevice:
             ]
             for feature, version, sha256, active in targets:
                 crashes = self._draw_crash(version) if active else 0
+                uses = self._draw_uses(version) if active and feature else 0
                 key = f"{feature}@{version}" if feature else ""
                 r = self.record
                 r.periodic_samples[key] = r.periodic_samples.get(key, 0) + 1
@@ -442,8 +452,12 @@ class SimDevice:
                             crash_count=crashes,
                             feature_error_count=crashes,
                             uptime_seconds=max(uptime, 0),
+                            uses=uses,
                         ),
                     )
+                    if uses:  # counted once the broker took it, as the control plane sees it
+                        r.periodic_samples_used[key] = r.periodic_samples_used.get(key, 0) + 1
+                        r.periodic_uses[key] = r.periodic_uses.get(key, 0) + uses
                 except MqttError:
                     break  # the session is going; the next one samples again
 

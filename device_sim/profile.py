@@ -59,9 +59,12 @@ class HealthProfile:
     """
 
     rates: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Share of health samples in which the feature was used, by (model, version), with
+    # the same precedence; a used sample reports 1 to 5 uses.
+    use_rates: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, specs: list[str]) -> HealthProfile:
+    def parse(cls, specs: list[str], uses: list[str] | None = None) -> HealthProfile:
         """Each spec is MODEL[@VERSION]=PROBABILITY, e.g. `*@2.0.0=1.0` or `ev9=0.2`."""
         rates: dict[tuple[str, str], float] = {}
         for spec in specs:
@@ -78,7 +81,8 @@ class HealthProfile:
             if not 0.0 <= p <= 1.0:
                 raise InvalidArgument(f"probability in {spec!r} must be in [0, 1]", field="crash")
             rates[(model, version or "*")] = p
-        return cls(rates)
+        use_rates = cls.parse(uses).rates if uses else {}
+        return cls(rates, use_rates)
 
     @classmethod
     def per_model(cls, rates: dict[str, float]) -> HealthProfile:
@@ -86,14 +90,21 @@ class HealthProfile:
         return cls({(model, "*"): p for model, p in rates.items()})
 
     def crash_rate(self, model: str, version: str) -> float:
-        for key in ((model, version), (model, "*"), ("*", version), ("*", "*")):
-            if key in self.rates:
-                return self.rates[key]
-        return 0.0
+        return _most_specific(self.rates, model, version)
+
+    def use_rate(self, model: str, version: str) -> float:
+        return _most_specific(self.use_rates, model, version)
 
     def merged(self, other: HealthProfile) -> HealthProfile:
         """These rules, with `other`'s taking precedence where both set one."""
-        return HealthProfile(self.rates | other.rates)
+        return HealthProfile(self.rates | other.rates, self.use_rates | other.use_rates)
+
+
+def _most_specific(rates: dict[tuple[str, str], float], model: str, version: str) -> float:
+    for key in ((model, version), (model, "*"), ("*", version), ("*", "*")):
+        if key in rates:
+            return rates[key]
+    return 0.0
 
 
 def compose_fleet(

@@ -1,7 +1,8 @@
 """Scenario files: a fleet and how it behaves, in YAML, for `ota-sim run --scenario FILE`.
 
 A scenario says who the devices are (`fleet`), how likely installs fail and
-health samples crash for some of them (`failures`), whose clocks are off
+health samples crash for some of them (`failures`), how often they use the
+feature (`usage`: the share of health samples reporting a use), whose clocks are off
 (`clock_skew`), how long devices wait out an unreachable control plane before
 saying so (`unreachable_for`, seconds), who is slow to act on a desired state (`latency`), who goes
 offline and comes back (`churn`), and which devices misbehave on the wire
@@ -20,6 +21,8 @@ README), and the file itself is bounded in size and nesting before it is parsed.
       - {model: ev9, region: us, version: 2.0.0, install: 0.5, crash: 0.1}
     health_interval: 30
     unreachable_for: 600
+    usage:
+      - {model: ev6, version: 1.0.0, rate: 0.8}
     clock_skew:
       - {devices: "sim-00000[0-4]", seconds: -7200}
     latency:
@@ -71,6 +74,7 @@ MISBEHAVIOURS = {
 
 _SELECTOR_KEYS = ("model", "region", "firmware", "devices")
 _TOP_KEYS = {
+    "usage",
     "seed",
     "prefix",
     "fleet",
@@ -116,6 +120,13 @@ class FailureRule:
     version: str  # feature version, or "*"
     install: float | None  # install failure probability
     crash: float | None  # probability that a health sample reports a crash
+
+
+@dataclass(frozen=True)
+class UsageRule:
+    select: Selector
+    version: str  # feature version, or "*"
+    rate: float  # share of health samples in which the feature was used
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,7 @@ class Scenario:
     # Seconds a device waits out an unreachable control plane before it says so
     # (None: the simulator's default, `--unreachable-for`).
     unreachable_for: float | None = None
+    usage: tuple[UsageRule, ...] = ()
     _devices: list[DeviceProfile] = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -200,7 +212,11 @@ class Scenario:
         for rule in self.failures:
             if rule.crash is not None and rule.select.matches(p):
                 rates.setdefault((p.model, rule.version), rule.crash)
-        return HealthProfile(rates)
+        uses: dict[tuple[str, str], float] = {}
+        for usage in self.usage:
+            if usage.select.matches(p):
+                uses.setdefault((p.model, usage.version), usage.rate)
+        return HealthProfile(rates, uses)
 
     def skew_for(self, device_id: str, profiles: Mapping[str, DeviceProfile]) -> timedelta:
         p = profiles.get(device_id)
@@ -310,6 +326,14 @@ def parse_scenario(data: Any) -> Scenario:
             for i, r in enumerate(
                 _rules(doc.get("churn"), "churn", {"fraction", "after", "offline", "every"})
             )
+        ),
+        usage=tuple(
+            UsageRule(
+                _selector(r, f"usage[{i}]"),
+                _str(r.get("version", "*"), f"usage[{i}].version"),
+                _probability(_need(r, "rate", f"usage[{i}]"), f"usage[{i}].rate"),
+            )
+            for i, r in enumerate(_rules(doc.get("usage"), "usage", {"version", "rate"}))
         ),
         misbehaving=tuple(
             _misbehaviour(r, f"misbehaving[{i}]")

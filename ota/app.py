@@ -48,6 +48,8 @@ from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
 from ota.trust.keys import load_signer
 from ota.trust.repository import ImageRepository
+from ota.web.app import Dashboard
+from ota.web.server import DashboardServer
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ class ControlPlane:
     metrics_server: MetricsServer | None = None
     origin: Origin | None = None
     origin_server: HttpListener | None = None
+    auth: Authenticator | None = None
+    clock: Clock | None = None
+    dashboard_server: DashboardServer | None = None
 
     @classmethod
     def build(
@@ -283,6 +288,8 @@ class ControlPlane:
             webhook_worker,
             metrics,
             origin=origin,
+            auth=auth,
+            clock=clock,
         )
 
     def start(self) -> None:
@@ -298,6 +305,8 @@ class ControlPlane:
                 tls_cert_file=self.config.origin_tls_cert_file,
                 tls_key_file=self.config.origin_tls_key_file,
             )
+        if self.config.dashboard_listen:
+            self.dashboard_server = self._dashboard()  # binds its port: fails here too
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -309,8 +318,28 @@ class ControlPlane:
         log.info("control plane serving gRPC on port %d", self.port)
         if self.origin_server is not None:
             self.origin_server.start()
+        if self.dashboard_server is not None:
+            self.dashboard_server.start()
         if self.metrics_server is not None:
             log.info("metrics at http://%s/metrics", self.metrics_address)
+
+    def _dashboard(self) -> DashboardServer:
+        assert self.auth is not None and self.clock is not None
+        cert, key = self.config.dashboard_tls
+        dashboard = Dashboard(self.store, self.auth, self.clock, secure_cookies=bool(cert))
+        self.metrics.watch_dashboard(
+            lambda: len(dashboard.sessions),
+            lambda: dashboard.live.watching,
+            lambda: dashboard.live.renders,
+        )
+        return DashboardServer(
+            dashboard, self.config.dashboard_listen, tls_cert_file=cert, tls_key_file=key
+        )
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard's URL, once started; empty when off."""
+        return self.dashboard_server.url if self.dashboard_server is not None else ""
 
     @property
     def metrics_address(self) -> str:
@@ -328,6 +357,8 @@ class ControlPlane:
     def stop(self) -> None:
         if self.origin_server is not None:
             self.origin_server.stop()
+        if self.dashboard_server is not None:
+            self.dashboard_server.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.server.stop(grace=2).wait()

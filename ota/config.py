@@ -69,6 +69,11 @@ class ServerConfig:
     origin_timestamp_max_age: int = 5
     # A fleet-wide delivery token devices send and the cache checks; empty = public.
     origin_token: str = ""
+    # The read-only web dashboard, e.g. "0.0.0.0:8080"; empty = off. Over HTTPS with
+    # its own certificate and key, or else with the gRPC ones (tls_cert_file) when set.
+    dashboard_listen: str = ""
+    dashboard_tls_cert_file: str = ""
+    dashboard_tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -99,6 +104,19 @@ class ServerConfig:
             raise InvalidArgument(
                 "must be between 0 and 3600 seconds", field="origin_timestamp_max_age"
             )
+        if self.dashboard_listen:
+            try:
+                parse_listen(self.dashboard_listen)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"{self.dashboard_listen!r} is not host:port, e.g. 0.0.0.0:8080",
+                    field="dashboard_listen",
+                ) from exc
+        if bool(self.dashboard_tls_cert_file) != bool(self.dashboard_tls_key_file):
+            raise InvalidArgument(
+                "dashboard TLS needs both dashboard_tls_cert_file and dashboard_tls_key_file",
+                field="dashboard_tls_cert_file",
+            )
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(
                 f"{self.log_format!r} is not 'text' or 'json'", field="log_format"
@@ -128,6 +146,13 @@ class ServerConfig:
     webhook_max_attempts: int = 12
     # CA bundle for https endpoints (empty = the system's).
     webhook_ca_file: str = ""
+
+    @property
+    def dashboard_tls(self) -> tuple[str, str]:
+        """The dashboard's certificate and key files, ("", "") for plain HTTP."""
+        if self.dashboard_tls_cert_file:
+            return self.dashboard_tls_cert_file, self.dashboard_tls_key_file
+        return self.tls_cert_file, self.tls_key_file
 
 
 _ENV_PREFIX = "OTA_"

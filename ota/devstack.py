@@ -69,6 +69,10 @@ class DevStack:
         return self.control_plane.origin_url
 
     @property
+    def dashboard_url(self) -> str:
+        return self.control_plane.dashboard_url
+
+    @property
     def mqtt_url(self) -> str:
         return f"mqtt://{self.broker.host}:{self.broker.port}"
 
@@ -86,6 +90,7 @@ class DevStack:
         mtls: bool = False,
         metrics_port: int | None = 0,
         origin: bool = False,
+        dashboard_port: int | None = 0,
     ) -> DevStack:
         """With `tls`, gRPC is served over TLS from a development CA (made once under
         state_dir/tls); with `mtls` too, clients must present its client certificate."""
@@ -125,6 +130,8 @@ class DevStack:
             metrics_listen="" if metrics_port is None else f"127.0.0.1:{metrics_port}",
             # The HTTP delivery origin on a free loopback port, when asked for.
             origin_listen="127.0.0.1:0" if origin else "",
+            # The web dashboard on loopback (0: any free port); None turns it off.
+            dashboard_listen="" if dashboard_port is None else f"127.0.0.1:{dashboard_port}",
         )
         pki = None
         if tls or mtls:

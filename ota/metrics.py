@@ -19,7 +19,7 @@ from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func
@@ -148,6 +148,21 @@ class Metrics:
     def watch(self, store: Store, ingest: IngestStats) -> None:
         """Report the fleet's rollouts and backlogs from `store`, and `ingest`'s counters."""
         self.registry.register(_FleetCollector(store, ingest))
+
+    def watch_dashboard(
+        self,
+        sessions: Callable[[], int],
+        watched: Callable[[], int],
+        renders: Callable[[], int],
+    ) -> None:
+        """The dashboard's signed-in sessions, followed rollouts and live renderings."""
+        readings: tuple[tuple[str, str, Callable[[], int]], ...] = (
+            ("ota_dashboard_sessions", "Dashboard sessions signed in on this replica", sessions),
+            ("ota_dashboard_live_rollouts", "Rollouts some browser follows live", watched),
+            ("ota_dashboard_live_renders", "Live reports rendered (once per change)", renders),
+        )
+        for name, doc, read in readings:
+            Gauge(name, doc, registry=self.registry).set_function(read)
 
     def serve(self, listen: str) -> MetricsServer:
         host, port = parse_listen(listen)

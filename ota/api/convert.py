@@ -93,6 +93,7 @@ def rollout(
     device_states: dict[str, int] | None = None,
     stage_exposure: dict[int, int] | None = None,
     eligible: int = 0,
+    holdout: int = 0,
 ) -> rollout_pb2.Rollout:
     plan = RolloutPlan.from_json(row.stages_json, row.gate_json)
     states = device_states or {}
@@ -121,6 +122,7 @@ def rollout(
         stage_started_time=ts(row.stage_started_at),
         salt_hex=row.salt_hex,
         eligible=eligible,
+        holdout=holdout,
         exposed=sum(states.values()),
         progress=[
             rollout_pb2.StageProgress(ppm=s.ppm, exposed=exposure.get(i, 0))
@@ -224,6 +226,8 @@ def _health_group(g: HealthGroup | None) -> report_pb2.HealthGroup | None:
         crashes=g.crashes,
         feature_errors=g.feature_errors,
         unhealthy_ppm=g.unhealthy_ppm,
+        samples_used=g.samples_used,
+        uses=g.uses,
     )
 
 
@@ -235,6 +239,7 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
             device_states=states,
             stage_exposure={i: n for i, (_, n) in enumerate(value.stages)},
             eligible=value.eligible,
+            holdout=value.exposure_gap.holdout if value.exposure_gap else 0,
         ),
         generated_time=ts(value.generated_at),
         data_time=ts(value.data_time),
@@ -252,6 +257,12 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
                 active=c.active,
                 failed=c.failed,
                 installed=c.installed,
+                used=c.used,
+                samples=c.samples,
+                samples_used=c.samples_used,
+                holdout_devices_used=c.holdout_devices_used,
+                holdout_samples=c.holdout_samples,
+                holdout_samples_used=c.holdout_samples_used,
             )
             for c in value.cohorts
         ],
@@ -264,6 +275,8 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
             exposed=gap.exposed,
             applied=gap.applied,
             reasons=_counts(gap.reasons),
+            holdout=gap.holdout,
+            reverted=gap.reverted,
         )
         if gap
         else None,
@@ -284,9 +297,22 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
                 installed=p.installed,
                 failed=p.failed,
                 reverted=p.reverted,
+                used=p.used,
             )
             for p in value.adoption_curve
         ],
+        usage_curve=[
+            report_pb2.UsagePoint(
+                time=ts(p.time),
+                samples=p.samples,
+                samples_used=p.samples_used,
+                holdout_samples=p.holdout_samples,
+                holdout_samples_used=p.holdout_samples_used,
+            )
+            for p in value.usage_curve
+        ],
+        outcome=audit(value.outcome) if value.outcome else None,
+        curve_resolution_seconds=value.curve_resolution_seconds,
         latencies=[
             report_pb2.Latency(
                 name=x.name,

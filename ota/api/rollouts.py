@@ -16,7 +16,7 @@ from ota.domain.plan import Gate, RolloutPlan, Stage, install_failure_gate
 from ota.domain.plan_document import parse_plan_document
 from ota.errors import InvalidArgument
 from ota.rollout.commands import Actor, NewRollout, RolloutCommands
-from ota.rollout.exposure import reported_eligible
+from ota.rollout.exposure import holdout_count, reported_eligible
 from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
@@ -106,11 +106,13 @@ def _message(session: Session, row: RolloutRow) -> rollout_pb2.Rollout:
     """
     bundle = bundles.get_bundle(session, row.bundle_name)
     by_state, by_stage = rollouts.state_and_stage_counts(session, row.rollout_id)
+    eligible = reported_eligible(session, row, bundle)
     return convert.rollout(
         row,
         device_states=by_state,
         stage_exposure=by_stage,
-        eligible=reported_eligible(session, row, bundle),
+        eligible=eligible,
+        holdout=holdout_count(session, row, bundle, eligible),
     )
 
 

@@ -40,6 +40,7 @@ def register(nouns: Any) -> None:
     p.add_argument(
         "--origin-listen", help="serve TUF metadata and bundles over HTTP here, e.g. 0.0.0.0:8443"
     )
+    p.add_argument("--dashboard-listen", help="serve the web dashboard here, e.g. 0.0.0.0:8080")
     p.set_defaults(handler=serve)
 
     repo = nouns.add_parser("repo", help="the TUF repository devices fetch from").add_subparsers(
@@ -81,6 +82,12 @@ def register(nouns: Any) -> None:
     )
     p.add_argument(
         "--mtls", action="store_true", help="like --tls, and clients need the CA's client cert"
+    )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=0,
+        help="web dashboard port on 127.0.0.1 (0 = any free port, -1 = no dashboard)",
     )
     p.set_defaults(handler=dev)
 
@@ -228,6 +235,7 @@ def serve(args: argparse.Namespace) -> int:
         "database_url": args.database_url,
         "mqtt_url": args.mqtt_url,
         "metrics_listen": args.metrics_listen,
+        "dashboard_listen": args.dashboard_listen,
         "log_format": args.log_format,
         "origin_listen": args.origin_listen,
     }
@@ -239,6 +247,8 @@ def serve(args: argparse.Namespace) -> int:
     console.print(f"ota control plane serving on {config.listen} (port {plane.port})")
     if plane.origin_url:
         console.print(f"delivery origin at {plane.origin_url}/")
+    if plane.dashboard_url:
+        console.print(f"dashboard at {plane.dashboard_url}")
     received = _wait_for_signal()
     log.info("%s received: stopping the control plane", received)
     plane.stop()
@@ -302,15 +312,25 @@ def dev(args: argparse.Namespace) -> int:
     from ota.devstack import DevStack
 
     stack = DevStack.start(
-        args.state_dir, grpc_port=args.port, tls=args.tls, mtls=args.mtls, origin=True
+        args.state_dir,
+        grpc_port=args.port,
+        tls=args.tls,
+        mtls=args.mtls,
+        origin=True,
+        dashboard_port=None if args.dashboard_port < 0 else args.dashboard_port,
     )
     try:
         env_file = stack.state_dir / "env"
-        env_file.write_text(stack.env_lines())
+        # Whole or absent: a script waiting for the file never reads half of it.
+        partial = env_file.with_name("env.partial")
+        partial.write_text(stack.env_lines())
+        partial.replace(env_file)
         console.print(f"gRPC      {stack.server}")
         console.print(f"MQTT      {stack.mqtt_url}")
         console.print(f"metrics   {stack.metrics_url}")
         console.print(f"origin    {stack.origin_url}/  (TUF metadata and bundles over HTTP)")
+        if stack.dashboard_url:
+            console.print(f"dashboard {stack.dashboard_url} (sign in with the token below)")
         console.print(f"token     {stack.admin_token}")
         console.print(f"root      {stack.keys.root_json}")
         console.print(f"release   {stack.keys.release_key}")

@@ -699,7 +699,9 @@ def _print_rollout(args: argparse.Namespace, r: rollout_pb2.Rollout) -> None:
     phase = f" ({r.phase.replace('_', ' ')})" if r.phase else ""
     console.print(
         f"rollout {r.rollout_id}  {r.feature} {r.version}  {_state(r)}{phase}  stage {stage}  "
-        f"plan v{r.plan_version}  exposed {r.exposed}/{r.eligible}  {r.state_reason}",
+        f"plan v{r.plan_version}  exposed {r.exposed}/{r.eligible - r.holdout}"
+        + (f" (holdout {r.holdout})" if r.holdout else "")
+        + f"  {r.state_reason}",
         soft_wrap=True,
         markup=False,
         highlight=False,

@@ -13,21 +13,15 @@ from collections.abc import Sequence
 
 from google.protobuf.json_format import MessageToJson
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
 
-from ota.reports.figures import (
-    feature_figures,
-    figures,
-    header,
-    pct,
-    rollout_state,
-    secs,
-)
+from ota.reports.figures import feature_figures, figures, header, rollout_state
+from ota.reports.view import Row, Table, build_view
 from ota.v1 import report_pb2
 
 
-def _table(title: str, columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> Table:
-    t = Table(title=title, title_justify="left")
+def _table(title: str, columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> RichTable:
+    t = RichTable(title=title, title_justify="left")
     for name in columns:
         t.add_column(name)
     for row in rows:
@@ -37,121 +31,41 @@ def _table(title: str, columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]
 
 def render_table(report: report_pb2.RolloutReport, console: Console) -> None:
     """The report for a terminal: a header line, then one table per section."""
-    head = dict((k, v) for _, k, v in header(report))
-    stage = f"{head['stage']}/{head['stages']}" if head["stage"] else "-"
+    view = build_view(report)
     console.print(
-        f"[bold]Adoption report[/bold]  rollout {head['rollout_id']}  feature {head['feature']} "
-        f"{head['version']}  state {head['state']}  stage {stage}  "
-        f"plan {head['plan_version'] or '-'}"
+        f"[bold]Adoption report[/bold]  rollout {view.rollout_id}  feature {view.feature} "
+        f"{view.version}  state {view.state_label}  stage {view.stage}  plan v{view.plan_version}",
+        highlight=False,
     )
+    signers = ", ".join(short for short, _ in view.signers) or "-"
     console.print(
-        f"signed by {head['signer_keyids'] or '-'}  data as of {head['data_time'] or 'no data'}"
+        f"signed by {signers}  data as of {view.data_time.value or 'no data yet'}",
+        highlight=False,
     )
-    by_section: dict[str, list[tuple[str, str]]] = {}
-    for section, key, value in figures(report):
-        by_section.setdefault(section, []).append((key, value))
+    if view.outcome is not None:
+        console.print(f"[bold red]{view.outcome.headline}[/bold red]", highlight=False)
+        for name, c in view.outcome.cells:
+            console.print(f"  {name}: {c.value}", markup=False, highlight=False)
+    funnel = [Row(r.label, r.cells) for r in view.funnel]
     console.print(
-        _table("Exposure", ("figure", "devices"), by_section["exposure"] + by_section["gap"])
+        _view_table(Table("Funnel", ["devices", "of previous", "median step (s)"], funnel))
     )
-    console.print(
-        _table(
-            "Funnel",
-            ("step", "devices", "conversion", "median step s"),
-            [
-                (s.step, str(s.devices), pct(s.conversion_ppm), secs(s.median_step_seconds))
-                for s in report.funnel
-            ],
-        )
-    )
-    if report.stage_funnels:
-        console.print(
-            _table(
-                "Funnel per stage",
-                ("stage", "ppm", *(s.step for s in report.funnel)),
-                [
-                    (str(sf.stage + 1), str(sf.ppm), *(str(s.devices) for s in sf.steps))
-                    for sf in report.stage_funnels
-                ],
-            )
-        )
-    console.print(_table("Current state", ("state", "devices"), by_section.get("state", [])))
-    if report.failures_by_reason:
-        console.print(
-            _table(
-                "Failures by reason",
-                ("reason", "devices"),
-                [(c.key, str(c.count)) for c in report.failures_by_reason],
-            )
-        )
-        console.print(
-            _table(
-                "Failures by cohort",
-                ("reason", "dimension", "value", "devices"),
-                [
-                    (f.reason, f.dimension, f.value, str(f.devices))
-                    for f in report.failures_by_cohort
-                ],
-            )
-        )
-    console.print(
-        _table(
-            "Cohorts",
-            ("dimension", "value", "exposed", "installed", "active", "failed"),
-            [
-                (
-                    c.dimension,
-                    c.value,
-                    str(c.exposed),
-                    str(c.installed),
-                    str(c.active),
-                    str(c.failed),
-                )
-                for c in report.cohorts
-            ],
-        )
-    )
-    console.print(
-        _table(
-            "Time to install / first use (seconds)",
-            ("measure", "devices", "p50", "p90", "p99"),
-            [
-                (
-                    x.name,
-                    str(x.devices),
-                    secs(x.p50_seconds),
-                    secs(x.p90_seconds),
-                    secs(x.p99_seconds),
-                )
-                for x in report.latencies
-            ],
-        )
-    )
-    health_rows = [
-        (section.removeprefix("health_"), key, value)
-        for section, rows in by_section.items()
-        if section.startswith("health_")
-        for key, value in rows
-    ]
-    console.print(_table("Health", ("group", "figure", "value"), health_rows))
-    if not report.health.HasField("control"):
-        console.print(f"[dim]{report.health.note}[/dim]")
-    console.print(
-        _table(
-            "Stragglers",
-            ("figure", "devices"),
-            by_section["stragglers"] + [(f"last seen {k}", v) for k, v in by_section["last_seen"]],
-        )
-    )
+    for t in view.tables:
+        if t.rows:
+            console.print(_view_table(t))
+        if t.note and t.anchor == "health" and not report.health.HasField("control"):
+            console.print(f"[dim]{t.note}[/dim]")
     if report.adoption_curve:
         console.print(
             _table(
-                "Adoption curve",
-                ("until", "active", "installed", "failed", "reverted"),
+                f"Adoption curve (every {report.curve_resolution_seconds} s)",
+                ("until", "installed", "active", "used", "failed", "reverted"),
                 [
                     (
-                        p.time.ToDatetime().strftime("%H:%M"),
-                        str(p.active),
+                        p.time.ToDatetime().strftime("%H:%M:%S"),
                         str(p.installed),
+                        str(p.active),
+                        str(p.used),
                         str(p.failed),
                         str(p.reverted),
                     )
@@ -162,19 +76,20 @@ def render_table(report: report_pb2.RolloutReport, console: Console) -> None:
     console.print(
         _table(
             "Timeline",
-            ("time", "actor", "action", "state", "reason"),
-            [
-                (
-                    e.time.ToDatetime().strftime("%H:%M:%S"),
-                    e.actor,
-                    e.action,
-                    rollout_state(e.to_state),
-                    e.reason,
-                )
-                for e in report.timeline
-            ],
+            ("#", "time", "by", "action", "state", "why"),
+            [(str(a.number), a.time, a.actor, a.action, a.state, a.reason) for a in view.audit],
         )
     )
+
+
+def _view_table(t: Table) -> RichTable:
+    columns = ["", *t.columns] if len(t.columns) > 1 or t.wide else ["", t.columns[0]]
+    out = RichTable(title=t.title, title_justify="left")
+    for i, name in enumerate(columns):
+        out.add_column(name, justify="right" if i else "left")
+    for r in t.rows:
+        out.add_row(r.label, *(c.value for c in r.cells))
+    return out
 
 
 def render_csv(report: report_pb2.RolloutReport) -> str:

@@ -43,12 +43,16 @@ def progress_lines(report: report_pb2.RolloutReport) -> list[str]:
         active = steps.get("ACTIVE", 0)
         lines.append(
             f"   stage {sf.stage + 1} {sf.ppm / 10_000:>6g}%  {bar(active, exposed)} "
-            f"active {active}/{exposed}  installed {steps.get('INSTALLED', 0)}"
+            f"active {active}/{exposed}  installed {steps.get('INSTALLED', 0)}  "
+            f"used {steps.get('USED', 0)}"
         )
     failed = sum(c.count for c in report.failures_by_reason)
+    active = next((s.devices for s in report.funnel if s.step == "ACTIVE"), 0)
     lines.append(
-        f"   total  {bar(report.funnel[-1].devices if report.funnel else 0, report.eligible)} "
-        f"exposed {report.exposed}/{report.eligible} eligible  failed {failed}  "
+        f"   total  {bar(active, report.eligible - report.exposure_gap.holdout)} "
+        f"exposed {report.exposed}/{report.eligible - report.exposure_gap.holdout} eligible"
+        + (f" (holdout {report.exposure_gap.holdout})" if report.exposure_gap.holdout else "")
+        + f"  failed {failed}  "
         f"unreachable {report.stragglers.unreachable}  [{rollout_state(report.rollout.state)}]"
     )
     return lines

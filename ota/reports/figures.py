@@ -7,6 +7,10 @@ read the same figures.
 
 from __future__ import annotations
 
+import time
+
+from google.protobuf import timestamp_pb2
+
 from ota.v1 import report_pb2, rollout_pb2
 
 Figure = tuple[str, str, str]
@@ -24,9 +28,22 @@ def rollout_state(value: int) -> str:
     return rollout_pb2.RolloutState.Name(value).removeprefix("ROLLOUT_STATE_")  # type: ignore[arg-type]
 
 
+def when(stamp: timestamp_pb2.Timestamp) -> str:
+    """A time to the second, in UTC, as the figures carry it ("" when unset)."""
+    if not stamp.seconds:
+        return ""
+    # time.gmtime, not ToDatetime(): a report formats hundreds of curve times.
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp.seconds))
+
+
+def short_keyid(keyid: str) -> str:
+    """A key id as shown on screen: its first 12 hex digits (JSON keeps the whole)."""
+    return keyid[:12]
+
+
 def header(report: report_pb2.RolloutReport) -> list[Figure]:
     r = report.rollout
-    fresh = report.data_time.ToDatetime().isoformat() if report.data_time.seconds else ""
+    fresh = when(report.data_time)
     return [
         ("header", "rollout_id", r.rollout_id),
         ("header", "feature", r.feature),
@@ -43,10 +60,25 @@ def header(report: report_pb2.RolloutReport) -> list[Figure]:
 def figures(report: report_pb2.RolloutReport) -> list[Figure]:
     """Every figure of the report, once, in a fixed order."""
     out: list[Figure] = []
-    for key in ("eligible", "target_exposed", "exposed", "events_ingested"):
+    if report.HasField("outcome"):
+        o = report.outcome
+        out += [
+            ("outcome", "state", rollout_state(o.to_state)),
+            ("outcome", "action", o.action),
+            ("outcome", "actor", o.actor),
+            ("outcome", "stage", str(o.stage + 1) if o.stage >= 0 else ""),
+            ("outcome", "time", when(o.time)),
+            ("outcome", "reason", o.reason),
+        ]
+    gap = report.exposure_gap
+    out.append(("exposure", "eligible", str(report.eligible)))
+    out.append(("exposure", "holdout", str(gap.holdout)))
+    for key in ("target_exposed", "exposed"):
         out.append(("exposure", key, str(getattr(report, key))))
-    out.append(("exposure", "applied", str(report.exposure_gap.applied)))
-    out += [("gap", c.key, str(c.count)) for c in report.exposure_gap.reasons]
+    out.append(("exposure", "applied", str(gap.applied)))
+    out.append(("exposure", "reverted", str(gap.reverted)))
+    out.append(("exposure", "events_ingested", str(report.events_ingested)))
+    out += [("gap", c.key, str(c.count)) for c in gap.reasons]
     for step in report.funnel:
         out.append(("funnel", step.step, str(step.devices)))
         out.append(("funnel_conversion", step.step, pct(step.conversion_ppm)))
@@ -60,27 +92,62 @@ def figures(report: report_pb2.RolloutReport) -> list[Figure]:
         for f in report.failures_by_cohort
     ]
     for c in report.cohorts:
-        for key in ("exposed", "installed", "active", "failed"):
+        for key in COHORT_KEYS:
             out.append((f"{c.dimension}:{c.value}", key, str(getattr(c, key))))
+        out.append(
+            (f"{c.dimension}:{c.value}", "used_share", pct(share(c.samples_used, c.samples)))
+        )
+        out.append(
+            (
+                f"{c.dimension}:{c.value}",
+                "holdout_used_share",
+                pct(share(c.holdout_samples_used, c.holdout_samples)),
+            )
+        )
     for lat in report.latencies:
         out.append((f"time_to_{lat.name}", "devices", str(lat.devices)))
         for p in ("p50", "p90", "p99"):
             out.append((f"time_to_{lat.name}", f"{p}_seconds", secs(getattr(lat, f"{p}_seconds"))))
     h = report.health
     for group in (h.exposed, h.control) if h.HasField("control") else (h.exposed,):
-        for key in ("devices", "samples", "crashes", "feature_errors"):
+        for key in ("devices", "samples", "crashes", "feature_errors", "samples_used", "uses"):
             out.append((f"health_{group.name}", key, str(getattr(group, key))))
         out.append((f"health_{group.name}", "unhealthy", pct(group.unhealthy_ppm)))
+        out.append(
+            (f"health_{group.name}", "used_share", pct(share(group.samples_used, group.samples)))
+        )
     s = report.stragglers
     out.append(("stragglers", "unreachable", str(s.unreachable)))
     out.append(("stragglers", "reachable_not_applied", str(s.reachable_not_applied)))
     out.append(("stragglers", "waiting_for_control_plane", str(s.waiting_for_control_plane)))
     out += [("last_seen", c.key, str(c.count)) for c in s.last_seen]
+    out.append(("curve", "resolution_seconds", str(report.curve_resolution_seconds)))
     for point in report.adoption_curve:
-        when = point.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
-        for key in ("active", "installed", "failed", "reverted"):
-            out.append((f"curve:{when}", key, str(getattr(point, key))))
+        for key in ("active", "installed", "failed", "reverted", "used"):
+            out.append((f"curve:{when(point.time)}", key, str(getattr(point, key))))
+    for u in report.usage_curve:
+        for key in ("samples", "samples_used", "holdout_samples", "holdout_samples_used"):
+            out.append((f"usage:{when(u.time)}", key, str(getattr(u, key))))
     return out
+
+
+COHORT_KEYS = (
+    "exposed",
+    "installed",
+    "active",
+    "used",
+    "failed",
+    "samples",
+    "samples_used",
+    "holdout_devices_used",
+    "holdout_samples",
+    "holdout_samples_used",
+)
+
+
+def share(part: int, whole: int) -> int:
+    """part / whole in ppm (0 without a whole)."""
+    return part * 1_000_000 // whole if whole else 0
 
 
 def feature_figures(report: report_pb2.FeatureReport) -> list[Figure]:
@@ -88,8 +155,7 @@ def feature_figures(report: report_pb2.FeatureReport) -> list[Figure]:
     out += [("devices_now", v.version, str(v.devices_now)) for v in report.versions]
     for v in report.versions:
         for p in v.points:
-            when = p.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
-            out.append((f"version:{v.version}", when, str(p.devices)))
+            out.append((f"version:{v.version}", when(p.time), str(p.devices)))
     for r in report.rollouts:
         out.append(("rollout", r.rollout_id, f"{r.version} {rollout_state(r.state)}"))
     return out

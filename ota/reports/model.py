@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table
+from sqlalchemy import Table, func
 from sqlmodel import Session, col, select
 
 from ota.clock import utc
@@ -26,8 +26,17 @@ from ota.domain.durations import (
 )
 from ota.domain.plan import RolloutPlan
 from ota.domain.progress import is_waiting
-from ota.domain.states import ALL_STATES, FUNNEL, SETTLED
-from ota.rollout.exposure import reported_eligible
+from ota.domain.states import (
+    ABORTED,
+    ALL_STATES,
+    FAILURE_REASONS,
+    FUNNEL,
+    KILLED,
+    PAUSED,
+    ROLLED_BACK,
+    SETTLED,
+)
+from ota.rollout.exposure import holdout_count, reported_eligible
 from ota.store import adoption, bundles, rollouts
 from ota.store.models import (
     AdoptionStatRow,
@@ -39,6 +48,9 @@ from ota.store.models import (
 )
 
 DIMENSIONS = ("model", "region", "firmware")
+# The funnel of a report: the device steps, then "used" (a health sample reported a use).
+USED = "USED"
+REPORT_FUNNEL = (*FUNNEL, USED)
 LAST_SEEN_BUCKETS = ("<1m", "1-10m", "10-60m", "1-24h", ">1d", "never")
 NO_HOLDOUT = "no holdout configured: exposed devices are not compared with a control group"
 
@@ -66,6 +78,12 @@ class Cohort:
     active: int
     failed: int
     installed: int = 0
+    used: int = 0
+    samples: int = 0
+    samples_used: int = 0
+    holdout_devices_used: int = 0
+    holdout_samples: int = 0
+    holdout_samples_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,8 @@ class ExposureGap:
     exposed: int
     applied: int
     reasons: dict[str, int]
+    holdout: int = 0
+    reverted: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,16 @@ class AdoptionPoint:
     installed: int
     failed: int
     reverted: int
+    used: int = 0
+
+
+@dataclass(frozen=True)
+class UsagePoint:
+    time: datetime
+    samples: int
+    samples_used: int
+    holdout_samples: int
+    holdout_samples_used: int
 
 
 @dataclass(frozen=True)
@@ -110,6 +140,8 @@ class HealthGroup:
     crashes: int
     feature_errors: int
     unhealthy_ppm: int
+    samples_used: int = 0
+    uses: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,9 @@ class AdoptionReport:
     latencies: list[Latency] = field(default_factory=list)
     health: HealthComparison | None = None
     stragglers: Stragglers | None = None
+    outcome: RolloutAuditRow | None = None
+    curve_resolution_seconds: int = TIME_BUCKET_SECONDS
+    usage_curve: list[UsagePoint] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,11 +233,14 @@ def _funnel(exposed: int, stats: Iterable[_Stat]) -> list[FunnelStep]:
             reached[s.key] += s.value
         elif s.metric == "step_time":
             step_times[s.key][s.bucket] += s.value
+        elif s.metric == adoption.USED:
+            reached[USED] += s.value
     steps: list[FunnelStep] = []
     previous: int | None = None
-    for step in FUNNEL:
+    for step in REPORT_FUNNEL:
         n = exposed if step == "TARGETED" else reached[step]
-        median = percentile_seconds(step_times[step], 0.5) if step != "TARGETED" else 0.0
+        timed = step not in ("TARGETED", USED)
+        median = percentile_seconds(step_times[step], 0.5) if timed else 0.0
         steps.append(FunnelStep(step, n, _conversion(n, previous), median))
         previous = n
     return steps
@@ -214,6 +252,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     plan = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json)
     bundle = bundles.get_bundle(session, rollout.bundle_name)
     eligible = reported_eligible(session, rollout, bundle)
+    holdout = holdout_count(session, rollout, bundle, eligible)
     current_ppm = plan.stages[rollout.current_stage].ppm if rollout.current_stage >= 0 else 0
     stats = _stats(session, rollout_id)
     per_stage: dict[int, int] = defaultdict(int)
@@ -221,7 +260,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
     reported: dict[str, int] = defaultdict(int)
     reasons: dict[str, int] = defaultdict(int)
     failures_by_cohort: dict[tuple[str, str, str], int] = defaultdict(int)
-    newest_event_bucket: int | None = None
+    installed_ever = 0
     for s in stats:
         if s.metric == adoption.EXPOSED:
             per_stage[s.stage] += s.value
@@ -233,38 +272,48 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
             reasons[s.key] += s.value
             for d in DIMENSIONS:
                 failures_by_cohort[(s.key, d, s.dim(d))] += s.value
-        elif s.metric == "events" and s.value:
-            newest_event_bucket = max(s.bucket, newest_event_bucket or s.bucket)
+        elif s.metric == "reached" and s.key == "INSTALLED":
+            installed_ever += s.value
     exposed = sum(per_stage.values())
     # `state` counts devices that reported, by state; the rest of the exposed are TARGETED.
     states = {k: v for k, v in reported.items() if v and k != "TARGETED"}
     if exposed - sum(states.values()):
         states["TARGETED"] = exposed - sum(states.values())
-    target = eligible * current_ppm // PPM_MAX
+    # The stage's share of the eligible fleet; the holdout (the top of hash space)
+    # is never part of it, so at 100 % the target is every eligible device outside it.
+    target = min(eligible * current_ppm // PPM_MAX, eligible - holdout)
     stragglers = _stragglers(session, rollout_id, now)
-    # Data freshness: the start of the newest minute in which an event of the rollout was
-    # stored (the aggregates are per minute).
-    data_time = bucket_time(newest_event_bucket) if newest_event_bucket is not None else None
+    series = _Series.read(session, rollout_id)
     not_notified = states.get("TARGETED", 0)
-    failed_now = states.get("FAILED", 0)
-    applied = sum(states.get(s, 0) for s in SETTLED)
-    in_progress = exposed - not_notified - failed_now - applied
+    applied = states.get("INSTALLED", 0) + states.get("ACTIVE", 0)
+    settled_reverted = states.get("ROLLED_BACK", 0) + states.get("DEACTIVATED", 0)
+    # Reverted after installing: reached INSTALLED and runs it no more. The other
+    # reverted devices never installed it: they failed (the revert came after).
+    reverted = max(0, min(settled_reverted, installed_ever - applied))
+    in_progress = max(
+        0, exposed - not_notified - states.get("FAILED", 0) - applied - settled_reverted
+    )
+    failed = max(0, exposed - not_notified - in_progress - applied - reverted)
     gap = ExposureGap(
         target=target,
         exposed=exposed,
         applied=applied,
         reasons={
             "not_yet_notified": not_notified,
+            "in_progress": in_progress,
+            "failed": failed,
+            "reverted": reverted,
             "offline": stragglers.unreachable,
-            "in_progress": max(in_progress, 0),
-            "failed": failed_now,
             "rounding": target - exposed,
         },
+        holdout=holdout,
+        reverted=reverted,
     )
+    timeline = rollouts.audit_log(session, rollout_id)
     return AdoptionReport(
         rollout=rollout,
         generated_at=now,
-        data_time=data_time,
+        data_time=series.data_time,
         eligible=eligible,
         target_exposed=target,
         exposed=exposed,
@@ -272,7 +321,7 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
         current_states=dict(sorted(states.items())),
         failures_by_reason=dict(sorted((k, v) for k, v in reasons.items() if v)),
         cohorts=_cohorts(stats, cohort_exposure),
-        timeline=rollouts.audit_log(session, rollout_id),
+        timeline=timeline,
         events_ingested=sum(s.value for s in stats if s.metric == "events"),
         stages=[(s.ppm, per_stage.get(i, 0)) for i, s in enumerate(plan.stages)],
         signer_keyids=list(json.loads(bundle.signer_keyids_json)),
@@ -287,11 +336,113 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
             for (reason, d, v), n in sorted(failures_by_cohort.items())
             if n
         ],
-        adoption_curve=_curve(stats),
+        adoption_curve=series.points,
         latencies=[_latency("install", "INSTALLED", stats), _latency("first_use", "ACTIVE", stats)],
-        health=_health(stats, plan.holdout_ppm),
+        health=_health(stats, plan.holdout_ppm, holdout),
         stragglers=stragglers,
+        outcome=_outcome(rollout, timeline),
+        curve_resolution_seconds=series.resolution,
+        usage_curve=_usage_curve(stats, series),
     )
+
+
+def _outcome(rollout: RolloutRow, timeline: list[RolloutAuditRow]) -> RolloutAuditRow | None:
+    """The audit entry that put the rollout in its state, when that state is a stop."""
+    if rollout.state not in (ROLLED_BACK, KILLED, ABORTED, PAUSED):
+        return None
+    for row in reversed(timeline):
+        if row.to_state == rollout.state and row.from_state != rollout.state:
+            return row
+    return None
+
+
+# Seconds per point of a curve, from the finest up: the smallest that draws the
+# rollout's length in at most CURVE_POINTS points.
+RESOLUTIONS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21_600, 86_400)
+CURVE_POINTS = 120
+
+
+def fit_resolution(span_seconds: int) -> int:
+    for r in RESOLUTIONS:
+        if span_seconds <= r * CURVE_POINTS:
+            return r
+    return RESOLUTIONS[-1]
+
+
+@dataclass(frozen=True)
+class _Series:
+    """The per-second `curve` aggregate of one rollout, binned to fit its length."""
+
+    start: int
+    resolution: int
+    data_time: datetime | None
+    points: list[AdoptionPoint]
+
+    @classmethod
+    def read(cls, session: Session, rollout_id: str) -> _Series:
+        table: Table = AdoptionStatRow.__table__  # type: ignore[attr-defined]
+        mine = (table.c.rollout_id == rollout_id, table.c.metric == adoption.CURVE)
+        bounds = session.execute(
+            table.select()
+            .with_only_columns(func.min(table.c.bucket), func.max(table.c.bucket))
+            .where(*mine)
+        ).one()
+        if bounds[0] is None:
+            return cls(0, 1, None, [])
+        first, last = int(bounds[0]), int(bounds[1])
+        resolution = fit_resolution(last - first + 1)
+        start = first - first % resolution
+        slot = (table.c.bucket - start) // resolution
+        rows = session.execute(
+            table.select()
+            .with_only_columns(table.c.key, slot, func.sum(table.c.value))
+            .where(*mine)
+            .group_by(table.c.key, slot)
+        ).all()
+        newest = session.execute(
+            table.select()
+            .with_only_columns(func.max(table.c.bucket))
+            .where(*mine, table.c.key == "events")
+        ).scalar()
+        per_slot: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for key, i, value in rows:
+            per_slot[int(i)][key] += int(value)
+        totals: dict[str, int] = defaultdict(int)
+        # The curve starts at 0, at the start of its first slot.
+        points = [AdoptionPoint(bucket_time(start), 0, 0, 0, 0, 0)]
+        for i in range(max(per_slot) + 1):
+            for k, v in per_slot.get(i, {}).items():
+                totals[k] += v
+            points.append(
+                AdoptionPoint(
+                    bucket_time(start + (i + 1) * resolution),
+                    totals["ACTIVE"],
+                    totals["INSTALLED"],
+                    totals["FAILED"],
+                    totals["reverted"],
+                    totals["USED"],
+                )
+            )
+        data_time = bucket_time(int(newest)) if newest is not None else None
+        return cls(start, resolution, data_time, points)
+
+
+def _usage_curve(stats: list[_Stat], series: _Series) -> list[UsagePoint]:
+    """Share of health samples reporting a use, per slot of at least the aggregates' minute."""
+    resolution = max(series.resolution, TIME_BUCKET_SECONDS)
+    slots: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for s in stats:
+        if s.metric not in (adoption.HEALTH, adoption.HOLDOUT_HEALTH):
+            continue
+        if s.key not in ("samples", "samples_used"):
+            continue
+        index = (0 if s.metric == adoption.HEALTH else 2) + (s.key == "samples_used")
+        slots[s.bucket - s.bucket % resolution][index] += s.value
+    return [
+        UsagePoint(bucket_time(b + resolution), *slots[b])
+        for b in sorted(slots)
+        if slots[b][0] or slots[b][2]
+    ]
 
 
 def _stats(session: Session, rollout_id: str) -> list[_Stat]:
@@ -307,53 +458,55 @@ def _stats(session: Session, rollout_id: str) -> list[_Stat]:
         table.c.bucket,
         table.c.value,
     )
-    return [_Stat(*r) for r in session.execute(query.where(table.c.rollout_id == rollout_id))]
+    query = query.where(table.c.rollout_id == rollout_id, table.c.metric != adoption.CURVE)
+    return [_Stat(*r) for r in session.execute(query)]
 
 
 def _cohorts(stats: list[_Stat], exposure: dict[tuple[str, str], int]) -> list[Cohort]:
-    active: dict[tuple[str, str], int] = defaultdict(int)
-    failed: dict[tuple[str, str], int] = defaultdict(int)
-    installed: dict[tuple[str, str], int] = defaultdict(int)
+    figures: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for s in stats:
+        name = _COHORT_FIGURE.get((s.metric, s.key))
+        if name is None:
+            continue
         for d in DIMENSIONS:
-            key = (d, s.dim(d))
-            if s.metric == "state" and s.key == "ACTIVE":
-                active[key] += s.value
-            elif s.metric == "failed":
-                failed[key] += s.value
-            elif s.metric == "reached" and s.key == "INSTALLED":
-                installed[key] += s.value
+            figures[(d, s.dim(d))][name] += s.value
+    keys = set(exposure) | {k for k, v in figures.items() if v.get("holdout_samples")}
     return [
-        Cohort(d, v, n, active[(d, v)], failed[(d, v)], installed[(d, v)])
+        Cohort(
+            d,
+            v,
+            exposure.get((d, v), 0),
+            **{name: figures[(d, v)][name] for name in _COHORT_FIELDS},
+        )
         for d in DIMENSIONS
-        for (dd, v), n in sorted(exposure.items())
+        for (dd, v) in sorted(keys)
         if dd == d
     ]
 
 
-def _curve(stats: list[_Stat]) -> list[AdoptionPoint]:
-    """Cumulative devices per time bucket that became active, installed, failed, reverted."""
-    per_bucket: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for s in stats:
-        if s.metric == "reached" and s.key in ("ACTIVE", "INSTALLED"):
-            per_bucket[s.bucket][s.key] += s.value
-        elif s.metric == "entered":
-            per_bucket[s.bucket]["FAILED" if s.key == "FAILED" else "reverted"] += s.value
-    points: list[AdoptionPoint] = []
-    totals: dict[str, int] = defaultdict(int)
-    for bucket in sorted(per_bucket):
-        for k, v in per_bucket[bucket].items():
-            totals[k] += v
-        points.append(
-            AdoptionPoint(
-                bucket_time(bucket) + timedelta(seconds=TIME_BUCKET_SECONDS),
-                totals["ACTIVE"],
-                totals["INSTALLED"],
-                totals["FAILED"],
-                totals["reverted"],
-            )
-        )
-    return points
+# (metric, key) of the aggregates -> the cohort figure they add to ("failed": any key).
+_COHORT_FIGURE = {
+    ("state", "ACTIVE"): "active",
+    ("reached", "INSTALLED"): "installed",
+    (adoption.USED, ""): "used",
+    (adoption.HEALTH, "samples"): "samples",
+    (adoption.HEALTH, "samples_used"): "samples_used",
+    (adoption.HOLDOUT_USED, ""): "holdout_devices_used",
+    (adoption.HOLDOUT_HEALTH, "samples"): "holdout_samples",
+    (adoption.HOLDOUT_HEALTH, "samples_used"): "holdout_samples_used",
+    **{("failed", r): "failed" for r in FAILURE_REASONS},
+}
+_COHORT_FIELDS = (
+    "active",
+    "failed",
+    "installed",
+    "used",
+    "samples",
+    "samples_used",
+    "holdout_devices_used",
+    "holdout_samples",
+    "holdout_samples_used",
+)
 
 
 def _latency(name: str, step: str, stats: list[_Stat]) -> Latency:
@@ -370,7 +523,7 @@ def _latency(name: str, step: str, stats: list[_Stat]) -> Latency:
     )
 
 
-def _health(stats: list[_Stat], holdout_ppm: int) -> HealthComparison:
+def _health(stats: list[_Stat], holdout_ppm: int, holdout_devices: int) -> HealthComparison:
     sums: dict[str, int] = defaultdict(int)
     control: dict[str, int] = defaultdict(int)
     for s in stats:
@@ -385,13 +538,15 @@ def _health(stats: list[_Stat], holdout_ppm: int) -> HealthComparison:
         return HealthComparison(exposed, None, NO_HOLDOUT)
     if not control["samples"]:
         note = (
-            f"holdout of {holdout_ppm / 10_000:g}% configured; no health samples from its "
-            "devices yet, so there is no control figure"
+            f"holdout of {holdout_ppm / 10_000:g}% ({holdout_devices} devices) configured; no "
+            "health samples from its devices yet, so there is no control figure"
         )
         return HealthComparison(exposed, None, note)
-    # Holdout devices are recognised per sample, not enumerated: their count is not kept.
-    note = f"holdout of {holdout_ppm / 10_000:g}%: rates per health sample, exposed vs holdout"
-    return HealthComparison(exposed, _health_group("holdout", 0, control), note)
+    note = (
+        f"holdout of {holdout_ppm / 10_000:g}%: {holdout_devices} devices; rates per health "
+        "sample, exposed (devices that activated it) vs holdout"
+    )
+    return HealthComparison(exposed, _health_group("holdout", holdout_devices, control), note)
 
 
 def _health_group(name: str, devices: int, sums: dict[str, int]) -> HealthGroup:
@@ -403,6 +558,8 @@ def _health_group(name: str, devices: int, sums: dict[str, int]) -> HealthGroup:
         sums["crashes"],
         sums["feature_errors"],
         sums["unhealthy_samples"] * PPM_MAX // samples if samples else 0,
+        sums["samples_used"],
+        sums["uses"],
     )
 
 

@@ -106,6 +106,41 @@ def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) 
     return rollout.eligible
 
 
+# rollout_id -> (eligible count it was made for, monotonic time, holdout devices)
+_HOLDOUT_COUNTS: dict[str, tuple[int, float, int]] = {}
+_HOLDOUT_COUNT_SECONDS = 30.0
+
+
+def holdout_count(session: Session, rollout: RolloutRow, bundle: BundleRow, eligible: int) -> int:
+    """How many eligible devices are in the rollout's holdout (never exposed).
+
+    Holdout devices are never exposed, so they are among the eligible devices the
+    rollout has not exposed: those are read (an anti-join, as the engine does) and
+    hashed. The count is kept per process for up to 30 s while the eligible count
+    stays the same, so a live page does not hash the fleet on every update.
+    """
+    holdout_ppm = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json).holdout_ppm
+    if not holdout_ppm:
+        return 0
+    cached = _HOLDOUT_COUNTS.get(rollout.rollout_id)
+    if (
+        cached is not None
+        and cached[0] == eligible
+        and time.monotonic() - cached[1] < _HOLDOUT_COUNT_SECONDS
+    ):
+        return cached[2]
+    salt = bytes.fromhex(rollout.salt_hex)
+    count = sum(
+        1
+        for row in fleet.unexposed_devices(
+            session, eligibility(rollout, bundle), rollout.rollout_id
+        )
+        if is_control(salt, row.device_id, holdout_ppm)
+    )
+    _HOLDOUT_COUNTS[rollout.rollout_id] = (eligible, time.monotonic(), count)
+    return count
+
+
 class QuietRollouts:
     """Rollouts whose last full pass found nobody new to expose, to skip re-reading them.
 

@@ -4,6 +4,15 @@ Ingest collects the changes of one batch in an `AdoptionDeltas` and writes them
 with one upsert per table (`value = value + excluded.value`), in the batch's
 transaction, so a report never has to look at the events themselves.
 
+Two finer series serve the reports' time axes and freshness: metric `curve`
+counts, per second and for the whole rollout (cohort -1), the devices that
+reached INSTALLED, ACTIVE or USED, entered FAILED or a revert, and the events
+stored (key `events`), so a rollout of minutes is drawn in seconds and "data
+as of" is exact to the second. Usage: a health sample may report how often the
+feature was used (`uses`); the first sample with a use from a device counts it
+once per rollout under `used` (exposed) or `holdout_used` (the holdout), kept
+distinct by the `feature_usage` table.
+
 Health samples are summed per rollout, per minute (`bucket`), under two
 metrics: `health` for the devices the rollout exposed (samples of the
 rollout's version) and `holdout_health` for the devices in its holdout (the
@@ -37,6 +46,7 @@ from ota.store.models import (
     BundleRow,
     DeviceRow,
     DeviceVersionRow,
+    FeatureUsageRow,
     FeatureVersionStatRow,
     RolloutDeviceRow,
     RolloutRow,
@@ -49,12 +59,32 @@ HOLDOUT_HEALTH = "holdout_health"
 # Devices a rollout exposed (key ""), per stage, model, region, firmware at exposure,
 # in the time bucket of their exposure: written by `ota.store.rollouts.expose`.
 EXPOSED = "exposed"
+# Per-second series of the whole rollout (see the module docstring).
+CURVE = "curve"
+# Devices that used the feature at least once: exposed, and in the holdout.
+USED = "used"
+HOLDOUT_USED = "holdout_used"
+# reached/entered keys that the per-second curve follows, and its key for each.
+_CURVE_KEYS = {
+    ("reached", "INSTALLED"): "INSTALLED",
+    ("reached", "ACTIVE"): "ACTIVE",
+    ("entered", "FAILED"): "FAILED",
+    ("entered", "ROLLED_BACK"): "reverted",
+    ("entered", "DEACTIVATED"): "reverted",
+    ("events", "stored"): "events",
+    (USED, ""): "USED",
+}
 
 
 class AdoptionDeltas:
     """The aggregate changes of one ingest batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: datetime | None = None) -> None:
+        # The second the batch is applied in: the `curve` series' bucket (None: not kept).
+        self.second = int(now.timestamp()) if now is not None else None
+        # (rollout_id, device_id) -> (metric, cohort, bucket) of a sample reporting a use:
+        # counted under USED / HOLDOUT_USED if it is the device's first for the rollout.
+        self.first_uses: dict[tuple[str, str], tuple[str, tuple[int, str, str, str], int]] = {}
         # (rollout_id, metric, key, stage, model, region, firmware, bucket) -> delta
         self.stats: Counter[tuple[str, str, str, int, str, str, str, int]] = Counter()
         # (feature, version, bucket) -> delta
@@ -62,7 +92,8 @@ class AdoptionDeltas:
         # (device_id, feature) -> version now running ("" = none)
         self.running: dict[tuple[str, str], str] = {}
         # (rollout_id, metric, cohort, bucket) -> [samples, crashes, feature errors,
-        # unhealthy samples]: most events are health samples, summed here first.
+        # unhealthy samples, samples reporting a use, uses]: most events are health
+        # samples, summed here first.
         self._health: dict[tuple[str, str, tuple[int, str, str, str], int], list[int]] = {}
 
     def add(
@@ -77,6 +108,9 @@ class AdoptionDeltas:
     ) -> None:
         stage, model, region, firmware = cohort
         self.stats[(rollout_id, metric, key, stage, model, region, firmware, bucket)] += value
+        curve_key = _CURVE_KEYS.get((metric, key))
+        if curve_key is not None and self.second is not None and value > 0:
+            self.stats[(rollout_id, CURVE, curve_key, -1, "", "", "", self.second)] += value
 
     def add_health(
         self,
@@ -87,16 +121,23 @@ class AdoptionDeltas:
         bucket: int,
         crashes: int,
         feature_errors: int,
+        uses: int = 0,
+        device_id: str = "",
     ) -> None:
         """One health sample, for the sums under `metric` (HEALTH or HOLDOUT_HEALTH)."""
         key = (rollout_id, metric, cohort, bucket)
         sums = self._health.get(key)
         if sums is None:
-            sums = self._health[key] = [0, 0, 0, 0]
+            sums = self._health[key] = [0, 0, 0, 0, 0, 0]
         sums[0] += 1
         sums[1] += crashes
         sums[2] += feature_errors
         sums[3] += bool(crashes or feature_errors)
+        sums[4] += bool(uses)
+        sums[5] += uses
+        if uses and device_id:
+            used = USED if metric == HEALTH else HOLDOUT_USED
+            self.first_uses.setdefault((rollout_id, device_id), (used, cohort, bucket))
 
     def health_into_stats(self) -> None:
         """Move the health sums into `stats`, as their four keys."""
@@ -106,7 +147,7 @@ class AdoptionDeltas:
         self._health.clear()
 
 
-_HEALTH_KEYS = ("samples", "crashes", "feature_errors", "unhealthy_samples")
+_HEALTH_KEYS = ("samples", "crashes", "feature_errors", "unhealthy_samples", "samples_used", "uses")
 
 
 def _upsert(session: Session, table: Table, keys: list[str]) -> Insert:
@@ -159,6 +200,7 @@ class RunningVersions:
 def write(session: Session, deltas: AdoptionDeltas) -> None:
     """Apply one batch's changes (in the caller's transaction)."""
     deltas.health_into_stats()
+    _first_uses(session, deltas)
     stats: Table = AdoptionStatRow.__table__  # type: ignore[attr-defined]
     stat_keys = ["rollout_id", "metric", "key", "stage", "model", "region", "firmware", "bucket"]
     rows: list[dict[str, Any]] = [
@@ -188,6 +230,34 @@ def write(session: Session, deltas: AdoptionDeltas) -> None:
         ]
         if kept:
             session.execute(running.insert(), kept)
+
+
+def _first_uses(session: Session, deltas: AdoptionDeltas) -> None:
+    """Count each device's first sample reporting a use, once per rollout."""
+    if not deltas.first_uses:
+        return
+    usage: Table = FeatureUsageRow.__table__  # type: ignore[attr-defined]
+    keys = list(deltas.first_uses)
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    new: list[tuple[str, str]] = []
+    # ON CONFLICT DO NOTHING ... RETURNING names exactly the rows this batch added,
+    # so two replicas never both count a device's first use.
+    for start in range(0, len(keys), 500):
+        rows = [
+            {"rollout_id": r, "device_id": d, "holdout": deltas.first_uses[(r, d)][0] != USED}
+            for r, d in keys[start : start + 500]
+        ]
+        stmt = (
+            dialect.insert(usage)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .returning(usage.c.rollout_id, usage.c.device_id)
+        )
+        new += [(r, d) for r, d in session.execute(stmt)]
+    for rollout_id, device_id in new:
+        metric, cohort, bucket = deltas.first_uses[(rollout_id, device_id)]
+        deltas.add(rollout_id, metric, "", cohort, bucket=bucket)
+    deltas.first_uses.clear()
 
 
 def health_since(

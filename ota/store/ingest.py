@@ -27,6 +27,7 @@ class HealthFigures:
     crashes: int
     feature_errors: int
     uptime_seconds: int
+    uses: int = 0  # how often the feature was used since the previous sample
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
 
     inserted = _insert_new(sql, times, accepted, now)
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
-    deltas = adoption.AdoptionDeltas()
+    deltas = adoption.AdoptionDeltas(now)
     _apply_progress(session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas)
     _attribute_health(session, fresh, now, deltas)
     adoption.write(session, deltas)
@@ -334,7 +335,13 @@ def _apply_progress(
             # A health sample is a fact whenever it arrives, late or not.
             cohort = (row.stage, row.model, row.region, firmware.get(event.device_id, ""))
             _count_health(
-                row.rollout_id, adoption.HEALTH, cohort, event.health, bucket=bucket, deltas=deltas
+                row.rollout_id,
+                adoption.HEALTH,
+                cohort,
+                event.health,
+                bucket=bucket,
+                deltas=deltas,
+                device_id=event.device_id,
             )
         if row is None or not applies(event.seq, row.last_seq):
             # Not exposed by this rollout, or a late event: it is kept, but the
@@ -390,6 +397,7 @@ def _attribute_health(
                 event.health,
                 bucket=bucket,
                 deltas=deltas,
+                device_id=event.device_id,
             )
 
 
@@ -480,6 +488,7 @@ def _count_health(
     *,
     bucket: int,
     deltas: adoption.AdoptionDeltas,
+    device_id: str = "",
 ) -> None:
     """Add one sample to a rollout's health sums, in the minute (`bucket`) it arrived."""
     deltas.add_health(
@@ -489,6 +498,8 @@ def _count_health(
         bucket=bucket,
         crashes=health.crashes,
         feature_errors=health.feature_errors,
+        uses=health.uses,
+        device_id=device_id,
     )
 
 

@@ -383,3 +383,14 @@ class AuditEntryRow(SQLModel, table=True):
     action: str = Field(max_length=32)
     reason: str = ""
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class FeatureUsageRow(SQLModel, table=True):
+    """A device that reported using a rollout's feature: counted once, on its first use."""
+
+    __tablename__ = "feature_usage"
+
+    rollout_id: str = Field(primary_key=True, max_length=32)
+    device_id: str = Field(primary_key=True, max_length=128)
+    # In the rollout's holdout (using the version it already ran), not exposed.
+    holdout: bool = False

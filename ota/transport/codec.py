@@ -99,8 +99,10 @@ def _health(event: common_pb2.DeviceEvent, topic_device_id: str) -> HealthFigure
     if not event.HasField("health"):
         return None
     sample = event.health
-    figures = HealthFigures(sample.crash_count, sample.feature_error_count, sample.uptime_seconds)
-    if max(figures.crashes, figures.feature_errors) > MAX_HEALTH_COUNT:
+    figures = HealthFigures(
+        sample.crash_count, sample.feature_error_count, sample.uptime_seconds, sample.uses
+    )
+    if max(figures.crashes, figures.feature_errors, figures.uses) > MAX_HEALTH_COUNT:
         raise Dropped("malformed", f"implausible health counts from {topic_device_id}")
     return figures
 

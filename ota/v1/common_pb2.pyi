@@ -250,19 +250,25 @@ class HealthSample(_message.Message):
     CRASH_COUNT_FIELD_NUMBER: _builtins.int
     FEATURE_ERROR_COUNT_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
     crash_count: _builtins.int
     feature_error_count: _builtins.int
     uptime_seconds: _builtins.int
+    uses: _builtins.int
+    """How often the feature named by the event was used since the previous sample
+    (0 when unused, or by a device that does not count uses).
+    """
     def __init__(
         self,
         *,
         crash_count: _builtins.int = ...,
         feature_error_count: _builtins.int = ...,
         uptime_seconds: _builtins.int = ...,
+        uses: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crash_count", b"crash_count", "feature_error_count", b"feature_error_count", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crash_count", b"crash_count", "feature_error_count", b"feature_error_count", "uptime_seconds", b"uptime_seconds", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -150,6 +150,12 @@ class CohortBreakdown(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     INSTALLED_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLES_USED_FIELD_NUMBER: _builtins.int
+    HOLDOUT_DEVICES_USED_FIELD_NUMBER: _builtins.int
+    HOLDOUT_SAMPLES_FIELD_NUMBER: _builtins.int
+    HOLDOUT_SAMPLES_USED_FIELD_NUMBER: _builtins.int
     dimension: _builtins.str
     """"model", "region" or "firmware" """
     value: _builtins.str
@@ -157,6 +163,15 @@ class CohortBreakdown(_message.Message):
     active: _builtins.int
     failed: _builtins.int
     installed: _builtins.int
+    used: _builtins.int
+    """Devices that reported using the feature at least once."""
+    samples: _builtins.int
+    """Health samples from these devices, and those that reported any use."""
+    samples_used: _builtins.int
+    holdout_devices_used: _builtins.int
+    """The same for the holdout devices of this segment (unset figures are 0)."""
+    holdout_samples: _builtins.int
+    holdout_samples_used: _builtins.int
     def __init__(
         self,
         *,
@@ -166,10 +181,16 @@ class CohortBreakdown(_message.Message):
         active: _builtins.int = ...,
         failed: _builtins.int = ...,
         installed: _builtins.int = ...,
+        used: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        samples_used: _builtins.int = ...,
+        holdout_devices_used: _builtins.int = ...,
+        holdout_samples: _builtins.int = ...,
+        holdout_samples_used: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "dimension", b"dimension", "exposed", b"exposed", "failed", b"failed", "installed", b"installed", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "dimension", b"dimension", "exposed", b"exposed", "failed", b"failed", "holdout_devices_used", b"holdout_devices_used", "holdout_samples", b"holdout_samples", "holdout_samples_used", b"holdout_samples_used", "installed", b"installed", "samples", b"samples", "samples_used", b"samples_used", "used", b"used", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,13 +234,24 @@ class ExposureGap(_message.Message):
     EXPOSED_FIELD_NUMBER: _builtins.int
     APPLIED_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
+    REVERTED_FIELD_NUMBER: _builtins.int
     target: _builtins.int
     exposed: _builtins.int
     applied: _builtins.int
     """Devices that installed (or reverted after installing): the work is done."""
+    holdout: _builtins.int
+    """Eligible devices in the holdout: never exposed, never a gap."""
+    reverted: _builtins.int
+    """Devices that installed, then were reverted (rolled back or deactivated)."""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CountByKey]:
-        """not_yet_notified, offline, in_progress, failed, rounding (per-device hashing)."""
+        """Where the exposed devices are, a partition of `exposed`: applied (running it now),
+        reverted (installed, then rolled back or switched off), failed (failed, whether
+        reverted since or not), in_progress, not_yet_notified; then offline (exposed,
+        not done, device offline: a subset of the last two) and rounding (target minus
+        exposed: exposure is decided per device by hash).
+        """
 
     def __init__(
         self,
@@ -228,10 +260,12 @@ class ExposureGap(_message.Message):
         exposed: _builtins.int = ...,
         applied: _builtins.int = ...,
         reasons: _abc.Iterable[Global___CountByKey] | None = ...,
+        holdout: _builtins.int = ...,
+        reverted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "exposed", b"exposed", "reasons", b"reasons", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "exposed", b"exposed", "holdout", b"holdout", "reasons", b"reasons", "reverted", b"reverted", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,10 +282,13 @@ class AdoptionPoint(_message.Message):
     INSTALLED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     REVERTED_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
     active: _builtins.int
     installed: _builtins.int
     failed: _builtins.int
     reverted: _builtins.int
+    used: _builtins.int
+    """Devices that had used the feature by `time`."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -262,14 +299,51 @@ class AdoptionPoint(_message.Message):
         installed: _builtins.int = ...,
         failed: _builtins.int = ...,
         reverted: _builtins.int = ...,
+        used: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "failed", b"failed", "installed", b"installed", "reverted", b"reverted", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "failed", b"failed", "installed", b"installed", "reverted", b"reverted", "time", b"time", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdoptionPoint: _TypeAlias = AdoptionPoint  # noqa: Y015
+
+@_typing.final
+class UsagePoint(_message.Message):
+    """The share of health samples that reported any use of the feature, in one time
+    bucket: exposed devices and the holdout.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLES_USED_FIELD_NUMBER: _builtins.int
+    HOLDOUT_SAMPLES_FIELD_NUMBER: _builtins.int
+    HOLDOUT_SAMPLES_USED_FIELD_NUMBER: _builtins.int
+    samples: _builtins.int
+    samples_used: _builtins.int
+    holdout_samples: _builtins.int
+    holdout_samples_used: _builtins.int
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        samples: _builtins.int = ...,
+        samples_used: _builtins.int = ...,
+        holdout_samples: _builtins.int = ...,
+        holdout_samples_used: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdout_samples", b"holdout_samples", "holdout_samples_used", b"holdout_samples_used", "samples", b"samples", "samples_used", b"samples_used", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsagePoint: _TypeAlias = UsagePoint  # noqa: Y015
 
 @_typing.final
 class Latency(_message.Message):
@@ -313,6 +387,8 @@ class HealthGroup(_message.Message):
     CRASHES_FIELD_NUMBER: _builtins.int
     FEATURE_ERRORS_FIELD_NUMBER: _builtins.int
     UNHEALTHY_PPM_FIELD_NUMBER: _builtins.int
+    SAMPLES_USED_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     devices: _builtins.int
     samples: _builtins.int
@@ -320,6 +396,9 @@ class HealthGroup(_message.Message):
     feature_errors: _builtins.int
     unhealthy_ppm: _builtins.int
     """Samples with any crash or feature error, per million samples."""
+    samples_used: _builtins.int
+    """Samples that reported any use of the feature, and the uses they reported."""
+    uses: _builtins.int
     def __init__(
         self,
         *,
@@ -329,10 +408,12 @@ class HealthGroup(_message.Message):
         crashes: _builtins.int = ...,
         feature_errors: _builtins.int = ...,
         unhealthy_ppm: _builtins.int = ...,
+        samples_used: _builtins.int = ...,
+        uses: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crashes", b"crashes", "devices", b"devices", "feature_errors", b"feature_errors", "name", b"name", "samples", b"samples", "unhealthy_ppm", b"unhealthy_ppm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crashes", b"crashes", "devices", b"devices", "feature_errors", b"feature_errors", "name", b"name", "samples", b"samples", "samples_used", b"samples_used", "unhealthy_ppm", b"unhealthy_ppm", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,12 +509,17 @@ class RolloutReport(_message.Message):
     LATENCIES_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     STRAGGLERS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CURVE_RESOLUTION_SECONDS_FIELD_NUMBER: _builtins.int
+    USAGE_CURVE_FIELD_NUMBER: _builtins.int
     eligible: _builtins.int
     target_exposed: _builtins.int
     exposed: _builtins.int
     events_ingested: _builtins.int
     plan_version: _builtins.str
     """Empty when rollouts have no plan versions."""
+    curve_resolution_seconds: _builtins.int
+    """Seconds per point of `adoption_curve` and `usage_curve`, fitted to the rollout's length."""
     @_builtins.property
     def rollout(self) -> _rollout_pb2.Rollout: ...
     @_builtins.property
@@ -470,6 +556,15 @@ class RolloutReport(_message.Message):
     def health(self) -> Global___HealthComparison: ...
     @_builtins.property
     def stragglers(self) -> Global___Stragglers: ...
+    @_builtins.property
+    def outcome(self) -> _rollout_pb2.RolloutEvent:
+        """The audit entry that ended (or paused) the rollout: ROLLED_BACK, KILLED, ABORTED
+        or PAUSED, with who or which gate, why (with the gate's figures) and when.
+        Unset while it runs, and once it completed.
+        """
+
+    @_builtins.property
+    def usage_curve(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePoint]: ...
     def __init__(
         self,
         *,
@@ -494,10 +589,13 @@ class RolloutReport(_message.Message):
         latencies: _abc.Iterable[Global___Latency] | None = ...,
         health: Global___HealthComparison | None = ...,
         stragglers: Global___Stragglers | None = ...,
+        outcome: _rollout_pb2.RolloutEvent | None = ...,
+        curve_resolution_seconds: _builtins.int = ...,
+        usage_curve: _abc.Iterable[Global___UsagePoint] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_time", b"data_time", "exposure_gap", b"exposure_gap", "generated_time", b"generated_time", "health", b"health", "rollout", b"rollout", "stragglers", b"stragglers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_time", b"data_time", "exposure_gap", b"exposure_gap", "generated_time", b"generated_time", "health", b"health", "outcome", b"outcome", "rollout", b"rollout", "stragglers", b"stragglers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_curve", b"adoption_curve", "cohorts", b"cohorts", "current_states", b"current_states", "data_time", b"data_time", "eligible", b"eligible", "events_ingested", b"events_ingested", "exposed", b"exposed", "exposure_gap", b"exposure_gap", "failures_by_cohort", b"failures_by_cohort", "failures_by_reason", b"failures_by_reason", "funnel", b"funnel", "generated_time", b"generated_time", "health", b"health", "latencies", b"latencies", "plan_version", b"plan_version", "rollout", b"rollout", "signer_keyids", b"signer_keyids", "stage_funnels", b"stage_funnels", "stragglers", b"stragglers", "target_exposed", b"target_exposed", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_curve", b"adoption_curve", "cohorts", b"cohorts", "current_states", b"current_states", "curve_resolution_seconds", b"curve_resolution_seconds", "data_time", b"data_time", "eligible", b"eligible", "events_ingested", b"events_ingested", "exposed", b"exposed", "exposure_gap", b"exposure_gap", "failures_by_cohort", b"failures_by_cohort", "failures_by_reason", b"failures_by_reason", "funnel", b"funnel", "generated_time", b"generated_time", "health", b"health", "latencies", b"latencies", "outcome", b"outcome", "plan_version", b"plan_version", "rollout", b"rollout", "signer_keyids", b"signer_keyids", "stage_funnels", b"stage_funnels", "stragglers", b"stragglers", "target_exposed", b"target_exposed", "timeline", b"timeline", "usage_curve", b"usage_curve"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -207,6 +207,7 @@ class Rollout(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     HOLDOUT_PPM_FIELD_NUMBER: _builtins.int
     PLAN_JSON_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"rollouts/{id}" """
     rollout_id: _builtins.str
@@ -228,6 +229,8 @@ class Rollout(_message.Message):
     holdout_ppm: _builtins.int
     plan_json: _builtins.str
     """The whole plan (stages, gates, holdout, windows, approvers) as canonical JSON."""
+    holdout: _builtins.int
+    """Eligible devices in the holdout (never exposed): `eligible` includes them."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stage]: ...
     @_builtins.property
@@ -269,10 +272,11 @@ class Rollout(_message.Message):
         phase: _builtins.str = ...,
         holdout_ppm: _builtins.int = ...,
         plan_json: _builtins.str = ...,
+        holdout: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "gate", b"gate", "stage_started_time", b"stage_started_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "create_time", b"create_time", "current_stage", b"current_stage", "device_states", b"device_states", "eligible", b"eligible", "etag", b"etag", "exposed", b"exposed", "feature", b"feature", "gate", b"gate", "holdout_ppm", b"holdout_ppm", "name", b"name", "phase", b"phase", "plan_json", b"plan_json", "plan_version", b"plan_version", "progress", b"progress", "rollout_id", b"rollout_id", "salt_hex", b"salt_hex", "selector", b"selector", "stage_started_time", b"stage_started_time", "stages", b"stages", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "create_time", b"create_time", "current_stage", b"current_stage", "device_states", b"device_states", "eligible", b"eligible", "etag", b"etag", "exposed", b"exposed", "feature", b"feature", "gate", b"gate", "holdout", b"holdout", "holdout_ppm", b"holdout_ppm", "name", b"name", "phase", b"phase", "plan_json", b"plan_json", "plan_version", b"plan_version", "progress", b"progress", "rollout_id", b"rollout_id", "salt_hex", b"salt_hex", "selector", b"selector", "stage_started_time", b"stage_started_time", "stages", b"stages", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

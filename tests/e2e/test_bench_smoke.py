@@ -22,6 +22,7 @@ BENCHMARKS = (
     "telemetry-ingest",
     "download",
     "report",
+    "dashboard",
     "rollout-e2e",
     "fleet-connect",
     "notify-fleet",

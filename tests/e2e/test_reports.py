@@ -32,6 +32,7 @@ from ota.client import Client
 from ota.devstack import DevStack
 from ota.domain.states import FUNNEL, RANK
 from ota.reports.figures import figures, header
+from ota.reports.labels import label
 from ota.v1 import report_pb2, rollout_pb2
 from tests.e2e.scenario import MODELS, REGIONS, publish, report, report_states, wait_for
 
@@ -93,7 +94,8 @@ def _funnel_from_devices(fleet: SimulatedFleet, rollout_id: str, exposed: int) -
 def _check_counts(r: report_pb2.RolloutReport, fleet: SimulatedFleet, rollout_id: str) -> None:
     devices = fleet.devices
     assert report_states(r) == dict(fleet.outcomes(rollout_id))
-    assert [s.devices for s in r.funnel] == _funnel_from_devices(fleet, rollout_id, r.exposed)
+    steps = [s.devices for s in r.funnel if s.step != "USED"]
+    assert steps == _funnel_from_devices(fleet, rollout_id, r.exposed)
     assert {c.key: c.count for c in r.failures_by_reason} == dict(fleet.failure_reasons(rollout_id))
     # Each device's events once, however often it re-sent them.
     assert r.events_ingested == sum(d.record.events_by_rollout.get(rollout_id, 0) for d in devices)
@@ -294,20 +296,26 @@ def test_report_forms_agree_and_the_html_opens_offline_in_chromium(
         assert rows[0] == ["section", "key", "value"]
         assert [tuple(r) for r in rows[1:]] == [*header(service), *expected]
 
-        # The terminal table prints the same numbers.
+        # The terminal table prints the same numbers, under human labels.
         console = Console(record=True, width=240)
         render_table(service, console)
         text = console.export_text()
         for section, key, value in expected:
-            if section in {"funnel", "failure", "state"}:
-                assert re.search(rf"│ {re.escape(key)}\s+│ {re.escape(value)}\s+│", text), (
+            if section in {"funnel", "failure", "state", "exposure", "gap"}:
+                assert re.search(
+                    rf"│ (· )?{re.escape(label(key))}\s+│\s+{re.escape(value)} │", text
+                ), (
                     section,
                     key,
                     value,
                 )
         for c in service.cohorts:
-            line = rf"│ {c.dimension}\s+│ {re.escape(c.value)}\s+│ {c.exposed}\s+│ {c.installed}\s+│ {c.active}\s+│ {c.failed}\s+│"
+            line = (
+                rf"│ {c.dimension} {re.escape(c.value)}\s+│\s+{c.exposed} │\s+{c.installed} │"
+                rf"\s+{c.active} │\s+{c.used} │\s+{c.failed} │"
+            )
             assert re.search(line, text), c
+        assert "Rolled back by the gate" in text
 
         # HTML: one file, opened offline; the charts drew and show the JSON's numbers.
         page = tmp_path / "report.html"
@@ -316,9 +324,10 @@ def test_report_forms_agree_and_the_html_opens_offline_in_chromium(
         assert dom.returncode == 0, dom.stderr
         assert "Uncaught" not in dom.stderr, dom.stderr
         assert "ERROR:CONSOLE" not in dom.stderr, dom.stderr
-        assert dom.stdout.count('class="main-svg"') >= 8  # two svg layers per chart
-        for chart in ("chart-funnel", "chart-curve", "chart-failures", "chart-cohorts"):
-            assert f'id="{chart}"' in dom.stdout
+        assert page.stat().st_size <= 1_500_000
+        assert dom.stdout.count('class="uplot') >= 2  # the curve and the usage charts drew
+        for part in ("outcome", "funnel", "exposure", "stage-funnel", "failures", "segments"):
+            assert f'id="{part}"' in dom.stdout, part
         shown = dict(
             ((s, k), v)
             for s, k, v in re.findall(
@@ -326,7 +335,7 @@ def test_report_forms_agree_and_the_html_opens_offline_in_chromium(
             )
         )
         assert shown, "no figures in the page"
-        by_key = {(s, k): v for s, k, v in expected}
+        by_key = {(s, k): v for s, k, v in [*header(service), *expected]}
         for (section, key), value in shown.items():
             figure = (html.unescape(section), html.unescape(key))
             assert by_key[figure] == html.unescape(value), figure

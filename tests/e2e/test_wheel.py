@@ -74,7 +74,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     # The venv gets no pip of its own: this venv's pip installs into it (--python),
     # which saves bootstrapping one. Dependencies come from the index (or pip's
     # cache), as they would for an operator; --no-compile skips byte-compiling
-    # thousands of files (plotly's) that these commands never import.
+    # thousands of files that these commands never import.
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)],
         cwd=root,
@@ -196,5 +196,7 @@ def test_ota_dev_from_the_wheel_serves_and_stops_cleanly(
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "Traceback" not in output, output
+    # The dashboard started from the templates and assets the wheel carries.
+    assert "dashboard http://127.0.0.1:" in output, output
     with pytest.raises(ProcessLookupError):
         os.kill(broker_pid, 0)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlmodel import select
 
 from ota.domain import states
 from ota.domain.bucketing import is_control
@@ -14,7 +15,7 @@ from ota.domain.plan import RolloutPlan, Stage
 from ota.store import adoption, fleet, rollouts
 from ota.store.database import migrate, open_database
 from ota.store.ingest import HealthFigures, IncomingEvent, ingest_events
-from ota.store.models import BundleRow, RolloutRow
+from ota.store.models import AdoptionStatRow, BundleRow, RolloutRow
 from ota.store.session import Store
 
 pytestmark = pytest.mark.integration
@@ -146,3 +147,45 @@ def test_finished_rollouts_get_no_more_samples(store: Store) -> None:
         ingest_events(session, [_sample(d, 1, "f", "1.0", 0) for d in control], NOW)
     with store.transaction() as session:
         assert adoption.health_since(session, "r-1", control=True) == {}
+
+
+def _used(store: Store, metric: str) -> int:
+    with store.transaction() as session:
+        return sum(
+            r.value
+            for r in session.exec(
+                select(AdoptionStatRow).where(
+                    AdoptionStatRow.rollout_id == "r-1", AdoptionStatRow.metric == metric
+                )
+            )
+        )
+
+
+def test_a_device_counts_once_as_using_the_feature_and_the_holdout_apart(store: Store) -> None:
+    exposed, control, _ = _rollout(store, 80)
+    users, holdout_users = exposed[:4], control[:2]
+
+    def sample(device: str, seq: int, version: str, uses: int) -> IncomingEvent:
+        return IncomingEvent(
+            device, seq, "", "f", version, "ACTIVE", "", "", "", NOW, HealthFigures(0, 0, 60, uses)
+        )
+
+    first = [
+        *(sample(d, 1, "2.0", 3) for d in users),
+        *(sample(d, 1, "2.0", 0) for d in exposed[4:]),
+        *(sample(d, 1, "1.0", 2) for d in holdout_users),  # the holdout uses its old version
+    ]
+    later = [*(sample(d, 2, "2.0", 1) for d in users), *(sample(d, 2, "1.0", 5) for d in control)]
+    with store.transaction() as session:
+        ingest_events(session, first, NOW)
+    with store.transaction() as session:
+        ingest_events(session, later, NOW + timedelta(seconds=30))
+        ingest_events(session, first[:2], NOW + timedelta(seconds=30))  # re-sent: duplicates
+    assert _used(store, adoption.USED) == len(users)
+    assert _used(store, adoption.HOLDOUT_USED) == len(control)
+    with store.transaction() as session:
+        treated = adoption.health_since(session, "r-1", control=False)
+        held = adoption.health_since(session, "r-1", control=True)
+    assert (treated["samples_used"], treated["uses"]) == (2 * len(users), 4 * len(users))
+    assert held["samples_used"] == len(holdout_users) + len(control)
+    assert held["uses"] == 2 * len(holdout_users) + 5 * len(control)

@@ -65,6 +65,20 @@ def test_failure_rules_pick_devices_by_model_region_and_firmware_first_rule_wins
     assert all(s.failures_for(ev9_us).install_fails("ev9", "2.0.0", rng) for _ in range(20))
 
 
+def test_usage_rules_give_each_device_its_rate_by_model_region_and_version() -> None:
+    s = scenario(
+        EXAMPLE
+        + "usage:\n  - {region: us, version: 2.0.0, rate: 0.2}\n  - {model: ev6, rate: 0.9}\n"
+    )
+    ev9_us = DeviceProfile("car-000009", "ev9", "us", "4.1")
+    ev6_eu = DeviceProfile("car-000000", "ev6", "eu", "4.2.0")
+    assert s.health_for(ev9_us).use_rate("ev9", "2.0.0") == 0.2
+    assert s.health_for(ev9_us).use_rate("ev9", "1.0.0") == 0.0
+    assert s.health_for(ev6_eu).use_rate("ev6", "1.0.0") == 0.9
+    # The crash rules are untouched by the usage rules.
+    assert s.health_for(ev9_us).crash_rate("ev9", "2.0.0") == 0.25
+
+
 def test_clock_skew_latency_churn_and_misbehaviour_select_their_devices() -> None:
     s = scenario()
     skew = s.clock_skew_fn()
@@ -139,6 +153,9 @@ BAD: list[tuple[str, str]] = [
     ("fleet: [{count: 1, model: ev6, region: eu}]\nhealth_interval: soon", "health_interval"),
     ("fleet: [{count: 1, model: ev6, region: eu}]\nunreachable_for: -1", "unreachable_for"),
     ("fleet: [{count: 1, model: ev6, region: eu}]\nunreachable_for: 1e9", "unreachable_for"),
+    ("fleet: [{count: 1, model: ev6, region: eu}]\nusage: [{model: ev6}]", "usage[0].rate"),
+    ("fleet: [{count: 1, model: ev6, region: eu}]\nusage: [{rate: 2}]", "usage[0].rate"),
+    ("fleet: [{count: 1, model: ev6, region: eu}]\nusage: [{rate: 1, often: 3}]", "usage[0].often"),
 ]
 
 
