@@ -9,9 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
+from ota import __version__
 from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
@@ -35,7 +37,7 @@ from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
-from ota.store.database import migrate, open_database
+from ota.store.database import connect, migrate, redacted
 from ota.store.session import Store
 from ota.tls import ServerTls
 from ota.transport.ingester import Ingester
@@ -97,6 +99,34 @@ def _read(path: Path, what: str) -> bytes:
         ) from exc
 
 
+def announce(config: ServerConfig) -> None:
+    """The first log lines: what this control plane runs on, no secret in them.
+
+    An operator reading a log after an incident must see which database and
+    broker a process used, as whom, and on which address it answered.
+    """
+    log.info("ota %s starting as replica %r", __version__, replica_name(config))
+    log.info("database %s", redacted(config.database_url))
+    log.info("broker %s as user %r", broker_address(config.mqtt_url), config.mqtt_username)
+    tls = "TLS" if config.tls_cert_file else "plaintext"
+    if config.tls_client_ca_file:
+        tls = "mTLS"
+    log.info("gRPC listen %s (%s)", config.listen, tls)
+    if config.metrics_listen:
+        log.info("metrics listen %s", config.metrics_listen)
+
+
+def replica_name(config: ServerConfig) -> str:
+    """The engine lease's holder name: replica_id, else the MQTT username."""
+    return config.replica_id or config.mqtt_username
+
+
+def broker_address(url: str) -> str:
+    """The broker URL without any user or password written into it."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def server_tls(config: ServerConfig) -> ServerTls | None:
     if not config.tls_cert_file:
         return None
@@ -139,7 +169,9 @@ class ControlPlane:
         accounts: BrokerAccounts | None = None,
     ) -> ControlPlane:
         clock = clock or SystemClock()
-        engine_db = open_database(config.database_url)
+        # A database that is not there is one line, before any other.
+        engine_db = connect(config.database_url)
+        announce(config)
         migrate(engine_db)
         store = Store(engine_db)
         repo = ImageRepository(
@@ -167,7 +199,7 @@ class ControlPlane:
         lease = Lease(
             store,
             clock,
-            holder=config.replica_id or config.mqtt_username,
+            holder=replica_name(config),
             duration_seconds=config.lease_duration_seconds,
             renew_seconds=config.lease_renew_seconds,
         )

@@ -39,6 +39,30 @@ from ota.v1 import (
 )
 
 CHUNK = 256 * 1024
+# URL schemes people write for a gRPC server that gRPC itself does not take
+# (its own target schemes, dns:, unix:, ipv4:, ipv6:, pass through).
+_URL_SCHEMES = {"http": "", "https": " --tls", "grpc": "", "grpcs": " --tls"}
+
+
+def check_server(server: str) -> str:
+    """The gRPC target `server`, or one line saying how to write it.
+
+    `http://host:50051` would reach gRPC's resolver as a host name and fail with
+    "Misformatted domain name"; refusing it here names the fix instead. It is not
+    stripped silently: `https://` would then quietly mean plaintext.
+    """
+    server = server.strip()
+    if not server:
+        raise InvalidArgument("is empty: give host:port, e.g. 127.0.0.1:50051", field="server")
+    scheme, sep, rest = server.partition("://")
+    if sep and scheme.lower() in _URL_SCHEMES:
+        bare = rest.rstrip("/")
+        raise InvalidArgument(
+            f"{server!r} has a URL scheme; gRPC takes host:port: drop the scheme "
+            f"(--server {bare}{_URL_SCHEMES[scheme.lower()]})",
+            field="server",
+        )
+    return server
 
 
 @dataclass(frozen=True)
@@ -66,7 +90,7 @@ class Client:
     @classmethod
     def connect(cls, server: str, token: str, tls: ClientTls | None = None) -> Client:
         """A client over plaintext, or over TLS (and mTLS with a client certificate)."""
-        return cls(tls_channel(server, tls), token)
+        return cls(tls_channel(check_server(server), tls), token)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

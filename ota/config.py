@@ -7,6 +7,7 @@ package reads the environment or files for settings.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -22,7 +23,10 @@ class ServerConfig:
     """Everything `ota serve` needs."""
 
     listen: str = "127.0.0.1:50051"
-    database_url: str = "sqlite:///ota.db"
+    # No default: a server that quietly made ./ota.db would run a second control
+    # plane beside the real one (and take over its broker session). `ota dev` and
+    # `ota demo` put SQLite in their state directory.
+    database_url: str = ""
     data_dir: Path = Path(".ota")
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_username: str = "ota-control"
@@ -38,7 +42,7 @@ class ServerConfig:
     snapshot_key: Path = Path("keys/online/snapshot.pem")
     timestamp_key: Path = Path("keys/online/timestamp.pem")
     director_key: Path = Path("keys/online/director.pem")
-    # Bearer tokens by role: "admin", "release", "viewer".
+    # Bootstrap bearer tokens: token -> "role" or "role:name" (role in TOKEN_ROLES).
     tokens: dict[str, str] = field(default_factory=dict)
     desired_state_ttl_seconds: int = 7 * 24 * 3600
     engine_interval_seconds: float = 0.25
@@ -76,6 +80,26 @@ class ServerConfig:
     dashboard_tls_key_file: str = ""
 
     def __post_init__(self) -> None:
+        for name, bound in BOUNDS.items():
+            bound.check(name, getattr(self, name))
+        if self.lease_renew_seconds >= self.lease_duration_seconds:
+            raise InvalidArgument(
+                f"must be shorter than lease_duration_seconds ({self.lease_duration_seconds:g}), "
+                f"got {self.lease_renew_seconds:g}",
+                field="lease_renew_seconds",
+            )
+        parse_listen(self.listen, field="listen")
+        for entry in self.tokens.values():
+            role = entry.partition(":")[0]
+            if role not in TOKEN_ROLES:
+                # Never echo the token: the line ends up in logs.
+                raise InvalidArgument(
+                    f"a token's role {role!r} is not one of {', '.join(TOKEN_ROLES)} "
+                    '(write "role" or "role:name")',
+                    field="tokens",
+                )
+        if any(not token.strip() for token in self.tokens):
+            raise InvalidArgument("a token must not be empty", field="tokens")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidArgument(
                 "TLS needs both tls_cert_file and tls_key_file", field="tls_cert_file"
@@ -155,6 +179,46 @@ class ServerConfig:
         return self.tls_cert_file, self.tls_key_file
 
 
+# The roles a configured token may carry (devices authenticate otherwise).
+TOKEN_ROLES = ("admin", "release", "viewer")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted range of a numeric setting: what its consumer can hold, and sense."""
+
+    low: float
+    high: float
+    unit: str
+    why: str = ""
+
+    def check(self, name: str, value: float) -> None:
+        if not math.isfinite(value) or not self.low <= value <= self.high:
+            why = f" ({self.why})" if self.why else ""
+            raise InvalidArgument(
+                f"must be between {self.low:g} and {self.high:g} {self.unit}{why}, got {value:g}",
+                field=name,
+            )
+
+
+DAY = 24 * 3600
+# Every numeric setting, bounded; docs/OPERATIONS.md (Configuration reference) lists them.
+BOUNDS: dict[str, Bound] = {
+    "desired_state_ttl_seconds": Bound(
+        60, 366 * DAY, "seconds", "renewed halfway through; a device refuses an expired state"
+    ),
+    "engine_interval_seconds": Bound(0.01, 60, "seconds"),
+    # The broker may send twice a batch before an acknowledgement: MQTT's receive
+    # maximum is a 16-bit field.
+    "ingest_batch_size": Bound(1, 10_000, "messages"),
+    "ingest_max_payload_bytes": Bound(1024, 16 * 1024 * 1024, "bytes"),
+    "ingest_device_rate": Bound(0, 100_000, "messages per second", "0 turns the limit off"),
+    "ingest_device_burst": Bound(1, 1_000_000, "messages"),
+    "lease_duration_seconds": Bound(1, 3600, "seconds"),
+    "lease_renew_seconds": Bound(0.1, 3600, "seconds"),
+    "publish_poll_seconds": Bound(0.05, 600, "seconds"),
+}
+
 _ENV_PREFIX = "OTA_"
 
 
@@ -201,13 +265,30 @@ def _coerce(base: ServerConfig, values: dict[str, Any]) -> ServerConfig:
                     raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true")
                 )
             elif isinstance(default, int):
-                converted[f.name] = int(raw)
+                converted[f.name] = _whole(raw)
             elif isinstance(default, float):
+                if isinstance(raw, bool):
+                    raise ValueError(raw)
                 converted[f.name] = float(raw)
             elif isinstance(default, dict):
                 converted[f.name] = {str(k): str(v) for k, v in dict(raw).items()}
             else:
+                if isinstance(raw, (dict, list)):
+                    raise ValueError(raw)
                 converted[f.name] = str(raw)
         except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"{raw!r} is not a valid value", field=f.name) from exc
+            raise InvalidArgument(
+                f"{raw!r} is not a valid value (expected {_KIND.get(type(default), 'text')})",
+                field=f.name,
+            ) from exc
     return replace(base, **converted)
+
+
+_KIND = {int: "a whole number", float: "a number", dict: "a table", Path: "a path"}
+
+
+def _whole(raw: Any) -> int:
+    """An integer setting: 1.5 or true is a mistake, not 1."""
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError(raw)
+    return int(raw)

@@ -187,11 +187,14 @@ class MetricsServer:
         self.server.server_close()
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, *, field: str = "metrics_listen") -> tuple[str, int]:
+    """host:port (port 0..65535; 0 = any free port), the host optionally in brackets."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        example = "0.0.0.0:50051" if field == "listen" else "127.0.0.1:9464"
         raise InvalidArgument(
-            f"{listen!r} is not host:port, e.g. 127.0.0.1:9464", field="metrics_listen"
+            f"{listen!r} is not host:port with a port from 0 to 65535, e.g. {example}",
+            field=field,
         )
     return host.strip("[]") or "0.0.0.0", int(port)
 

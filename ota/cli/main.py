@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -72,19 +73,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except OtaError as exc:
+        _trace(args)
         print(f"ota: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except grpc.RpcError as exc:
-        code = exc.code()
-        details = exc.details()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = (
-                f"cannot reach the control plane at {getattr(args, 'server', '?')} ({details})"
-            )
-        print(f"ota: error: {code.name}: {details}", file=sys.stderr)
+        _trace(args)
+        print(f"ota: error: {rpc_error_line(exc, getattr(args, 'server', ''))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _trace(args: argparse.Namespace) -> None:
+    """`ota -v` shows where an error came from; without it, one line is enough."""
+    if args.verbose:
+        traceback.print_exc(file=sys.stderr)
+
+
+# Status codes where the answer may come from the wrong place: name the server tried.
+_CONNECTION_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+
+
+def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
+    """One line for a failed call; a connection failure names the server and what to check."""
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        hint = ""
+        if "handshake" in details.lower() or "ssl" in details.lower():
+            hint = "; is it a TLS port (then --tls or --tls-ca) or a plaintext one (then neither)?"
+        elif "refused" in details.lower():
+            hint = "; is `ota serve` running there, and is that the right port?"
+        return f"{code.name}: cannot reach the control plane at {server} ({details}){hint}"
+    if code in _CONNECTION_CODES:
+        return f"{code.name}: {details} (server {server})"
+    return f"{code.name}: {details}"
 
 
 if __name__ == "__main__":

@@ -2,33 +2,83 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
-from ota.errors import InvalidArgument
+from ota.errors import InvalidArgument, Unavailable
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # The gRPC server's 32 workers plus the control plane's own threads, with room.
 SQLITE_POOL_SIZE = 48
+# How long a PostgreSQL connection attempt may take before it counts as a failure
+# (a firewalled host would otherwise hold `ota serve` for the OS's TCP timeout).
+PG_CONNECT_TIMEOUT_SECONDS = 10
+EXAMPLES = "sqlite:////var/lib/ota/ota.db or postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+# What people write for PostgreSQL, all meaning the one driver ota ships with.
+_POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
+
+
+def database_url(url: str) -> URL:
+    """`url` parsed, with the spellings of PostgreSQL's scheme made the driver's own.
+
+    `postgres://` (Heroku, libpq) and `postgresql://` mean what the operator
+    expects: PostgreSQL through psycopg 3. Other drivers are refused, naming the two
+    that work.
+    """
+    if not url.strip():
+        raise InvalidArgument(
+            f"is required: set it in the config file, OTA_DATABASE_URL or --database-url "
+            f"(e.g. {EXAMPLES})",
+            field="database_url",
+        )
+    try:
+        parsed = make_url(url.strip())
+    except ArgumentError as exc:
+        raise InvalidArgument(
+            f"{_redacted_text(url)!r} is not a database URL; write {EXAMPLES}",
+            field="database_url",
+        ) from exc
+    if parsed.drivername in _POSTGRES_SCHEMES:
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    raise InvalidArgument(
+        f"{parsed.drivername}:// is not supported: use {EXAMPLES}", field="database_url"
+    )
+
+
+def redacted(url: str) -> str:
+    """The URL for a log line: the password replaced by ***."""
+    try:
+        return database_url(url).render_as_string(hide_password=True)
+    except InvalidArgument:
+        return _redacted_text(url)
+
+
+def _redacted_text(url: str) -> str:
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def open_database(url: str) -> Engine:
-    """An engine for `url` (sqlite:///file or postgresql+psycopg://...)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise InvalidArgument(f"{url!r} is not a database URL", field="database_url") from exc
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    """An engine for `url` (sqlite:///file or postgresql://...); connects lazily."""
+    parsed = database_url(url)
     if parsed.drivername.startswith("sqlite"):
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"cannot create {folder} for the SQLite database: {exc.strerror}",
+                    field="database_url",
+                ) from exc
         # Every gRPC worker, the engine, the ingester and the publisher may hold a
         # connection at once. A pool smaller than that opens and closes overflow
         # connections per checkout, re-running the PRAGMAs each time; SQLite
@@ -45,8 +95,13 @@ def open_database(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args = (
+        {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+    )
     try:
-        return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return create_engine(
+            parsed, pool_size=10, max_overflow=10, pool_pre_ping=True, connect_args=connect_args
+        )
     except ModuleNotFoundError as exc:
         # The driver is an extra, so an operator who installed plain `ota` meets this first.
         if exc.name != "psycopg":
@@ -56,6 +111,61 @@ def open_database(url: str) -> Engine:
             "(pip install 'ota-VERSION-py3-none-any.whl[postgres]'; docs/OPERATIONS.md, Installing)",
             field="database_url",
         ) from exc
+
+
+def connect(url: str) -> Engine:
+    """Open the database and make a first connection, or say in one line what to fix.
+
+    A database that is down, missing or refusing the user is reported as such,
+    with the remedy, not as a traceback from the first query that needs it.
+    """
+    engine = open_database(url)
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        engine.dispose()
+        raise Unavailable(
+            connection_problem(engine.url, str(exc.orig)), field="database_url"
+        ) from exc
+    return engine
+
+
+def connection_problem(url: URL, error: str) -> str:
+    """What went wrong connecting to `url`, and how to fix it, in one line."""
+    shown = url.render_as_string(hide_password=True)
+    # libpq adds hint lines ("Is the server running ..."); the first line says it.
+    first = " ".join(error.strip().splitlines()[0].split()) if error.strip() else "unknown error"
+    if url.drivername.startswith("sqlite"):
+        return (
+            f"cannot open the SQLite database {url.database}: {first}; check that its "
+            "directory exists and is writable by this user"
+        )
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    missing = re.search(r'database "([^"]+)" does not exist', error)
+    if missing:
+        return (
+            f"database {missing.group(1)!r} does not exist on the PostgreSQL server at {where}; "
+            f"create it (createdb -h {url.host or 'localhost'} -p {url.port or 5432} "
+            f"-U {url.username or 'postgres'} {missing.group(1)}) or fix the name in {shown}"
+        )
+    if re.search(r"password authentication failed|role .* does not exist|no password", error):
+        return (
+            f"the PostgreSQL server at {where} refused user {url.username!r}: {_fatal(first)}; "
+            "check the user and password in database_url"
+        )
+    return (
+        f"cannot connect to PostgreSQL at {where} ({shown}): {_fatal(first)}; "
+        "check that it is running and reachable from here, and the host and port"
+    )
+
+
+def _fatal(text: str) -> str:
+    """The server's own words (after FATAL:, or the last 'failed:'), without the prefix."""
+    for marker in ("FATAL:", "failed:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text.strip().removesuffix(".")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
