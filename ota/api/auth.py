@@ -62,6 +62,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _R + "RollbackRollout": WRITERS,
     _R + "KillRollout": WRITERS,
     _R + "EditRollout": WRITERS,
+    _R + "DeleteRollout": WRITERS,
     _R + "PlanRollout": OPERATORS,
     _R + "ListRolloutEvents": OPERATORS,
     _R + "WatchRollout": OPERATORS,

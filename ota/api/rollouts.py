@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.empty_pb2 import Empty
 from sqlmodel import Session
 
 from ota.api import convert
@@ -145,7 +146,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     def _full(self, row: RolloutRow) -> rollout_pb2.Rollout:
         with self._store.transaction() as session:
-            return _message(session, rollouts.get_rollout(session, row.rollout_id))
+            return _message(session, rollouts.get_rollout_or_deleted(session, row.rollout_id))
 
     def CreateRollout(
         self, request: rollout_pb2.CreateRolloutRequest, context: grpc.ServicerContext
@@ -197,7 +198,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         size = page_size(request.page_size)
         after = page_after(request.page_token, scope=request.feature)
         with self._store.transaction() as session:
-            rows = rollouts.list_rollouts(session, request.feature, after=after, limit=size + 1)
+            rows = rollouts.list_rollouts(
+                session,
+                request.feature,
+                after=after,
+                limit=size + 1,
+                show_deleted=request.show_deleted,
+            )
         more = len(rows) > size
         rows = rows[:size]
         return rollout_pb2.ListRolloutsResponse(
@@ -256,11 +263,25 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     ) -> rollout_pb2.Rollout:
         return self._command("kill", request, context)
 
+    def DeleteRollout(
+        self, request: rollout_pb2.DeleteRolloutRequest, context: grpc.ServicerContext
+    ) -> Empty:
+        if not request.rollout_id:
+            raise InvalidArgument("is required", field="rollout_id")
+        self._commands.delete(
+            request.rollout_id,
+            actor=self._auth.caller(context).name,
+            reason=request.reason,
+            etag=request.etag,
+        )
+        self._changes.notify()
+        return Empty()
+
     def ListRolloutEvents(
         self, request: rollout_pb2.ListRolloutEventsRequest, context: grpc.ServicerContext
     ) -> rollout_pb2.ListRolloutEventsResponse:
         with self._store.transaction() as session:
-            rollouts.get_rollout(session, request.rollout_id)
+            rollouts.get_rollout_or_deleted(session, request.rollout_id)
             entries = rollouts.audit_log(session, request.rollout_id)
         return rollout_pb2.ListRolloutEventsResponse(events=[convert.audit(e) for e in entries])
 

@@ -219,12 +219,26 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         p.add_argument("--reason", default="", help="why, for the audit log")
         client_options(p)
         p.set_defaults(handler=rollout_command, command=verb)
+    p = rollout.add_parser(
+        "delete",
+        help="delete a rollout in DRAFT (its history stays: `ota rollout history ID`)",
+        description="Delete a rollout that was never started. A started one cannot be "
+        "deleted: abort, roll back or kill it. The deletion is audited (who, when, --reason); "
+        "`ota rollout history ID` still shows the rollout's log and `ota rollout list "
+        "--deleted` lists deleted rollouts. Its request id is not reused.",
+    )
+    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument("--reason", default="", help="why, for the audit log")
+    p.add_argument("--etag", default="", help="refuse if the rollout changed since this etag")
+    client_options(p)
+    p.set_defaults(handler=rollout_delete)
     p = rollout.add_parser("status", help="a rollout's state and progress")
     p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
     p.set_defaults(handler=rollout_status)
     p = rollout.add_parser("list", help="rollouts")
     p.add_argument("--feature", default="", help="only this feature's rollouts")
+    p.add_argument("--deleted", action="store_true", help="include deleted rollouts")
     client_options(p)
     p.set_defaults(handler=rollout_list)
     p = rollout.add_parser(
@@ -721,6 +735,26 @@ def rollout_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rollout_delete(args: argparse.Namespace) -> int:
+    client = _client(args)
+    client.rollouts.DeleteRollout(
+        rollout_pb2.DeleteRolloutRequest(
+            rollout_id=args.rollout_id, reason=args.reason, etag=args.etag
+        ),
+        metadata=client.metadata,
+    )
+    if args.format == "json":
+        print(json.dumps({"deleted": args.rollout_id}))
+    else:
+        console.print(
+            f"deleted rollout {args.rollout_id}; `ota rollout history {args.rollout_id}` "
+            "keeps its log",
+            markup=False,
+            highlight=False,
+        )
+    return 0
+
+
 def rollout_status(args: argparse.Namespace) -> int:
     client = _client(args)
     r = client.rollouts.GetRollout(
@@ -733,7 +767,8 @@ def rollout_status(args: argparse.Namespace) -> int:
 def rollout_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.rollouts.ListRollouts(
-        rollout_pb2.ListRolloutsRequest(feature=args.feature), metadata=client.metadata
+        rollout_pb2.ListRolloutsRequest(feature=args.feature, show_deleted=args.deleted),
+        metadata=client.metadata,
     )
     if args.format == "json":
         emit_json(list(response.rollouts))

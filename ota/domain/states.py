@@ -54,5 +54,7 @@ DRAFT, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK, KILLED = (
     "ROLLED_BACK",
     "KILLED",  # the kill switch: the feature deactivated on every device it exposed
 )
+# A DRAFT that was deleted: kept for its audit log and its request_id, shown to nobody else.
+DELETED = "DELETED"
 ROLLOUT_ACTIVE = (RUNNING, PAUSED)
 ROLLOUT_FINAL = (COMPLETED, ABORTED, ROLLED_BACK, KILLED)

@@ -29,6 +29,7 @@ from ota.domain.progress import is_waiting
 from ota.domain.states import (
     ABORTED,
     ALL_STATES,
+    DELETED,
     FAILURE_REASONS,
     FUNNEL,
     KILLED,
@@ -614,6 +615,9 @@ def build_feature_report(session: Session, feature: str, now: datetime) -> Featu
             points.append((bucket_time(b) + timedelta(seconds=TIME_BUCKET_SECONDS), running))
         series.append(VersionSeries(version, points, running))
     feature_rollouts = session.exec(
-        select(RolloutRow).where(RolloutRow.feature == feature).order_by(col(RolloutRow.created_at))
+        select(RolloutRow)
+        .where(RolloutRow.feature == feature)
+        .where(col(RolloutRow.state) != DELETED)
+        .order_by(col(RolloutRow.created_at))
     ).all()
     return FeatureReport(feature, now, series, list(feature_rollouts))

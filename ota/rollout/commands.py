@@ -1,5 +1,6 @@
-"""What operators ask of a rollout: create, edit, start, pause, resume, promote, abort,
-rollback, kill. Each runs in one transaction with its audit entry (actor, reason, diff)."""
+"""What operators ask of a rollout: create, edit, delete, start, pause, resume, promote,
+abort, rollback, kill. Each runs in one transaction with its audit entry (actor, reason,
+diff)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ota.domain.plan import RolloutPlan
 from ota.domain.selector import Selector
 from ota.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -108,6 +110,14 @@ class RolloutCommands:
             if new.request_id:
                 earlier = rollouts.rollout_by_request(session, new.request_id)
                 if earlier is not None:
+                    if earlier.state == states.DELETED:
+                        # A retried create must not bring back what an operator deleted.
+                        raise AlreadyExists(
+                            f"request_id {new.request_id!r} created rollout "
+                            f"{earlier.rollout_id}, which was deleted; use a new request_id "
+                            f"(`ota rollout history {earlier.rollout_id}` shows the deletion)",
+                            field="request_id",
+                        )
                     if earlier.request_hash != new.fingerprint():
                         raise InvalidArgument(
                             f"request_id {new.request_id!r} was used for a different rollout "
@@ -203,6 +213,44 @@ class RolloutCommands:
         self._on_change()
         log.info(
             "rollout %s: plan edited by %s", rollout_id, actor, extra={"rollout_id": rollout_id}
+        )
+        return result
+
+    def delete(self, rollout_id: str, *, actor: str, reason: str, etag: str = "") -> RolloutRow:
+        """Delete a DRAFT: it exposed nobody, so nothing on any device changes.
+
+        The row stays, in state DELETED, for its audit log and so that its
+        request_id is never reused; every read but the audit log treats it as gone.
+        """
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            rollout = rollouts.get_rollout(session, rollout_id)
+            self._check_etag(rollout, etag)
+            if rollout.state != states.DRAFT:
+                raise FailedPrecondition(
+                    f"cannot delete rollout {rollout_id}: it is {rollout.state}, and only a "
+                    "DRAFT can be deleted (abort, roll back or kill a started rollout)",
+                    field="rollout_id",
+                )
+            result = rollouts.transition(
+                session,
+                rollout,
+                to_state=states.DELETED,
+                actor=actor,
+                action="delete",
+                reason=reason or f"deleted by {actor}",
+                now=now,
+                diff={"feature": rollout.feature, "version": rollout.version},
+            )
+        self._on_change()
+        log.info(
+            "rollout %s (%s %s): deleted by %s: %s",
+            rollout_id,
+            result.feature,
+            result.version,
+            actor,
+            reason or "no reason given",
+            extra={"rollout_id": rollout_id, "reason": reason},
         )
         return result
 

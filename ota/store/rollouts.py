@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from ota.domain import webhooks as webhook_domain
 from ota.domain.durations import time_bucket
+from ota.domain.states import DELETED
 from ota.errors import Aborted, NotFound
 from ota.store import adoption, audit, webhooks
 from ota.store.models import (
@@ -29,6 +30,19 @@ from ota.store.models import (
 
 
 def get_rollout(session: Session, rollout_id: str) -> RolloutRow:
+    """A rollout that exists; a deleted one is NOT_FOUND, pointing at its history."""
+    row = get_rollout_or_deleted(session, rollout_id)
+    if row.state == DELETED:
+        raise NotFound(
+            f"rollout {rollout_id!r} was deleted; `ota rollout history {rollout_id}` shows "
+            "who deleted it and why",
+            field="rollout_id",
+        )
+    return row
+
+
+def get_rollout_or_deleted(session: Session, rollout_id: str) -> RolloutRow:
+    """For the audit log, which outlives a deletion."""
     row = session.get(RolloutRow, rollout_id)
     if row is None:
         raise NotFound(f"rollout {rollout_id!r} does not exist", field="rollout_id")
@@ -36,13 +50,18 @@ def get_rollout(session: Session, rollout_id: str) -> RolloutRow:
 
 
 def rollout_by_request(session: Session, request_id: str) -> RolloutRow | None:
+    """The rollout a request_id created, deleted or not (a deleted one keeps its id taken)."""
     return session.exec(select(RolloutRow).where(RolloutRow.request_id == request_id)).first()
 
 
-def list_rollouts(session: Session, feature: str, *, after: str, limit: int) -> list[RolloutRow]:
+def list_rollouts(
+    session: Session, feature: str, *, after: str, limit: int, show_deleted: bool = False
+) -> list[RolloutRow]:
     query = select(RolloutRow).where(col(RolloutRow.rollout_id) > after)
     if feature:
         query = query.where(RolloutRow.feature == feature)
+    if not show_deleted:
+        query = query.where(col(RolloutRow.state) != DELETED)
     return list(session.exec(query.order_by(col(RolloutRow.rollout_id)).limit(limit)))
 
 
@@ -106,7 +125,7 @@ def transition(
         ),
     )
     session.expire(rollout)
-    return get_rollout(session, rollout.rollout_id)
+    return get_rollout_or_deleted(session, rollout.rollout_id)
 
 
 def _audit(session: Session, rollout: RolloutRow, entry: RolloutAuditRow) -> None:
