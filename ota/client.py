@@ -51,7 +51,7 @@ def check_server(server: str) -> str:
     "Misformatted domain name"; refusing it here names the fix instead. It is not
     stripped silently: `https://` would then quietly mean plaintext.
     """
-    server = server.strip()
+    server = server.strip().rstrip("/")
     if not server:
         raise InvalidArgument("is empty: give host:port, e.g. 127.0.0.1:50051", field="server")
     scheme, sep, rest = server.partition("://")

@@ -12,6 +12,11 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+# gRPC's core logs below ERROR to stderr until told otherwise (a failed TLS handshake
+# becomes an INFO line before ota's own); the CLI's errors are its own one line.
+# Set before grpc is imported; GRPC_VERBOSITY=DEBUG still works for a diagnosis.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 
 from ota import __version__
