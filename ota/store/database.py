@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ota.errors import InvalidArgument, Unavailable
 
@@ -190,11 +190,31 @@ def alembic_config() -> Config:
     return config
 
 
+# PostgreSQL's SQLSTATE for "insufficient privilege".
+_NO_PRIVILEGE = "42501"
+
+
 def migrate(engine: Engine) -> None:
-    """Upgrade the schema to the newest migration (idempotent)."""
+    """Upgrade the schema to the newest migration (idempotent).
+
+    A user that may connect but not create tables (PostgreSQL 15 no longer lets
+    everyone create in `public`) is told what to grant, in one line.
+    """
     from alembic import command
 
     config = alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _NO_PRIVILEGE:
+            raise
+        url = engine.url
+        first = " ".join(str(exc.orig).strip().splitlines()[0].split())
+        raise Unavailable(
+            f"user {url.username!r} may not create ota's tables in database {url.database!r} "
+            f"({first}); make it the database's owner (createdb -O {url.username} ...) or "
+            f"GRANT CREATE ON SCHEMA public TO {url.username}",
+            field="database_url",
+        ) from exc

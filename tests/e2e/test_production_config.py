@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 import ota
 from ota.broker.process import free_port
@@ -150,6 +153,32 @@ def test_a_missing_postgres_database_names_createdb(
     line = _one_error_line(_ota("serve", "--config", str(config), cwd=tmp_path))
     assert "'ota_never_created_x9' does not exist" in line
     assert "createdb" in line and "ota_never_created_x9" in line
+
+
+@pytest.mark.postgres
+def test_a_postgres_user_that_may_not_create_tables_is_told_what_to_grant(
+    tmp_path: Path, idle_broker: BrokerHandle, keys: KeyPaths, postgres_database: str
+) -> None:
+    role = f"ota_reader_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(postgres_database, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(text(f'REVOKE CREATE ON SCHEMA public FROM PUBLIC, "{role}"'))
+    try:
+        url = make_url(postgres_database).set(username=role, password=None)
+        config = _config(tmp_path, idle_broker, keys, database_url=url.render_as_string(False))
+        result = _ota("serve", "--config", str(config), cwd=tmp_path)
+        assert result.returncode != 0
+        errors = [ln for ln in result.stderr.splitlines() if " INFO " not in ln]
+        assert len(errors) == 1, result.stderr
+        assert f"GRANT CREATE ON SCHEMA public TO {role}" in errors[0]
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+        # The database (and with it the role's grants) goes with the fixture; the role now.
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
