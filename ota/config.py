@@ -277,14 +277,17 @@ def _coerce(base: ServerConfig, values: dict[str, Any]) -> ServerConfig:
                     raise ValueError(raw)
                 converted[f.name] = str(raw)
         except (TypeError, ValueError) as exc:
+            shown = "the value" if f.name in _SECRETS else repr(raw)
             raise InvalidArgument(
-                f"{raw!r} is not a valid value (expected {_KIND.get(type(default), 'text')})",
+                f"{shown} is not valid (expected {_KIND.get(type(default), 'text')})",
                 field=f.name,
             ) from exc
     return replace(base, **converted)
 
 
 _KIND = {int: "a whole number", float: "a number", dict: "a table", Path: "a path"}
+# Settings whose values never go into an error line (it ends up in logs).
+_SECRETS = frozenset({"tokens", "mqtt_password"})
 
 
 def _whole(raw: Any) -> int:

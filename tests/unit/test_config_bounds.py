@@ -75,6 +75,19 @@ def test_values_of_the_wrong_kind_name_the_setting(tmp_path: Path, raw: str, fie
     assert error.value.field == field
 
 
+def test_a_malformed_secret_is_not_echoed(tmp_path: Path) -> None:
+    file = tmp_path / "ota.toml"
+    for raw, field in (
+        ('tokens = ["t0k3n"]', "tokens"),
+        ('mqtt_password = ["pa55"]', "mqtt_password"),
+    ):
+        file.write_text(raw + "\n")
+        with pytest.raises(InvalidArgument) as error:
+            load_server_config(file, env={})
+        assert error.value.field == field
+        assert "t0k3n" not in str(error.value) and "pa55" not in str(error.value)
+
+
 def test_postgres_urls_are_spelled_for_the_driver_and_passwords_never_shown() -> None:
     for written in ("postgres://u:pw@db:5432/ota", "postgresql://u:pw@db:5432/ota"):
         assert database_url(written).drivername == "postgresql+psycopg"
