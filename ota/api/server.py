@@ -62,6 +62,10 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC shares a port with any other process by default (SO_REUSEPORT): a
+            # second `ota serve` on the same address would start, take half the calls
+            # and the first one's broker session. One listener per address.
+            ("grpc.so_reuseport", 0),
         ],
     )
     bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, server)
@@ -100,9 +104,17 @@ def build_server(
         else:
             port = server.add_secure_port(listen, tls.credentials())
     except RuntimeError as exc:
-        raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
+        # gRPC's own text ("Failed to bind ...; set GRPC_VERBOSITY ...") says less than this.
+        raise Unavailable(
+            f"cannot listen on {listen}: the address is in use (another `ota serve`?) or not "
+            "this machine's",
+            field="listen",
+        ) from exc
     if port == 0:
-        raise Unavailable(f"cannot listen on {listen}: address in use or invalid")
+        raise Unavailable(
+            f"cannot listen on {listen}: the address is in use or not this machine's",
+            field="listen",
+        )
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -241,6 +241,21 @@ def test_the_cli_names_the_server_it_tried(
 ) -> None:
     with _serving(tmp_path, broker, keys, f"sqlite:///{tmp_path / 'ota.db'}") as plane:
         _cli_against(plane, tmp_path)
+        _second_serve_refused(plane, tmp_path)
+
+
+def _second_serve_refused(plane: ControlPlaneProcess, tmp_path: Path) -> None:
+    """A second `ota serve` on the same address is refused before it touches the broker
+    (gRPC would otherwise share the port and the second would take the broker session)."""
+    result = _ota("serve", "--config", str(plane.config), cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ota: error:")]
+    assert errors == [
+        f"ota: error: listen: cannot listen on {plane.server}: the address is in use "
+        "(another `ota serve`?) or not this machine's"
+    ], result.stderr
+    assert "connected to the broker" not in result.stderr
+    assert "lost the broker" not in plane.log.read_text()
 
 
 def _cli_against(plane: ControlPlaneProcess, tmp_path: Path) -> None:
