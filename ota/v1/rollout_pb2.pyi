@@ -34,6 +34,10 @@ class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutS
     ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 5
     ROLLOUT_STATE_ROLLED_BACK: _RolloutState.ValueType  # 6
     ROLLOUT_STATE_KILLED: _RolloutState.ValueType  # 7
+    ROLLOUT_STATE_DELETED: _RolloutState.ValueType  # 8
+    """A DRAFT removed by DeleteRollout: seen only in the audit log and in
+    ListRollouts with show_deleted.
+    """
 
 class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper): ...
 
@@ -45,6 +49,10 @@ ROLLOUT_STATE_COMPLETED: RolloutState.ValueType  # 4
 ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 5
 ROLLOUT_STATE_ROLLED_BACK: RolloutState.ValueType  # 6
 ROLLOUT_STATE_KILLED: RolloutState.ValueType  # 7
+ROLLOUT_STATE_DELETED: RolloutState.ValueType  # 8
+"""A DRAFT removed by DeleteRollout: seen only in the audit log and in
+ListRollouts with show_deleted.
+"""
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 class _GateAction:
@@ -513,19 +521,23 @@ class ListRolloutsRequest(_message.Message):
     FEATURE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    show_deleted: _builtins.bool
+    """Also list deleted rollouts (AIP-164's name for it)."""
     def __init__(
         self,
         *,
         feature: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        show_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,6 +640,33 @@ class RolloutEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutEvent: _TypeAlias = RolloutEvent  # noqa: Y015
+
+@_typing.final
+class DeleteRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    reason: _builtins.str
+    """Why, for the audit log."""
+    etag: _builtins.str
+    """If set, the deletion is refused (ABORTED) when the rollout changed since."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRolloutRequest: _TypeAlias = DeleteRolloutRequest  # noqa: Y015
 
 @_typing.final
 class ListRolloutEventsRequest(_message.Message):

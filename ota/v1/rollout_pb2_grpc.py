@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from ota.v1 import rollout_pb2 as ota_dot_v1_dot_rollout__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -94,6 +95,11 @@ class RolloutServiceStub:
                 '/ota.v1.RolloutService/PlanRollout',
                 request_serializer=ota_dot_v1_dot_rollout__pb2.GetRolloutRequest.SerializeToString,
                 response_deserializer=ota_dot_v1_dot_rollout__pb2.RolloutPlanPreview.FromString,
+                _registered_method=True)
+        self.DeleteRollout = channel.unary_unary(
+                '/ota.v1.RolloutService/DeleteRollout',
+                request_serializer=ota_dot_v1_dot_rollout__pb2.DeleteRolloutRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.ListRolloutEvents = channel.unary_unary(
                 '/ota.v1.RolloutService/ListRolloutEvents',
@@ -190,8 +196,20 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRollout(self, request, context):
+        """Deletes a rollout in DRAFT (AIP-135); any other state is FAILED_PRECONDITION
+        (abort, roll back or kill a started one instead). Afterwards the rollout
+        answers NOT_FOUND and ListRollouts shows it only with show_deleted; its
+        audit log, ending with the deletion (who, when, why), stays readable with
+        ListRolloutEvents, and its request_id is not reused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRolloutEvents(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The audit log; also of a deleted rollout.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -265,6 +283,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.PlanRollout,
                     request_deserializer=ota_dot_v1_dot_rollout__pb2.GetRolloutRequest.FromString,
                     response_serializer=ota_dot_v1_dot_rollout__pb2.RolloutPlanPreview.SerializeToString,
+            ),
+            'DeleteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRollout,
+                    request_deserializer=ota_dot_v1_dot_rollout__pb2.DeleteRolloutRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'ListRolloutEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRolloutEvents,
@@ -602,6 +625,33 @@ class RolloutService:
             '/ota.v1.RolloutService/PlanRollout',
             ota_dot_v1_dot_rollout__pb2.GetRolloutRequest.SerializeToString,
             ota_dot_v1_dot_rollout__pb2.RolloutPlanPreview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.RolloutService/DeleteRollout',
+            ota_dot_v1_dot_rollout__pb2.DeleteRolloutRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from ota.v1 import rollout_pb2 as _rollout_pb2
 import abc as _abc_1
@@ -53,7 +54,15 @@ class RolloutServiceStub:
     """A new plan version: only stages after the current one may change."""
     PlanRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutPlanPreview]
     """Dry run: who each stage exposes from the current fleet, who is excluded and why."""
+    DeleteRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.DeleteRolloutRequest, _empty_pb2.Empty]
+    """Deletes a rollout in DRAFT (AIP-135); any other state is FAILED_PRECONDITION
+    (abort, roll back or kill a started one instead). Afterwards the rollout
+    answers NOT_FOUND and ListRollouts shows it only with show_deleted; its
+    audit log, ending with the deletion (who, when, why), stays readable with
+    ListRolloutEvents, and its request_id is not reused.
+    """
     ListRolloutEvents: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutEventsRequest, _rollout_pb2.ListRolloutEventsResponse]
+    """The audit log; also of a deleted rollout."""
     WatchRollout: _grpc.UnaryStreamMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutUpdate]
     """Streams the rollout on every change until it ends or the caller leaves."""
 
@@ -82,7 +91,15 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """A new plan version: only stages after the current one may change."""
     PlanRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutPlanPreview]  # type: ignore[assignment]
     """Dry run: who each stage exposes from the current fleet, who is excluded and why."""
+    DeleteRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.DeleteRolloutRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a rollout in DRAFT (AIP-135); any other state is FAILED_PRECONDITION
+    (abort, roll back or kill a started one instead). Afterwards the rollout
+    answers NOT_FOUND and ListRollouts shows it only with show_deleted; its
+    audit log, ending with the deletion (who, when, why), stays readable with
+    ListRolloutEvents, and its request_id is not reused.
+    """
     ListRolloutEvents: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutEventsRequest, _rollout_pb2.ListRolloutEventsResponse]  # type: ignore[assignment]
+    """The audit log; also of a deleted rollout."""
     WatchRollout: _aio.UnaryStreamMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutUpdate]  # type: ignore[assignment]
     """Streams the rollout on every change until it ends or the caller leaves."""
 
@@ -182,11 +199,25 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         """Dry run: who each stage exposes from the current fleet, who is excluded and why."""
 
     @_abc_1.abstractmethod
+    def DeleteRollout(
+        self,
+        request: _rollout_pb2.DeleteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a rollout in DRAFT (AIP-135); any other state is FAILED_PRECONDITION
+        (abort, roll back or kill a started one instead). Afterwards the rollout
+        answers NOT_FOUND and ListRollouts shows it only with show_deleted; its
+        audit log, ending with the deletion (who, when, why), stays readable with
+        ListRolloutEvents, and its request_id is not reused.
+        """
+
+    @_abc_1.abstractmethod
     def ListRolloutEvents(
         self,
         request: _rollout_pb2.ListRolloutEventsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_rollout_pb2.ListRolloutEventsResponse, _abc.Awaitable[_rollout_pb2.ListRolloutEventsResponse]]: ...
+    ) -> _typing.Union[_rollout_pb2.ListRolloutEventsResponse, _abc.Awaitable[_rollout_pb2.ListRolloutEventsResponse]]:
+        """The audit log; also of a deleted rollout."""
 
     @_abc_1.abstractmethod
     def WatchRollout(
