@@ -88,6 +88,12 @@ class ServerConfig:
                 f"got {self.lease_renew_seconds:g}",
                 field="lease_renew_seconds",
             )
+        if self.webhook_retry_max_seconds < self.webhook_retry_base_seconds:
+            raise InvalidArgument(
+                f"must not be below webhook_retry_base_seconds "
+                f"({self.webhook_retry_base_seconds:g}), got {self.webhook_retry_max_seconds:g}",
+                field="webhook_retry_max_seconds",
+            )
         parse_listen(self.listen, field="listen")
         for entry in self.tokens.values():
             role = entry.partition(":")[0]
@@ -217,6 +223,10 @@ BOUNDS: dict[str, Bound] = {
     "lease_duration_seconds": Bound(1, 3600, "seconds"),
     "lease_renew_seconds": Bound(0.1, 3600, "seconds"),
     "publish_poll_seconds": Bound(0.05, 600, "seconds"),
+    "webhook_timeout_seconds": Bound(0.1, 300, "seconds"),
+    "webhook_retry_base_seconds": Bound(0.1, 3600, "seconds"),
+    "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),
+    "webhook_max_attempts": Bound(1, 100, "attempts"),
 }
 
 _ENV_PREFIX = "OTA_"

@@ -22,7 +22,13 @@ def test_every_numeric_setting_is_bounded() -> None:
 @pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_each_bound_holds_at_its_edges_and_names_the_setting(name: str) -> None:
     bound = BOUNDS[name]
-    base = ServerConfig(lease_duration_seconds=3600.0, lease_renew_seconds=0.1)
+    # Related settings at their widest, so each edge is judged alone.
+    base = ServerConfig(
+        lease_duration_seconds=3600.0,
+        lease_renew_seconds=0.1,
+        webhook_retry_base_seconds=0.1,
+        webhook_retry_max_seconds=7 * 24 * 3600.0,
+    )
     for ok in (bound.low, bound.high):
         if name == "lease_duration_seconds" and ok <= base.lease_renew_seconds:
             continue
@@ -36,10 +42,13 @@ def test_each_bound_holds_at_its_edges_and_names_the_setting(name: str) -> None:
         assert f"between {bound.low:g} and {bound.high:g}" in str(error.value)
 
 
-def test_the_lease_renews_within_its_term() -> None:
+def test_related_settings_are_checked_together() -> None:
     with pytest.raises(InvalidArgument) as error:
         ServerConfig(lease_duration_seconds=5, lease_renew_seconds=5)
     assert error.value.field == "lease_renew_seconds"
+    with pytest.raises(InvalidArgument) as error:
+        ServerConfig(webhook_retry_base_seconds=60, webhook_retry_max_seconds=30)
+    assert error.value.field == "webhook_retry_max_seconds"
 
 
 def test_token_roles_are_the_operator_roles_and_others_are_refused(tmp_path: Path) -> None:
