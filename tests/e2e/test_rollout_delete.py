@@ -120,6 +120,22 @@ def test_a_draft_is_deleted_audited_and_a_started_rollout_is_not(
     )
     assert history.returncode == 0, history.stderr
     assert [e["action"] for e in json.loads(history.stdout)] == ["create", "delete"]
+    audit = _ota(
+        stack,
+        stack.admin_token,
+        "audit",
+        "--object",
+        f"rollout/{draft.rollout_id}",
+        "--format",
+        "json",
+    )
+    assert audit.returncode == 0, audit.stderr
+    newest = json.loads(audit.stdout)["entries"][0]
+    assert (newest["action"], newest["actor"], newest["reason"]) == (
+        "delete",
+        "rel-eng",
+        "wrong soak",
+    )
 
     # A retry of the create does not bring it back; the line says why.
     assert (
