@@ -130,10 +130,6 @@ class ServerConfig:
                 "origin TLS needs both origin_tls_cert_file and origin_tls_key_file",
                 field="origin_tls_cert_file",
             )
-        if not 0 <= self.origin_timestamp_max_age <= 3600:
-            raise InvalidArgument(
-                "must be between 0 and 3600 seconds", field="origin_timestamp_max_age"
-            )
         if self.dashboard_listen:
             try:
                 parse_listen(self.dashboard_listen)
@@ -227,6 +223,7 @@ BOUNDS: dict[str, Bound] = {
     "webhook_retry_base_seconds": Bound(0.1, 3600, "seconds"),
     "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),
     "webhook_max_attempts": Bound(1, 100, "attempts"),
+    "origin_timestamp_max_age": Bound(0, 3600, "seconds", "how long caches keep timestamp.json"),
 }
 
 _ENV_PREFIX = "OTA_"
