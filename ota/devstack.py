@@ -161,6 +161,7 @@ class DevStack:
             f"export OTA_SERVER={self.server}\n"
             f"export OTA_TOKEN={self.admin_token}\n"
             f"export OTA_MQTT_URL={self.mqtt_url}\n"
+            f"export OTA_ROOT={self.keys.root_json}\n"
             + (f"export OTA_TLS_CA={self.pki.ca_cert}\n" if self.pki else "")
             + (
                 f"export OTA_TLS_CERT={self.pki.client_cert}\n"

@@ -17,6 +17,12 @@ from ota.cli import report_render
 from ota.cli.connect import connect
 from ota.cli.helptext import ExamplesFormatter
 from ota.cli.output import console, emit_json, table
+from ota.cli.provision import (
+    add_agent_options,
+    check_agent_options,
+    parse_labels,
+    write_agent_config,
+)
 from ota.cli.watch import DEFAULT_RECONNECT_FOR, watch_rollout
 from ota.client import Client, PendingSigning
 from ota.domain.durations import parse_duration
@@ -127,6 +133,8 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--model", required=True, help="hardware model, e.g. ev6")
     p.add_argument("--region", required=True, help="region, e.g. eu")
     p.add_argument("--firmware", required=True, help="base firmware version, e.g. 4.2.0")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeat it)")
+    add_agent_options(p)
     client_options(p)
     p.set_defaults(handler=fleet_register)
     p = fleet.add_parser("list", help="devices matching a selector")
@@ -461,6 +469,8 @@ def bundle_get(args: argparse.Namespace) -> int:
 
 
 def fleet_register(args: argparse.Namespace) -> int:
+    labels = parse_labels(args.label)
+    check_agent_options(args)
     client = _client(args)
     response = client.fleet.RegisterDevices(
         fleet_pb2.RegisterDevicesRequest(
@@ -470,15 +480,26 @@ def fleet_register(args: argparse.Namespace) -> int:
                     model=args.model,
                     region=args.region,
                     firmware=args.firmware,
+                    labels=labels,
                 )
             ]
         ),
         metadata=client.metadata,
     )
+    c = response.credentials[0]
+    written = None
+    if args.agent_config is not None:
+        written = write_agent_config(
+            args, device_id=c.device_id, secret=c.secret, mqtt_url=response.mqtt_url, labels=labels
+        )
     if args.format == "json":
         emit_json(response)
+    elif written is not None:
+        console.print(
+            f"registered {c.device_id}; agent config with its secret in {written} (mode 0600); "
+            f"start it with: ota-agent --config {written}"
+        )
     else:
-        c = response.credentials[0]
         console.print(
             f"registered {c.device_id}; secret {c.secret} (shown once); broker {response.mqtt_url}"
         )

@@ -1,0 +1,84 @@
+"""`ota-agent --config FILE`: run the agent for this device until SIGTERM.
+
+Logs go to stdout (journald takes them from there), as text or one JSON
+object a line. A mistake in the config file is one line on stderr and exit
+status 2; the agent never exits because of a hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from ota.errors import OtaError
+from ota.logs import TEXT_FORMAT, JsonFormatter
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ota-agent", description="Follow this device's ota rollouts through its hooks."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("OTA_AGENT_CONFIG", "/etc/ota-agent/agent.toml")),
+        help="the agent's TOML file (default: $OTA_AGENT_CONFIG or /etc/ota-agent/agent.toml)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), help="overrides the config")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--check", action="store_true", help="check the config file and exit")
+    args = parser.parse_args(argv)
+
+    from ota.agent.config import load_config
+
+    try:
+        config = load_config(args.config)
+    except OtaError as exc:
+        print(f"ota-agent: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _configure_logging(args.log_format or config.log_format, verbose=args.verbose)
+    if args.check:
+        print(f"{args.config}: ok (device {config.device_id})")
+        return 0
+
+    from ota.agent.runtime import Agent
+
+    try:
+        agent = Agent(config)
+    except OtaError as exc:
+        print(f"ota-agent: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.run()
+    return 0
+
+
+def _configure_logging(log_format: str, *, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Libraries speak up only when something is wrong.
+    for noisy in ("tuf", "securesystemslib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
