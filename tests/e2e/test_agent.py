@@ -1,0 +1,173 @@
+"""Three `ota-agent` processes against a real control plane and a private Mosquitto.
+
+The devices are provisioned with `ota fleet register --agent-config` and do
+their work through shell hooks the test writes; what the hooks leave in each
+device's directory is what the test checks, besides what the control plane
+recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ota.client import Client
+from ota.devstack import DevStack
+from ota.v1 import common_pb2, rollout_pb2
+from tests.broker_harness import BrokerHandle
+from tests.conftest import endpoint
+from tests.e2e.agents import (
+    AgentProcess,
+    device_events,
+    device_online,
+    provision_agent,
+    stop_all,
+    wait_rollout,
+    write_hooks,
+)
+from tests.e2e.scenario import create_from_plan, wait_for
+
+pytestmark = pytest.mark.e2e
+
+FEATURE = "nav"
+
+
+@pytest.fixture(params=["plaintext", "tls"])
+def any_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, broker: BrokerHandle
+) -> Iterator[DevStack]:
+    """`ota dev`'s stack, serving gRPC in plaintext or over TLS (`ota dev --tls`)."""
+    dev = DevStack.start(tmp_path / "stack", broker=endpoint(broker), tls=request.param == "tls")
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+def client_for(stack: DevStack) -> Client:
+    return Client.connect(stack.server, stack.admin_token, stack.client_tls)
+
+
+def publish(client: Client, stack: DevStack, tmp: Path, version: str) -> bytes:
+    data = f"{FEATURE} {version} ".encode() * 400
+    path = tmp / f"{FEATURE}-{version}.bin"
+    path.write_bytes(data)
+    client.publish_bundle(
+        path,
+        feature=FEATURE,
+        version=version,
+        models=["ev6"],
+        min_firmware="4.0",
+        keys=[stack.keys.release_key],
+    )
+    return data
+
+
+def start_rollout(client: Client, version: str, gates: str = "", soak: str = "0s") -> str:
+    """One stage of 100 %; with a soak it stays RUNNING that long after exposing everyone."""
+    plan = (
+        f"feature: {FEATURE}\nversion: {version}\n"
+        f"stages: [{{exposure: 100%, min_soak: {soak}}}]\n" + gates
+    )
+    created = create_from_plan(client, plan)
+    client.rollouts.StartRollout(
+        rollout_pb2.RolloutCommandRequest(rollout_id=created.rollout_id, reason="test"),
+        metadata=client.metadata,
+    )
+    return created.rollout_id
+
+
+def start_agents(stack: DevStack, tmp_path: Path, count: int = 3) -> list[AgentProcess]:
+    hooks = write_hooks(tmp_path / "hooks")
+    agents = [
+        provision_agent(stack, tmp_path / "devices", f"car-{i}", hooks) for i in range(count)
+    ]
+    for agent in agents:
+        agent.start()
+    for agent in agents:
+        agent.wait_following()
+    return agents
+
+
+@pytest.mark.timeout(280)
+def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
+    any_stack: DevStack, tmp_path: Path
+) -> None:
+    stack = any_stack
+    client = client_for(stack)
+    agents = start_agents(stack, tmp_path)
+    try:
+        # 1.0.0 goes everywhere: install copies the verified bundle into a slot,
+        # activate points the device at it.
+        v1 = publish(client, stack, tmp_path, "1.0.0")
+        first = start_rollout(client, "1.0.0")
+        wait_rollout(
+            client,
+            first,
+            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+            and dict(r.device_states) == {"ACTIVE": 3},
+            what="1.0.0 ACTIVE on three agents",
+        )
+        for agent in agents:
+            assert agent.current(FEATURE) == "1.0.0"
+            assert (agent.device_root / "slots" / FEATURE / "1.0.0").read_bytes() == v1
+            assert agent.hook_lines() == [
+                "start install nav 1.0.0 prev=",
+                "done install nav 1.0.0",
+                "start activate nav 1.0.0 prev=",
+                "done activate nav 1.0.0",
+            ]
+
+        # 2.0.0: car-1's install hook fails. Once all three have answered, one failure
+        # in three trips the gate, and the rollback reverts the two that installed it.
+        (agents[1].device_root / "fail-install-2.0.0").touch()
+        publish(client, stack, tmp_path, "2.0.0")
+        second = start_rollout(
+            client,
+            "2.0.0",
+            "gates: [{metric: install_failure, max: 10%, min_sample: 3, action: rollback}]\n",
+            soak="1h",
+        )
+        final = wait_rollout(
+            client,
+            second,
+            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
+            and dict(r.device_states).get("ROLLED_BACK", 0) == 3,
+            what="the gate to roll 2.0.0 back on every agent",
+        )
+        assert "install-failure gate tripped" in final.state_reason, final.state_reason
+        for agent in (agents[0], agents[2]):
+            assert agent.current(FEATURE) == "1.0.0"
+            lines = agent.hook_lines()
+            assert lines[4:] == [
+                "start install nav 2.0.0 prev=1.0.0",
+                "done install nav 2.0.0",
+                "start activate nav 2.0.0 prev=1.0.0",
+                "done activate nav 2.0.0",
+                "start rollback nav 1.0.0 prev=2.0.0",
+                "done rollback nav 1.0.0",
+            ], lines
+        # car-1 never left 1.0.0: nothing to roll back, no hook run for it.
+        assert agents[1].current(FEATURE) == "1.0.0"
+        assert agents[1].hook_lines()[4:] == ["start install nav 2.0.0 prev=1.0.0"]
+        failed = [
+            e
+            for e in device_events(client, "car-1")
+            if e.state == common_pb2.FAILED and e.rollout_id == second  # type: ignore[attr-defined]
+        ]
+        assert [e.error_code for e in failed] == [common_pb2.INSTALL_FAILED]  # type: ignore[attr-defined]
+        assert "install hook exited 7: no room for nav 2.0.0" in failed[0].detail  # type: ignore[attr-defined]
+
+        # SIGTERM: each agent stops cleanly and says it is offline.
+        for agent in agents:
+            assert agent.stop() == 0
+            assert "stopped cleanly" in agent.log_since_start()
+        wait_for(
+            lambda: not any(device_online(client, a.device_id) for a in agents),
+            what="the agents to be offline",
+        )
+    finally:
+        stop_all(agents)
+        client.close()
