@@ -8,6 +8,7 @@ environment), and runs as a child process the test can SIGTERM or power-cut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -132,10 +133,8 @@ class AgentProcess:
         """SIGKILL the agent and everything it started, at once, as a power loss does."""
         assert self.process is not None
         for pid in [*_descendants(self.process.pid), self.process.pid]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait(timeout=10)
 
     def stop(self) -> int:

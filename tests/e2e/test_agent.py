@@ -81,9 +81,7 @@ def start_rollout(client: Client, version: str, gates: str = "", soak: str = "0s
 
 def start_agents(stack: DevStack, tmp_path: Path, count: int = 3) -> list[AgentProcess]:
     hooks = write_hooks(tmp_path / "hooks")
-    agents = [
-        provision_agent(stack, tmp_path / "devices", f"car-{i}", hooks) for i in range(count)
-    ]
+    agents = [provision_agent(stack, tmp_path / "devices", f"car-{i}", hooks) for i in range(count)]
     for agent in agents:
         agent.start()
     for agent in agents:
@@ -106,8 +104,10 @@ def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
         wait_rollout(
             client,
             first,
-            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
-            and dict(r.device_states) == {"ACTIVE": 3},
+            lambda r: (
+                r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+                and dict(r.device_states) == {"ACTIVE": 3}
+            ),
             what="1.0.0 ACTIVE on three agents",
         )
         for agent in agents:
@@ -133,8 +133,10 @@ def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
         final = wait_rollout(
             client,
             second,
-            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
-            and dict(r.device_states).get("ROLLED_BACK", 0) == 3,
+            lambda r: (
+                r.state == rollout_pb2.ROLLOUT_STATE_ROLLED_BACK
+                and dict(r.device_states).get("ROLLED_BACK", 0) == 3
+            ),
             what="the gate to roll 2.0.0 back on every agent",
         )
         assert "install-failure gate tripped" in final.state_reason, final.state_reason
