@@ -50,13 +50,15 @@ def client_for(stack: DevStack) -> Client:
     return Client.connect(stack.server, stack.admin_token, stack.client_tls)
 
 
-def publish(client: Client, stack: DevStack, tmp: Path, version: str) -> bytes:
-    data = f"{FEATURE} {version} ".encode() * 400
-    path = tmp / f"{FEATURE}-{version}.bin"
+def publish(
+    client: Client, stack: DevStack, tmp: Path, version: str, feature: str = FEATURE
+) -> bytes:
+    data = f"{feature} {version} ".encode() * 400
+    path = tmp / f"{feature}-{version}.bin"
     path.write_bytes(data)
     client.publish_bundle(
         path,
-        feature=FEATURE,
+        feature=feature,
         version=version,
         models=["ev6"],
         min_firmware="4.0",
@@ -65,10 +67,12 @@ def publish(client: Client, stack: DevStack, tmp: Path, version: str) -> bytes:
     return data
 
 
-def start_rollout(client: Client, version: str, gates: str = "", soak: str = "0s") -> str:
+def start_rollout(
+    client: Client, version: str, gates: str = "", soak: str = "0s", feature: str = FEATURE
+) -> str:
     """One stage of 100 %; with a soak it stays RUNNING that long after exposing everyone."""
     plan = (
-        f"feature: {FEATURE}\nversion: {version}\n"
+        f"feature: {feature}\nversion: {version}\n"
         f"stages: [{{exposure: 100%, min_soak: {soak}}}]\n" + gates
     )
     created = create_from_plan(client, plan)
@@ -172,4 +176,75 @@ def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
         )
     finally:
         stop_all(agents)
+        client.close()
+
+
+MISBEHAVING_INSTALL = """#!/bin/sh
+case "$OTA_FEATURE" in
+    nonzero) echo "flash write error at block 7" >&2; exit 3 ;;
+    hang) sleep 120 ;;
+    flood) head -c 10485760 /dev/zero | tr '\\0' x ;;
+esac
+"""
+
+
+@pytest.mark.timeout(240)
+def test_misbehaving_hooks_fail_the_install_and_the_agent_stays_up(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    client = client_for(stack)
+    hooks = write_hooks(tmp_path / "hooks", {"install": MISBEHAVING_INSTALL})
+    agent = provision_agent(stack, tmp_path / "devices", "car-0", hooks, hook_timeout=3)
+    agent.start()
+    try:
+        agent.wait_following()
+        assert agent.process is not None
+        pid = agent.process.pid
+
+        def failure_of(feature: str) -> str:
+            """The detail of the device's INSTALL_FAILED for `feature`, once it arrives."""
+            found: list[str] = []
+
+            def arrived() -> bool:
+                found[:] = [
+                    e.detail  # type: ignore[attr-defined]
+                    for e in device_events(client, "car-0")
+                    if e.feature == feature  # type: ignore[attr-defined]
+                    and e.state == common_pb2.FAILED  # type: ignore[attr-defined]
+                    and e.error_code == common_pb2.INSTALL_FAILED  # type: ignore[attr-defined]
+                ]
+                return bool(found)
+
+            wait_for(arrived, what=f"INSTALL_FAILED for {feature}", timeout=90)
+            return found[0]
+
+        def roll_out(feature: str) -> None:
+            publish(client, stack, tmp_path, "1.0.0", feature)
+            start_rollout(client, "1.0.0", feature=feature)
+
+        for feature in ("nonzero", "hang", "flood"):
+            roll_out(feature)
+        assert failure_of("nonzero") == "install hook exited 3: flash write error at block 7"
+        assert failure_of("hang").startswith("install hook timed out after 3s")
+        flood = failure_of("flood")
+        assert flood.startswith("install hook wrote more than 1048576 bytes of output: xxx")
+        assert len(flood) <= 480
+
+        (hooks / "install").unlink()
+        roll_out("missing")
+        assert failure_of("missing") == f"install hook {hooks / 'install'} does not exist"
+
+        (hooks / "install").write_text("#!/bin/sh\nexit 0\n")
+        (hooks / "install").chmod(0o644)
+        roll_out("noexec")
+        assert failure_of("noexec") == f"install hook {hooks / 'install'} is not executable"
+
+        # The same process, still following: a good hook installs the next feature.
+        write_hooks(hooks)
+        roll_out("good")
+        wait_for(lambda: agent.current("good") == "1.0.0", what="the good feature to be activated")
+        assert agent.alive() and agent.process.pid == pid
+        assert agent.stop() == 0
+    finally:
+        stop_all([agent])
         client.close()

@@ -1,0 +1,87 @@
+"""The agent's TOML file: relative paths, and a mistake named by its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ota.agent.config import load_config, parse_config, render_config
+from ota.errors import InvalidArgument
+
+GOOD = {
+    "device_id": "car-1",
+    "secret": "s3cret",
+    "server": "ota.example.com:50051",
+    "broker": "mqtts://broker.example.com",
+    "state_dir": "state",
+    "trusted_root": "root.json",
+    "model": "ev6",
+    "firmware": "4.2.0",
+    "labels": {"fleet": "internal"},
+    "tls": {"ca_file": "/etc/ota/ca.pem"},
+    "hooks": {"install": "hooks/install", "timeout_seconds": 30},
+}
+
+
+def test_a_written_config_reads_back_with_paths_relative_to_its_directory(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(render_config(GOOD))
+    config = load_config(path)
+    assert config.state_dir == tmp_path / "state"
+    assert config.trusted_root == tmp_path / "root.json"
+    assert config.hooks.paths["install"] == tmp_path / "hooks" / "install"
+    assert config.hooks.paths["rollback"] is None
+    assert config.hooks.timeout_seconds == 30
+    assert config.broker_host_port == ("broker.example.com", 8883)
+    assert config.grpc_tls is not None and config.grpc_tls.ca_file == Path("/etc/ota/ca.pem")
+    assert config.mqtt_tls is not None and config.mqtt_tls.ca_file is None  # system CAs
+    assert config.labels == {"fleet": "internal"}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"device_id": ""}, "device_id"),
+        ({"server": "nohost"}, "server"),
+        ({"broker": "http://x"}, "broker"),
+        ({"firmware": "four"}, "firmware"),
+        ({"colour": "red"}, "colour"),
+        ({"hooks": {"instal": "x"}}, "hooks.instal"),
+        ({"hooks": {"timeout_seconds": 0}}, "hooks.timeout_seconds"),
+        ({"tls": {"cert_file": "c.pem"}}, "tls.cert_file"),
+        ({"health_interval_seconds": "often"}, "health_interval_seconds"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"secret_file": "s"}, "secret"),
+    ],
+)
+def test_a_mistake_names_its_key(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_config({**GOOD, **change}, base=Path("/"))
+    assert err.value.field == field
+
+
+def test_ota_agent_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(render_config({**GOOD, "broker": "tcp://x"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ota.agent.cli", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ota-agent: error: broker: must be mqtt://")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    missing = subprocess.run(
+        [sys.executable, "-m", "ota.agent.cli", "--config", str(tmp_path / "none.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("ota-agent: error: config: cannot read")
