@@ -4,7 +4,7 @@ PROTOCOL §9: N = 10 000 in <= 2 s, against the same-run baseline "one retained
 broadcast to the same N". A DevStack control plane runs in this process on a
 private Mosquitto; the fleet is `ota-sim run --json --processes 2`, each
 device on its own connection with its own credentials, verifying every
-desired state with `ota.trust.device` as firmware does. Two simulator
+desired state with `ota.device.trust` as firmware does. Two simulator
 processes, because each device's verification and the download it starts
 next are CPU a real device brings along; one process holds one core.
 

@@ -20,9 +20,9 @@ from device_sim import processes
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import ClockSkew, FailureProfile, HealthProfile, compose_fleet
 from device_sim.scenario import MAX_UNREACHABLE_FOR, Scenario, load_scenario
-from device_sim.source import Deadlines
+from ota.device.retry import RetryPolicy
+from ota.device.source import Deadlines
 from ota.errors import OtaError
-from ota.trust.device import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:

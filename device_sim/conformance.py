@@ -7,7 +7,7 @@ https://github.com/theupdateframework/tuf-conformance (CLIENT-CLI.md):
     python -m device_sim.conformance --metadata-dir DIR --metadata-url URL \\
         --target-name NAME --target-base-url URL --target-dir DIR download
 
-The updater is built as a device builds it (`ota.trust.device.build_updater`),
+The updater is built as a device builds it (`ota.device.trust.build_updater`),
 with python-tuf's own urllib3 fetcher in place of the device's gRPC one and the
 system clock as the device clock. Exit status 0 only on full success; 1 when
 any part failed (the reason is printed on stderr, as the FailureReason a
@@ -25,8 +25,8 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.updater import Updater
 
 from ota.clock import Clock, SystemClock
+from ota.device.trust import as_verification_error, build_updater, write_atomically
 from ota.errors import OtaError, VerificationError
-from ota.trust.device import as_verification_error, build_updater, write_atomically
 
 PROG = "ota-tuf-client"
 

@@ -1,9 +1,9 @@
 """One simulated device: keeps an MQTT session, verifies, downloads, installs, reports.
 
 Written the way firmware would be: it trusts only its provisioned TUF root,
-checks every desired state and bundle with `ota.trust.device`, and reports
+checks every desired state and bundle with `ota.device.trust`, and reports
 each step as a `DeviceEvent` with a sequence number of its own. What it runs
-(`device_sim.state`) and its event numbers survive a restart; a device whose
+(`ota.device.state`) and its event numbers survive a restart; a device whose
 power was cut finishes its work when it boots again.
 
 Versions only go up: an assignment of an older version than the one installed
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -28,42 +27,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from device_sim.mqtt import Connection, MqttError, Will
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile
-from device_sim.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.clock import Clock
+from ota.device.events import EventSequence
+from ota.device.state import InstalledBundle, InstalledFeatures, reached_at_least
+from ota.device.trust import DeviceTrust, StaleDesiredState, check_not_downgrade
 from ota.domain.progress import Standing, advance, is_waiting
 from ota.errors import VerificationError
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, StaleDesiredState, check_not_downgrade
 from ota.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class EventSequence:
-    """Event numbers that keep increasing across restarts.
-
-    The file holds a high-water mark reserved ahead of use, so it is written
-    once per `BLOCK` events; a restart skips the unused rest of the block.
-    """
-
-    BLOCK = 1000
-
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-        self._reserved = int(path.read_text()) if path is not None and path.exists() else 0
-        self._last = self._reserved
-
-    def next(self) -> int:
-        self._last += 1
-        if self._last > self._reserved:
-            self._reserved = self._last + self.BLOCK
-            if self._path is not None:
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self._path.with_suffix(".tmp")
-                tmp.write_text(str(self._reserved))
-                os.replace(tmp, self._path)
-        return self._last
 
 
 @dataclass
@@ -124,6 +98,7 @@ class SimDevice:
         duplicate_every: int = 0,
         latency: float = 0.0,
         download_executor: Executor | None = None,
+        durable: bool = True,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -139,7 +114,7 @@ class SimDevice:
         self.rng = rng
         self.features = features or InstalledFeatures()
         self.record = record or DeviceRecord()
-        self.sequence = EventSequence(seq_file)
+        self.sequence = EventSequence(seq_file, durable=durable)
         self.crash_after_download = crash_after_download
         # After activation the device sends one health sample, and while online one
         # every `health_interval` seconds (0: never) for each feature it runs, or one

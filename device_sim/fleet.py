@@ -35,15 +35,16 @@ from device_sim.device import DeviceRecord, SimDevice
 from device_sim.mqtt import MqttError, raise_open_files_limit
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile, SkewedClock
 from device_sim.scenario import Scenario
-from device_sim.source import Deadlines, GrpcSource
-from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, SystemClock
+from ota.device.http_source import HttpSource
+from ota.device.retry import RetryPolicy
+from ota.device.source import Deadlines, GrpcSource
+from ota.device.state import STATE_FILE, InstalledFeatures
+from ota.device.trust import DeviceTrust, MetadataSource
 from ota.errors import InvalidArgument, NotFound
 from ota.tls import CHANNEL_OPTIONS
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, MetadataSource, RetryPolicy
-from ota.trust.http_source import HttpSource
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ class SimulatedFleet:
             health_interval=settings.health_interval,
             duplicate_every=settings.duplicate_every,
             latency=scenario.latency_for(p) if scenario else 0.0,
+            durable=settings.durable,
         )
 
     async def _connect_all(self, address: BrokerAddress) -> None:

@@ -35,6 +35,7 @@ from ota.metrics import Metrics, MetricsServer
 from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
+from ota.signing.keys import load_signer
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import connect, migrate, redacted
@@ -48,7 +49,6 @@ from ota.transport.topics import Topics
 from ota.transport.webhooks import Sender, WebhookWorker
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
-from ota.trust.keys import load_signer
 from ota.trust.repository import ImageRepository
 from ota.web.app import Dashboard
 from ota.web.server import DashboardServer

@@ -13,10 +13,8 @@ import grpc
 
 from ota.clock import SystemClock
 from ota.errors import InvalidArgument
-from ota.tls import ClientTls
-from ota.tls import channel as tls_channel
-from ota.trust.keys import load_signer
-from ota.trust.release import (
+from ota.signing.keys import load_signer
+from ota.signing.release import (
     PendingReview,
     TargetClaim,
     add_target,
@@ -26,7 +24,9 @@ from ota.trust.release import (
     sign_pending,
     target_path_for,
 )
-from ota.trust.rootgen import RootChange, next_root, verify_root_chain
+from ota.signing.rootgen import RootChange, next_root, verify_root_chain
+from ota.tls import ClientTls
+from ota.tls import channel as tls_channel
 from ota.v1 import (
     audit_pb2_grpc,
     bundle_pb2,

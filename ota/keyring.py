@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ota.clock import Clock, SystemClock
 from ota.errors import InvalidArgument
-from ota.trust.keys import generate_key, load_signer
-from ota.trust.rootgen import OnlineKeys, create_initial_targets, create_root
+from ota.signing.keys import generate_key, load_signer
+from ota.signing.rootgen import OnlineKeys, create_initial_targets, create_root
 
 _NUMBERED = re.compile(r"^(?P<stem>root|release)-(?P<n>[1-9][0-9]*)\.pem$")
 

@@ -31,18 +31,18 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from device_sim.device import EventSequence
-from device_sim.source import GrpcSource
-from device_sim.state import STATE_FILE, InstalledBundle, InstalledFeatures, reached_at_least
 from ota.agent.config import AgentConfig
 from ota.agent.hooks import DETAIL_CHARS, HookCall, HookResult, Hooks
 from ota.agent.link import BrokerLink
 from ota.clock import Clock, SystemClock
+from ota.device.events import EventSequence
+from ota.device.source import GrpcSource
+from ota.device.state import STATE_FILE, InstalledBundle, InstalledFeatures, reached_at_least
+from ota.device.trust import DeviceTrust, RetryPolicy, StaleDesiredState, check_not_downgrade
 from ota.domain.states import SETTLED
 from ota.errors import InvalidArgument, OtaError, VerificationError
 from ota.tls import ClientTls, channel
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, RetryPolicy, StaleDesiredState, check_not_downgrade
 from ota.v1 import common_pb2
 
 log = logging.getLogger(__name__)

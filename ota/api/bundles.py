@@ -36,11 +36,11 @@ from ota.errors import (
     InvalidArgument,
     NotFound,
 )
+from ota.signing.release import parse_targets, signed_digest
 from ota.store import audit, bundles, desired, webhooks
 from ota.store.blobs import BlobStore, StoredBlob
 from ota.store.models import BundleRow, PendingBundleRow
 from ota.store.session import Store
-from ota.trust.release import parse_targets, signed_digest
 from ota.trust.repository import AcceptedTarget, ImageRepository, Publication
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, common_pb2
 

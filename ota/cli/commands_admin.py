@@ -20,11 +20,12 @@ from ota.broker.passwords import PasswordFile
 from ota.cli.connect import add_tls_options, connect
 from ota.cli.output import console, emit_json
 from ota.config import load_server_config
+from ota.device.envelope import DIRECTOR_FIELD
 from ota.errors import InvalidArgument
 from ota.keyring import generate_keyring
 from ota.logs import configure_logging
-from ota.trust.keys import generate_key, load_public_key, public_key_path
-from ota.trust.rootgen import DIRECTOR_FIELD, RootChange, parse_root
+from ota.signing.keys import generate_key, load_public_key, public_key_path
+from ota.signing.rootgen import RootChange, parse_root
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from ota.domain.plan_document import parse_duration as parse_plan_duration
 from ota.domain.shares import parse_share, share_text
 from ota.errors import InvalidArgument
 from ota.reports import html as report_html
-from ota.trust.keys import load_public_key
+from ota.signing.keys import load_public_key
 from ota.v1 import (
     bundle_pb2,
     common_pb2,

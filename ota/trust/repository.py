@@ -31,6 +31,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets
 from tuf.api.serialization import DeserializationError
 
 from ota.clock import Clock
+from ota.device.envelope import DIRECTOR_FIELD
 from ota.errors import (
     Aborted,
     FailedPrecondition,
@@ -38,10 +39,9 @@ from ota.errors import (
     PermissionDenied,
     VerificationError,
 )
+from ota.signing.keys import sign_metadata
+from ota.signing.release import check_custom, parse_targets
 from ota.trust.director import director_keys
-from ota.trust.keys import sign_metadata
-from ota.trust.release import check_custom, parse_targets
-from ota.trust.rootgen import DIRECTOR_FIELD
 from ota.trust.served import ServedMetadata
 
 ROLES = (Root.type, Timestamp.type, Snapshot.type, Targets.type)

@@ -38,13 +38,13 @@ from ota.client import Client
 from ota.clock import Clock, SystemClock
 from ota.devstack import DevStack
 from ota.keyring import generate_keyring
+from ota.signing.keys import load_signer, sign_metadata
+from ota.signing.release import add_target, target_path_for
 from ota.store import bundles, desired
 from ota.store.bundles import SqlMetadataStore
 from ota.store.ingest import drop_counts
 from ota.store.models import DeviceEventRow, DeviceRow, PendingBundleRow, TufMetadataRow
 from ota.transport.topics import Topics
-from ota.trust.keys import load_signer, sign_metadata
-from ota.trust.release import add_target, target_path_for
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, report_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle, private_broker
 from tests.conftest import endpoint

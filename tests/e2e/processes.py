@@ -16,8 +16,8 @@ import grpc
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
 from ota.client import Client
+from ota.device.trust import RetryPolicy
 from ota.keyring import KeyPaths
-from ota.trust.device import RetryPolicy
 from ota.v1 import rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.e2e.scenario import MODELS, REGIONS, history, report, report_states

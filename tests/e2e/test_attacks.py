@@ -68,10 +68,10 @@ import pytest
 from sqlmodel import select
 
 from ota.clock import ManualClock
+from ota.signing.keys import generate_key, load_signer
+from ota.signing.release import target_path_for
+from ota.signing.rootgen import RootChange, next_root
 from ota.store.models import DeviceEventRow, DeviceRow
-from ota.trust.keys import generate_key, load_signer
-from ota.trust.release import target_path_for
-from ota.trust.rootgen import RootChange, next_root
 from ota.v1 import bundle_pb2, common_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.e2e.attack_tools import (

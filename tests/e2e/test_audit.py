@@ -11,8 +11,8 @@ import pytest
 from ota.cli.main import main as ota_main
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.trust.keys import generate_key
-from ota.trust.rootgen import RootChange
+from ota.signing.keys import generate_key
+from ota.signing.rootgen import RootChange
 from ota.v1 import fleet_pb2, rollout_pb2, token_pb2, webhook_pb2
 from tests.e2e.scenario import MODELS, publish
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from ota.api.server import MAX_MESSAGE_BYTES
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.trust import add_target, load_signer, target_path_for
+from ota.signing import add_target, load_signer, target_path_for
 from ota.v1 import bundle_pb2, fleet_pb2, report_pb2, rollout_pb2
 from tests.broker_harness import private_broker
 from tests.conftest import endpoint, fresh_postgres_database

@@ -26,8 +26,8 @@ import pytest
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
 from ota.client import Client
+from ota.device.retry import RetryPolicy
 from ota.keyring import KeyPaths, generate_keyring
-from ota.trust.device import RetryPolicy
 from ota.v1 import rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.e2e.processes import (
@@ -166,7 +166,7 @@ def test_a_rollout_rides_out_control_plane_kills_and_an_outage_while_devices_dow
 ) -> None:
     keys = generate_keyring(tmp_path / "keys")
     retries = RetryLog()
-    retry_logger = logging.getLogger("ota.trust.retry")
+    retry_logger = logging.getLogger("ota.device.retry")
     retry_logger.addHandler(retries)
     level = retry_logger.level
     retry_logger.setLevel(logging.INFO)

@@ -27,11 +27,11 @@ import pytest
 from device_sim.device import SimDevice
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import ClockSkew, FailureProfile, compose_fleet
-from device_sim.source import Deadlines
-from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.client import Client
+from ota.device.source import Deadlines
+from ota.device.state import STATE_FILE, InstalledFeatures
+from ota.device.trust import RetryPolicy
 from ota.devstack import DevStack
-from ota.trust.device import RetryPolicy
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, rollout_pb2
 from tests.e2e.scenario import (
     MODELS,

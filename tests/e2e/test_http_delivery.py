@@ -18,13 +18,13 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_sim.source import Deadlines
 from ota.client import Client
 from ota.clock import SystemClock
+from ota.device.http_source import HttpSource
+from ota.device.source import Deadlines
+from ota.device.trust import DeviceTrust
 from ota.devstack import DevStack
 from ota.errors import VerificationError
-from ota.trust.device import DeviceTrust
-from ota.trust.http_source import HttpSource
 from ota.v1 import bundle_pb2, common_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.cache_harness import OriginLink, VarnishHandle, private_varnish

@@ -21,14 +21,15 @@ import grpc
 import pytest
 from tuf.api.metadata import Metadata, Root, Targets
 
-from device_sim.source import GrpcSource
 from ota.client import Client
 from ota.clock import SystemClock
+from ota.device import DeviceTrust
+from ota.device.source import GrpcSource
 from ota.devstack import DevStack
 from ota.errors import FailedPrecondition, VerificationError
 from ota.keyring import KeyPaths, generate_keyring
-from ota.trust import DeviceTrust, generate_key, load_signer
-from ota.trust.release import add_target, target_path_for
+from ota.signing import generate_key, load_signer
+from ota.signing.release import add_target, target_path_for
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint

@@ -10,7 +10,7 @@ import pytest
 
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.trust.keys import generate_key
+from ota.signing.keys import generate_key
 from ota.v1 import bundle_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint

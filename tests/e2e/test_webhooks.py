@@ -22,8 +22,8 @@ from ota.cli.main import main as ota_main
 from ota.client import Client
 from ota.devstack import DevStack
 from ota.keyring import KeyPaths, generate_keyring
-from ota.trust.keys import generate_key
-from ota.trust.rootgen import RootChange
+from ota.signing.keys import generate_key
+from ota.signing.rootgen import RootChange
 from ota.v1 import bundle_pb2, rollout_pb2, webhook_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint

@@ -17,13 +17,13 @@ import pytest
 import urllib3
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from device_sim.source import Deadlines
 from ota.cli.main import main
 from ota.client import Client
 from ota.delivery.origin import IMMUTABLE
+from ota.device.http_source import HttpSource, TransientHttpError
+from ota.device.retry import Fault, Unreachable, classify
+from ota.device.source import Deadlines
 from ota.devstack import DevStack
-from ota.trust.http_source import HttpSource, TransientHttpError
-from ota.trust.retry import Fault, Unreachable, classify
 from ota.v1 import bundle_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint

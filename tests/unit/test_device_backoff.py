@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
-from device_sim.source import Deadlines
 from ota.cli.watch import Reconnect
+from ota.device.retry import ControlPlaneUnreachable, Fault, RetryPolicy, Unreachable, classify
+from ota.device.source import Deadlines
 from ota.errors import InvalidArgument, VerificationError
-from ota.trust.retry import ControlPlaneUnreachable, Fault, RetryPolicy, Unreachable, classify
 from tests.unit.test_device_sim import World, assigned, bundle
 
 

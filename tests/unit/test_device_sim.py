@@ -32,13 +32,13 @@ from tuf.api.metadata import (
 
 from device_sim.device import PowerCut, SimDevice
 from device_sim.profile import ClockSkew, DeviceProfile, FailureProfile, SkewedClock
-from device_sim.state import STATE_FILE, InstalledFeatures
 from ota.clock import Clock, ManualClock
+from ota.device.envelope import DIRECTOR_FIELD
+from ota.device.state import STATE_FILE, InstalledFeatures
+from ota.device.trust import DeviceTrust, RetryPolicy
 from ota.errors import InvalidArgument
 from ota.transport.topics import Topics
-from ota.trust.device import DeviceTrust, RetryPolicy
 from ota.trust.director import Director
-from ota.trust.rootgen import DIRECTOR_FIELD
 from ota.v1 import common_pb2
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.state import STATE_FILE, InstalledFeatures, reached_at_least, settled_key
+from ota.device.state import STATE_FILE, InstalledFeatures, reached_at_least, settled_key
+from ota.device.trust import check_not_downgrade
 from ota.errors import FailedPrecondition, VerificationError
-from ota.trust.device import check_not_downgrade
 from ota.v1 import common_pb2
 
 
@@ -75,7 +75,7 @@ def test_a_write_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def power_cut(src: object, dst: object) -> None:
         raise OSError("power cut before the rename")
 
-    monkeypatch.setattr("ota.trust.device.os.replace", power_cut)
+    monkeypatch.setattr("ota.device.trust.os.replace", power_cut)
     two, two_file = _assignment(tmp_path, "2.0", rollout="r-2")
     state.install(two, two_file)
     with pytest.raises(OSError):

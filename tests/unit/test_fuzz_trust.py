@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ota.device import DeviceTrust
+from ota.device.envelope import open_envelope, pae
 from ota.domain.states import FAILURE_REASONS
 from ota.errors import VerificationError
-from ota.trust import DeviceTrust, open_envelope, pae
 from ota.trust.director import DESIRED_STATE_TYPE
 from ota.v1 import common_pb2
 from tests.unit.test_trust_device import World

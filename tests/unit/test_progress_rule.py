@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from device_sim.source import _translated
+from ota.device.retry import Unreachable
+from ota.device.source import _translated
 from ota.domain.compatibility import Compatibility
 from ota.domain.progress import Standing, advance, counted_failure
-from ota.trust.retry import Unreachable
 
 
 def test_steps_move_the_state_forward() -> None:

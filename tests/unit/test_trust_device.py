@@ -13,19 +13,17 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, Timestamp
 
 from ota.clock import ManualClock
+from ota.device import DeviceTrust, StaleDesiredState
+from ota.device.retry import RetryPolicy
 from ota.errors import VerificationError
-from ota.trust import (
-    DeviceTrust,
-    Director,
-    ImageRepository,
+from ota.signing import (
     OnlineKeys,
-    StaleDesiredState,
     add_target,
     create_initial_targets,
     create_root,
     target_path_for,
 )
-from ota.trust.device import RetryPolicy
+from ota.trust import Director, ImageRepository
 from ota.v1 import common_pb2
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

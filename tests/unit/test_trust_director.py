@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
+from ota.device.envelope import DESIRED_STATE_TYPE, open_envelope, pae
 from ota.errors import InvalidArgument, VerificationError
-from ota.trust import DESIRED_STATE_TYPE, Director, open_envelope, pae
+from ota.trust import Director
 from ota.v1 import common_pb2
 
 

@@ -18,14 +18,14 @@ from ota.errors import (
     InvalidArgument,
     PermissionDenied,
 )
-from ota.trust import (
-    ImageRepository,
+from ota.signing import (
     OnlineKeys,
     add_target,
     create_initial_targets,
     create_root,
     target_path_for,
 )
+from ota.trust import ImageRepository
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -31,8 +31,7 @@ from ota.errors import (
     PermissionDenied,
 )
 from ota.keyring import KeyPaths, generate_keyring
-from ota.trust import (
-    ImageRepository,
+from ota.signing import (
     OnlineKeys,
     add_target,
     create_initial_targets,
@@ -40,14 +39,15 @@ from ota.trust import (
     load_public_key,
     target_path_for,
 )
-from ota.trust.release import (
+from ota.signing.release import (
     TargetClaim,
     check_file,
     resign_targets,
     review_pending,
     sign_pending,
 )
-from ota.trust.rootgen import RootChange, next_root, verify_root_chain
+from ota.signing.rootgen import RootChange, next_root, verify_root_chain
+from ota.trust import ImageRepository
 
 # Real time: python-tuf's client checks expiry against the system clock.
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -44,10 +44,10 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from ota.clock import Clock
+from ota.device.envelope import director_keys, open_envelope
+from ota.device.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.domain.version import Version
 from ota.errors import FailedPrecondition, InvalidArgument, OtaError, VerificationError
-from ota.trust.director import director_keys, open_envelope
-from ota.trust.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class MetadataSource(Protocol):
     reached (refused, reset, unavailable, no answer) as `Unreachable` (or any
     ``ConnectionError``/``TimeoutError``), which the device waits out; anything
     else is taken as a broken transfer. Both are retried under the device's
-    `RetryPolicy` (`ota.trust.retry`). A source with a true
+    `RetryPolicy` (`ota.device.retry`). A source with a true
     ``content_addressed`` attribute gets bundle paths as ``<dir>/<sha256>.<name>``.
     """
 

@@ -21,10 +21,9 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp  # typ
 from tuf.api.serialization import DeserializationError
 
 from ota.clock import utc
+from ota.device.envelope import DIRECTOR_FIELD
 from ota.errors import InvalidArgument
-from ota.trust.keys import sign_metadata
-
-DIRECTOR_FIELD = "x-ota-director"
+from ota.signing.keys import sign_metadata
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Per feature the device keeps:
   rollout, same bundle) is not carried out, or refused, a second time.
 
 The file lives in the device's state directory next to the trust state of
-`ota.trust.device` (trusted metadata, highest generation, time floor) and the
+`ota.device.trust` (trusted metadata, highest generation, time floor) and the
 event sequence, and is replaced atomically on every change.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ota.device.trust import write_atomically
 from ota.domain.states import RANK
 from ota.errors import FailedPrecondition
-from ota.trust.device import write_atomically
 from ota.v1 import common_pb2
 
 STATE_FILE = "features.json"

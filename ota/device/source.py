@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import grpc
 from tuf.api.exceptions import DownloadHTTPError
 
+from ota.device.retry import Unreachable
 from ota.errors import InvalidArgument
-from ota.trust.retry import Unreachable
 from ota.v1 import bundle_pb2, bundle_pb2_grpc
 
 # Answers a retry cannot change, as the HTTP status ngclient understands.
@@ -130,7 +130,7 @@ class GrpcSource:
 
 
 def _translated(exc: grpc.RpcError, *, answered: bool) -> Exception:
-    """What a failed call means to the device's retry policy (`ota.trust.retry`).
+    """What a failed call means to the device's retry policy (`ota.device.retry`).
 
     A refusal a retry cannot change becomes ngclient's HTTP error; a control plane
     that is not there (UNAVAILABLE: refused, reset, shutting down; or no answer at

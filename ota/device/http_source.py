@@ -30,7 +30,7 @@ import urllib3
 from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
 
-from ota.trust.retry import Unreachable
+from ota.device.retry import Unreachable
 
 CHUNK = 64 * 1024
 # More than any metadata file this repository signs; ngclient caps each role lower still.
@@ -42,7 +42,7 @@ _UNREACHABLE = frozenset({502, 503, 504})
 
 
 class TransferDeadlines(Protocol):
-    """Per-transfer deadlines in seconds (device_sim.source.Deadlines is one)."""
+    """Per-transfer deadlines in seconds (ota.device.source.Deadlines is one)."""
 
     @property
     def metadata(self) -> float: ...

@@ -24,8 +24,8 @@ from tuf.api.serialization import DeserializationError
 from ota.clock import utc
 from ota.domain.version import Version
 from ota.errors import Aborted, InvalidArgument
-from ota.trust.keys import sign_metadata
-from ota.trust.rootgen import parse_root
+from ota.signing.keys import sign_metadata
+from ota.signing.rootgen import parse_root
 
 # Feature names become path segments and topic-safe identifiers.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -1,0 +1,59 @@
+"""The ota device SDK: what firmware needs to be an ota device, and nothing of the server.
+
+Importing it loads no SQL, no gRPC server code and no part of the control
+plane's repository (a test holds it to that), so it fits on a device.
+
+    trust     `DeviceTrust`: check a desired state (DSSE signatures by the director
+              keys of the trusted root, device id, generation, expiry, clock), refresh
+              TUF metadata, verify a target against the release-signed targets and
+              download it with resume (`RetryPolicy`); the trust state on disk
+    envelope  `open_envelope`: the DSSE check on its own
+    source    `GrpcSource`: TUF metadata, bundle bytes and the desired state over gRPC,
+              each call under a deadline (`Deadlines`)
+    state     `InstalledFeatures`: installed and last-known-good bundle per feature,
+              work in flight, orders settled; saved atomically
+    events    `EventSequence`: event numbers that survive reboots
+
+A minimal device loop::
+
+    trust = DeviceTrust(device_id=..., model=..., firmware=..., state_dir=...,
+                        trusted_root=root_json_bytes, source=GrpcSource(channel, id, secret),
+                        clock=SystemClock())
+    state = trust.verify_desired_state(envelope_bytes)   # VerificationError: report FAILED
+    for assignment in state.features:
+        path = trust.fetch_bundle(assignment)            # verified file, kept on disk
+        ...install it, then report each step with EventSequence.next() as its seq
+
+`ota.agent` (`ota-agent`) is the complete device built on it; `device_sim`
+runs thousands of simulated ones.
+"""
+
+from ota.device.envelope import DESIRED_STATE_TYPE, open_envelope
+from ota.device.events import EventSequence
+from ota.device.source import Deadlines, GrpcSource
+from ota.device.state import InstalledBundle, InstalledFeatures, reached_at_least
+from ota.device.trust import (
+    DeviceTrust,
+    MetadataSource,
+    RetryPolicy,
+    StaleDesiredState,
+    check_not_downgrade,
+    write_atomically,
+)
+
+__all__ = [
+    "DESIRED_STATE_TYPE",
+    "Deadlines",
+    "DeviceTrust",
+    "EventSequence",
+    "GrpcSource",
+    "InstalledBundle",
+    "InstalledFeatures",
+    "MetadataSource",
+    "RetryPolicy",
+    "StaleDesiredState",
+    "check_not_downgrade",
+    "open_envelope",
+    "reached_at_least",
+    "write_atomically",
+]
