@@ -134,7 +134,7 @@ def test_config_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
 
 
 def test_device_event_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
-    from device_sim.device import EventSequence
+    from ota.device import EventSequence
 
     first = EventSequence(tmp_path / "seq")
     numbers = [first.next() for _ in range(3)]
