@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except OtaError as exc:
         print(f"ota-agent: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _configure_logging(args.log_format or config.log_format, verbose=args.verbose)
+    _configure_logging(
+        args.log_format or config.log_format, verbose=args.verbose, device_id=config.device_id
+    )
     if args.check:
         print(f"{args.config}: ok (device {config.device_id})")
         return 0
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _configure_logging(log_format: str, *, verbose: bool) -> None:
+def _configure_logging(log_format: str, *, verbose: bool, device_id: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_DeviceId(device_id))
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
@@ -78,6 +81,19 @@ def _configure_logging(log_format: str, *, verbose: bool) -> None:
     # Libraries speak up only when something is wrong.
     for noisy in ("tuf", "securesystemslib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _DeviceId(logging.Filter):
+    """Every line names the device: a JSON log collector may gather a whole fleet's."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__()
+        self._device_id = device_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "device_id", None) is None:
+            record.device_id = self._device_id
+        return True
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def provision_agent(
     model: str = "ev6",
     hook_timeout: float = 20.0,
     health_interval: float = 0.0,
+    json_logs: bool = False,
     env: dict[str, str] | None = None,
 ) -> AgentProcess:
     """`ota fleet register --agent-config` for one device, then the test's limits in its file."""
@@ -209,6 +210,8 @@ def provision_agent(
     assert config.stat().st_mode & 0o777 == 0o600
     doc = tomllib.loads(config.read_text())
     doc["health_interval_seconds"] = health_interval
+    if json_logs:
+        doc["log_format"] = "json"
     doc["hooks"] = {**doc["hooks"], "timeout_seconds": hook_timeout}
     config.write_text(render_config(doc))
     root = directory / "device"

@@ -8,14 +8,17 @@ recorded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from ota.cli.main import main as ota_main
 from ota.client import Client
 from ota.devstack import DevStack
-from ota.v1 import common_pb2, rollout_pb2
+from ota.v1 import common_pb2, fleet_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.conftest import endpoint
 from tests.e2e.agents import (
@@ -84,8 +87,19 @@ def start_rollout(
 
 
 def start_agents(stack: DevStack, tmp_path: Path, count: int = 3) -> list[AgentProcess]:
+    """`count` agents; the last sends health samples every second and logs JSON."""
     hooks = write_hooks(tmp_path / "hooks")
-    agents = [provision_agent(stack, tmp_path / "devices", f"car-{i}", hooks) for i in range(count)]
+    agents = [
+        provision_agent(
+            stack,
+            tmp_path / "devices",
+            f"car-{i}",
+            hooks,
+            health_interval=1.0 if i == count - 1 else 0.0,
+            json_logs=i == count - 1,
+        )
+        for i in range(count)
+    ]
     for agent in agents:
         agent.start()
     for agent in agents:
@@ -165,6 +179,20 @@ def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
         ]
         assert [e.error_code for e in failed] == [common_pb2.INSTALL_FAILED]  # type: ignore[attr-defined]
         assert "install hook exited 7: no room for nav 2.0.0" in failed[0].detail  # type: ignore[attr-defined]
+
+        # The health hook's samples arrive, with the usage it reported.
+        def usage_reported() -> bool:
+            return any(
+                e.health.crash_count == 0  # type: ignore[attr-defined]
+                and e.detail == '{"usage":{"opened":2}}'  # type: ignore[attr-defined]
+                and e.feature == FEATURE  # type: ignore[attr-defined]
+                and not e.rollout_id  # type: ignore[attr-defined]
+                for e in device_events(client, "car-2")
+            )
+
+        wait_for(usage_reported, what="a periodic health sample with usage from car-2")
+        logged = [json.loads(line) for line in agents[2].log_since_start().splitlines()]
+        assert {entry["device_id"] for entry in logged} == {"car-2"}
 
         # SIGTERM: each agent stops cleanly and says it is offline.
         for agent in agents:
@@ -248,3 +276,27 @@ def test_misbehaving_hooks_fail_the_install_and_the_agent_stays_up(
     finally:
         stop_all([agent])
         client.close()
+
+
+def test_registering_with_a_mistake_in_the_agent_options_registers_nothing(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--server", stack.server, "--token", stack.admin_token]
+    device = ["fleet", "register", "car-9", "--model", "ev6", "--region", "eu", "--firmware", "4.2"]
+    config = str(tmp_path / "car-9.toml")
+    assert ota_main([*device, *base, "--agent-config", config, "--root", "/nonexistent.json"]) == 1
+    missing_dir = str(tmp_path / "no" / "car-9.toml")
+    root = str(stack.keys.root_json)
+    assert ota_main([*device, *base, "--agent-config", missing_dir, "--root", root]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "ota: error: root: /nonexistent.json is not a file",
+        f"ota: error: agent_config: directory {tmp_path / 'no'} does not exist",
+    ]
+    client = client_for(stack)
+    with pytest.raises(grpc.RpcError) as lookup:
+        client.fleet.GetDevice(
+            fleet_pb2.GetDeviceRequest(device_id="car-9"), metadata=client.metadata
+        )
+    assert lookup.value.code() == grpc.StatusCode.NOT_FOUND
+    client.close()
