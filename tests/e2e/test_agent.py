@@ -194,6 +194,21 @@ def test_a_rollout_installs_through_the_hooks_and_a_failing_install_rolls_back(
         logged = [json.loads(line) for line in agents[2].log_since_start().splitlines()]
         assert {entry["device_id"] for entry in logged} == {"car-2"}
 
+        # The kill switch: the feature goes off on every device through deactivate.
+        client.rollouts.KillRollout(
+            rollout_pb2.RolloutCommandRequest(rollout_id=second, reason="test: kill switch"),
+            metadata=client.metadata,
+        )
+        wait_for(
+            lambda: all(a.current(FEATURE) == "off" for a in agents),
+            what="deactivate on every agent",
+        )
+        for agent in agents:
+            assert agent.hook_lines()[-2:] == [
+                "start deactivate nav 1.0.0",
+                "done deactivate nav 1.0.0",
+            ]
+
         # SIGTERM: each agent stops cleanly and says it is offline.
         for agent in agents:
             assert agent.stop() == 0
@@ -246,9 +261,9 @@ def test_misbehaving_hooks_fail_the_install_and_the_agent_stays_up(
             wait_for(arrived, what=f"INSTALL_FAILED for {feature}", timeout=90)
             return found[0]
 
-        def roll_out(feature: str) -> None:
+        def roll_out(feature: str) -> str:
             publish(client, stack, tmp_path, "1.0.0", feature)
-            start_rollout(client, "1.0.0", feature=feature)
+            return start_rollout(client, "1.0.0", feature=feature)
 
         for feature in ("nonzero", "hang", "flood"):
             roll_out(feature)
@@ -269,8 +284,34 @@ def test_misbehaving_hooks_fail_the_install_and_the_agent_stays_up(
 
         # The same process, still following: a good hook installs the next feature.
         write_hooks(hooks)
-        roll_out("good")
-        wait_for(lambda: agent.current("good") == "1.0.0", what="the good feature to be activated")
+        good = roll_out("good")
+        wait_rollout(
+            client,
+            good,
+            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+            and dict(r.device_states) == {"ACTIVE": 1},
+            what="the good feature's rollout to complete",
+        )
+        assert agent.current("good") == "1.0.0"
+
+        # An activate that fails is undone with rollback to the version that ran before.
+        activate = (hooks / "activate").read_text()
+        (hooks / "activate").write_text(
+            activate.replace("set -e\n", 'set -e\n[ "$OTA_VERSION" = 2.0.0 ] && exit 5\n', 1)
+        )
+        publish(client, stack, tmp_path, "2.0.0", "good")
+        start_rollout(client, "2.0.0", feature="good")
+        wait_for(
+            lambda: "done rollback good 1.0.0" in agent.hook_lines(),
+            what="rollback to good 1.0.0 after the failed activate",
+        )
+        assert agent.current("good") == "1.0.0"
+        failed = [
+            e.detail  # type: ignore[attr-defined]
+            for e in device_events(client, "car-0")
+            if e.feature == "good" and e.state == common_pb2.FAILED  # type: ignore[attr-defined]
+        ]
+        assert failed == ["activate hook exited 5"]
         assert agent.alive() and agent.process.pid == pid
         assert agent.stop() == 0
     finally:
