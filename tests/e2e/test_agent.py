@@ -288,8 +288,10 @@ def test_misbehaving_hooks_fail_the_install_and_the_agent_stays_up(
         wait_rollout(
             client,
             good,
-            lambda r: r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
-            and dict(r.device_states) == {"ACTIVE": 1},
+            lambda r: (
+                r.state == rollout_pb2.ROLLOUT_STATE_COMPLETED
+                and dict(r.device_states) == {"ACTIVE": 1}
+            ),
             what="the good feature's rollout to complete",
         )
         assert agent.current("good") == "1.0.0"
