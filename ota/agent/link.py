@@ -52,9 +52,11 @@ class BrokerLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
+        client.on_connect_fail = self._connect_failed
         client.on_message = self._message
         self._client = client
         self._last: mqtt.MQTTMessageInfo | None = None
+        self._failing = False  # said once per outage, not at every retry
 
     def start(self) -> None:
         # connect_async: an unreachable broker is retried by the network thread, not fatal.
@@ -87,11 +89,19 @@ class BrokerLink:
         _properties: object,
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.warning("broker refused the connection: %s", reason)
+            log.warning("broker refused the connection: %s (check device_id and secret)", reason)
             return
+        self._failing = False
         log.info("connected to the broker at %s:%d", self._host, self._port)
         client.subscribe(self._desired_topic, qos=1)
         self._on_connected()
+
+    def _connect_failed(self, _client: mqtt.Client, _userdata: object) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "cannot reach the broker at %s:%d; retrying with backoff", self._host, self._port
+            )
 
     def _disconnected(
         self,
