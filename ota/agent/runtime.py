@@ -167,6 +167,10 @@ class Agent:
                     # Trouble with the network or the disk: the work stays on disk and is
                     # resumed on the next connect; the agent stays up.
                     log.error("could not finish %s: %s", work.kind, exc)
+                except Exception:
+                    # A bug of ours: say so loudly, drop this piece of work, carry on. A
+                    # restart would only meet the same input again.
+                    log.exception("unexpected error handling %s", work.kind)
         finally:
             log.info("stopping: saying offline to the broker")
             self._link.stop((self.topics.state(self.device_id), self._reported(online=False)))
