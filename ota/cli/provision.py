@@ -37,6 +37,12 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
         help="the device's state directory (default /var/lib/ota-agent)",
     )
     p.add_argument(
+        "--device-cert",
+        default="",
+        help="the device's own client certificate (PEM), where the control plane asks for mTLS",
+    )
+    p.add_argument("--device-key", default="", help="the device certificate's key (PEM)")
+    p.add_argument(
         "--hooks-dir",
         default="",
         help="directory holding the device's hooks (install, activate, deactivate, rollback, "
@@ -58,6 +64,8 @@ def check_agent_options(args: argparse.Namespace) -> None:
     parent = args.agent_config.resolve().parent
     if not parent.is_dir():
         raise InvalidArgument(f"directory {parent} does not exist", field="agent_config")
+    if bool(args.device_cert) != bool(args.device_key):
+        raise InvalidArgument("a device certificate needs its key", field="device_cert")
     if args.broker and not args.broker.startswith(("mqtt://", "mqtts://")):
         raise InvalidArgument(
             f"must be an mqtt:// or mqtts:// URL, got {args.broker!r}", field="broker"
@@ -74,9 +82,9 @@ def write_agent_config(
     tls: dict[str, str] = {}
     if args.tls_ca:
         tls["ca_file"] = str(Path(args.tls_ca).resolve())
-    if args.tls_cert:
-        tls["cert_file"] = str(Path(args.tls_cert).resolve())
-        tls["key_file"] = str(Path(args.tls_key).resolve())
+    if args.device_cert:
+        tls["cert_file"] = str(Path(args.device_cert).resolve())
+        tls["key_file"] = str(Path(args.device_key).resolve())
     hooks: dict[str, str] = {}
     if args.hooks_dir:
         hooks = {name: str(Path(args.hooks_dir) / name) for name in HOOK_NAMES}
