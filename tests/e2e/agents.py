@@ -197,6 +197,9 @@ def provision_agent(
     tls: list[str] = []
     if stack.pki is not None:
         tls = ["--tls-ca", str(stack.pki.ca_cert)]
+    if stack.pki is not None and stack.mtls:
+        cert, key = str(stack.pki.client_cert), str(stack.pki.client_key)
+        tls += ["--tls-cert", cert, "--tls-key", key, "--device-cert", cert, "--device-key", key]
     rc = ota_main(
         [
             *("fleet", "register", device_id, "--model", model, "--region", "eu"),

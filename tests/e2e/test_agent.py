@@ -37,12 +37,17 @@ pytestmark = pytest.mark.e2e
 FEATURE = "nav"
 
 
-@pytest.fixture(params=["plaintext", "tls"])
+@pytest.fixture(params=["plaintext", "tls", "mtls"])
 def any_stack(
     request: pytest.FixtureRequest, tmp_path: Path, broker: BrokerHandle
 ) -> Iterator[DevStack]:
-    """`ota dev`'s stack, serving gRPC in plaintext or over TLS (`ota dev --tls`)."""
-    dev = DevStack.start(tmp_path / "stack", broker=endpoint(broker), tls=request.param == "tls")
+    """`ota dev`'s stack, serving gRPC in plaintext, over TLS (`ota dev --tls`) or mTLS."""
+    dev = DevStack.start(
+        tmp_path / "stack",
+        broker=endpoint(broker),
+        tls=request.param == "tls",
+        mtls=request.param == "mtls",
+    )
     try:
         yield dev
     finally:
