@@ -1,8 +1,9 @@
 """`ota fleet register --agent-config FILE`: everything `ota-agent` needs for that device.
 
 The file holds the device's secret, so it is written with mode 0600, and the
-trusted root is copied next to it (FILE's name with ``.root.json``), so the
-two files are what goes onto the device. Paths in the file are relative to
+trusted root is copied next to it (FILE's name with ``.root.json``), and the
+CA of the control plane's certificate when there is one (``.ca.pem``), so those
+files are what goes onto the device. Paths in the file are relative to
 its directory, except the ones given as absolute paths.
 """
 
@@ -61,6 +62,8 @@ def check_agent_options(args: argparse.Namespace) -> None:
     root = Path(args.root)
     if not root.is_file():
         raise InvalidArgument(f"{root} is not a file", field="root")
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        raise InvalidArgument(f"{args.tls_ca} is not a file", field="tls_ca")
     parent = args.agent_config.resolve().parent
     if not parent.is_dir():
         raise InvalidArgument(f"directory {parent} does not exist", field="agent_config")
@@ -81,7 +84,10 @@ def write_agent_config(
     shutil.copyfile(args.root, root_copy)
     tls: dict[str, str] = {}
     if args.tls_ca:
-        tls["ca_file"] = str(Path(args.tls_ca).resolve())
+        # Public, like the root: copied so that the files beside the config are all it needs.
+        ca_copy = config.with_name(config.stem + ".ca.pem")
+        shutil.copyfile(args.tls_ca, ca_copy)
+        tls["ca_file"] = ca_copy.name
     if args.device_cert:
         tls["cert_file"] = str(Path(args.device_cert).resolve())
         tls["key_file"] = str(Path(args.device_key).resolve())
