@@ -111,11 +111,17 @@ def test_the_installed_commands_run_from_the_wheel(installed: Installed) -> None
         " if e.group == 'console_scripts'))",
     )
     names = set(scripts.stdout.split())
-    assert {"ota", "ota-sim", "ota-tuf-client"} <= names, scripts.stdout + scripts.stderr
+    assert {"ota", "ota-sim", "ota-tuf-client", "ota-agent"} <= names, (
+        scripts.stdout + scripts.stderr
+    )
     for name in sorted(names):
         helped = installed.run(installed.bin(name), "--help")
         assert helped.returncode == 0, f"{name}: {helped.stderr}"
         assert helped.stdout.startswith(f"usage: {name}"), helped.stdout
+
+    # The device side: the agent's runtime and the SDK import from the wheel.
+    device = installed.run(installed.bin("python"), "-c", "import ota.agent.runtime, ota.device")
+    assert device.returncode == 0, device.stderr
 
     # Only what the running code imports is installed: no benchmark or test tools.
     listed = installed.run(
