@@ -52,8 +52,12 @@ FINAL_REASONS = frozenset({"ROLLBACK_REFUSED", "INCOMPATIBLE"})
 SEQ_FILE = "event-seq"
 
 
-class _Stopping(Exception):
-    """SIGTERM: stop between two steps (each step is on disk, so this is a safe point)."""
+class _Stopping(BaseException):
+    """SIGTERM: stop between two steps (each step is on disk, so this is a safe point).
+
+    A BaseException, so that no ``except Exception`` on the way (python-tuf's,
+    the retry loop's) turns a stop during a download into a failed download.
+    """
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class _Work:
 
 class Agent:
     def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
+        self._stop = False  # set from a signal handler: a plain flag, no locks
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.device_id = config.device_id
@@ -95,8 +100,14 @@ class Agent:
             trusted_root=root,
             source=self._source,
             clock=self.clock,
-            # A device has time: ride out a control plane that is away for minutes.
-            retry=RetryPolicy(attempts=config.download_attempts, first_delay=1.0, max_delay=60.0),
+            # A device has time: ride out a control plane that is away for minutes. The
+            # pauses end early on SIGTERM.
+            retry=RetryPolicy(
+                attempts=config.download_attempts,
+                first_delay=1.0,
+                max_delay=60.0,
+                sleep=self._pause,
+            ),
         )
         self.features = InstalledFeatures.load(state_dir / STATE_FILE)
         self.sequence = EventSequence(state_dir / SEQ_FILE)
@@ -126,7 +137,6 @@ class Agent:
             on_desired=lambda payload: self._queue.put(_Work("desired", payload)),
         )
         self._queue: queue.Queue[_Work] = queue.Queue()
-        self._stop = False  # set from a signal handler: a plain flag, no locks
         self._health_pending = threading.Event()
         self._boot = self._started = time.monotonic()
         # Generations a session may see late: the retained copy of a state older than
@@ -134,6 +144,14 @@ class Agent:
         self._late = range(0)
 
     # -- running -------------------------------------------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        """A retry's pause, cut short by a stop request."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self._check_stop()
+            time.sleep(min(left, 0.5))
+        self._check_stop()
 
     def request_stop(self) -> None:
         """Stop after the step in progress (safe to call from a signal handler)."""

@@ -9,12 +9,15 @@ recorded.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from ota.agent.config import render_config
+from ota.broker.process import free_port
 from ota.cli.main import main as ota_main
 from ota.client import Client
 from ota.devstack import DevStack
@@ -341,3 +344,31 @@ def test_registering_with_a_mistake_in_the_agent_options_registers_nothing(
         )
     assert lookup.value.code() == grpc.StatusCode.NOT_FOUND
     client.close()
+
+
+def test_sigterm_while_a_download_waits_for_the_control_plane_stops_without_a_failure(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    client = client_for(stack)
+    hooks = write_hooks(tmp_path / "hooks")
+    agent = provision_agent(stack, tmp_path / "devices", "car-0", hooks)
+    # The agent's gRPC address leads nowhere: the desired state still arrives over
+    # MQTT, and the download retries with pauses of up to a minute.
+    doc = tomllib.loads(agent.config.read_text())
+    doc["server"] = f"127.0.0.1:{free_port()}"
+    agent.config.write_text(render_config(doc))
+    publish(client, stack, tmp_path, "1.0.0")
+    start_rollout(client, "1.0.0")
+    agent.start()
+    try:
+        wait_for(
+            lambda: f"{FEATURE} 1.0.0: DOWNLOADING" in agent.log_since_start(),
+            what="the agent to start downloading",
+        )
+        assert agent.stop() == 0  # within the harness's bound, not after the retries
+        log = agent.log_since_start()
+        assert "stopped cleanly" in log
+        assert "FAILED" not in log and agent.hook_lines() == []
+    finally:
+        stop_all([agent])
+        client.close()
