@@ -14,9 +14,13 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ota.errors import OtaError
 from ota.logs import TEXT_FORMAT, JsonFormatter
+
+if TYPE_CHECKING:
+    from ota.agent.runtime import Agent
 
 EXIT_CONFIG = 2
 
@@ -50,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok (device {config.device_id})")
         return 0
 
+    # From here on SIGTERM is a clean stop, even while the agent is still starting.
+    stopping: list[int] = []
+    agent: Agent | None = None
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+        if agent is not None:
+            agent.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
     from ota.agent.runtime import Agent
 
     try:
@@ -57,12 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except OtaError as exc:
         print(f"ota-agent: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
+    if stopping:
         agent.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     agent.run()
     return 0
 

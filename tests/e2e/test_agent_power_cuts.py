@@ -123,6 +123,7 @@ def test_power_cuts_at_random_points_of_installs_end_in_the_right_state(
 
         # Once more with nothing to do: a settled version runs no hook again. (A clean
         # stop: a cut between ACTIVE and its record on disk would rightly re-run activate.)
+        victim.wait_following()  # restarted after its last cut: past its start-up
         assert victim.stop() == 0
         settled = victim.hook_lines()
         victim.start()
