@@ -141,3 +141,14 @@ def test_device_event_numbers_keep_increasing_across_restarts(tmp_path: Path) ->
     again = EventSequence(tmp_path / "seq")
     assert numbers == [1, 2, 3]
     assert again.next() > numbers[-1]
+
+
+def test_an_unreadable_event_mark_is_refused_rather_than_restarted_from_one(
+    tmp_path: Path,
+) -> None:
+    from ota.device import EventSequence
+    from ota.errors import FailedPrecondition
+
+    (tmp_path / "seq").write_text("garbage")
+    with pytest.raises(FailedPrecondition, match="unreadable"):
+        EventSequence(tmp_path / "seq")
