@@ -36,9 +36,11 @@ from ota.agent.hooks import DETAIL_CHARS, HookCall, HookResult, Hooks
 from ota.agent.link import BrokerLink
 from ota.clock import Clock, SystemClock
 from ota.device.events import EventSequence
+from ota.device.retry import RetryPolicy
 from ota.device.source import GrpcSource
 from ota.device.state import STATE_FILE, InstalledBundle, InstalledFeatures, reached_at_least
-from ota.device.trust import DeviceTrust, RetryPolicy, StaleDesiredState, check_not_downgrade
+from ota.device.trust import DeviceTrust, StaleDesiredState, check_not_downgrade
+from ota.domain.progress import is_waiting
 from ota.domain.states import SETTLED
 from ota.errors import InvalidArgument, OtaError, VerificationError
 from ota.tls import ClientTls, channel
@@ -284,11 +286,8 @@ class Agent:
                     self._fail(a, exc.reason, str(exc))
                     return
             self._report(a, "DOWNLOADING")
-        try:
-            # After a power cut this finds the kept file and re-verifies it against TUF.
-            path = self.trust.fetch_bundle(a)
-        except VerificationError as exc:
-            self._fail(a, exc.reason, str(exc))
+        path = self._fetch(a)
+        if path is None:
             return
         if not reached_at_least(reached, "VERIFIED"):
             self._report(a, "DOWNLOADED")
@@ -308,6 +307,27 @@ class Agent:
         installed = self.features.install(a, path)
         self.features.save()
         self._finish_install(a, installed)
+
+    def _fetch(self, a: common_pb2.FeatureAssignment) -> Path | None:
+        """Download and verify `a`'s bundle; None once a failure was reported.
+
+        A control plane out of reach for the retry policy's whole window is said
+        once (CONTROL_PLANE_UNREACHABLE: a wait, not a failure; the work stays in
+        flight) and then waited for again, until it answers or the agent stops.
+        """
+        said = False
+        while True:
+            try:
+                # After a power cut this finds the kept file and re-verifies it against TUF.
+                return self.trust.fetch_bundle(a)
+            except VerificationError as exc:
+                if not is_waiting(exc.reason):
+                    self._fail(a, exc.reason, str(exc))
+                    return None
+                if not said:
+                    log.warning("%s %s: %s; still trying", a.feature, a.version, exc)
+                    self._report(a, "FAILED", reason=exc.reason, detail=str(exc))
+                    said = True
 
     def _finish_install(self, a: common_pb2.FeatureAssignment, current: InstalledBundle) -> None:
         """`a`'s bundle is installed: activate it, and say so once for `a`'s rollout."""

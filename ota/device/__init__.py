@@ -8,6 +8,8 @@ plane's repository (a test holds it to that), so it fits on a device.
               TUF metadata, verify a target against the release-signed targets and
               download it with resume (`RetryPolicy`); the trust state on disk
     envelope  `open_envelope`: the DSSE check on its own
+    retry     `RetryPolicy`: wait out an unreachable control plane (then
+              CONTROL_PLANE_UNREACHABLE, a wait, not a failure), retry broken transfers
     source    `GrpcSource`: TUF metadata, bundle bytes and the desired state over gRPC,
               each call under a deadline (`Deadlines`)
     state     `InstalledFeatures`: installed and last-known-good bundle per feature,
@@ -30,12 +32,12 @@ runs thousands of simulated ones.
 
 from ota.device.envelope import DESIRED_STATE_TYPE, open_envelope
 from ota.device.events import EventSequence
+from ota.device.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.device.source import Deadlines, GrpcSource
 from ota.device.state import InstalledBundle, InstalledFeatures, reached_at_least
 from ota.device.trust import (
     DeviceTrust,
     MetadataSource,
-    RetryPolicy,
     StaleDesiredState,
     check_not_downgrade,
     write_atomically,
@@ -43,6 +45,7 @@ from ota.device.trust import (
 
 __all__ = [
     "DESIRED_STATE_TYPE",
+    "ControlPlaneUnreachable",
     "Deadlines",
     "DeviceTrust",
     "EventSequence",
@@ -52,6 +55,7 @@ __all__ = [
     "MetadataSource",
     "RetryPolicy",
     "StaleDesiredState",
+    "Unreachable",
     "check_not_downgrade",
     "open_envelope",
     "reached_at_least",
