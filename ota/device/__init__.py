@@ -12,6 +12,8 @@ plane's repository (a test holds it to that), so it fits on a device.
               CONTROL_PLANE_UNREACHABLE, a wait, not a failure), retry broken transfers
     source    `GrpcSource`: TUF metadata, bundle bytes and the desired state over gRPC,
               each call under a deadline (`Deadlines`)
+    http_source `HttpSource`: TUF metadata and bundle bytes over HTTP(S), through a
+              cache or CDN
     state     `InstalledFeatures`: installed and last-known-good bundle per feature,
               work in flight, orders settled; saved atomically
     events    `EventSequence`: event numbers that survive reboots
@@ -32,6 +34,7 @@ runs thousands of simulated ones.
 
 from ota.device.envelope import DESIRED_STATE_TYPE, open_envelope
 from ota.device.events import EventSequence
+from ota.device.http_source import HttpSource
 from ota.device.retry import ControlPlaneUnreachable, RetryPolicy, Unreachable
 from ota.device.source import Deadlines, GrpcSource
 from ota.device.state import InstalledBundle, InstalledFeatures, reached_at_least
@@ -50,6 +53,7 @@ __all__ = [
     "DeviceTrust",
     "EventSequence",
     "GrpcSource",
+    "HttpSource",
     "InstalledBundle",
     "InstalledFeatures",
     "MetadataSource",
