@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,6 +37,7 @@ from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
 from ota.signing.keys import load_signer
+from ota.store import fleet as fleet_store
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import connect, migrate, redacted
@@ -47,6 +49,7 @@ from ota.transport.publisher import DesiredStatePublisher
 from ota.transport.ratelimit import DeviceRateLimit, DeviceRateLimiter
 from ota.transport.topics import Topics
 from ota.transport.webhooks import Sender, WebhookWorker
+from ota.trust.device_ca import DeviceCa
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
 from ota.trust.repository import ImageRepository
@@ -88,6 +91,66 @@ class MosquittoAccounts:
             os.kill(int(self._pid_file.read_text().strip()), signal.SIGHUP)
         except (OSError, ValueError) as exc:
             log.warning("could not ask the broker to reload its accounts: %s", exc)
+
+
+class BrokerRevocationNotices:
+    """Names revoked devices to the broker over MQTT: nothing shared but the connection.
+
+    The subscription guard plugin drops such a device's live connection and
+    refuses all its traffic (docs/OPERATIONS.md, "Device certificates").
+    After every connect of the control plane, the devices revoked with a
+    certificate that has not expired are named again, since a restarted
+    broker has forgotten them.
+    """
+
+    CHUNK = 1000
+
+    def __init__(self, link: MqttLink, store: Store, clock: Clock) -> None:
+        self._link = link
+        self._store = store
+        self._clock = clock
+
+    def revoked(self, device_ids: list[str]) -> None:
+        self._send(self._link.topics.revoked(), device_ids)
+
+    def restored(self, device_ids: list[str]) -> None:
+        self._send(self._link.topics.restored(), device_ids)
+
+    def resync(self) -> None:
+        try:
+            with self._store.transaction() as session:
+                ids = fleet_store.revoked_with_live_certificates(session, self._clock.now())
+        except Exception:
+            log.exception("could not read the revoked devices to name them to the broker")
+            return
+        self.revoked(ids)
+
+    def _send(self, topic: str, device_ids: list[str]) -> None:
+        for i in range(0, len(device_ids), self.CHUNK):
+            self._link.publish_control(topic, "\n".join(device_ids[i : i + self.CHUNK]).encode())
+
+
+class CrlFile:
+    """Keeps the device CA's CRL in a file a broker on this host reads, and signals it."""
+
+    def __init__(self, path: Path, pid_file: Path | None, make_crl: Callable[[], bytes]) -> None:
+        self._path = path
+        self._pid_file = pid_file
+        self._make = make_crl
+        self._lock = threading.Lock()
+
+    def write(self) -> None:
+        with self._lock:
+            data = self._make()
+            tmp = self._path.with_name(f".{self._path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, self._path)
+        if self._pid_file is None:
+            return
+        try:
+            os.kill(int(self._pid_file.read_text().strip()), signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            log.warning("could not ask the broker to reload its CRL: %s", exc)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -159,6 +222,7 @@ class ControlPlane:
     auth: Authenticator | None = None
     clock: Clock | None = None
     dashboard_server: DashboardServer | None = None
+    device_port: int = 0
 
     @classmethod
     def build(
@@ -238,7 +302,27 @@ class ControlPlane:
         commands = RolloutCommands(
             store, director, clock, desired_ttl=ttl, on_change=command_done, metrics=metrics
         )
-        auth = Authenticator(store, config.tokens, clock)
+        device_ca = (
+            DeviceCa.load(Path(config.device_ca_cert_file), Path(config.device_ca_key_file))
+            if config.device_ca_cert_file
+            else None
+        )
+        auth = Authenticator(store, config.tokens, clock, device_ca=device_ca)
+        revocations = BrokerRevocationNotices(link, store, clock)
+        link.on_connected = revocations.resync
+        crl_file: CrlFile | None = None
+        fleet_servicer: FleetServicer | None = None
+        if config.device_crl_file:
+
+            def make_crl() -> bytes:
+                assert fleet_servicer is not None
+                return fleet_servicer.device_crl()
+
+            crl_file = CrlFile(
+                Path(config.device_crl_file),
+                Path(config.broker_pid_file) if config.broker_pid_file else None,
+                make_crl,
+            )
         if accounts is None and config.broker_password_file:
             pid = Path(config.broker_pid_file) if config.broker_pid_file else None
             accounts = MosquittoAccounts(Path(config.broker_password_file), pid)
@@ -248,20 +332,26 @@ class ControlPlane:
         sender = Sender(
             timeout_seconds=config.webhook_timeout_seconds, ca_file=config.webhook_ca_file
         )
+        fleet_servicer = FleetServicer(
+            store,
+            clock,
+            auth,
+            accounts=accounts,
+            mqtt_url=config.mqtt_url,
+            topic_root=config.topic_root,
+            flood_guard=flood_guard,
+            device_ca=device_ca,
+            revocations=revocations,
+            on_certificates_changed=crl_file.write if crl_file else None,
+        )
+        if crl_file is not None:
+            crl_file.write()
         server, port, _health = build_server(
             config.listen,
             auth=auth,
             bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
             rollouts=RolloutServicer(store, commands, changes, auth),
-            fleet=FleetServicer(
-                store,
-                clock,
-                auth,
-                accounts=accounts,
-                mqtt_url=config.mqtt_url,
-                topic_root=config.topic_root,
-                flood_guard=flood_guard,
-            ),
+            fleet=fleet_servicer,
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
             webhooks=WebhookServicer(
@@ -270,6 +360,16 @@ class ControlPlane:
             audit=AuditServicer(store),
             tls=server_tls(config),
             metrics=metrics,
+            device_listen=config.device_listen,
+            device_tls=(
+                ServerTls(
+                    Path(config.tls_cert_file),
+                    Path(config.tls_key_file),
+                    Path(config.device_ca_cert_file),
+                )
+                if config.device_listen
+                else None
+            ),
         )
         ingester = Ingester(
             link,
@@ -322,6 +422,7 @@ class ControlPlane:
             origin=origin,
             auth=auth,
             clock=clock,
+            device_port=getattr(server, "device_port", 0),
         )
 
     def start(self) -> None:

@@ -59,6 +59,15 @@ class ServerConfig:
     tls_client_ca_file: str = ""
     # With an mqtts:// URL, the CA that signed the broker's certificate (empty = system CAs).
     mqtt_ca_file: str = ""
+    # The device CA (`ota keys device-ca`): signs device certificates at enrollment.
+    device_ca_cert_file: str = ""
+    device_ca_key_file: str = ""
+    # A second gRPC port for devices with certificates: mutual TLS against the
+    # device CA, with the server certificate of tls_cert_file. Empty = none.
+    device_listen: str = ""
+    # Where to keep the device CA's CRL for a broker on this host (rewritten, and
+    # the broker of broker_pid_file signalled, on each change); empty = not kept.
+    device_crl_file: str = ""
     # Prometheus metrics over HTTP, e.g. "127.0.0.1:9464"; empty = off.
     metrics_listen: str = ""
     # "text" for people, "json" (one object a line) for log collectors.
@@ -142,6 +151,22 @@ class ServerConfig:
             raise InvalidArgument(
                 "dashboard TLS needs both dashboard_tls_cert_file and dashboard_tls_key_file",
                 field="dashboard_tls_cert_file",
+            )
+        if bool(self.device_ca_cert_file) != bool(self.device_ca_key_file):
+            raise InvalidArgument(
+                "the device CA needs both device_ca_cert_file and device_ca_key_file",
+                field="device_ca_cert_file",
+            )
+        if self.device_listen and not (self.device_ca_cert_file and self.tls_cert_file):
+            raise InvalidArgument(
+                "device_listen needs the device CA (device_ca_cert_file) and a server "
+                "certificate (tls_cert_file)",
+                field="device_listen",
+            )
+        if self.device_crl_file and not self.device_ca_cert_file:
+            raise InvalidArgument(
+                "device_crl_file needs the device CA (device_ca_cert_file)",
+                field="device_crl_file",
             )
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(

@@ -3,10 +3,13 @@
 Operators present `authorization: Bearer <token>`; the token maps to a role
 (admin, release, viewer). Tokens come from the config (the bootstrap admin)
 or from the database (`TokenService`), where only their digest is kept and
-a revocation takes effect on the next call, on every replica. Devices present `Bearer device:<device_id>:<secret>`
-and reach only the device methods, and only for themselves (servicers check
-the device id with `caller_device`). A method missing from `METHOD_ROLES` is
-denied to everyone.
+a revocation takes effect on the next call, on every replica. Devices present
+`Bearer device:<device_id>:<secret>`, or, with no bearer token, a client
+certificate of the device CA over mutual TLS: its common name is the device
+id, and only the serial the database records as the device's current one is
+honoured. Devices reach only the device methods, and only for themselves
+(servicers check the device id with `require_device_self`). A method missing
+from `METHOD_ROLES` is denied to everyone; `OPEN_METHODS` need no caller.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -24,6 +28,7 @@ from ota.errors import PermissionDenied, Unauthenticated
 from ota.store import fleet
 from ota.store import tokens as api_tokens
 from ota.store.session import Store
+from ota.trust.device_ca import DeviceCa
 
 ADMIN, RELEASE, VIEWER, DEVICE = "admin", "release", "viewer", "device"
 OPERATORS = frozenset({ADMIN, RELEASE, VIEWER})
@@ -70,6 +75,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _F + "ListDevices": OPERATORS,
     _F + "GetDevice": OPERATORS,
     _F + "RevokeDevice": frozenset({ADMIN}),
+    _F + "RenewCertificate": frozenset({DEVICE}),
+    _F + "SignDeviceCsr": frozenset({ADMIN}),
+    _F + "GetDeviceCrl": OPERATORS,
     _P + "GetRolloutReport": OPERATORS,
     _P + "GetFeatureReport": OPERATORS,
     _T + "CreateToken": frozenset({ADMIN}),
@@ -90,6 +98,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
 DEVICE_CACHE_SECONDS = 30.0
 # Health and reflection are open: load balancers and grpcurl call them unauthenticated.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A device enrolling has no credential yet: the servicer checks its one-time token.
+OPEN_METHODS = frozenset({_F + "EnrollDevice"})
 
 
 @dataclass(frozen=True)
@@ -107,19 +117,43 @@ def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     return ""
 
 
+def peer_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """The client certificate presented over mutual TLS (PEM), if any."""
+    values = _auth_values(context, "x509_pem_cert")
+    return values[0] if values else None
+
+
+def _auth_values(context: grpc.ServicerContext, key: str) -> list[bytes]:
+    # grpc-stubs types the auth context loosely; grpcio gives lists of bytes.
+    values: Any = context.auth_context().get(key)
+    return [bytes(v) for v in values] if values else []
+
+
 def caller_of(context: grpc.ServicerContext) -> Caller:
-    """The device a device token names (the interceptor already verified it)."""
+    """The device a device token or certificate names (the interceptor already verified it)."""
     token = bearer(context.invocation_metadata())
     if token.startswith("device:"):
         return Caller(DEVICE, token.split(":", 2)[1])
+    if not token:
+        names = _auth_values(context, "x509_common_name")
+        if names:
+            return Caller(DEVICE, names[0].decode())
     return Caller(ADMIN, "operator")
 
 
 class Authenticator:
     """Resolves tokens to callers; caches device secrets it has verified."""
 
-    def __init__(self, store: Store, tokens: dict[str, str], clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        tokens: dict[str, str],
+        clock: Clock | None = None,
+        *,
+        device_ca: DeviceCa | None = None,
+    ) -> None:
         self._store = store
+        self._device_ca = device_ca
         self._clock = clock or SystemClock()
         # token -> "role" or "role:name" (the name is what the audit log shows)
         self._tokens = dict(tokens)
@@ -127,12 +161,15 @@ class Authenticator:
         self._verified: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._credentials = CredentialChecks(self._read_digests)
+        self._certificates = CredentialChecks(self._read_serials)
 
     def forget_device(self, device_id: str) -> None:
         with self._lock:
             self._verified = {t: e for t, e in self._verified.items() if e[0] != device_id}
 
-    def authenticate(self, token: str) -> Caller:
+    def authenticate(self, token: str, certificate: bytes | None = None) -> Caller:
+        if not token and certificate is not None and self._device_ca is not None:
+            return self._device_by_certificate(certificate)
         if not token:
             raise Unauthenticated("missing bearer token; pass --token or set OTA_TOKEN")
         entry = self._tokens.get(token)
@@ -163,19 +200,43 @@ class Authenticator:
                 return Caller(row.role, row.display_name)
         raise Unauthenticated("the bearer token is not valid")
 
+    def _device_by_certificate(self, certificate: bytes) -> Caller:
+        assert self._device_ca is not None
+        # The TLS layer checked the chain against the wall clock; the CA check here
+        # refuses an operator's client certificate, and the clock the control
+        # plane runs on decides expiry.
+        peer = self._device_ca.peer(certificate)
+        if peer.not_after <= self._clock.now():
+            raise Unauthenticated("the device certificate has expired; enroll again")
+        key = f"cert:{peer.device_id}:{peer.serial}"
+        with self._lock:
+            cached = self._verified.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return Caller(DEVICE, peer.device_id)
+        if self._certificates.value(peer.device_id) != peer.serial:
+            # Revoked, renewed since, or another device's: the same answer for each.
+            raise Unauthenticated("the device certificate is not the device's current one")
+        with self._lock:
+            self._verified[key] = (peer.device_id, time.monotonic() + DEVICE_CACHE_SECONDS)
+        return Caller(DEVICE, peer.device_id)
+
     def _read_digests(self, device_ids: Collection[str]) -> dict[str, str]:
         with self._store.transaction() as session:
             return fleet.valid_secret_digests(session, device_ids)
 
+    def _read_serials(self, device_ids: Collection[str]) -> dict[str, str]:
+        with self._store.transaction() as session:
+            return fleet.valid_certificates(session, device_ids)
+
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """Who is calling, for the audit log: the token's name, else its role."""
-        return self.authenticate(bearer(context.invocation_metadata()))
+        return self.authenticate(bearer(context.invocation_metadata()), peer_certificate(context))
 
-    def authorize(self, method: str, token: str) -> Caller | None:
-        if method.startswith(PUBLIC_PREFIXES):
+    def authorize(self, method: str, token: str, certificate: bytes | None = None) -> Caller | None:
+        if method.startswith(PUBLIC_PREFIXES) or method in OPEN_METHODS:
             return None
         allowed = METHOD_ROLES.get(method)
-        caller = self.authenticate(token)
+        caller = self.authenticate(token, certificate)
         if allowed is None or caller.role not in allowed:
             raise PermissionDenied(f"{caller.role} may not call {method.rsplit('/', 1)[-1]}")
         return caller

@@ -69,6 +69,13 @@ def device(row: DeviceRow) -> fleet_pb2.Device:
         create_time=ts(row.created_at),
         last_seen_time=ts(row.last_seen_at),
         online=row.online,
+        identity=(
+            fleet_pb2.DEVICE_IDENTITY_CERTIFICATE
+            if row.identity == "certificate"
+            else fleet_pb2.DEVICE_IDENTITY_PASSWORD
+        ),
+        certificate_serial=row.cert_serial,
+        certificate_expire_time=ts(row.cert_not_after) if row.cert_not_after else None,
     )
 
 

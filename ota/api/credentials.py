@@ -38,11 +38,15 @@ class CredentialChecks:
         self._reading = False
 
     def check(self, device_id: str, secret: str) -> bool:
+        digest = self.value(device_id)
+        return digest is not None and secrets.compare_digest(digest, hash_secret(secret))
+
+    def value(self, device_id: str) -> str | None:
+        """What the read returned for `device_id` (None: not there), read with the others."""
         batch = self._join(device_id)
         if batch.error is not None:
             raise batch.error
-        digest = batch.digests.get(device_id)
-        return digest is not None and secrets.compare_digest(digest, hash_secret(secret))
+        return batch.digests.get(device_id)
 
     def _join(self, device_id: str) -> _Batch:
         with self._changed:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Protocol
 
 import grpc
 from sqlmodel import col, select
 
 from ota.api import convert
-from ota.api.auth import Authenticator
+from ota.api.auth import Authenticator, caller_of
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.domain.selector import Selector
 from ota.domain.version import Version
-from ota.errors import InvalidArgument
+from ota.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from ota.store import audit, fleet
-from ota.store.models import DeviceEventRow
+from ota.store.models import DeviceEventRow, DeviceRow
 from ota.store.session import Store
+from ota.trust.device_ca import RENEW_AFTER_FRACTION, DeviceCa, IssuedCertificate
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 MAX_REGISTRATIONS = 10_000
@@ -27,6 +30,13 @@ class BrokerAccounts(Protocol):
 
     def set_many(self, secrets: dict[str, str]) -> None: ...
     def remove(self, username: str) -> None: ...
+
+
+class BrokerRevocations(Protocol):
+    """Tells the broker to drop and refuse devices (and to forget that again)."""
+
+    def revoked(self, device_ids: list[str]) -> None: ...
+    def restored(self, device_ids: list[str]) -> None: ...
 
 
 class FloodFlags(Protocol):
@@ -46,8 +56,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         mqtt_url: str,
         topic_root: str,
         flood_guard: FloodFlags | None = None,
+        device_ca: DeviceCa | None = None,
+        revocations: BrokerRevocations | None = None,
+        on_certificates_changed: Callable[[], None] | None = None,
     ) -> None:
         self._flood_guard = flood_guard
+        self._device_ca = device_ca
+        self._revocations = revocations
+        self._certificates_changed = on_certificates_changed
         self._store = store
         self._clock = clock
         self._auth = auth
@@ -78,9 +94,23 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             registrations.append(
                 fleet.Registration(d.device_id, d.model, d.region, d.firmware, dict(d.labels))
             )
+        certificates = request.identity == fleet_pb2.DEVICE_IDENTITY_CERTIFICATE
+        if certificates and self._device_ca is None:
+            raise FailedPrecondition(
+                "this control plane has no device CA (device_ca_cert_file)", field="identity"
+            )
+        now = self._clock.now()
+        identity = fleet.CERTIFICATE if certificates else fleet.PASSWORD
         with self._store.transaction() as session:
-            now = self._clock.now()
-            issued = fleet.register_devices(session, registrations, now)
+            restored = [
+                d.device_id
+                for d in session.exec(
+                    select(DeviceRow).where(
+                        col(DeviceRow.device_id).in_(list(seen)), col(DeviceRow.revoked)
+                    )
+                )
+            ]
+            issued = fleet.register_devices(session, registrations, now, identity=identity)
             for r in registrations:
                 if r.device_id in issued:
                     audit.record(
@@ -102,14 +132,113 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             )
         for device_id in issued:
             self._auth.forget_device(device_id)
-        if self._accounts is not None:
-            self._accounts.set_many(issued)
-        return fleet_pb2.RegisterDevicesResponse(
-            credentials=[
+        if restored and self._revocations is not None:
+            self._revocations.restored(restored)
+        if certificates:
+            # Nothing for the broker: the certificate is the device's account.
+            expires = convert.ts(now + fleet.ENROLLMENT_TOKEN_LIFETIME)
+            credentials = [
+                fleet_pb2.DeviceCredentials(
+                    device_id=k, enrollment_token=v, enrollment_expire_time=expires
+                )
+                for k, v in issued.items()
+            ]
+        else:
+            if self._accounts is not None:
+                self._accounts.set_many(issued)
+            credentials = [
                 fleet_pb2.DeviceCredentials(device_id=k, secret=v) for k, v in issued.items()
-            ],
-            mqtt_url=self._mqtt_url,
-            topic_root=self._topic_root,
+            ]
+        return fleet_pb2.RegisterDevicesResponse(
+            credentials=credentials, mqtt_url=self._mqtt_url, topic_root=self._topic_root
+        )
+
+    def EnrollDevice(
+        self, request: fleet_pb2.EnrollDeviceRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.DeviceCertificate:
+        ca = self._require_ca()
+        fleet.check_device_id(request.device_id)
+        if not request.enrollment_token:
+            raise InvalidArgument("is required", field="enrollment_token")
+        csr = _csr(request.csr)
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            row = fleet.take_enrollment_token(
+                session, request.device_id, request.enrollment_token, now
+            )
+            # Signed inside the transaction: a bad CSR leaves the token unspent.
+            issued = ca.sign(csr, row.device_id, now)
+            fleet.record_certificate(session, row, issued.serial, issued.not_after, now)
+        return self._issued(request.device_id, issued, now)
+
+    def RenewCertificate(
+        self, request: fleet_pb2.RenewCertificateRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.DeviceCertificate:
+        ca = self._require_ca()
+        caller = caller_of(context)
+        if caller.name != request.device_id:
+            raise PermissionDenied("a device may only renew its own certificate", field="device_id")
+        csr = _csr(request.csr)
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            row = fleet.get_device(session, request.device_id)
+            issued = ca.sign(csr, row.device_id, now)
+            fleet.record_certificate(session, row, issued.serial, issued.not_after, now)
+        self._auth.forget_device(request.device_id)
+        return self._issued(request.device_id, issued, now)
+
+    def SignDeviceCsr(
+        self, request: fleet_pb2.SignDeviceCsrRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.DeviceCertificate:
+        ca = self._require_ca()
+        fleet.check_device_id(request.device_id)
+        csr = _csr(request.csr)
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            row = fleet.get_device(session, request.device_id)
+            if row.revoked:
+                raise FailedPrecondition(
+                    "the device is revoked; register it again first", field="device_id"
+                )
+            issued = ca.sign(csr, row.device_id, now)
+            fleet.record_certificate(session, row, issued.serial, issued.not_after, now)
+            row.enroll_token_sha256 = ""
+        self._auth.forget_device(request.device_id)
+        return self._issued(request.device_id, issued, now)
+
+    def GetDeviceCrl(
+        self, request: fleet_pb2.GetDeviceCrlRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.DeviceCrl:
+        return fleet_pb2.DeviceCrl(crl=self.device_crl().decode())
+
+    def device_crl(self) -> bytes:
+        ca = self._require_ca()
+        now = self._clock.now()
+        with self._store.transaction() as session:
+            revoked = fleet.revoked_serials(session, now)
+        return ca.crl(revoked, now)
+
+    def _require_ca(self) -> DeviceCa:
+        if self._device_ca is None:
+            raise FailedPrecondition(
+                "this control plane has no device CA (device_ca_cert_file)", field="device_id"
+            )
+        return self._device_ca
+
+    def _issued(
+        self, device_id: str, issued: IssuedCertificate, now: datetime
+    ) -> fleet_pb2.DeviceCertificate:
+        if self._certificates_changed is not None:
+            self._certificates_changed()
+        lifetime = issued.not_after - now
+        assert self._device_ca is not None
+        return fleet_pb2.DeviceCertificate(
+            device_id=device_id,
+            certificate=issued.pem.decode(),
+            ca_certificate=self._device_ca.pem.decode(),
+            serial=issued.serial,
+            expire_time=convert.ts(issued.not_after),
+            renew_time=convert.ts(now + lifetime * RENEW_AFTER_FRACTION),
         )
 
     def ListDevices(
@@ -154,9 +283,21 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.RevokeDeviceRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.Device:
         with self._store.transaction() as session:
-            row = fleet.revoke(session, request.device_id)
-            audit.record(session, "device", request.device_id, "revoke", now=self._clock.now())
+            now = self._clock.now()
+            row = fleet.revoke(session, request.device_id, now)
+            identity = row.identity
+            audit.record(session, "device", request.device_id, "revoke", now=now)
         self._auth.forget_device(request.device_id)
-        if self._accounts is not None:
+        if self._accounts is not None and identity == fleet.PASSWORD:
             self._accounts.remove(request.device_id)
+        if self._revocations is not None:
+            self._revocations.revoked([request.device_id])
+        if self._certificates_changed is not None and identity == fleet.CERTIFICATE:
+            self._certificates_changed()
         return convert.device(row)
+
+
+def _csr(text: str) -> bytes:
+    if not text.strip():
+        raise InvalidArgument("is required", field="csr")
+    return text.encode()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ota import errors
-from ota.api.auth import Authenticator, Caller, bearer
+from ota.api.auth import Authenticator, Caller, bearer, peer_certificate
 from ota.api.screening import screened
 from ota.metrics import Metrics
 from ota.store import audit
@@ -92,7 +92,12 @@ class OtaInterceptor(_Interceptor):
         metrics = self._metrics
         if metrics is not None and method.startswith("/ota."):
             observe = lambda code, seconds: metrics.observe_rpc(method, code, seconds)  # noqa: E731
-        return _wrap(handler, lambda: self._auth.authorize(method, token), observe)
+        auth = self._auth
+        return _wrap(
+            handler,
+            lambda context: auth.authorize(method, token, peer_certificate(context)),
+            observe,
+        )
 
 
 def _requester(caller: Caller | None, context: grpc.ServicerContext) -> audit.Requester:
@@ -100,7 +105,11 @@ def _requester(caller: Caller | None, context: grpc.ServicerContext) -> audit.Re
     return audit.Requester(caller.name if caller is not None else "", context.peer() or "")
 
 
-def _wrap(handler: Handler, check: Callable[[], Caller | None], observe: Observe) -> Handler:
+def _wrap(
+    handler: Handler,
+    check: Callable[[grpc.ServicerContext], Caller | None],
+    observe: Observe,
+) -> Handler:
     h: Any = handler
 
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -108,7 +117,7 @@ def _wrap(handler: Handler, check: Callable[[], Caller | None], observe: Observe
             start = time.perf_counter()
             failure: BaseException | None = None
             try:
-                caller = check()
+                caller = check(context)
                 with audit.serving(_requester(caller, context)):
                     return behavior(screened(request), context)
             except Exception as exc:
@@ -124,7 +133,7 @@ def _wrap(handler: Handler, check: Callable[[], Caller | None], observe: Observe
             start = time.perf_counter()
             failure: BaseException | None = None
             try:
-                caller = check()
+                caller = check(context)
                 with audit.serving(_requester(caller, context)):
                     yield from behavior(screened(request), context)
             except Exception as exc:

@@ -54,8 +54,15 @@ def build_server(
     workers: int = 32,
     tls: ServerTls | None = None,
     metrics: Metrics | None = None,
+    device_listen: str = "",
+    device_tls: ServerTls | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build and bind (not start) the server; returns it with the bound port."""
+    """Build and bind (not start) the server; returns it with the bound port.
+
+    With `device_listen`, a second port requires a client certificate of the
+    device CA (`device_tls.client_ca_file`); `device_port` on the server says
+    which port it got.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ota-rpc"),
         interceptors=[OtaInterceptor(auth, metrics)],
@@ -115,6 +122,15 @@ def build_server(
             f"cannot listen on {listen}: the address is in use or not this machine's",
             field="listen",
         )
+    if device_listen:
+        assert device_tls is not None and device_tls.client_ca_file is not None
+        try:
+            device_port = server.add_secure_port(device_listen, device_tls.credentials())
+        except RuntimeError as exc:
+            raise Unavailable(f"cannot listen on {device_listen}: {exc}") from exc
+        if device_port == 0:
+            raise Unavailable(f"cannot listen on {device_listen}: address in use or invalid")
+        server.device_port = device_port  # type: ignore[attr-defined]
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,7 @@ import json
 import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -26,10 +26,11 @@ from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from ota.broker.passwords import check_username
+from ota.clock import utc
 from ota.domain.compatibility import Compatibility
 from ota.domain.selector import DeviceAttributes, Selector, Term
-from ota.errors import NotFound
-from ota.store.models import DeviceRow, RolloutDeviceRow
+from ota.errors import NotFound, Unauthenticated
+from ota.store.models import DeviceRow, RevokedCertificateRow, RolloutDeviceRow
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,24 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+PASSWORD, CERTIFICATE = "password", "certificate"
+# A factory or workshop may enroll days after registering a batch.
+ENROLLMENT_TOKEN_LIFETIME = timedelta(days=7)
+
+
 def register_devices(
-    session: Session, registrations: Sequence[Registration], now: datetime
+    session: Session,
+    registrations: Sequence[Registration],
+    now: datetime,
+    *,
+    identity: str = PASSWORD,
 ) -> dict[str, str]:
-    """Create or re-provision devices; returns a fresh secret for each."""
+    """Create or re-provision devices; returns a fresh secret (or enrollment token) for each.
+
+    A certificate device gets no password: its secret digest is empty, which
+    matches no secret, and it is told apart by the one-time token it enrolls
+    with. Re-provisioning forgets the device's certificate.
+    """
     ids = [r.device_id for r in registrations]
     existing = {
         row.device_id: row
@@ -71,10 +86,88 @@ def register_devices(
             )
         row.model, row.region, row.firmware = reg.model, reg.region, reg.firmware
         row.labels_json = json.dumps(reg.labels, sort_keys=True)
-        row.secret_sha256 = hash_secret(secret)
+        if row.cert_serial:
+            _retire_certificate(session, row, now, reason="superseded")
+        row.identity = identity
+        if identity == CERTIFICATE:
+            row.secret_sha256 = ""
+            row.enroll_token_sha256 = hash_secret(secret)
+            row.enroll_expires_at = now + ENROLLMENT_TOKEN_LIFETIME
+        else:
+            row.secret_sha256 = hash_secret(secret)
+            row.enroll_token_sha256 = ""
+            row.enroll_expires_at = None
         row.revoked = False
         session.add(row)
     return issued
+
+
+def take_enrollment_token(session: Session, device_id: str, token: str, now: datetime) -> DeviceRow:
+    """The device whose one-time token this is; the token is spent.
+
+    Every refusal reads the same, so the answer tells a caller nothing about
+    which devices exist or have enrolled.
+    """
+    refused = Unauthenticated("the enrollment token is not valid for this device")
+    row = session.get(DeviceRow, device_id)
+    if row is None or row.revoked or not row.enroll_token_sha256:
+        raise refused
+    if not secrets.compare_digest(row.enroll_token_sha256, hash_secret(token)):
+        raise refused
+    if row.enroll_expires_at is None or utc(row.enroll_expires_at) <= now:
+        raise refused
+    row.enroll_token_sha256 = ""
+    row.enroll_expires_at = None
+    return row
+
+
+def record_certificate(
+    session: Session, row: DeviceRow, serial: str, not_after: datetime, now: datetime
+) -> None:
+    """Make `serial` the device's one certificate; the one before it is refused from now on."""
+    if row.cert_serial:
+        _retire_certificate(session, row, now, reason="superseded")
+    row.identity = CERTIFICATE
+    row.secret_sha256 = ""
+    row.cert_serial = serial
+    row.cert_not_after = not_after
+    session.add(row)
+
+
+def _retire_certificate(session: Session, row: DeviceRow, now: datetime, *, reason: str) -> None:
+    if session.get(RevokedCertificateRow, row.cert_serial) is None:
+        session.add(
+            RevokedCertificateRow(
+                serial=row.cert_serial,
+                device_id=row.device_id,
+                revoked_at=now,
+                not_after=row.cert_not_after or now,
+                reason=reason,
+            )
+        )
+    row.cert_serial = ""
+    row.cert_not_after = None
+
+
+def revoked_serials(session: Session, now: datetime) -> list[tuple[str, datetime]]:
+    """Certificates refused before their expiry, for the CRL: (serial, revoked at)."""
+    rows = session.exec(
+        select(RevokedCertificateRow)
+        .where(col(RevokedCertificateRow.not_after) > now)
+        .order_by(col(RevokedCertificateRow.serial))
+    )
+    return [(r.serial, utc(r.revoked_at)) for r in rows]
+
+
+def revoked_with_live_certificates(session: Session, now: datetime) -> list[str]:
+    """Revoked devices whose last certificate has not expired: the broker must keep refusing them."""
+    query = (
+        core_select(_REVOKED_CERT.c.device_id)
+        .where(_REVOKED_CERT.c.reason == "revoked", _REVOKED_CERT.c.not_after > now)
+        .distinct()
+        .order_by(_REVOKED_CERT.c.device_id)
+    )
+    return list(session.execute(query).scalars())
 
 
 def get_device(session: Session, device_id: str) -> DeviceRow:
@@ -91,6 +184,7 @@ def attributes(row: DeviceRow) -> DeviceAttributes:
 
 _DEVICE: Table = DeviceRow.__table__  # type: ignore[attr-defined]
 _ROLLOUT_DEVICE: Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
+_REVOKED_CERT: Table = RevokedCertificateRow.__table__  # type: ignore[attr-defined]
 
 
 class DeviceInfo(NamedTuple):
@@ -251,9 +345,17 @@ def list_devices(
     return list(page), int(total.scalar_one())
 
 
-def revoke(session: Session, device_id: str) -> DeviceRow:
+def revoke(session: Session, device_id: str, now: datetime | None = None) -> DeviceRow:
+    now = now or datetime.now(UTC)
     row = get_device(session, device_id)
     row.revoked = True
+    row.enroll_token_sha256 = ""
+    row.enroll_expires_at = None
+    if row.cert_serial:
+        serial, not_after = row.cert_serial, row.cert_not_after
+        _retire_certificate(session, row, now, reason="revoked")
+        # Still shown by GetDevice: which certificate was refused.
+        row.cert_serial, row.cert_not_after = serial, not_after
     session.add(row)
     return row
 
@@ -272,6 +374,16 @@ def valid_secret_digests(session: Session, device_ids: Collection[str]) -> dict[
         _DEVICE.c.device_id.in_(sorted(device_ids)), _DEVICE.c.revoked.is_(False)
     )
     return {device_id: digest for device_id, digest in session.execute(query).all()}
+
+
+def valid_certificates(session: Session, device_ids: Collection[str]) -> dict[str, str]:
+    """The current certificate serial of each of `device_ids` that exists and is not revoked."""
+    query = core_select(_DEVICE.c.device_id, _DEVICE.c.cert_serial).where(
+        _DEVICE.c.device_id.in_(sorted(device_ids)),
+        _DEVICE.c.revoked.is_(False),
+        _DEVICE.c.cert_serial != "",
+    )
+    return {device_id: serial for device_id, serial in session.execute(query).all()}
 
 
 def mark_seen(session: Session, seen: Iterable[tuple[str, datetime, bool | None]]) -> None:

@@ -28,6 +28,30 @@ class DeviceRow(SQLModel, table=True):
     online: bool = False
     # Highest desired-state generation issued; strictly increasing.
     generation: int = 0
+    # "password" (secret_sha256) or "certificate" (enrollment, then cert_serial).
+    identity: str = Field(default="password", max_length=16)
+    # The one certificate the device may use (hex serial); any other is refused.
+    cert_serial: str = Field(default="", max_length=40)
+    cert_not_after: datetime | None = None
+    # A one-time enrollment token's digest, until used or expired.
+    enroll_token_sha256: str = Field(default="", max_length=64)
+    enroll_expires_at: datetime | None = None
+
+
+class RevokedCertificateRow(SQLModel, table=True):
+    """A device certificate no longer honoured: the device was revoked or renewed.
+
+    Kept until the certificate would have expired anyway; the CRL lists these.
+    """
+
+    __tablename__ = "revoked_certificate"
+
+    serial: str = Field(primary_key=True, max_length=40)
+    device_id: str = Field(index=True, max_length=128)
+    revoked_at: datetime
+    not_after: datetime
+    # "revoked" (the device was) or "superseded" (a renewal replaced it).
+    reason: str = Field(max_length=16)
 
 
 class DeviceFeatureRow(SQLModel, table=True):

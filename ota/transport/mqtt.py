@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -98,6 +99,8 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        # Run (on a thread of its own) after every connect: the broker may have restarted.
+        self.on_connected: Callable[[], None] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -132,6 +135,10 @@ class MqttLink:
     def publish_retained(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
         return self._client.publish(topic, payload, qos=1, retain=True)
 
+    def publish_control(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+        """A message to the broker itself (QoS 1, not retained); paho resends it after a reconnect."""
+        return self._client.publish(topic, payload, qos=1, retain=False)
+
     def ack(self, message: InboundMessage) -> None:
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)
@@ -152,6 +159,8 @@ class MqttLink:
         )
         self.connected.set()
         log.info("connected to the broker at %s:%s", self.address.host, self.address.port)
+        if self.on_connected is not None:
+            threading.Thread(target=self.on_connected, name="ota-mqtt-resync", daemon=True).start()
 
     def _on_disconnect(
         self,

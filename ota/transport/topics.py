@@ -26,6 +26,14 @@ class Topics:
     def state(self, device_id: str) -> str:
         return f"{self.root}/devices/{device_id}/state"
 
+    def revoked(self) -> str:
+        """Where the control plane names revoked devices (newline-separated) for the broker."""
+        return f"{self.root}/control/revoked"
+
+    def restored(self) -> str:
+        """Where it names devices provisioned again after a revocation."""
+        return f"{self.root}/control/restored"
+
     def shared_events(self) -> str:
         return f"$share/{INGEST_GROUP}/{self.root}/devices/+/events"
 

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from ota.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DeviceIdentity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceIdentityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceIdentity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_IDENTITY_UNSPECIFIED: _DeviceIdentity.ValueType  # 0
+    """IDENTITY_PASSWORD."""
+    DEVICE_IDENTITY_PASSWORD: _DeviceIdentity.ValueType  # 1
+    """A secret: broker password (Mosquitto password file) and gRPC bearer token."""
+    DEVICE_IDENTITY_CERTIFICATE: _DeviceIdentity.ValueType  # 2
+    """An X.509 certificate from the device CA, used with mutual TLS."""
+
+class DeviceIdentity(_DeviceIdentity, metaclass=_DeviceIdentityEnumTypeWrapper):
+    """How a device proves who it is to the broker and the control plane."""
+
+DEVICE_IDENTITY_UNSPECIFIED: DeviceIdentity.ValueType  # 0
+"""IDENTITY_PASSWORD."""
+DEVICE_IDENTITY_PASSWORD: DeviceIdentity.ValueType  # 1
+"""A secret: broker password (Mosquitto password file) and gRPC bearer token."""
+DEVICE_IDENTITY_CERTIFICATE: DeviceIdentity.ValueType  # 2
+"""An X.509 certificate from the device CA, used with mutual TLS."""
+Global___DeviceIdentity: _TypeAlias = DeviceIdentity  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):
@@ -54,6 +79,9 @@ class Device(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_SERIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"devices/{id}" """
     device_id: _builtins.str
@@ -62,12 +90,17 @@ class Device(_message.Message):
     firmware: _builtins.str
     revoked: _builtins.bool
     online: _builtins.bool
+    identity: Global___DeviceIdentity.ValueType
+    certificate_serial: _builtins.str
+    """The certificate the device may use (hex serial); empty before enrollment."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def certificate_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -81,10 +114,13 @@ class Device(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
         online: _builtins.bool = ...,
+        identity: Global___DeviceIdentity.ValueType = ...,
+        certificate_serial: _builtins.str = ...,
+        certificate_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "create_time", b"create_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "device_id", b"device_id", "firmware", b"firmware", "labels", b"labels", "last_seen_time", b"last_seen_time", "model", b"model", "name", b"name", "online", b"online", "region", b"region", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "certificate_serial", b"certificate_serial", "create_time", b"create_time", "device_id", b"device_id", "firmware", b"firmware", "identity", b"identity", "labels", b"labels", "last_seen_time", b"last_seen_time", "model", b"model", "name", b"name", "online", b"online", "region", b"region", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,16 +183,19 @@ class RegisterDevicesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    identity: Global___DeviceIdentity.ValueType
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceRegistration]: ...
     def __init__(
         self,
         *,
         devices: _abc.Iterable[Global___DeviceRegistration] | None = ...,
+        identity: Global___DeviceIdentity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "identity", b"identity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,18 +207,28 @@ class DeviceCredentials(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     secret: _builtins.str
-    """MQTT username is the device id; the same secret authenticates gRPC."""
+    """MQTT username is the device id; the same secret authenticates gRPC.
+    Empty for IDENTITY_CERTIFICATE.
+    """
+    enrollment_token: _builtins.str
+    """IDENTITY_CERTIFICATE: the one-time token EnrollDevice takes."""
+    @_builtins.property
+    def enrollment_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         secret: _builtins.str = ...,
+        enrollment_token: _builtins.str = ...,
+        enrollment_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment_expire_time", b"enrollment_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "enrollment_expire_time", b"enrollment_expire_time", "enrollment_token", b"enrollment_token", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,3 +386,146 @@ class RevokeDeviceRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeDeviceRequest: _TypeAlias = RevokeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class EnrollDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    enrollment_token: _builtins.str
+    csr: _builtins.str
+    """PKCS#10, PEM; an EC P-256 key the device generated and keeps."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        enrollment_token: _builtins.str = ...,
+        csr: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "device_id", b"device_id", "enrollment_token", b"enrollment_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollDeviceRequest: _TypeAlias = EnrollDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    csr: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        csr: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class SignDeviceCsrRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    csr: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        csr: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignDeviceCsrRequest: _TypeAlias = SignDeviceCsrRequest  # noqa: Y015
+
+@_typing.final
+class DeviceCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RENEW_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    certificate: _builtins.str
+    """PEM: the device's certificate, and the CA that signed it."""
+    ca_certificate: _builtins.str
+    serial: _builtins.str
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def renew_time(self) -> _timestamp_pb2.Timestamp:
+        """When the device should renew (two thirds into the lifetime)."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        certificate: _builtins.str = ...,
+        ca_certificate: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        renew_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "renew_time", b"renew_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate", b"ca_certificate", "certificate", b"certificate", "device_id", b"device_id", "expire_time", b"expire_time", "renew_time", b"renew_time", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCertificate: _TypeAlias = DeviceCertificate  # noqa: Y015
+
+@_typing.final
+class GetDeviceCrlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceCrlRequest: _TypeAlias = GetDeviceCrlRequest  # noqa: Y015
+
+@_typing.final
+class DeviceCrl(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRL_FIELD_NUMBER: _builtins.int
+    crl: _builtins.str
+    def __init__(
+        self,
+        *,
+        crl: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl", b"crl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCrl: _TypeAlias = DeviceCrl  # noqa: Y015

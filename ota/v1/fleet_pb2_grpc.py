@@ -55,6 +55,26 @@ class FleetServiceStub:
                 request_serializer=ota_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
                 response_deserializer=ota_dot_v1_dot_fleet__pb2.Device.FromString,
                 _registered_method=True)
+        self.EnrollDevice = channel.unary_unary(
+                '/ota.v1.FleetService/EnrollDevice',
+                request_serializer=ota_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
+                response_deserializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+                _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/ota.v1.FleetService/RenewCertificate',
+                request_serializer=ota_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+                _registered_method=True)
+        self.SignDeviceCsr = channel.unary_unary(
+                '/ota.v1.FleetService/SignDeviceCsr',
+                request_serializer=ota_dot_v1_dot_fleet__pb2.SignDeviceCsrRequest.SerializeToString,
+                response_deserializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+                _registered_method=True)
+        self.GetDeviceCrl = channel.unary_unary(
+                '/ota.v1.FleetService/GetDeviceCrl',
+                request_serializer=ota_dot_v1_dot_fleet__pb2.GetDeviceCrlRequest.SerializeToString,
+                response_deserializer=ota_dot_v1_dot_fleet__pb2.DeviceCrl.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -82,7 +102,39 @@ class FleetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeDevice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes a device: its credentials and certificate are refused from the
+        next call, and the broker drops its connection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollDevice(self, request, context):
+        """A device registered with IDENTITY_CERTIFICATE exchanges its one-time
+        enrollment token and a CSR for its certificate. Needs no bearer token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """A device, authenticated by its current certificate, gets one for a new
+        key; the current certificate is refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignDeviceCsr(self, request, context):
+        """Factory provisioning: an operator has the device CA sign a device's CSR.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeviceCrl(self, request, context):
+        """The device CA's certificate revocation list, for brokers (PEM).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -109,6 +161,26 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.RevokeDevice,
                     request_deserializer=ota_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.FromString,
                     response_serializer=ota_dot_v1_dot_fleet__pb2.Device.SerializeToString,
+            ),
+            'EnrollDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollDevice,
+                    request_deserializer=ota_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.FromString,
+                    response_serializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=ota_dot_v1_dot_fleet__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.SerializeToString,
+            ),
+            'SignDeviceCsr': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignDeviceCsr,
+                    request_deserializer=ota_dot_v1_dot_fleet__pb2.SignDeviceCsrRequest.FromString,
+                    response_serializer=ota_dot_v1_dot_fleet__pb2.DeviceCertificate.SerializeToString,
+            ),
+            'GetDeviceCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeviceCrl,
+                    request_deserializer=ota_dot_v1_dot_fleet__pb2.GetDeviceCrlRequest.FromString,
+                    response_serializer=ota_dot_v1_dot_fleet__pb2.DeviceCrl.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +292,114 @@ class FleetService:
             '/ota.v1.FleetService/RevokeDevice',
             ota_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
             ota_dot_v1_dot_fleet__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.FleetService/EnrollDevice',
+            ota_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
+            ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.FleetService/RenewCertificate',
+            ota_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+            ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignDeviceCsr(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.FleetService/SignDeviceCsr',
+            ota_dot_v1_dot_fleet__pb2.SignDeviceCsrRequest.SerializeToString,
+            ota_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeviceCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.FleetService/GetDeviceCrl',
+            ota_dot_v1_dot_fleet__pb2.GetDeviceCrlRequest.SerializeToString,
+            ota_dot_v1_dot_fleet__pb2.DeviceCrl.FromString,
             options,
             channel_credentials,
             insecure,

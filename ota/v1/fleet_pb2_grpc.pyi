@@ -40,6 +40,21 @@ class FleetServiceStub:
     ListDevices: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListDevicesRequest, _fleet_pb2.ListDevicesResponse]
     GetDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.GetDeviceResponse]
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RevokeDeviceRequest, _fleet_pb2.Device]
+    """Revokes a device: its credentials and certificate are refused from the
+    next call, and the broker drops its connection.
+    """
+    EnrollDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.DeviceCertificate]
+    """A device registered with IDENTITY_CERTIFICATE exchanges its one-time
+    enrollment token and a CSR for its certificate. Needs no bearer token.
+    """
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RenewCertificateRequest, _fleet_pb2.DeviceCertificate]
+    """A device, authenticated by its current certificate, gets one for a new
+    key; the current certificate is refused from then on.
+    """
+    SignDeviceCsr: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.SignDeviceCsrRequest, _fleet_pb2.DeviceCertificate]
+    """Factory provisioning: an operator has the device CA sign a device's CSR."""
+    GetDeviceCrl: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceCrlRequest, _fleet_pb2.DeviceCrl]
+    """The device CA's certificate revocation list, for brokers (PEM)."""
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -53,6 +68,21 @@ class FleetServiceAsyncStub(FleetServiceStub):
     ListDevices: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListDevicesRequest, _fleet_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.GetDeviceResponse]  # type: ignore[assignment]
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RevokeDeviceRequest, _fleet_pb2.Device]  # type: ignore[assignment]
+    """Revokes a device: its credentials and certificate are refused from the
+    next call, and the broker drops its connection.
+    """
+    EnrollDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.DeviceCertificate]  # type: ignore[assignment]
+    """A device registered with IDENTITY_CERTIFICATE exchanges its one-time
+    enrollment token and a CSR for its certificate. Needs no bearer token.
+    """
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RenewCertificateRequest, _fleet_pb2.DeviceCertificate]  # type: ignore[assignment]
+    """A device, authenticated by its current certificate, gets one for a new
+    key; the current certificate is refused from then on.
+    """
+    SignDeviceCsr: _aio.UnaryUnaryMultiCallable[_fleet_pb2.SignDeviceCsrRequest, _fleet_pb2.DeviceCertificate]  # type: ignore[assignment]
+    """Factory provisioning: an operator has the device CA sign a device's CSR."""
+    GetDeviceCrl: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceCrlRequest, _fleet_pb2.DeviceCrl]  # type: ignore[assignment]
+    """The device CA's certificate revocation list, for brokers (PEM)."""
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     """The fleet: provisioning, listing, history, revocation."""
@@ -86,6 +116,45 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _fleet_pb2.RevokeDeviceRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_fleet_pb2.Device, _abc.Awaitable[_fleet_pb2.Device]]: ...
+    ) -> _typing.Union[_fleet_pb2.Device, _abc.Awaitable[_fleet_pb2.Device]]:
+        """Revokes a device: its credentials and certificate are refused from the
+        next call, and the broker drops its connection.
+        """
+
+    @_abc_1.abstractmethod
+    def EnrollDevice(
+        self,
+        request: _fleet_pb2.EnrollDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeviceCertificate, _abc.Awaitable[_fleet_pb2.DeviceCertificate]]:
+        """A device registered with IDENTITY_CERTIFICATE exchanges its one-time
+        enrollment token and a CSR for its certificate. Needs no bearer token.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _fleet_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeviceCertificate, _abc.Awaitable[_fleet_pb2.DeviceCertificate]]:
+        """A device, authenticated by its current certificate, gets one for a new
+        key; the current certificate is refused from then on.
+        """
+
+    @_abc_1.abstractmethod
+    def SignDeviceCsr(
+        self,
+        request: _fleet_pb2.SignDeviceCsrRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeviceCertificate, _abc.Awaitable[_fleet_pb2.DeviceCertificate]]:
+        """Factory provisioning: an operator has the device CA sign a device's CSR."""
+
+    @_abc_1.abstractmethod
+    def GetDeviceCrl(
+        self,
+        request: _fleet_pb2.GetDeviceCrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeviceCrl, _abc.Awaitable[_fleet_pb2.DeviceCrl]]:
+        """The device CA's certificate revocation list, for brokers (PEM)."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
