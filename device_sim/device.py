@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -99,8 +100,10 @@ class SimDevice:
         latency: float = 0.0,
         download_executor: Executor | None = None,
         durable: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.profile = profile
+        self.tls = tls
         self.clock = clock
         self.pull_desired = pull_desired
         self.secret = secret
@@ -194,6 +197,7 @@ class SimDevice:
             username=self.device_id,
             password=self.secret,
             client_id=self.device_id,
+            tls=self.tls,
             will=will,
             keepalive=60,
         ) as client:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from ota.errors import InvalidArgument, NotFound
 from ota.tls import CHANNEL_OPTIONS
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
+from ota.trust.enroll import Identity, enroll
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,14 @@ class FleetSettings:
     origin_url: str = ""
     origin_token: str = ""
 
+    # "password" (a secret per device) or "cert": each device enrolls for a
+    # certificate with a one-time token and speaks mutual TLS to the broker and
+    # to `device_server`, the control plane's device port; `server_ca` (PEM
+    # file) checks both servers' certificates.
+    identity: str = "password"
+    device_server: str = ""
+    server_ca: Path | None = None
+
     def __post_init__(self) -> None:
         if self.delivery not in ("grpc", "http"):
             raise InvalidArgument(f"{self.delivery!r} is not grpc or http", field="delivery")
@@ -112,9 +122,13 @@ class FleetSettings:
 
 
 def provision(
-    channel: grpc.Channel, token: str, profiles: list[DeviceProfile]
+    channel: grpc.Channel,
+    token: str,
+    profiles: list[DeviceProfile],
+    *,
+    certificates: bool = False,
 ) -> tuple[dict[str, str], str, str]:
-    """Register the devices; returns their secrets, the broker URL and topic root."""
+    """Register the devices; returns their secrets (or enrollment tokens), broker URL, topic root."""
     stub = fleet_pb2_grpc.FleetServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),)
     secrets: dict[str, str] = {}
@@ -128,12 +142,17 @@ def provision(
                         device_id=p.device_id, model=p.model, region=p.region, firmware=p.firmware
                     )
                     for p in batch
-                ]
+                ],
+                identity=(
+                    fleet_pb2.DEVICE_IDENTITY_CERTIFICATE
+                    if certificates
+                    else fleet_pb2.DEVICE_IDENTITY_PASSWORD
+                ),
             ),
             metadata=metadata,
             timeout=60,
         )
-        secrets.update({c.device_id: c.secret for c in response.credentials})
+        secrets.update({c.device_id: c.enrollment_token or c.secret for c in response.credentials})
         mqtt_url, topic_root = response.mqtt_url, response.topic_root
     return secrets, mqtt_url, topic_root
 
@@ -152,7 +171,16 @@ class SimulatedFleet:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.devices: list[SimDevice] = []
-        self._channel = grpc.insecure_channel(settings.server, options=DEVICE_CHANNEL_OPTIONS)
+        # Over TLS when a server CA is given: an enrollment token is a credential.
+        self._channel = (
+            grpc.secure_channel(
+                settings.server,
+                grpc.ssl_channel_credentials(root_certificates=settings.server_ca.read_bytes()),
+                options=DEVICE_CHANNEL_OPTIONS,
+            )
+            if settings.server_ca
+            else grpc.insecure_channel(settings.server, options=DEVICE_CHANNEL_OPTIONS)
+        )
         # Set by `stop`: a device waiting out an unreachable control plane stops waiting.
         self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
@@ -163,6 +191,7 @@ class SimulatedFleet:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._secrets: dict[str, str] = {}
+        self._device_channels: dict[str, grpc.Channel] = {}
         self._topics: Topics | None = None
         self._address: BrokerAddress | None = None
         self._rng = random.Random(settings.seed)
@@ -181,8 +210,10 @@ class SimulatedFleet:
         """Register the devices and build them from their state directories; no connection yet."""
         t0 = time.perf_counter()
         self._secrets, mqtt_url, topic_root = provision(
-            self._channel, self.settings.admin_token, self.profiles
+            self._channel, self.settings.admin_token, self.profiles, certificates=self._certs
         )
+        if self._certs:
+            self._enroll(self.profiles)
         t1 = time.perf_counter()
         self._address = BrokerAddress.parse(mqtt_url)
         self._topics = Topics(topic_root)
@@ -204,8 +235,12 @@ class SimulatedFleet:
         """Register more devices while the fleet runs (late registrations) and connect them."""
         assert self._address is not None, "start() the fleet first"
         address = self._address
-        secrets, _, _ = provision(self._channel, self.settings.admin_token, profiles)
+        secrets, _, _ = provision(
+            self._channel, self.settings.admin_token, profiles, certificates=self._certs
+        )
         self._secrets.update(secrets)
+        if self._certs:
+            self._enroll(profiles)
         self.profiles = [*self.profiles, *profiles]
         raise_open_files_limit(len(self.profiles) + SPARE_FILES)
 
@@ -261,13 +296,39 @@ class SimulatedFleet:
         if self._stopping.wait(seconds):
             raise FleetStopping("the fleet is stopping")
 
+    @property
+    def _certs(self) -> bool:
+        return self.settings.identity == "cert"
+
+    def _enroll(self, profiles: list[DeviceProfile]) -> None:
+        """Each device makes its key and exchanges its one-time token for a certificate."""
+        for p in profiles:
+            identity = enroll(self._channel, p.device_id, self._secrets.pop(p.device_id))
+            identity.save(self._identity_dir(p.device_id))
+
+    def _identity_dir(self, device_id: str) -> Path:
+        return self.settings.state_dir / device_id / "identity"
+
     def _device(self, p: DeviceProfile, *, record: DeviceRecord | None = None) -> SimDevice:
         settings = self.settings
         assert self._topics is not None
         state_dir = settings.state_dir / p.device_id
-        source = GrpcSource(
-            self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
-        )
+        tls: ssl.SSLContext | None = None
+        if self._certs:
+            identity = Identity.load(self._identity_dir(p.device_id), p.device_id)
+            server_ca = settings.server_ca.read_bytes() if settings.server_ca else None
+            channel = self._device_channels.get(p.device_id)
+            if channel is None:
+                channel = grpc.secure_channel(
+                    settings.device_server, identity.grpc_credentials(server_ca)
+                )
+                self._device_channels[p.device_id] = channel
+            tls = identity.ssl_context(settings.server_ca, self._identity_dir(p.device_id))
+            source = GrpcSource(channel, p.device_id, "", deadlines=settings.deadlines)
+        else:
+            source = GrpcSource(
+                self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
+            )
         delivery: MetadataSource = source
         if settings.delivery == "http":
             delivery = HttpSource(
@@ -292,8 +353,9 @@ class SimulatedFleet:
         )
         return SimDevice(
             p,
-            secret=self._secrets[p.device_id],
+            secret=self._secrets.get(p.device_id, ""),
             trust=trust,
+            tls=tls,
             topics=self._topics,
             failures=scenario.failures_for(p) if scenario else settings.failures,
             executor=self._executor,
@@ -455,3 +517,5 @@ class SimulatedFleet:
         self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()
         self._http.clear()
+        for channel in self._device_channels.values():
+            channel.close()

@@ -23,6 +23,7 @@ import functools
 import ipaddress
 import resource
 import socket
+import ssl
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -195,6 +196,7 @@ class Connection:
         keepalive: int = 60,
         connect_timeout: float = 30.0,
         max_inflight: int = 20,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.keepalive = keepalive
@@ -202,7 +204,10 @@ class Connection:
         client = _DeviceClient(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
-        client.username_pw_set(username, password)
+        if tls is not None:
+            # Mutual TLS: the broker takes the username from the certificate.
+            client.tls_set_context(tls)
+        client.username_pw_set(username, password or None)
         client.max_inflight_messages_set(max_inflight)
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)

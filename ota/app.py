@@ -343,6 +343,7 @@ class ControlPlane:
             device_ca=device_ca,
             revocations=revocations,
             on_certificates_changed=crl_file.write if crl_file else None,
+            device_mqtt_url=config.device_mqtt_url,
         )
         if crl_file is not None:
             crl_file.write()

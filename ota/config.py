@@ -65,6 +65,9 @@ class ServerConfig:
     # A second gRPC port for devices with certificates: mutual TLS against the
     # device CA, with the server certificate of tls_cert_file. Empty = none.
     device_listen: str = ""
+    # The broker URL certificate devices are told at registration (its mutual-TLS
+    # listener, e.g. mqtts://broker.example:8883); empty = mqtt_url.
+    device_mqtt_url: str = ""
     # Where to keep the device CA's CRL for a broker on this host (rewritten, and
     # the broker of broker_pid_file signalled, on each change); empty = not kept.
     device_crl_file: str = ""

@@ -59,7 +59,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         device_ca: DeviceCa | None = None,
         revocations: BrokerRevocations | None = None,
         on_certificates_changed: Callable[[], None] | None = None,
+        device_mqtt_url: str = "",
     ) -> None:
+        self._device_mqtt_url = device_mqtt_url or mqtt_url
         self._flood_guard = flood_guard
         self._device_ca = device_ca
         self._revocations = revocations
@@ -150,7 +152,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 fleet_pb2.DeviceCredentials(device_id=k, secret=v) for k, v in issued.items()
             ]
         return fleet_pb2.RegisterDevicesResponse(
-            credentials=credentials, mqtt_url=self._mqtt_url, topic_root=self._topic_root
+            credentials=credentials,
+            mqtt_url=self._device_mqtt_url if certificates else self._mqtt_url,
+            topic_root=self._topic_root,
         )
 
     def EnrollDevice(

@@ -82,9 +82,18 @@ class BrokerSettings:
             asks `start_private_broker` for a free port.
         tls_cafile, tls_certfile, tls_keyfile: PEM files of that listener:
             the CA, the broker's certificate and its key (absolute paths).
-        tls_require_certificate: clients on the TLS listener must also present
-            a certificate signed by `tls_cafile` (default off: devices
-            authenticate with username and password).
+        tls_require_certificate: clients on the TLS listener must present a
+            certificate signed by `tls_cafile` (the device CA), whose common
+            name becomes their username (`use_identity_as_username`), so the
+            ACL's `%u` patterns and the subscription guard see the device id;
+            no password is asked (default off: devices authenticate with
+            username and password).
+        tls_crlfile: the device CA's CRL (PEM) for that listener; Mosquitto
+            re-reads it on SIGHUP and then refuses a revoked certificate's
+            handshake. It must always hold a current CRL of the device CA
+            (an expired one makes OpenSSL refuse every client), so
+            `ota serve` rewrites it (`device_crl_file`) or an operator
+            fetches it with `ota fleet crl`.
         max_connections: client connections the listener accepts; -1
             (default) means no limit but the process's open-file limit.
         max_open_files: the open-file limit (RLIMIT_NOFILE) `MosquittoProcess`
@@ -123,6 +132,7 @@ class BrokerSettings:
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     tls_require_certificate: bool = False
+    tls_crlfile: str | None = None
     max_connections: int = -1
     max_open_files: int = 65_536
     subscribe_guard: bool = True
@@ -183,6 +193,21 @@ class BrokerSettings:
                     raise InvalidArgument(
                         "a TLS listener needs an absolute path without whitespace", field=name
                     )
+        if self.tls_crlfile is not None:
+            if not self.tls_require_certificate:
+                raise InvalidArgument(
+                    "a CRL needs client certificates (tls_require_certificate)",
+                    field="tls_crlfile",
+                )
+            if not os.path.isabs(self.tls_crlfile) or any(c.isspace() for c in self.tls_crlfile):
+                raise InvalidArgument(
+                    "the CRL needs an absolute path without whitespace", field="tls_crlfile"
+                )
+        if self.tls_require_certificate and self.tls_port is None:
+            raise InvalidArgument(
+                "client certificates need the TLS listener (tls_port)",
+                field="tls_require_certificate",
+            )
         if self.subscribe_guard_plugin is not None:
             path = self.subscribe_guard_plugin
             if not os.path.isabs(path) or any(c.isspace() for c in path):
@@ -321,7 +346,8 @@ def render_acl(settings: BrokerSettings) -> str:
     for name in settings.control_usernames:
         lines += [f"user {name}", f"topic readwrite {root}/#", ""]
     lines += [
-        "# Every user, devices included: username = device id = client id.",
+        "# Every user, devices included: username = device id = client id (on the",
+        "# certificate listener the username is the certificate's common name).",
         f"pattern read {root}/devices/%u/desired",
         f"pattern write {root}/devices/%u/events",
         f"pattern write {root}/devices/%u/state",
@@ -406,9 +432,14 @@ def render_config(settings: BrokerSettings, files: BrokerFiles) -> str:
             f"certfile {s.tls_certfile}",
             f"keyfile {s.tls_keyfile}",
             f"require_certificate {_bool(s.tls_require_certificate)}",
-            "use_username_as_clientid true",
-            "",
         ]
+        if s.tls_require_certificate:
+            # The certificate's CN (the device id) is the username: no password
+            # file entry, and the ACL and the guard work as on the password listener.
+            lines.append("use_identity_as_username true")
+            if s.tls_crlfile:
+                lines.append(f"crlfile {s.tls_crlfile}")
+        lines += ["use_username_as_clientid true", ""]
     return "\n".join(lines)
 
 

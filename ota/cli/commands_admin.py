@@ -109,6 +109,18 @@ def register(nouns: Any) -> None:
     p.add_argument("--tls-cert", type=Path, help="the broker's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="the broker's private key (PEM)")
     p.add_argument(
+        "--device-ca",
+        type=Path,
+        help="devices on the TLS listener authenticate with a certificate of this CA "
+        "(ota keys device-ca); its common name is their username. Replaces --tls-ca",
+    )
+    p.add_argument(
+        "--crl",
+        type=Path,
+        help="the device CA's CRL for the TLS listener, re-read on SIGHUP "
+        "(ota serve --device-crl-file keeps it, or ota fleet crl)",
+    )
+    p.add_argument(
         "--replica",
         action="append",
         default=[],
@@ -359,7 +371,15 @@ def broker_config(args: argparse.Namespace) -> int:
         bind_address=args.bind,
         topic_root=args.topic_root,
         tls_port=args.tls_port,
-        tls_cafile=str(args.tls_ca.resolve()) if args.tls_ca else None,
+        tls_cafile=(
+            str(args.device_ca.resolve())
+            if args.device_ca
+            else str(args.tls_ca.resolve())
+            if args.tls_ca
+            else None
+        ),
+        tls_require_certificate=args.device_ca is not None,
+        tls_crlfile=str(args.crl.resolve()) if args.crl else None,
         tls_certfile=str(args.tls_cert.resolve()) if args.tls_cert else None,
         tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
         extra_control_usernames=tuple(args.replica),

@@ -70,7 +70,10 @@ class GrpcSource:
         deadlines: Deadlines | None = None,
     ) -> None:
         self._stub = bundle_pb2_grpc.BundleServiceStub(channel)
-        self._metadata = (("authorization", f"Bearer device:{device_id}:{secret}"),)
+        # Without a secret the device is known by its client certificate (mutual TLS).
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer device:{device_id}:{secret}"),) if secret else ()
+        )
         self._deadlines = deadlines or Deadlines()
 
     def fetch_metadata(self, role: str, version: int | None) -> bytes | None:

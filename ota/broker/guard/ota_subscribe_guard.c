@@ -18,6 +18,16 @@
  * state, so registering devices costs the broker nothing here. Every other
  * access (publish, delivery, unsubscribe) is deferred to the acl_file.
  *
+ * Revocation: a control-plane user publishes device ids, one a line, to
+ * <topic_root>/control/revoked. The guard drops each one's connection at
+ * once (the broker has no other way to end a session whose certificate is
+ * still valid: a CRL reload refuses new handshakes only) and from then on
+ * refuses every access of that username, kicking it again on its first
+ * attempt, until a control-plane user names it on
+ * <topic_root>/control/restored. The list is kept in memory; the control
+ * plane names every revoked device again whenever it connects, so a
+ * restarted broker learns it back within seconds.
+ *
  * Options (mosquitto.conf):
  *   plugin_opt_topic_root          the ota topic root, e.g. ota/v1
  *   plugin_opt_control_users_file  one control-plane username a line;
@@ -39,6 +49,13 @@
 
 #define GUARD "ota subscription guard"
 #define MAX_LINE 512
+#define DENIED_BUCKETS 65536u
+#define MAX_PENDING_KICKS 1024u
+
+struct denied {
+	struct denied *next;
+	char name[];
+};
 
 struct guard {
 	mosquitto_plugin_id_t *id;
@@ -47,7 +64,54 @@ struct guard {
 	char *users_file;
 	char **users; /* control-plane usernames */
 	size_t user_count;
+	char *revoked_topic;
+	char *restored_topic;
+	struct denied **denied; /* revoked usernames, a chained hash set */
+	size_t denied_count;
+	/* Usernames refused since the last tick, to disconnect from the main loop
+	 * (not from inside their own ACL check). */
+	char *pending[MAX_PENDING_KICKS];
+	size_t pending_count;
 };
+
+static unsigned long hash_name(const char *name, size_t len)
+{
+	unsigned long h = 2166136261u; /* FNV-1a */
+	size_t i;
+	for(i = 0; i < len; i++){
+		h = (h ^ (unsigned char)name[i]) * 16777619u;
+	}
+	return h % DENIED_BUCKETS;
+}
+
+static struct denied **find_denied(struct guard *g, const char *name, size_t len)
+{
+	struct denied **slot = &g->denied[hash_name(name, len)];
+	while(*slot){
+		if(strlen((*slot)->name) == len && !memcmp((*slot)->name, name, len)) return slot;
+		slot = &(*slot)->next;
+	}
+	return slot;
+}
+
+static bool is_denied(struct guard *g, const char *name)
+{
+	return g->denied_count > 0 && *find_denied(g, name, strlen(name)) != NULL;
+}
+
+static void free_denied(struct guard *g)
+{
+	size_t i;
+	struct denied *d, *next;
+	if(!g->denied) return;
+	for(i = 0; i < DENIED_BUCKETS; i++){
+		for(d = g->denied[i]; d; d = next){
+			next = d->next;
+			free(d);
+		}
+	}
+	free(g->denied);
+}
 
 static void free_users(char **users, size_t count)
 {
@@ -147,9 +211,17 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	const char *username;
 
 	(void)event;
+	username = mosquitto_client_username(ed->client);
+	if(username != NULL && is_denied(g, username)){
+		/* A revoked device that is still (or again) connected. */
+		if(g->pending_count < MAX_PENDING_KICKS){
+			g->pending[g->pending_count] = strdup(username);
+			if(g->pending[g->pending_count]) g->pending_count++;
+		}
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	if(ed->access != MOSQ_ACL_SUBSCRIBE) return MOSQ_ERR_PLUGIN_DEFER;
 
-	username = mosquitto_client_username(ed->client);
 	if(username == NULL) return MOSQ_ERR_ACL_DENIED;
 	if(is_control_user(g, username)) return MOSQ_ERR_PLUGIN_DEFER;
 	if(is_own_desired(g, username, ed->topic)){
@@ -159,6 +231,85 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, GUARD ": refused %s's subscription to %s",
 			username, ed->topic);
 	return MOSQ_ERR_ACL_DENIED;
+}
+
+/* Applies one line of a revoked/restored message; returns true if it named a user. */
+static bool apply_name(struct guard *g, const char *name, size_t len, bool revoke)
+{
+	struct denied **slot, *d;
+	char id[MAX_LINE];
+
+	if(len == 0 || len >= sizeof(id)) return false;
+	slot = find_denied(g, name, len);
+	if(revoke){
+		if(*slot == NULL){
+			d = malloc(sizeof(*d) + len + 1);
+			if(!d) return false;
+			d->next = NULL;
+			memcpy(d->name, name, len);
+			d->name[len] = '\0';
+			*slot = d;
+			g->denied_count++;
+		}
+		/* Username = client id on every ota listener (use_username_as_clientid). */
+		memcpy(id, name, len);
+		id[len] = '\0';
+		mosquitto_kick_client_by_clientid(id, false);
+	}else if(*slot != NULL){
+		d = *slot;
+		*slot = d->next;
+		free(d);
+		g->denied_count--;
+	}
+	return true;
+}
+
+static int on_message(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_message *ed = event_data;
+	struct guard *g = userdata;
+	const char *username, *p, *end, *nl;
+	bool revoke;
+	unsigned long applied = 0;
+
+	(void)event;
+	if(!strcmp(ed->topic, g->revoked_topic)){
+		revoke = true;
+	}else if(!strcmp(ed->topic, g->restored_topic)){
+		revoke = false;
+	}else{
+		return MOSQ_ERR_SUCCESS;
+	}
+	username = mosquitto_client_username(ed->client);
+	/* The acl_file lets only control users publish here; check anyway. */
+	if(username == NULL || !is_control_user(g, username)) return MOSQ_ERR_ACL_DENIED;
+	p = ed->payload;
+	end = p + ed->payloadlen;
+	while(p < end){
+		nl = memchr(p, '\n', (size_t)(end - p));
+		if(!nl) nl = end;
+		if(apply_name(g, p, (size_t)(nl - p), revoke)) applied++;
+		p = nl + 1;
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, GUARD ": %s %lu device(s); %lu revoked in all",
+			revoke ? "revoked" : "restored", applied, (unsigned long)g->denied_count);
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct guard *g = userdata;
+	size_t i;
+
+	(void)event;
+	(void)event_data;
+	for(i = 0; i < g->pending_count; i++){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, GUARD ": disconnected revoked %s", g->pending[i]);
+		mosquitto_kick_client_by_clientid(g->pending[i], false);
+		free(g->pending[i]);
+	}
+	g->pending_count = 0;
+	return MOSQ_ERR_SUCCESS;
 }
 
 static int on_reload(int event, void *event_data, void *userdata)
@@ -186,7 +337,12 @@ static int on_reload(int event, void *event_data, void *userdata)
 
 static void guard_free(struct guard *g)
 {
+	size_t i;
 	if(!g) return;
+	for(i = 0; i < g->pending_count; i++) free(g->pending[i]);
+	free_denied(g);
+	free(g->revoked_topic);
+	free(g->restored_topic);
 	free_users(g->users, g->user_count);
 	free(g->topic_root);
 	free(g->users_file);
@@ -229,6 +385,15 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		return MOSQ_ERR_NOMEM;
 	}
 	g->topic_root_len = strlen(g->topic_root);
+	g->revoked_topic = malloc(g->topic_root_len + sizeof("/control/restored"));
+	g->restored_topic = malloc(g->topic_root_len + sizeof("/control/restored"));
+	g->denied = calloc(DENIED_BUCKETS, sizeof(*g->denied));
+	if(!g->revoked_topic || !g->restored_topic || !g->denied){
+		guard_free(g);
+		return MOSQ_ERR_NOMEM;
+	}
+	sprintf(g->revoked_topic, "%s/control/revoked", g->topic_root);
+	sprintf(g->restored_topic, "%s/control/restored", g->topic_root);
 	/* Fail closed: a broker that cannot tell the control plane from a
 	 * device does not start. */
 	if(read_users(g->users_file, &g->users, &g->user_count)){
@@ -236,8 +401,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		return MOSQ_ERR_INVAL;
 	}
 	if(mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, g)
-			|| mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, g)){
+			|| mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, g)
+			|| mosquitto_callback_register(identifier, MOSQ_EVT_MESSAGE, on_message, NULL, g)
+			|| mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_tick, NULL, g)){
 		mosquitto_callback_unregister(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+		mosquitto_callback_unregister(identifier, MOSQ_EVT_RELOAD, on_reload, NULL);
+		mosquitto_callback_unregister(identifier, MOSQ_EVT_MESSAGE, on_message, NULL);
 		guard_free(g);
 		return MOSQ_ERR_UNKNOWN;
 	}
@@ -258,6 +427,8 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	if(g){
 		mosquitto_callback_unregister(g->id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 		mosquitto_callback_unregister(g->id, MOSQ_EVT_RELOAD, on_reload, NULL);
+		mosquitto_callback_unregister(g->id, MOSQ_EVT_MESSAGE, on_message, NULL);
+		mosquitto_callback_unregister(g->id, MOSQ_EVT_TICK, on_tick, NULL);
 		guard_free(g);
 	}
 	return MOSQ_ERR_SUCCESS;
