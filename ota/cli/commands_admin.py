@@ -146,6 +146,15 @@ def register(nouns: Any) -> None:
 
     keys = nouns.add_parser("keys", help="signing keys").add_subparsers(dest="verb", required=True)
     p = keys.add_parser(
+        "device-ca",
+        help="a device CA (device-ca.pem, device-ca.key) for device certificates",
+        description="A new CA that signs device certificates at enrollment. Keep the key "
+        "like the online keys: ota serve reads it (device_ca_cert_file, device_ca_key_file); "
+        "brokers get the certificate alone.",
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(handler=keys_device_ca)
+    p = keys.add_parser(
         "generate",
         help="root, release (offline) and online keys, root.json",
         description="A new keyring: root and release keys (offline), snapshot, timestamp and "
@@ -407,6 +416,17 @@ def broker_config(args: argparse.Namespace) -> int:
     for name, secret in replicas.items():
         console.print(f"replica account: {name} / {secret}")
     console.print(f"start it with: mosquitto -c {files.conf}")
+    return 0
+
+
+def keys_device_ca(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from ota.trust.device_ca import generate_device_ca
+
+    paths = generate_device_ca(args.out, now=datetime.now(UTC))
+    console.print(f"device CA certificate {paths.cert} (to brokers and ota serve)")
+    console.print(f"device CA key         {paths.key} (ota serve only; mode 0600)")
     return 0
 
 

@@ -128,15 +128,37 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.set_defaults(handler=bundle_get)
 
     fleet = nouns.add_parser("fleet", help="devices").add_subparsers(dest="verb", required=True)
-    p = fleet.add_parser("register", help="provision a device; prints its secret once")
+    p = fleet.add_parser(
+        "register", help="provision a device; prints its secret (or enrollment token) once"
+    )
     p.add_argument("device_id", help="the device's id, also its MQTT username, e.g. car-0001")
     p.add_argument("--model", required=True, help="hardware model, e.g. ev6")
     p.add_argument("--region", required=True, help="region, e.g. eu")
     p.add_argument("--firmware", required=True, help="base firmware version, e.g. 4.2.0")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeat it)")
     add_agent_options(p)
+    p.add_argument(
+        "--identity",
+        choices=("password", "certificate"),
+        default="password",
+        help="certificate: the device enrolls for an X.509 certificate with a one-time "
+        "token and uses mutual TLS; password: a secret in the broker's password file",
+    )
     client_options(p)
     p.set_defaults(handler=fleet_register)
+    p = fleet.add_parser(
+        "sign-csr",
+        help="factory provisioning: have the device CA sign a registered device's CSR",
+    )
+    p.add_argument("device_id")
+    p.add_argument("--csr", type=Path, required=True, help="the device's request (PEM)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the certificate")
+    client_options(p)
+    p.set_defaults(handler=fleet_sign_csr)
+    p = fleet.add_parser("crl", help="the device CA's certificate revocation list, for brokers")
+    p.add_argument("--out", type=Path, required=True)
+    client_options(p)
+    p.set_defaults(handler=fleet_crl)
     p = fleet.add_parser("list", help="devices matching a selector")
     p.add_argument("--selector", default="", help="which devices, e.g. 'region = \"eu\"'")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -482,18 +504,31 @@ def fleet_register(args: argparse.Namespace) -> int:
                     firmware=args.firmware,
                     labels=labels,
                 )
-            ]
+            ],
+            identity=(
+                fleet_pb2.DEVICE_IDENTITY_CERTIFICATE
+                if args.identity == "certificate"
+                else fleet_pb2.DEVICE_IDENTITY_PASSWORD
+            ),
         ),
         metadata=client.metadata,
     )
     c = response.credentials[0]
     written = None
-    if args.agent_config is not None:
+    if args.agent_config is not None and args.identity == "certificate":
+        console.print("--agent-config writes a secret; a certificate device enrolls instead")
+    elif args.agent_config is not None:
         written = write_agent_config(
             args, device_id=c.device_id, secret=c.secret, mqtt_url=response.mqtt_url, labels=labels
         )
     if args.format == "json":
         emit_json(response)
+    elif args.identity == "certificate":
+        expires = c.enrollment_expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+        console.print(
+            f"registered {c.device_id}; enrollment token {c.enrollment_token} (shown once, "
+            f"until {expires}); broker {response.mqtt_url}"
+        )
     elif written is not None:
         console.print(
             f"registered {c.device_id}; agent config with its secret in {written} (mode 0600); "
@@ -503,6 +538,37 @@ def fleet_register(args: argparse.Namespace) -> int:
         console.print(
             f"registered {c.device_id}; secret {c.secret} (shown once); broker {response.mqtt_url}"
         )
+    return 0
+
+
+def fleet_sign_csr(args: argparse.Namespace) -> int:
+    try:
+        csr = args.csr.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read {args.csr}: {exc}", field="csr") from exc
+    client = _client(args)
+    issued = client.fleet.SignDeviceCsr(
+        fleet_pb2.SignDeviceCsrRequest(device_id=args.device_id, csr=csr),
+        metadata=client.metadata,
+    )
+    args.out.write_text(issued.certificate)
+    if args.format == "json":
+        emit_json(issued)
+    else:
+        expires = issued.expire_time.ToDatetime().strftime("%Y-%m-%d")
+        console.print(
+            f"wrote {args.out}: {issued.device_id}, serial {issued.serial}, until {expires}"
+        )
+    return 0
+
+
+def fleet_crl(args: argparse.Namespace) -> int:
+    client = _client(args)
+    crl = client.fleet.GetDeviceCrl(fleet_pb2.GetDeviceCrlRequest(), metadata=client.metadata)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(crl.crl)
+    tmp.replace(args.out)  # a broker reloading meanwhile reads the old or the new, whole
+    console.print(f"wrote {args.out}; send the broker SIGHUP to apply it")
     return 0
 
 
