@@ -32,6 +32,7 @@ BENCHMARKS = {
     "fleet-connect": "bench.fleet_connect",
     "notify-fleet": "bench.notify_fleet",
     "origin-load": "bench.origin_load",
+    "device-identity": "bench.device_identity",
 }
 
 
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         "--devices",
         type=int,
         default=None,
-        help="rollout-e2e, notify-fleet and origin-load fleet size (rollout-e2e and "
-        "origin-load: 200 with --quick, 2000 otherwise; notify-fleet: 100 with --quick, "
-        "10000 otherwise)",
+        help="rollout-e2e, notify-fleet, origin-load and device-identity fleet size "
+        "(rollout-e2e and origin-load: 200 with --quick, 2000 otherwise; notify-fleet: 100 "
+        "with --quick, 10000 otherwise; device-identity: 300 with --quick, 100000 otherwise)",
     )
     parser.add_argument(
         "--results-dir",
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     watch=args.watch,
                     broker_max_queued=args.broker_max_queued,
                 )
-            elif name in ("notify-fleet", "origin-load"):
+            elif name in ("notify-fleet", "origin-load", "device-identity"):
                 result = module.run(args.quick, devices=args.devices)
             else:
                 result = module.run(args.quick)
