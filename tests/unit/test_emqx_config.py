@@ -72,8 +72,8 @@ def emqx_allows(username: str, action: str, topic: str) -> bool:
             assert who == "all", who
         if act not in ("all", action):
             continue
-        for spec in topics:
-            spec = spec.replace("${username}", username)
+        for raw in topics:
+            spec = raw.replace("${username}", username)
             if spec.startswith("{eq,"):
                 literal = re.search(r'"(.*)"', spec)
                 assert literal
@@ -135,9 +135,12 @@ def mosquitto_allows(username: str, action: str, topic: str) -> bool:
                 words[2], topic.replace("$share/ota-ingest/", "")
             ):
                 return True
-        elif words[0] == "pattern" and words[1] in ("readwrite", wanted):
-            if _matches(words[2].replace("%u", username), topic):
-                return True
+        elif (
+            words[0] == "pattern"
+            and words[1] in ("readwrite", wanted)
+            and _matches(words[2].replace("%u", username), topic)
+        ):
+            return True
     return False
 
 
