@@ -303,7 +303,11 @@ class ControlPlane:
             store, director, clock, desired_ttl=ttl, on_change=command_done, metrics=metrics
         )
         device_ca = (
-            DeviceCa.load(Path(config.device_ca_cert_file), Path(config.device_ca_key_file))
+            DeviceCa.load(
+                Path(config.device_ca_cert_file),
+                Path(config.device_ca_key_file),
+                crl_url=config.device_crl_url,
+            )
             if config.device_ca_cert_file
             else None
         )

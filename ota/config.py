@@ -71,6 +71,9 @@ class ServerConfig:
     # Where to keep the device CA's CRL for a broker on this host (rewritten, and
     # the broker of broker_pid_file signalled, on each change); empty = not kept.
     device_crl_file: str = ""
+    # Written into each device certificate as its CRL distribution point, for
+    # brokers that fetch the CRL themselves (EMQX); serve `ota fleet crl` there.
+    device_crl_url: str = ""
     # Prometheus metrics over HTTP, e.g. "127.0.0.1:9464"; empty = off.
     metrics_listen: str = ""
     # "text" for people, "json" (one object a line) for log collectors.

@@ -67,12 +67,16 @@ class DeviceCaPaths:
 class DeviceCa:
     """A CA certificate and its private key; signs device certificates and CRLs."""
 
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(
+        self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *, crl_url: str = ""
+    ) -> None:
         self.cert = cert
         self._key = key
+        # Brokers that fetch CRLs themselves (EMQX) find them here, in each certificate.
+        self._crl_url = crl_url
 
     @classmethod
-    def load(cls, cert_file: Path, key_file: Path) -> DeviceCa:
+    def load(cls, cert_file: Path, key_file: Path, *, crl_url: str = "") -> DeviceCa:
         try:
             cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
             key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
@@ -87,7 +91,7 @@ class DeviceCa:
             ) from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise InvalidArgument("the device CA key must be EC", field="device_ca_key_file")
-        return cls(cert, key)
+        return cls(cert, key, crl_url=crl_url)
 
     @property
     def pem(self) -> bytes:
@@ -115,7 +119,7 @@ class DeviceCa:
         start = utc(now) - BACKDATE
         not_after = utc(now) + lifetime
         serial = x509.random_serial_number()
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
             .issuer_name(self.cert.subject)
@@ -142,8 +146,13 @@ class DeviceCa:
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
             )
-            .sign(self._key, hashes.SHA256())
         )
+        if self._crl_url:
+            point = x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(self._crl_url)], None, None, None
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), False)
+        cert = builder.sign(self._key, hashes.SHA256())
         return IssuedCertificate(
             cert.public_bytes(serialization.Encoding.PEM), serial_hex(serial), not_after
         )
