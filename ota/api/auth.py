@@ -208,16 +208,11 @@ class Authenticator:
         peer = self._device_ca.peer(certificate)
         if peer.not_after <= self._clock.now():
             raise Unauthenticated("the device certificate has expired; enroll again")
-        key = f"cert:{peer.device_id}:{peer.serial}"
-        with self._lock:
-            cached = self._verified.get(key)
-        if cached is not None and cached[1] > time.monotonic():
-            return Caller(DEVICE, peer.device_id)
+        # Not cached: a revocation or renewal holds on the very next call, on every
+        # replica. Concurrent checks share one read (`CredentialChecks`).
         if self._certificates.value(peer.device_id) != peer.serial:
             # Revoked, renewed since, or another device's: the same answer for each.
             raise Unauthenticated("the device certificate is not the device's current one")
-        with self._lock:
-            self._verified[key] = (peer.device_id, time.monotonic() + DEVICE_CACHE_SECONDS)
         return Caller(DEVICE, peer.device_id)
 
     def _read_digests(self, device_ids: Collection[str]) -> dict[str, str]:

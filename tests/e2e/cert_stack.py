@@ -8,10 +8,11 @@ broker's CRL, as a control plane on the broker's host may).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +22,14 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ota.app import ControlPlane
-from ota.broker import BrokerSettings, MosquittoProcess, generate_secret, start_private_broker
-from ota.broker.config import BrokerFiles
+from ota.broker import (
+    BrokerSettings,
+    MosquittoProcess,
+    PasswordFile,
+    generate_secret,
+    start_private_broker,
+)
+from ota.broker.config import BrokerFiles, broker_files
 from ota.broker.process import free_port
 from ota.client import Client
 from ota.clock import Clock
@@ -48,6 +55,9 @@ class CertStack:
     tls_port: int
     token: str
     crl_file: Path
+    # Starts another control plane on the same database under a broker account
+    # of its own, with none of the broker's files (the caller stops it).
+    replica: Callable[[str], ControlPlane]
 
     @property
     def server(self) -> str:
@@ -161,6 +171,7 @@ def cert_stack(
     clock: Clock | None = None,
     crl: bool = False,
     database_url: str = "",
+    extra_control: tuple[str, ...] = (),
 ) -> Iterator[CertStack]:
     keys = generate_keyring(tmp_path / "keys")
     pki = generate_dev_pki(tmp_path / "tls")
@@ -177,8 +188,14 @@ def cert_stack(
         tls_keyfile=str(pki.server_key),
         tls_require_certificate=True,
         tls_crlfile=str(crl_file),
+        extra_control_usernames=extra_control,
     )
     control_password = generate_secret()
+    # The replicas' broker accounts: set once by whoever runs the broker, here
+    # before it starts (a SIGHUP during its start-up would end it).
+    replica_passwords = {name: generate_secret() for name in extra_control}
+    (tmp_path / "broker").mkdir()
+    PasswordFile(broker_files(tmp_path / "broker").password_file).set_many(replica_passwords)
     broker, files = start_private_broker(
         tmp_path / "broker", control_password=control_password, settings=settings
     )
@@ -209,10 +226,35 @@ def cert_stack(
         )
         plane = ControlPlane.build(config, clock)
         plane.start()
+
+        def replica(name: str) -> ControlPlane:
+            other = ControlPlane.build(
+                dataclasses.replace(
+                    config,
+                    mqtt_username=name,
+                    mqtt_password=replica_passwords[name],
+                    device_crl_file="",
+                    broker_pid_file="",
+                ),
+                clock,
+            )
+            other.start()
+            return other
+
         client = Client.connect(plane_address(plane), token, ClientTls(ca_file=pki.ca_cert))
         try:
             yield CertStack(
-                broker, files, plane, client, keys, pki, ca_paths, tls_port, token, crl_file
+                broker,
+                files,
+                plane,
+                client,
+                keys,
+                pki,
+                ca_paths,
+                tls_port,
+                token,
+                crl_file,
+                replica,
             )
         finally:
             client.channel.close()

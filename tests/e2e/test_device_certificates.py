@@ -16,15 +16,18 @@ import pytest
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
+from ota.client import Client
 from ota.clock import ManualClock
-from ota.trust.enroll import Identity, csr_pem, key_pem, new_key, renew
+from ota.tls import ClientTls
+from ota.trust.enroll import Identity, csr_pem, enroll, key_pem, new_key, renew
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, fleet_pb2, rollout_pb2
-from tests.e2e.cert_stack import DeviceMqtt, cert_stack, refused_handshake
+from tests.e2e.cert_stack import cert_stack, refused_handshake
 from tests.e2e.scenario import MODELS, REGIONS, publish, run_rollout, wait_for
 
 pytestmark = pytest.mark.e2e
 
 DEVICES = 6
+REPLICA_B = "ota-replica-b"
 
 
 def _desired_call(stack_channel: grpc.Channel, device_id: str) -> grpc.StatusCode:
@@ -100,6 +103,11 @@ def test_a_revoked_device_is_dropped_by_the_broker_and_refused_everywhere(tmp_pa
             timeout=30,
         )
         channel.close()
+        # The broker is up and lets other devices in: the refusal is the CRL's.
+        fresh = stack.mqtt(stack.enroll("car-2"), tmp_path / "car-2")
+        fresh.connect()
+        assert fresh.subscribe("ota/v1/devices/car-2/desired") == [1]
+        fresh.close()
 
 
 def test_renewal_across_expiry_with_a_manual_clock(tmp_path: Path) -> None:
@@ -188,8 +196,6 @@ def test_foreign_expired_and_borrowed_certificates_are_refused(tmp_path: Path) -
 def test_enrollment_refuses_a_wrong_or_spent_token(tmp_path: Path) -> None:
     with cert_stack(tmp_path) as stack:
         token = stack.register("car-t")["car-t"]
-        from ota.trust.enroll import enroll
-
         with pytest.raises(grpc.RpcError) as wrong:
             enroll(stack.client.channel, "car-t", "not-the-token")
         assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -211,4 +217,57 @@ def test_enrollment_refuses_a_wrong_or_spent_token(tmp_path: Path) -> None:
         assert "csr" in (named.value.details() or "")
 
 
-_ = DeviceMqtt
+@pytest.mark.postgres
+def test_a_replica_with_nothing_of_the_brokers_registers_devices_that_connect(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    """Replica B shares only PostgreSQL with A: it enrolls a device, which then speaks to
+    the broker and to A; B revokes it, and the broker and A refuse it at once."""
+    with cert_stack(tmp_path, database_url=postgres_database, extra_control=(REPLICA_B,)) as stack:
+        b = stack.replica(REPLICA_B)
+        try:
+            b_client = Client.connect(
+                f"127.0.0.1:{b.port}", stack.token, ClientTls(ca_file=stack.pki.ca_cert)
+            )
+            token = (
+                b_client.fleet.RegisterDevices(
+                    fleet_pb2.RegisterDevicesRequest(
+                        devices=[
+                            fleet_pb2.DeviceRegistration(
+                                device_id="car-r", model="ev6", region="eu", firmware="4.2.0"
+                            )
+                        ],
+                        identity=fleet_pb2.DEVICE_IDENTITY_CERTIFICATE,
+                    ),
+                    metadata=b_client.metadata,
+                )
+                .credentials[0]
+                .enrollment_token
+            )
+            identity = enroll(b_client.channel, "car-r", token)
+            mqtt = stack.mqtt(identity, tmp_path / "car-r")
+            mqtt.connect()
+            assert mqtt.subscribe("ota/v1/devices/car-r/desired") == [1]
+            on_a = stack.device_channel(identity)
+            assert _desired_call(on_a, "car-r") == grpc.StatusCode.OK
+
+            b_client.fleet.RevokeDevice(
+                fleet_pb2.RevokeDeviceRequest(device_id="car-r"), metadata=b_client.metadata
+            )
+            assert _desired_call(on_a, "car-r") == grpc.StatusCode.UNAUTHENTICATED
+            assert mqtt.disconnected.wait(30), "the broker kept the revoked device connected"
+            mqtt.close()
+            # Without a CRL on this broker the handshake succeeds, but the guard drops
+            # the session at its first subscription.
+            again = stack.mqtt(identity, tmp_path / "car-r-again")
+            try:
+                again.connect()
+                again.client.subscribe("ota/v1/devices/car-r/desired", qos=1)
+            except ConnectionError:
+                pass
+            assert again.disconnected.wait(30), "the revoked device stayed connected"
+            again.close()
+            on_a.close()
+            b_client.channel.close()
+        finally:
+            b.stop()
