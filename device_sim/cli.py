@@ -140,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("OTA_ORIGIN_TOKEN", ""),
         help="the fleet's delivery token, if the cache requires one (env OTA_ORIGIN_TOKEN)",
     )
+    run.add_argument(
+        "--identity",
+        choices=("password", "cert"),
+        default="password",
+        help="cert: each device makes its key, enrolls for a certificate with a one-time "
+        "token and uses mutual TLS (needs --device-server and --server-ca)",
+    )
+    run.add_argument(
+        "--device-server",
+        default="",
+        metavar="HOST:PORT",
+        help="the control plane's device port (device_listen), for --identity cert",
+    )
+    run.add_argument(
+        "--server-ca",
+        type=Path,
+        metavar="PEM",
+        help="the CA of the control plane's and the broker's certificates",
+    )
     run.add_argument("--state-dir", type=Path, help="device state (default: temporary)")
     run.add_argument(
         "--duration",
@@ -229,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         root = args.root.read_bytes()
     except OSError as exc:
         raise OtaError(f"cannot read {args.root}: {exc.strerror}", field="root") from exc
+    if args.identity == "cert" and not (args.device_server and args.server_ca):
+        raise OtaError(
+            "--identity cert needs --device-server and --server-ca", field="device_server"
+        )
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="ota-sim-", dir=_scratch()))
     if args.processes > 1:
         return processes.run_parent(args, state_dir)
@@ -274,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
             delivery=args.delivery,
             origin_url=args.origin_url,
             origin_token=args.origin_token,
+            identity=args.identity,
+            device_server=args.device_server,
+            server_ca=args.server_ca,
         ),
     )
     out = processes.Output(json_lines=args.json)

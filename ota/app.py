@@ -131,13 +131,37 @@ class BrokerRevocationNotices:
 
 
 class CrlFile:
-    """Keeps the device CA's CRL in a file a broker on this host reads, and signals it."""
+    """Keeps the device CA's CRL in a file a broker on this host reads, and signals it.
+
+    Rewritten on each revocation or renewal, and every few hours besides: a CRL
+    lapses after `CRL_VALIDITY`, and then OpenSSL refuses every device.
+    """
+
+    REFRESH_SECONDS = 6 * 3600.0
 
     def __init__(self, path: Path, pid_file: Path | None, make_crl: Callable[[], bytes]) -> None:
         self._path = path
         self._pid_file = pid_file
         self._make = make_crl
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._refresh, name="ota-crl", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.REFRESH_SECONDS):
+            try:
+                self.write()
+            except Exception:
+                log.exception("could not refresh the device CRL at %s", self._path)
 
     def write(self) -> None:
         with self._lock:
@@ -223,6 +247,7 @@ class ControlPlane:
     clock: Clock | None = None
     dashboard_server: DashboardServer | None = None
     device_port: int = 0
+    crl_file: CrlFile | None = None
 
     @classmethod
     def build(
@@ -428,6 +453,7 @@ class ControlPlane:
             auth=auth,
             clock=clock,
             device_port=getattr(server, "device_port", 0),
+            crl_file=crl_file,
         )
 
     def start(self) -> None:
@@ -452,6 +478,8 @@ class ControlPlane:
         self.engine.start()
         self.refresher.start()
         self.webhooks.start()
+        if self.crl_file is not None:
+            self.crl_file.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
         if self.origin_server is not None:
@@ -503,6 +531,8 @@ class ControlPlane:
         self.engine.stop()
         self.refresher.stop()
         self.webhooks.stop()
+        if self.crl_file is not None:
+            self.crl_file.stop()
         self.publisher.stop()
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()
