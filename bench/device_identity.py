@@ -105,7 +105,7 @@ def _register(client: Client, ids: list[str], identity: int) -> dict[str, str]:
 
 
 def run(quick: bool, devices: int | None = None) -> Result:
-    n = devices or (1_000 if quick else 100_000)
+    n = devices or (300 if quick else 100_000)
     with tempfile.TemporaryDirectory(prefix="ota-bench-identity-") as tmp:
         root = Path(tmp)
         pki = generate_dev_pki(root / "tls")
@@ -154,7 +154,7 @@ def run(quick: bool, devices: int | None = None) -> Result:
                     n,
                     tls_port=tls_port,
                     server_ca=pki.ca_cert,
-                    connected=min(n, CONNECTED),
+                    connected=min(n, 300 if quick else CONNECTED),
                     scratch=root / "identities",
                 )
             finally:

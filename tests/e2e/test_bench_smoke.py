@@ -27,6 +27,7 @@ BENCHMARKS = (
     "fleet-connect",
     "notify-fleet",
     "origin-load",
+    "device-identity",
 )
 KEYS = {
     "name",
