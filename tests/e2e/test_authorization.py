@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from ota.api.auth import ADMIN, DEVICE, METHOD_ROLES, RELEASE, VIEWER
+from ota.api.auth import ADMIN, DEVICE, METHOD_ROLES, OPEN_METHODS, RELEASE, VIEWER
 from ota.cli.main import main as ota_main
 from ota.client import Client
 from ota.devstack import DevStack
@@ -37,6 +37,17 @@ class Rpc:
 
 
 def _served_methods(channel: grpc.Channel) -> list[Rpc]:
+    """Every ota method that takes a bearer token (all but `OPEN_METHODS`)."""
+    return [rpc for rpc in _all_methods(channel) if rpc.path not in OPEN_METHODS]
+
+
+def _open_methods(channel: grpc.Channel) -> list[Rpc]:
+    return sorted(
+        (rpc for rpc in _all_methods(channel) if rpc.path in OPEN_METHODS), key=lambda r: r.path
+    )
+
+
+def _all_methods(channel: grpc.Channel) -> list[Rpc]:
     database = ProtoReflectionDescriptorDatabase(channel)
     pool = DescriptorPool(database)
     found = []
@@ -118,9 +129,30 @@ def _callers(stack: DevStack) -> Callers:
 
 
 def test_every_served_method_has_a_rule_and_every_rule_a_method(channel: grpc.Channel) -> None:
-    served = {rpc.path for rpc in _served_methods(channel)}
+    served = {rpc.path for rpc in _served_methods(channel)} | {
+        rpc.path for rpc in _open_methods(channel)
+    }
     assert len(served) >= 33
-    assert served == set(METHOD_ROLES)
+    assert served == set(METHOD_ROLES) | OPEN_METHODS
+
+
+def test_an_open_method_lets_no_bearer_token_stand_for_its_own_check(
+    stack: DevStack, channel: grpc.Channel
+) -> None:
+    """EnrollDevice takes no bearer token: its one-time enrollment token decides,
+    so neither an operator's token nor none at all gets an empty request through."""
+    callers = _callers(stack)
+    methods = _open_methods(channel)
+    assert [rpc.path for rpc in methods] == sorted(OPEN_METHODS)
+    for rpc in methods:
+        for token in (None, "", *callers.tokens.values(), callers.device_token):
+            code = _call(channel, rpc, token)
+            refused = (
+                *DENIED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+            assert code in refused, (rpc.path, code)
 
 
 def test_every_method_refuses_every_caller_it_does_not_allow(
