@@ -373,6 +373,7 @@ class ControlPlane:
             revocations=revocations,
             on_certificates_changed=crl_file.write if crl_file else None,
             device_mqtt_url=config.device_mqtt_url,
+            crl_superseded=config.device_crl_superseded,
         )
         if crl_file is not None:
             crl_file.write()

@@ -74,6 +74,10 @@ class ServerConfig:
     # Written into each device certificate as its CRL distribution point, for
     # brokers that fetch the CRL themselves (EMQX); serve `ota fleet crl` there.
     device_crl_url: str = ""
+    # List certificates a renewal replaced in the CRL too (until they expire).
+    # Off for a fleet of millions, whose CRL would otherwise hold about half of
+    # its devices: gRPC still refuses them, the broker until they expire.
+    device_crl_superseded: bool = True
     # Prometheus metrics over HTTP, e.g. "127.0.0.1:9464"; empty = off.
     metrics_listen: str = ""
     # "text" for people, "json" (one object a line) for log collectors.

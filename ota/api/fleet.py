@@ -60,7 +60,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         revocations: BrokerRevocations | None = None,
         on_certificates_changed: Callable[[], None] | None = None,
         device_mqtt_url: str = "",
+        crl_superseded: bool = True,
     ) -> None:
+        self._crl_superseded = crl_superseded
         self._device_mqtt_url = device_mqtt_url or mqtt_url
         self._flood_guard = flood_guard
         self._device_ca = device_ca
@@ -219,7 +221,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         ca = self._require_ca()
         now = self._clock.now()
         with self._store.transaction() as session:
-            revoked = fleet.revoked_serials(session, now)
+            revoked = fleet.revoked_serials(session, now, superseded=self._crl_superseded)
         return ca.crl(revoked, now)
 
     def _require_ca(self) -> DeviceCa:

@@ -149,13 +149,18 @@ def _retire_certificate(session: Session, row: DeviceRow, now: datetime, *, reas
     row.cert_not_after = None
 
 
-def revoked_serials(session: Session, now: datetime) -> list[tuple[str, datetime]]:
-    """Certificates refused before their expiry, for the CRL: (serial, revoked at)."""
-    rows = session.exec(
-        select(RevokedCertificateRow)
-        .where(col(RevokedCertificateRow.not_after) > now)
-        .order_by(col(RevokedCertificateRow.serial))
-    )
+def revoked_serials(
+    session: Session, now: datetime, *, superseded: bool = True
+) -> list[tuple[str, datetime]]:
+    """Certificates refused before their expiry, for the CRL: (serial, revoked at).
+
+    `superseded=False` leaves out those a renewal replaced (gRPC refuses them
+    anyway), which keeps a large fleet's CRL to its revoked devices.
+    """
+    query = select(RevokedCertificateRow).where(col(RevokedCertificateRow.not_after) > now)
+    if not superseded:
+        query = query.where(col(RevokedCertificateRow.reason) == "revoked")
+    rows = session.exec(query.order_by(col(RevokedCertificateRow.serial)))
     return [(r.serial, utc(r.revoked_at)) for r in rows]
 
 
