@@ -341,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
                 generations[device.trust.accepted_generation] += 1
                 following += device.following.is_set()
             out.status(states, fleet.misbehaviour_counts(), generations, following)
+            # Certificates renew from two thirds of their lifetime (90 days: day 60).
+            fleet.renew_due()
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:

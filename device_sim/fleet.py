@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -46,7 +46,7 @@ from ota.errors import InvalidArgument, NotFound
 from ota.tls import CHANNEL_OPTIONS
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
-from ota.trust.enroll import Identity, enroll
+from ota.trust.enroll import Identity, enroll, renew
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class SimulatedFleet:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._secrets: dict[str, str] = {}
         self._device_channels: dict[str, grpc.Channel] = {}
+        self._renew_at: dict[str, datetime] = {}  # when each certificate is due for renewal
         self._topics: Topics | None = None
         self._address: BrokerAddress | None = None
         self._rng = random.Random(settings.seed)
@@ -263,6 +264,29 @@ class SimulatedFleet:
                 return d
         raise NotFound(f"no simulated device {device_id!r}", field="device_id")
 
+    def renew_due(self) -> list[str]:
+        """Renew the certificate of every device two thirds into its lifetime.
+
+        Each asks over its own mutual-TLS channel with a new key, then reconnects
+        with the new certificate (the old one is refused from then on).
+        """
+        if not self._certs:
+            return []
+        renewed = []
+        now = self.clock.now()
+        for device_id in [d for d, when in self._renew_at.items() if when <= now]:
+            directory = self._identity_dir(device_id)
+            channel = self._device_channels.pop(device_id)
+            try:
+                identity = renew(channel, device_id)
+            finally:
+                channel.close()
+            identity.save(directory)
+            self._renew_at[device_id] = identity.renew_at()
+            self.restart(device_id)
+            renewed.append(device_id)
+        return renewed
+
     def restart(self, device_id: str, *, timeout: float = 60.0) -> SimDevice:
         """Power-cycle one device: stop it wherever it is, boot it again from its state dir.
 
@@ -305,6 +329,7 @@ class SimulatedFleet:
         for p in profiles:
             identity = enroll(self._channel, p.device_id, self._secrets.pop(p.device_id))
             identity.save(self._identity_dir(p.device_id))
+            self._renew_at[p.device_id] = identity.renew_at()
 
     def _identity_dir(self, device_id: str) -> Path:
         return self.settings.state_dir / device_id / "identity"

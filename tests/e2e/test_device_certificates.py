@@ -271,3 +271,48 @@ def test_a_replica_with_nothing_of_the_brokers_registers_devices_that_connect(
             b_client.channel.close()
         finally:
             b.stop()
+
+
+def test_the_simulated_fleet_renews_its_certificates_and_reconnects(tmp_path: Path) -> None:
+    clock = ManualClock(datetime.now(UTC) - timedelta(days=61))
+    with cert_stack(tmp_path, clock=clock) as stack:
+        fleet = SimulatedFleet(
+            compose_fleet(2, models=MODELS, regions=REGIONS, firmware="4.2.0"),
+            FleetSettings(
+                server=stack.server,
+                admin_token=stack.token,
+                trusted_root=stack.keys.root_json.read_bytes(),
+                state_dir=tmp_path / "devices",
+                failures=FailureProfile.parse([]),
+                identity="cert",
+                device_server=stack.device_server,
+                server_ca=stack.pki.ca_cert,
+            ),
+            clock=clock,
+        )
+        fleet.start()
+        try:
+            ids = [d.device_id for d in fleet.devices]
+            before = {d: _serial(stack, d) for d in ids}
+            assert fleet.renew_due() == []
+            clock.advance(timedelta(days=61))
+            assert sorted(fleet.renew_due()) == sorted(ids)
+            after = {d: _serial(stack, d) for d in ids}
+            assert all(after[d] and after[d] != before[d] for d in ids)
+            # Reconnected with the new certificate, and following again.
+            for device_id in ids:
+                assert fleet.device(device_id).connected.is_set()
+            publish(stack.client, stack, tmp_path, "1.0.0")  # type: ignore[arg-type]
+            final = run_rollout(stack.client, "1.0.0", [1_000_000])
+            assert dict(final.device_states) == {"ACTIVE": 2}
+        finally:
+            fleet.stop()
+
+
+def _serial(stack: object, device_id: str) -> str:
+    client = stack.client  # type: ignore[attr-defined]
+    device = client.fleet.GetDevice(
+        fleet_pb2.GetDeviceRequest(device_id=device_id), metadata=client.metadata
+    ).device
+    serial: str = device.certificate_serial
+    return serial
