@@ -544,8 +544,10 @@ def fleet_register(args: argparse.Namespace) -> int:
 def fleet_sign_csr(args: argparse.Namespace) -> int:
     try:
         csr = args.csr.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"cannot read {args.csr}: {exc}", field="csr") from exc
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {args.csr}: {exc.strerror}", field="csr") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{args.csr} is not a PEM text file", field="csr") from exc
     client = _client(args)
     issued = client.fleet.SignDeviceCsr(
         fleet_pb2.SignDeviceCsrRequest(device_id=args.device_id, csr=csr),
@@ -604,6 +606,13 @@ def fleet_get(args: argparse.Namespace) -> int:
     console.print(
         f"{d.device_id}  model {d.model}  region {d.region}  firmware {d.firmware}  online {d.online}"
     )
+    if d.identity == fleet_pb2.DEVICE_IDENTITY_CERTIFICATE:
+        if d.certificate_serial:
+            until = d.certificate_expire_time.ToDatetime().strftime("%Y-%m-%d")
+            state = "revoked" if d.revoked else f"valid until {until}"
+            console.print(f"certificate {d.certificate_serial} ({state})")
+        else:
+            console.print("certificate: not enrolled yet")
     if response.rate_limited:
         console.print(
             f"rate limited: {response.rate_limited_drops} messages dropped for exceeding "
