@@ -1,7 +1,7 @@
 """device certificates: identity kind, current serial, enrollment token; revoked certificates
 
-Revision ID: 0011_device_certificates
-Revises: 0010_object_audit
+Revision ID: 0012_device_certificates
+Revises: 0011_feature_usage
 Create Date: 2026-12-04 19:00:00
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision = "0011_device_certificates"
-down_revision = "0010_object_audit"
+revision = "0012_device_certificates"
+down_revision = "0011_feature_usage"
 branch_labels = None
 depends_on = None
 
