@@ -152,7 +152,9 @@ def register(nouns: Any) -> None:
         "like the online keys: ota serve reads it (device_ca_cert_file, device_ca_key_file); "
         "brokers get the certificate alone.",
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for device-ca.pem and device-ca.key"
+    )
     p.set_defaults(handler=keys_device_ca)
     p = keys.add_parser(
         "generate",

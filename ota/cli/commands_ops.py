@@ -150,13 +150,13 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "sign-csr",
         help="factory provisioning: have the device CA sign a registered device's CSR",
     )
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the registered device the certificate names")
     p.add_argument("--csr", type=Path, required=True, help="the device's request (PEM)")
     p.add_argument("--out", type=Path, required=True, help="where to write the certificate")
     client_options(p)
     p.set_defaults(handler=fleet_sign_csr)
     p = fleet.add_parser("crl", help="the device CA's certificate revocation list, for brokers")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="where to write the CRL (PEM)")
     client_options(p)
     p.set_defaults(handler=fleet_crl)
     p = fleet.add_parser("list", help="devices matching a selector")
