@@ -50,7 +50,7 @@ def run(quick: bool) -> Result:
         try:
             migrate(db)
             store = Store(db)
-            rollout_id, phases = _build(store, devices)
+            rollout_id, _draft_id, phases = _build(store, devices)
             clock = SystemClock()
             dashboard = Dashboard(store, Authenticator(store, {}), clock, secure_cookies=False)
             viewer = Caller("viewer", "bench")
