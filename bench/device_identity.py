@@ -35,10 +35,10 @@ from ota.app import ControlPlane, MosquittoAccounts
 from ota.broker.process import free_port, raise_open_files_limit
 from ota.client import Client
 from ota.config import ServerConfig
+from ota.device.enroll import enroll
 from ota.keyring import generate_keyring
 from ota.tls import ClientTls, generate_dev_pki
 from ota.trust.device_ca import generate_device_ca
-from ota.trust.enroll import enroll
 from ota.v1 import fleet_pb2
 
 BATCH = 10_000

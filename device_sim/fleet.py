@@ -37,6 +37,7 @@ from device_sim.mqtt import MqttError, raise_open_files_limit
 from device_sim.profile import DeviceProfile, FailureProfile, HealthProfile, SkewedClock
 from device_sim.scenario import Scenario
 from ota.clock import Clock, SystemClock
+from ota.device.enroll import Identity, enroll, renew
 from ota.device.http_source import HttpSource
 from ota.device.retry import RetryPolicy
 from ota.device.source import Deadlines, GrpcSource
@@ -46,7 +47,6 @@ from ota.errors import InvalidArgument, NotFound
 from ota.tls import CHANNEL_OPTIONS
 from ota.transport.mqtt import BrokerAddress
 from ota.transport.topics import Topics
-from ota.trust.enroll import Identity, enroll, renew
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -13,13 +13,14 @@ from ota.api import convert
 from ota.api.auth import Authenticator, caller_of
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
+from ota.device.enroll import RENEW_AFTER_FRACTION
 from ota.domain.selector import Selector
 from ota.domain.version import Version
 from ota.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from ota.store import audit, fleet
 from ota.store.models import DeviceEventRow, DeviceRow
 from ota.store.session import Store
-from ota.trust.device_ca import RENEW_AFTER_FRACTION, DeviceCa, IssuedCertificate
+from ota.trust.device_ca import DeviceCa, IssuedCertificate
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
 
 MAX_REGISTRATIONS = 10_000

@@ -17,6 +17,9 @@ plane's repository (a test holds it to that), so it fits on a device.
     state     `InstalledFeatures`: installed and last-known-good bundle per feature,
               work in flight, orders settled; saved atomically
     events    `EventSequence`: event numbers that survive reboots
+    enroll    `enroll`, `renew`: make the device's key (it never leaves the device),
+              send a certificate signing request with a one-time enrollment token,
+              renew the certificate over mutual TLS before it expires
 
 A minimal device loop::
 

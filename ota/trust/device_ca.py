@@ -26,7 +26,6 @@ from ota.errors import InvalidArgument, Unauthenticated
 # A vehicle can stand for weeks: 90 days with renewal from day 60 leaves a
 # month of slack, and bounds how long a stolen, unrevoked key is any use.
 CERT_LIFETIME = timedelta(days=90)
-RENEW_AFTER_FRACTION = 2 / 3
 # Certificates start a little in the past: device and broker clocks differ.
 BACKDATE = timedelta(minutes=5)
 # How long a CRL is valid: brokers refuse every client once it has lapsed, so

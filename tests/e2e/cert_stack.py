@@ -34,10 +34,10 @@ from ota.broker.process import free_port
 from ota.client import Client
 from ota.clock import Clock
 from ota.config import ServerConfig
+from ota.device.enroll import Identity, enroll
 from ota.keyring import KeyPaths, generate_keyring
 from ota.tls import ClientTls, DevPki, generate_dev_pki
 from ota.trust.device_ca import DeviceCa, DeviceCaPaths, generate_device_ca
-from ota.trust.enroll import Identity, enroll
 from ota.v1 import fleet_pb2
 
 TIMEOUT = 30.0

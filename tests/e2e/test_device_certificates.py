@@ -18,8 +18,8 @@ from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
 from ota.client import Client
 from ota.clock import ManualClock
+from ota.device.enroll import Identity, csr_pem, enroll, key_pem, new_key, renew
 from ota.tls import ClientTls
-from ota.trust.enroll import Identity, csr_pem, enroll, key_pem, new_key, renew
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, fleet_pb2, rollout_pb2
 from tests.e2e.cert_stack import cert_stack, refused_handshake
 from tests.e2e.scenario import MODELS, REGIONS, publish, run_rollout, wait_for

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ota.device.enroll import Identity, csr_pem, key_pem, new_key
 from ota.errors import InvalidArgument, Unauthenticated
 from ota.trust.device_ca import CERT_LIFETIME, DeviceCa, generate_device_ca
-from ota.trust.enroll import Identity, csr_pem, key_pem, new_key
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 

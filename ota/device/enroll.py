@@ -25,8 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ota.clock import utc
-from ota.trust.device_ca import RENEW_AFTER_FRACTION
 from ota.v1 import fleet_pb2, fleet_pb2_grpc
+
+# A certificate is renewed once this share of its lifetime has passed (the
+# control plane names the same moment as `renew_time` when it issues one).
+RENEW_AFTER_FRACTION = 2 / 3
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
