@@ -70,6 +70,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _R + "DeleteRollout": WRITERS,
     _R + "PlanRollout": OPERATORS,
     _R + "ListRolloutEvents": OPERATORS,
+    _R + "ListRolloutDevices": OPERATORS,
     _R + "WatchRollout": OPERATORS,
     _F + "RegisterDevices": frozenset({ADMIN}),
     _F + "ListDevices": OPERATORS,

@@ -11,7 +11,14 @@ from ota.clock import utc
 from ota.domain.plan import RolloutPlan
 from ota.reports.model import AdoptionReport, FeatureReport, FunnelStep, HealthGroup
 from ota.rollout.preview import Breakdown, PlanPreview
-from ota.store.models import BundleRow, DeviceEventRow, DeviceRow, RolloutAuditRow, RolloutRow
+from ota.store.models import (
+    BundleRow,
+    DeviceEventRow,
+    DeviceRow,
+    RolloutAuditRow,
+    RolloutDeviceRow,
+    RolloutRow,
+)
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, report_pb2, rollout_pb2
 
 _GATE_ACTIONS = {
@@ -91,6 +98,24 @@ def device_event(row: DeviceEventRow) -> common_pb2.DeviceEvent:
         time=ts(row.device_time or row.received_at),
         feature=row.feature,
         version=row.version,
+    )
+
+
+def rollout_device(row: RolloutDeviceRow, detail: str) -> rollout_pb2.RolloutDevice:
+    known = row.reason in common_pb2.FailureReason.DESCRIPTOR.values_by_name
+    return rollout_pb2.RolloutDevice(
+        device_id=row.device_id,
+        model=row.model,
+        region=row.region,
+        stage=row.stage,
+        state=common_pb2.DeviceState.Value(row.state),
+        reason=common_pb2.FailureReason.Value(row.reason)
+        if known
+        else common_pb2.FAILURE_REASON_UNSPECIFIED,
+        # A reason this version does not know by name still reaches the operator.
+        detail=detail or ("" if known or not row.reason else row.reason),
+        expose_time=ts(row.exposed_at),
+        update_time=ts(row.updated_at),
     )
 
 

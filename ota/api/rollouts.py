@@ -22,7 +22,7 @@ from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
 from ota.store.models import RolloutRow
 from ota.store.session import Store
-from ota.v1 import rollout_pb2, rollout_pb2_grpc
+from ota.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 MAX_REQUEST_ID = 128  # the width of the stored request_id
 
@@ -115,6 +115,12 @@ def _message(session: Session, row: RolloutRow) -> rollout_pb2.Rollout:
         eligible=eligible,
         holdout=holdout_count(session, row, bundle, eligible),
     )
+
+
+# Filter values of ListRolloutDevices: UNSPECIFIED means every state.
+_DEVICE_STATES = {common_pb2.DeviceState.Value(name): name for name in states.ALL_STATES} | {
+    common_pb2.DEVICE_STATE_UNSPECIFIED: ""
+}
 
 
 class RolloutChanges:
@@ -284,6 +290,31 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             rollouts.get_rollout_or_deleted(session, request.rollout_id)
             entries = rollouts.audit_log(session, request.rollout_id)
         return rollout_pb2.ListRolloutEventsResponse(events=[convert.audit(e) for e in entries])
+
+    def ListRolloutDevices(
+        self, request: rollout_pb2.ListRolloutDevicesRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.ListRolloutDevicesResponse:
+        state = _DEVICE_STATES.get(request.state)
+        if state is None:
+            raise InvalidArgument(f"{request.state} is not a device state", field="state")
+        size = page_size(request.page_size)
+        scope = f"{request.rollout_id}/{state}"
+        after = page_after(request.page_token, scope=scope)
+        with self._store.transaction() as session:
+            rollouts.get_rollout(session, request.rollout_id)
+            rows, total = rollouts.rollout_devices(
+                session, request.rollout_id, state, after=after, limit=size + 1
+            )
+            more = len(rows) > size
+            rows = rows[:size]
+            details = rollouts.last_details(
+                session, request.rollout_id, [r.device_id for r in rows]
+            )
+        return rollout_pb2.ListRolloutDevicesResponse(
+            devices=[convert.rollout_device(r, details.get(r.device_id, "")) for r in rows],
+            next_page_token=page_token(rows[-1].device_id, scope=scope) if more else "",
+            total_size=total,
+        )
 
     def WatchRollout(
         self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext

@@ -16,7 +16,7 @@ from rich.markup import escape
 from ota.cli import report_render
 from ota.cli.connect import connect
 from ota.cli.helptext import ExamplesFormatter
-from ota.cli.output import console, emit_json, table
+from ota.cli.output import console, emit_json, emit_page, plain, table
 from ota.cli.provision import (
     add_agent_options,
     check_agent_options,
@@ -472,7 +472,7 @@ def bundle_list(args: argparse.Namespace) -> int:
         metadata=client.metadata,
     )
     if args.format == "json":
-        emit_json(list(response.bundles))
+        emit_page("bundles", response.bundles, response.next_page_token)
     else:
         table("Bundles", _BUNDLE_COLUMNS, _bundle_rows(list(response.bundles)))
     return 0
@@ -581,7 +581,7 @@ def fleet_list(args: argparse.Namespace) -> int:
         metadata=client.metadata,
     )
     if args.format == "json":
-        emit_json(response)
+        emit_json(plain(response))
     else:
         table(
             f"Devices ({response.total_size} match)",
@@ -867,7 +867,7 @@ def rollout_list(args: argparse.Namespace) -> int:
         metadata=client.metadata,
     )
     if args.format == "json":
-        emit_json(list(response.rollouts))
+        emit_page("rollouts", response.rollouts, response.next_page_token)
     else:
         table(
             "Rollouts",
@@ -919,7 +919,7 @@ def rollout_history(args: argparse.Namespace) -> int:
         rollout_pb2.ListRolloutEventsRequest(rollout_id=args.rollout_id), metadata=client.metadata
     )
     if args.format == "json":
-        emit_json(list(response.events))
+        emit_page("events", response.events)
     else:
         table(
             f"History of {args.rollout_id}",

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ota.cli.connect import connect
-from ota.cli.output import console, emit_json, table
+from ota.cli.output import console, emit_json, emit_page, table
+from ota.cli.prefix import paged, resolve
 from ota.client import Client
 from ota.domain.durations import parse_duration
 from ota.v1 import token_pb2
@@ -50,7 +50,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=tokens_list)
     p = verbs.add_parser("revoke", help="revoke a token at once")
-    p.add_argument("token_id", metavar="ID", help="the token's id (or tokens/ID)")
+    p.add_argument(
+        "token_id", metavar="ID", help="the token's id, tokens/ID, or a unique prefix of the id"
+    )
     client_options(p)
     p.set_defaults(handler=tokens_revoke)
 
@@ -106,7 +108,7 @@ def tokens_list(args: argparse.Namespace) -> int:
         if not page:
             break
     if args.format == "json":
-        emit_json({"tokens": [_json(t) for t in found]})
+        emit_page("tokens", found)
     else:
         table(
             f"Tokens ({len(found)})",
@@ -133,16 +135,17 @@ def _expiry(t: token_pb2.Token) -> str:
     return _when(t.expire_time, True) + (" (expired)" if t.expired else "")
 
 
-def _json(t: token_pb2.Token) -> dict[str, Any]:
-    out: dict[str, Any] = MessageToDict(t, preserving_proto_field_name=True)
-    out.setdefault("revoked", False)
-    out.setdefault("expired", False)
-    return out
-
-
 def tokens_revoke(args: argparse.Namespace) -> int:
     client = _client(args)
-    name = args.token_id if args.token_id.startswith("tokens/") else f"tokens/{args.token_id}"
+    given = args.token_id.removeprefix("tokens/")
+
+    def page(token: str) -> tuple[list[str], str]:
+        r = client.tokens.ListTokens(
+            token_pb2.ListTokensRequest(page_token=token), metadata=client.metadata
+        )
+        return [t.token_id for t in r.tokens], r.next_page_token
+
+    name = "tokens/" + resolve(given, paged(page), noun="token")
     t = client.tokens.RevokeToken(token_pb2.RevokeTokenRequest(name=name), metadata=client.metadata)
     if args.format == "json":
         emit_json(t)

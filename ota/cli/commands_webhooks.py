@@ -9,6 +9,8 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ota.cli.connect import connect
+from ota.cli.prefix import paged, resolve
+from ota.client import Client
 from ota.cli.output import console, emit_json, emit_page, plain, table
 from ota.domain.webhooks import DELIVERY_STATES, EVENT_TYPES
 from ota.v1 import webhook_pb2
@@ -71,8 +73,17 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.set_defaults(handler=webhooks_redeliver)
 
 
-def _name(webhook_id: str) -> str:
-    return webhook_id if webhook_id.startswith("webhooks/") else f"webhooks/{webhook_id}"
+def _name(client: Client, webhook_id: str) -> str:
+    """The webhook's resource name, from its id, its name or a unique prefix of its id."""
+    given = webhook_id.removeprefix("webhooks/")
+
+    def page(token: str) -> tuple[list[str], str]:
+        r = client.webhooks.ListWebhooks(
+            webhook_pb2.ListWebhooksRequest(page_token=token), metadata=client.metadata
+        )
+        return [w.webhook_id for w in r.webhooks], r.next_page_token
+
+    return "webhooks/" + resolve(given, paged(page), noun="webhook")
 
 
 def _when(ts: Timestamp, present: bool) -> str:
@@ -142,7 +153,8 @@ def webhooks_list(args: argparse.Namespace) -> int:
 def webhooks_remove(args: argparse.Namespace) -> int:
     client = connect(args)
     w = client.webhooks.DeleteWebhook(
-        webhook_pb2.DeleteWebhookRequest(name=_name(args.webhook_id)), metadata=client.metadata
+        webhook_pb2.DeleteWebhookRequest(name=_name(client, args.webhook_id)),
+        metadata=client.metadata,
     )
     if args.format == "json":
         emit_json({"webhook": plain(w)})
@@ -154,7 +166,8 @@ def webhooks_remove(args: argparse.Namespace) -> int:
 def webhooks_test(args: argparse.Namespace) -> int:
     client = connect(args)
     r = client.webhooks.TestWebhook(
-        webhook_pb2.TestWebhookRequest(name=_name(args.webhook_id)), metadata=client.metadata
+        webhook_pb2.TestWebhookRequest(name=_name(client, args.webhook_id)),
+        metadata=client.metadata,
     )
     if args.format == "json":
         emit_json(plain(r))
@@ -172,7 +185,7 @@ def webhooks_deliveries(args: argparse.Namespace) -> int:
     while len(found) < args.limit:
         response = client.webhooks.ListDeliveries(
             webhook_pb2.ListDeliveriesRequest(
-                name=_name(args.webhook_id),
+                name=_name(client, args.webhook_id),
                 states=args.state,
                 page_size=min(args.limit - len(found), 1000),
                 page_token=page,
@@ -209,7 +222,7 @@ def webhooks_deliveries(args: argparse.Namespace) -> int:
 def webhooks_redeliver(args: argparse.Namespace) -> int:
     client = connect(args)
     r = client.webhooks.Redeliver(
-        webhook_pb2.RedeliverRequest(name=_name(args.webhook_id), event_id=args.event),
+        webhook_pb2.RedeliverRequest(name=_name(client, args.webhook_id), event_id=args.event),
         metadata=client.metadata,
     )
     if args.format == "json":

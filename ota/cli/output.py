@@ -17,7 +17,6 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
@@ -27,12 +26,19 @@ console = Console()
 
 
 def emit_json(value: Any) -> None:
-    if isinstance(value, Message):
-        value = MessageToDict(value, preserving_proto_field_name=True)
-    elif isinstance(value, list) and value and isinstance(value[0], Message):
-        value = [MessageToDict(v, preserving_proto_field_name=True) for v in value]
-    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    """One JSON document on stdout; messages anywhere in it as `plain` has them."""
+    json.dump(_jsonable(value), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Message):
+        return plain(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def plain(message: Message) -> dict[str, Any]:

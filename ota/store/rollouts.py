@@ -22,6 +22,7 @@ from ota.errors import Aborted, NotFound
 from ota.store import adoption, audit, webhooks
 from ota.store.models import (
     AdoptionStatRow,
+    DeviceEventRow,
     DeviceRow,
     RolloutAuditRow,
     RolloutDeviceRow,
@@ -63,6 +64,39 @@ def list_rollouts(
     if not show_deleted:
         query = query.where(col(RolloutRow.state) != DELETED)
     return list(session.exec(query.order_by(col(RolloutRow.rollout_id)).limit(limit)))
+
+
+def rollout_devices(
+    session: Session, rollout_id: str, state: str, *, after: str, limit: int
+) -> tuple[list[RolloutDeviceRow], int]:
+    """A page of the rollout's devices (by device id), and how many match in all."""
+    where = [RolloutDeviceRow.rollout_id == rollout_id]
+    if state:
+        where.append(RolloutDeviceRow.state == state)
+    rows = session.exec(
+        select(RolloutDeviceRow)
+        .where(*where, col(RolloutDeviceRow.device_id) > after)
+        .order_by(col(RolloutDeviceRow.device_id))
+        .limit(limit)
+    ).all()
+    total = session.exec(select(func.count()).select_from(RolloutDeviceRow).where(*where)).one()
+    return list(rows), int(total)
+
+
+def last_details(session: Session, rollout_id: str, device_ids: Sequence[str]) -> dict[str, str]:
+    """The detail of each device's last event in the rollout, where it gave one."""
+    if not device_ids:
+        return {}
+    rows = session.exec(
+        select(DeviceEventRow.device_id, DeviceEventRow.detail)
+        .where(
+            DeviceEventRow.rollout_id == rollout_id,
+            col(DeviceEventRow.device_id).in_(device_ids),
+            DeviceEventRow.detail != "",
+        )
+        .order_by(col(DeviceEventRow.device_id), col(DeviceEventRow.seq))
+    ).all()
+    return {device_id: detail for device_id, detail in rows}
 
 
 def rollouts_in(session: Session, states: Sequence[str]) -> list[RolloutRow]:

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from ota.v1 import common_pb2 as ota_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ota/v1/rollout.proto\x12\x06ota.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n\x05Stage\x12\x0b\n\x03ppm\x18\x01 \x01(\r\x12\x18\n\x10min_soak_seconds\x18\x02 \x01(\r\x12\x13\n\x0bmin_exposed\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64vance\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"^\n\x0b\x46\x61ilureGate\x12\x17\n\x0fmax_failure_ppm\x18\x01 \x01(\r\x12\x12\n\nmin_sample\x18\x02 \x01(\r\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x12.ota.v1.GateAction\"_\n\rStageProgress\x12\x0b\n\x03ppm\x18\x01 \x01(\r\x12\x0f\n\x07\x65xposed\x18\x02 \x01(\x03\x12\x30\n\x0cstarted_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd6\x05\n\x07Rollout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06\x62undle\x18\x05 \x01(\t\x12\x10\n\x08selector\x18\x06 \x01(\t\x12\x1d\n\x06stages\x18\x07 \x03(\x0b\x32\r.ota.v1.Stage\x12!\n\x04gate\x18\x08 \x01(\x0b\x32\x13.ota.v1.FailureGate\x12#\n\x05state\x18\t \x01(\x0e\x32\x14.ota.v1.RolloutState\x12\x15\n\rcurrent_stage\x18\n \x01(\x05\x12\x36\n\x12stage_started_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08salt_hex\x18\x0c \x01(\t\x12\x10\n\x08\x65ligible\x18\r \x01(\x03\x12\x0f\n\x07\x65xposed\x18\x0e \x01(\x03\x12\'\n\x08progress\x18\x0f \x03(\x0b\x32\x15.ota.v1.StageProgress\x12\x14\n\x0cstate_reason\x18\x10 \x01(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x13 \x01(\t\x12\x38\n\rdevice_states\x18\x14 \x03(\x0b\x32!.ota.v1.Rollout.DeviceStatesEntry\x12\x14\n\x0cplan_version\x18\x15 \x01(\x05\x12\r\n\x05phase\x18\x16 \x01(\t\x12\x13\n\x0bholdout_ppm\x18\x17 \x01(\r\x12\x11\n\tplan_json\x18\x18 \x01(\t\x12\x0f\n\x07holdout\x18\x19 \x01(\x03\x1a\x33\n\x11\x44\x65viceStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xc6\x01\n\x14\x43reateRolloutRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\x1d\n\x06stages\x18\x04 \x03(\x0b\x32\r.ota.v1.Stage\x12!\n\x04gate\x18\x05 \x01(\x0b\x32\x13.ota.v1.FailureGate\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x15\n\rplan_document\x18\x08 \x01(\t\"]\n\x12\x45\x64itRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x15\n\rplan_document\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"A\n\x0cPreviewCount\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x01(\x03\"~\n\x0cStagePreview\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0b\n\x03ppm\x18\x03 \x01(\r\x12\x0f\n\x07\x65xposed\x18\x04 \x01(\x03\x12\x0b\n\x03new\x18\x05 \x01(\x03\x12%\n\x07\x63ohorts\x18\x06 \x03(\x0b\x32\x14.ota.v1.PreviewCount\"S\n\tExclusion\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x03\x12%\n\x07\x63ohorts\x18\x03 \x03(\x0b\x32\x14.ota.v1.PreviewCount\"\xc5\x01\n\x12RolloutPlanPreview\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x05\x12\r\n\x05\x66leet\x18\x03 \x01(\x03\x12\x12\n\ncandidates\x18\x04 \x01(\x03\x12$\n\x06stages\x18\x05 \x03(\x0b\x32\x14.ota.v1.StagePreview\x12#\n\x08\x65xcluded\x18\x06 \x03(\x0b\x32\x11.ota.v1.Exclusion\x12\x17\n\x0f\x61lready_exposed\x18\x07 \x01(\x03\"\'\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"c\n\x13ListRolloutsRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x04 \x01(\x08\"R\n\x14ListRolloutsResponse\x12!\n\x08rollouts\x18\x01 \x03(\x0b\x32\x0f.ota.v1.Rollout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x15RolloutCommandRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"\xfb\x01\n\x0cRolloutEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12(\n\nfrom_state\x18\x06 \x01(\x0e\x32\x14.ota.v1.RolloutState\x12&\n\x08to_state\x18\x07 \x01(\x0e\x32\x14.ota.v1.RolloutState\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x11\n\tdiff_json\x18\n \x01(\t\"H\n\x14\x44\x65leteRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\".\n\x18ListRolloutEventsRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"A\n\x19ListRolloutEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.ota.v1.RolloutEvent\"W\n\rRolloutUpdate\x12 \n\x07rollout\x18\x01 \x01(\x0b\x32\x0f.ota.v1.Rollout\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.ota.v1.RolloutEvent*\x87\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROLLOUT_STATE_DRAFT\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x04\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x05\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x06\x12\x18\n\x14ROLLOUT_STATE_KILLED\x10\x07\x12\x19\n\x15ROLLOUT_STATE_DELETED\x10\x08*p\n\nGateAction\x12\x1b\n\x17GATE_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11GATE_ACTION_PAUSE\x10\x01\x12\x18\n\x14GATE_ACTION_ROLLBACK\x10\x02\x12\x14\n\x10GATE_ACTION_HOLD\x10\x03\x32\x81\x08\n\x0eRolloutService\x12>\n\rCreateRollout\x12\x1c.ota.v1.CreateRolloutRequest\x1a\x0f.ota.v1.Rollout\x12\x38\n\nGetRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x0f.ota.v1.Rollout\x12I\n\x0cListRollouts\x12\x1b.ota.v1.ListRolloutsRequest\x1a\x1c.ota.v1.ListRolloutsResponse\x12>\n\x0cStartRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12>\n\x0cPauseRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12?\n\rResumeRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12@\n\x0ePromoteRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12>\n\x0c\x41\x62ortRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12\x41\n\x0fRollbackRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12=\n\x0bKillRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12:\n\x0b\x45\x64itRollout\x12\x1a.ota.v1.EditRolloutRequest\x1a\x0f.ota.v1.Rollout\x12\x44\n\x0bPlanRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x1a.ota.v1.RolloutPlanPreview\x12\x45\n\rDeleteRollout\x12\x1c.ota.v1.DeleteRolloutRequest\x1a\x16.google.protobuf.Empty\x12X\n\x11ListRolloutEvents\x12 .ota.v1.ListRolloutEventsRequest\x1a!.ota.v1.ListRolloutEventsResponse\x12\x42\n\x0cWatchRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x15.ota.v1.RolloutUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ota/v1/rollout.proto\x12\x06ota.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13ota/v1/common.proto\"|\n\x05Stage\x12\x0b\n\x03ppm\x18\x01 \x01(\r\x12\x18\n\x10min_soak_seconds\x18\x02 \x01(\r\x12\x13\n\x0bmin_exposed\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64vance\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"^\n\x0b\x46\x61ilureGate\x12\x17\n\x0fmax_failure_ppm\x18\x01 \x01(\r\x12\x12\n\nmin_sample\x18\x02 \x01(\r\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x12.ota.v1.GateAction\"_\n\rStageProgress\x12\x0b\n\x03ppm\x18\x01 \x01(\r\x12\x0f\n\x07\x65xposed\x18\x02 \x01(\x03\x12\x30\n\x0cstarted_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd6\x05\n\x07Rollout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06\x62undle\x18\x05 \x01(\t\x12\x10\n\x08selector\x18\x06 \x01(\t\x12\x1d\n\x06stages\x18\x07 \x03(\x0b\x32\r.ota.v1.Stage\x12!\n\x04gate\x18\x08 \x01(\x0b\x32\x13.ota.v1.FailureGate\x12#\n\x05state\x18\t \x01(\x0e\x32\x14.ota.v1.RolloutState\x12\x15\n\rcurrent_stage\x18\n \x01(\x05\x12\x36\n\x12stage_started_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08salt_hex\x18\x0c \x01(\t\x12\x10\n\x08\x65ligible\x18\r \x01(\x03\x12\x0f\n\x07\x65xposed\x18\x0e \x01(\x03\x12\'\n\x08progress\x18\x0f \x03(\x0b\x32\x15.ota.v1.StageProgress\x12\x14\n\x0cstate_reason\x18\x10 \x01(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x13 \x01(\t\x12\x38\n\rdevice_states\x18\x14 \x03(\x0b\x32!.ota.v1.Rollout.DeviceStatesEntry\x12\x14\n\x0cplan_version\x18\x15 \x01(\x05\x12\r\n\x05phase\x18\x16 \x01(\t\x12\x13\n\x0bholdout_ppm\x18\x17 \x01(\r\x12\x11\n\tplan_json\x18\x18 \x01(\t\x12\x0f\n\x07holdout\x18\x19 \x01(\x03\x1a\x33\n\x11\x44\x65viceStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xc6\x01\n\x14\x43reateRolloutRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\x1d\n\x06stages\x18\x04 \x03(\x0b\x32\r.ota.v1.Stage\x12!\n\x04gate\x18\x05 \x01(\x0b\x32\x13.ota.v1.FailureGate\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x15\n\rplan_document\x18\x08 \x01(\t\"]\n\x12\x45\x64itRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x15\n\rplan_document\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"A\n\x0cPreviewCount\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x01(\x03\"~\n\x0cStagePreview\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0b\n\x03ppm\x18\x03 \x01(\r\x12\x0f\n\x07\x65xposed\x18\x04 \x01(\x03\x12\x0b\n\x03new\x18\x05 \x01(\x03\x12%\n\x07\x63ohorts\x18\x06 \x03(\x0b\x32\x14.ota.v1.PreviewCount\"S\n\tExclusion\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x03\x12%\n\x07\x63ohorts\x18\x03 \x03(\x0b\x32\x14.ota.v1.PreviewCount\"\xc5\x01\n\x12RolloutPlanPreview\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x05\x12\r\n\x05\x66leet\x18\x03 \x01(\x03\x12\x12\n\ncandidates\x18\x04 \x01(\x03\x12$\n\x06stages\x18\x05 \x03(\x0b\x32\x14.ota.v1.StagePreview\x12#\n\x08\x65xcluded\x18\x06 \x03(\x0b\x32\x11.ota.v1.Exclusion\x12\x17\n\x0f\x61lready_exposed\x18\x07 \x01(\x03\"\'\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"c\n\x13ListRolloutsRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x04 \x01(\x08\"R\n\x14ListRolloutsResponse\x12!\n\x08rollouts\x18\x01 \x03(\x0b\x32\x0f.ota.v1.Rollout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x15RolloutCommandRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"\xfb\x01\n\x0cRolloutEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12(\n\nfrom_state\x18\x06 \x01(\x0e\x32\x14.ota.v1.RolloutState\x12&\n\x08to_state\x18\x07 \x01(\x0e\x32\x14.ota.v1.RolloutState\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x11\n\tdiff_json\x18\n \x01(\t\"H\n\x14\x44\x65leteRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\".\n\x18ListRolloutEventsRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"A\n\x19ListRolloutEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.ota.v1.RolloutEvent\"z\n\x19ListRolloutDevicesRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.ota.v1.DeviceState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x8d\x02\n\rRolloutDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\x05\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.ota.v1.DeviceState\x12%\n\x06reason\x18\x06 \x01(\x0e\x32\x15.ota.v1.FailureReason\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12/\n\x0b\x65xpose_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x1aListRolloutDevicesResponse\x12&\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x15.ota.v1.RolloutDevice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"W\n\rRolloutUpdate\x12 \n\x07rollout\x18\x01 \x01(\x0b\x32\x0f.ota.v1.Rollout\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.ota.v1.RolloutEvent*\x87\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROLLOUT_STATE_DRAFT\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x04\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x05\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x06\x12\x18\n\x14ROLLOUT_STATE_KILLED\x10\x07\x12\x19\n\x15ROLLOUT_STATE_DELETED\x10\x08*p\n\nGateAction\x12\x1b\n\x17GATE_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11GATE_ACTION_PAUSE\x10\x01\x12\x18\n\x14GATE_ACTION_ROLLBACK\x10\x02\x12\x14\n\x10GATE_ACTION_HOLD\x10\x03\x32\xde\x08\n\x0eRolloutService\x12>\n\rCreateRollout\x12\x1c.ota.v1.CreateRolloutRequest\x1a\x0f.ota.v1.Rollout\x12\x38\n\nGetRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x0f.ota.v1.Rollout\x12I\n\x0cListRollouts\x12\x1b.ota.v1.ListRolloutsRequest\x1a\x1c.ota.v1.ListRolloutsResponse\x12>\n\x0cStartRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12>\n\x0cPauseRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12?\n\rResumeRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12@\n\x0ePromoteRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12>\n\x0c\x41\x62ortRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12\x41\n\x0fRollbackRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12=\n\x0bKillRollout\x12\x1d.ota.v1.RolloutCommandRequest\x1a\x0f.ota.v1.Rollout\x12:\n\x0b\x45\x64itRollout\x12\x1a.ota.v1.EditRolloutRequest\x1a\x0f.ota.v1.Rollout\x12\x44\n\x0bPlanRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x1a.ota.v1.RolloutPlanPreview\x12\x45\n\rDeleteRollout\x12\x1c.ota.v1.DeleteRolloutRequest\x1a\x16.google.protobuf.Empty\x12X\n\x11ListRolloutEvents\x12 .ota.v1.ListRolloutEventsRequest\x1a!.ota.v1.ListRolloutEventsResponse\x12[\n\x12ListRolloutDevices\x12!.ota.v1.ListRolloutDevicesRequest\x1a\".ota.v1.ListRolloutDevicesResponse\x12\x42\n\x0cWatchRollout\x12\x19.ota.v1.GetRolloutRequest\x1a\x15.ota.v1.RolloutUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,50 +36,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLLOUT_DEVICESTATESENTRY']._loaded_options = None
   _globals['_ROLLOUT_DEVICESTATESENTRY']._serialized_options = b'8\001'
-  _globals['_ROLLOUTSTATE']._serialized_start=2752
-  _globals['_ROLLOUTSTATE']._serialized_end=3015
-  _globals['_GATEACTION']._serialized_start=3017
-  _globals['_GATEACTION']._serialized_end=3129
-  _globals['_STAGE']._serialized_start=94
-  _globals['_STAGE']._serialized_end=218
-  _globals['_FAILUREGATE']._serialized_start=220
-  _globals['_FAILUREGATE']._serialized_end=314
-  _globals['_STAGEPROGRESS']._serialized_start=316
-  _globals['_STAGEPROGRESS']._serialized_end=411
-  _globals['_ROLLOUT']._serialized_start=414
-  _globals['_ROLLOUT']._serialized_end=1140
-  _globals['_ROLLOUT_DEVICESTATESENTRY']._serialized_start=1089
-  _globals['_ROLLOUT_DEVICESTATESENTRY']._serialized_end=1140
-  _globals['_CREATEROLLOUTREQUEST']._serialized_start=1143
-  _globals['_CREATEROLLOUTREQUEST']._serialized_end=1341
-  _globals['_EDITROLLOUTREQUEST']._serialized_start=1343
-  _globals['_EDITROLLOUTREQUEST']._serialized_end=1436
-  _globals['_PREVIEWCOUNT']._serialized_start=1438
-  _globals['_PREVIEWCOUNT']._serialized_end=1503
-  _globals['_STAGEPREVIEW']._serialized_start=1505
-  _globals['_STAGEPREVIEW']._serialized_end=1631
-  _globals['_EXCLUSION']._serialized_start=1633
-  _globals['_EXCLUSION']._serialized_end=1716
-  _globals['_ROLLOUTPLANPREVIEW']._serialized_start=1719
-  _globals['_ROLLOUTPLANPREVIEW']._serialized_end=1916
-  _globals['_GETROLLOUTREQUEST']._serialized_start=1918
-  _globals['_GETROLLOUTREQUEST']._serialized_end=1957
-  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1959
-  _globals['_LISTROLLOUTSREQUEST']._serialized_end=2058
-  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=2060
-  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=2142
-  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_start=2144
-  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_end=2217
-  _globals['_ROLLOUTEVENT']._serialized_start=2220
-  _globals['_ROLLOUTEVENT']._serialized_end=2471
-  _globals['_DELETEROLLOUTREQUEST']._serialized_start=2473
-  _globals['_DELETEROLLOUTREQUEST']._serialized_end=2545
-  _globals['_LISTROLLOUTEVENTSREQUEST']._serialized_start=2547
-  _globals['_LISTROLLOUTEVENTSREQUEST']._serialized_end=2593
-  _globals['_LISTROLLOUTEVENTSRESPONSE']._serialized_start=2595
-  _globals['_LISTROLLOUTEVENTSRESPONSE']._serialized_end=2660
-  _globals['_ROLLOUTUPDATE']._serialized_start=2662
-  _globals['_ROLLOUTUPDATE']._serialized_end=2749
-  _globals['_ROLLOUTSERVICE']._serialized_start=3132
-  _globals['_ROLLOUTSERVICE']._serialized_end=4157
+  _globals['_ROLLOUTSTATE']._serialized_start=3284
+  _globals['_ROLLOUTSTATE']._serialized_end=3547
+  _globals['_GATEACTION']._serialized_start=3549
+  _globals['_GATEACTION']._serialized_end=3661
+  _globals['_STAGE']._serialized_start=115
+  _globals['_STAGE']._serialized_end=239
+  _globals['_FAILUREGATE']._serialized_start=241
+  _globals['_FAILUREGATE']._serialized_end=335
+  _globals['_STAGEPROGRESS']._serialized_start=337
+  _globals['_STAGEPROGRESS']._serialized_end=432
+  _globals['_ROLLOUT']._serialized_start=435
+  _globals['_ROLLOUT']._serialized_end=1161
+  _globals['_ROLLOUT_DEVICESTATESENTRY']._serialized_start=1110
+  _globals['_ROLLOUT_DEVICESTATESENTRY']._serialized_end=1161
+  _globals['_CREATEROLLOUTREQUEST']._serialized_start=1164
+  _globals['_CREATEROLLOUTREQUEST']._serialized_end=1362
+  _globals['_EDITROLLOUTREQUEST']._serialized_start=1364
+  _globals['_EDITROLLOUTREQUEST']._serialized_end=1457
+  _globals['_PREVIEWCOUNT']._serialized_start=1459
+  _globals['_PREVIEWCOUNT']._serialized_end=1524
+  _globals['_STAGEPREVIEW']._serialized_start=1526
+  _globals['_STAGEPREVIEW']._serialized_end=1652
+  _globals['_EXCLUSION']._serialized_start=1654
+  _globals['_EXCLUSION']._serialized_end=1737
+  _globals['_ROLLOUTPLANPREVIEW']._serialized_start=1740
+  _globals['_ROLLOUTPLANPREVIEW']._serialized_end=1937
+  _globals['_GETROLLOUTREQUEST']._serialized_start=1939
+  _globals['_GETROLLOUTREQUEST']._serialized_end=1978
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1980
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=2079
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=2081
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=2163
+  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_start=2165
+  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_end=2238
+  _globals['_ROLLOUTEVENT']._serialized_start=2241
+  _globals['_ROLLOUTEVENT']._serialized_end=2492
+  _globals['_DELETEROLLOUTREQUEST']._serialized_start=2494
+  _globals['_DELETEROLLOUTREQUEST']._serialized_end=2566
+  _globals['_LISTROLLOUTEVENTSREQUEST']._serialized_start=2568
+  _globals['_LISTROLLOUTEVENTSREQUEST']._serialized_end=2614
+  _globals['_LISTROLLOUTEVENTSRESPONSE']._serialized_start=2616
+  _globals['_LISTROLLOUTEVENTSRESPONSE']._serialized_end=2681
+  _globals['_LISTROLLOUTDEVICESREQUEST']._serialized_start=2683
+  _globals['_LISTROLLOUTDEVICESREQUEST']._serialized_end=2805
+  _globals['_ROLLOUTDEVICE']._serialized_start=2808
+  _globals['_ROLLOUTDEVICE']._serialized_end=3077
+  _globals['_LISTROLLOUTDEVICESRESPONSE']._serialized_start=3079
+  _globals['_LISTROLLOUTDEVICESRESPONSE']._serialized_end=3192
+  _globals['_ROLLOUTUPDATE']._serialized_start=3194
+  _globals['_ROLLOUTUPDATE']._serialized_end=3281
+  _globals['_ROLLOUTSERVICE']._serialized_start=3664
+  _globals['_ROLLOUTSERVICE']._serialized_end=4782
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from ota.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -706,6 +707,112 @@ class ListRolloutEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRolloutEventsResponse: _TypeAlias = ListRolloutEventsResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutDevicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    state: _common_pb2.DeviceState.ValueType
+    """Only devices in this state (e.g. FAILED); DEVICE_STATE_UNSPECIFIED: all."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        state: _common_pb2.DeviceState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "rollout_id", b"rollout_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutDevicesRequest: _TypeAlias = ListRolloutDevicesRequest  # noqa: Y015
+
+@_typing.final
+class RolloutDevice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    EXPOSE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    model: _builtins.str
+    region: _builtins.str
+    stage: _builtins.int
+    """The stage that exposed the device, from 0."""
+    state: _common_pb2.DeviceState.ValueType
+    reason: _common_pb2.FailureReason.ValueType
+    """Why it failed, as the device reported it (FAILED only)."""
+    detail: _builtins.str
+    """The device's own words with its last event of this rollout."""
+    @_builtins.property
+    def expose_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the device last changed state in this rollout."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        region: _builtins.str = ...,
+        stage: _builtins.int = ...,
+        state: _common_pb2.DeviceState.ValueType = ...,
+        reason: _common_pb2.FailureReason.ValueType = ...,
+        detail: _builtins.str = ...,
+        expose_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expose_time", b"expose_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "expose_time", b"expose_time", "model", b"model", "reason", b"reason", "region", b"region", "stage", b"stage", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDevice: _TypeAlias = RolloutDevice  # noqa: Y015
+
+@_typing.final
+class ListRolloutDevicesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    total_size: _builtins.int
+    """Devices in the state asked for, across all pages."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutDevice]: ...
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___RolloutDevice] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutDevicesResponse: _TypeAlias = ListRolloutDevicesResponse  # noqa: Y015
 
 @_typing.final
 class RolloutUpdate(_message.Message):

@@ -106,6 +106,11 @@ class RolloutServiceStub:
                 request_serializer=ota_dot_v1_dot_rollout__pb2.ListRolloutEventsRequest.SerializeToString,
                 response_deserializer=ota_dot_v1_dot_rollout__pb2.ListRolloutEventsResponse.FromString,
                 _registered_method=True)
+        self.ListRolloutDevices = channel.unary_unary(
+                '/ota.v1.RolloutService/ListRolloutDevices',
+                request_serializer=ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesRequest.SerializeToString,
+                response_deserializer=ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesResponse.FromString,
+                _registered_method=True)
         self.WatchRollout = channel.unary_stream(
                 '/ota.v1.RolloutService/WatchRollout',
                 request_serializer=ota_dot_v1_dot_rollout__pb2.GetRolloutRequest.SerializeToString,
@@ -214,6 +219,13 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRolloutDevices(self, request, context):
+        """The devices a rollout exposed and how far each got, by device id (AIP-132).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRollout(self, request, context):
         """Streams the rollout on every change until it ends or the caller leaves.
         """
@@ -293,6 +305,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.ListRolloutEvents,
                     request_deserializer=ota_dot_v1_dot_rollout__pb2.ListRolloutEventsRequest.FromString,
                     response_serializer=ota_dot_v1_dot_rollout__pb2.ListRolloutEventsResponse.SerializeToString,
+            ),
+            'ListRolloutDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRolloutDevices,
+                    request_deserializer=ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesRequest.FromString,
+                    response_serializer=ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesResponse.SerializeToString,
             ),
             'WatchRollout': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRollout,
@@ -679,6 +696,33 @@ class RolloutService:
             '/ota.v1.RolloutService/ListRolloutEvents',
             ota_dot_v1_dot_rollout__pb2.ListRolloutEventsRequest.SerializeToString,
             ota_dot_v1_dot_rollout__pb2.ListRolloutEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRolloutDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.v1.RolloutService/ListRolloutDevices',
+            ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesRequest.SerializeToString,
+            ota_dot_v1_dot_rollout__pb2.ListRolloutDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,8 @@ class RolloutServiceStub:
     """
     ListRolloutEvents: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutEventsRequest, _rollout_pb2.ListRolloutEventsResponse]
     """The audit log; also of a deleted rollout."""
+    ListRolloutDevices: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutDevicesRequest, _rollout_pb2.ListRolloutDevicesResponse]
+    """The devices a rollout exposed and how far each got, by device id (AIP-132)."""
     WatchRollout: _grpc.UnaryStreamMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutUpdate]
     """Streams the rollout on every change until it ends or the caller leaves."""
 
@@ -100,6 +102,8 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """
     ListRolloutEvents: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutEventsRequest, _rollout_pb2.ListRolloutEventsResponse]  # type: ignore[assignment]
     """The audit log; also of a deleted rollout."""
+    ListRolloutDevices: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutDevicesRequest, _rollout_pb2.ListRolloutDevicesResponse]  # type: ignore[assignment]
+    """The devices a rollout exposed and how far each got, by device id (AIP-132)."""
     WatchRollout: _aio.UnaryStreamMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.RolloutUpdate]  # type: ignore[assignment]
     """Streams the rollout on every change until it ends or the caller leaves."""
 
@@ -218,6 +222,14 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.ListRolloutEventsResponse, _abc.Awaitable[_rollout_pb2.ListRolloutEventsResponse]]:
         """The audit log; also of a deleted rollout."""
+
+    @_abc_1.abstractmethod
+    def ListRolloutDevices(
+        self,
+        request: _rollout_pb2.ListRolloutDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.ListRolloutDevicesResponse, _abc.Awaitable[_rollout_pb2.ListRolloutDevicesResponse]]:
+        """The devices a rollout exposed and how far each got, by device id (AIP-132)."""
 
     @_abc_1.abstractmethod
     def WatchRollout(
