@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from rich.console import Console
@@ -17,6 +17,7 @@ from ota.cli import report_render
 from ota.cli.connect import connect
 from ota.cli.helptext import ExamplesFormatter
 from ota.cli.output import console, emit_json, emit_page, plain, table
+from ota.cli.prefix import by_prefix, paged
 from ota.cli.provision import (
     add_agent_options,
     check_agent_options,
@@ -30,6 +31,7 @@ from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
 from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
 from ota.domain.plan_document import parse_duration as parse_plan_duration
 from ota.domain.shares import parse_share, share_text
+from ota.domain.states import ALL_STATES
 from ota.errors import InvalidArgument
 from ota.reports import html as report_html
 from ota.signing.keys import load_public_key
@@ -40,6 +42,8 @@ from ota.v1 import (
     report_pb2,
     rollout_pb2,
 )
+
+T = TypeVar("T")
 
 ROLLOUT_VERBS = {
     "start": "start a rollout in DRAFT",
@@ -63,6 +67,51 @@ _CREATE_EXAMPLES = """examples:
   ota rollout create --feature lane-assist --version 2.0.0 --stages 5000ppm,50%,100% \\
       --max-failure 25000ppm
 """
+def _rollout_ids(client: Client) -> Iterable[str]:
+    def page(token: str) -> tuple[list[str], str]:
+        r = client.rollouts.ListRollouts(
+            rollout_pb2.ListRolloutsRequest(page_token=token), metadata=client.metadata
+        )
+        return [x.rollout_id for x in r.rollouts], r.next_page_token
+
+    return paged(page)
+
+
+def _device_ids(client: Client) -> Iterable[str]:
+    def page(token: str) -> tuple[list[str], str]:
+        r = client.fleet.ListDevices(
+            fleet_pb2.ListDevicesRequest(page_size=1000, page_token=token),
+            metadata=client.metadata,
+        )
+        return [d.device_id for d in r.devices], r.next_page_token
+
+    return paged(page)
+
+
+def _bundle_names(client: Client) -> Iterable[str]:
+    def page(token: str) -> tuple[list[str], str]:
+        r = client.bundles.ListBundles(
+            bundle_pb2.ListBundlesRequest(page_token=token), metadata=client.metadata
+        )
+        return [b.name for b in r.bundles], r.next_page_token
+
+    return paged(page)
+
+
+def _rollout_id(client: Client, given: str) -> str:
+    """The full id of the rollout `given` whole or as a unique prefix."""
+    return _rollout_call(
+        client,
+        given,
+        lambda rollout_id: client.rollouts.GetRollout(
+            rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
+        ),
+    ).rollout_id
+
+
+def _rollout_call(client: Client, given: str, call: Callable[[str], T]) -> T:
+    """`call(rollout_id)`, the id given whole or as a unique prefix."""
+    return by_prefix(call, given, lambda: _rollout_ids(client), noun="rollout")
 
 
 def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -164,8 +213,18 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     client_options(p)
     p.set_defaults(handler=fleet_list)
-    p = fleet.add_parser("get", help="one device and its recent events")
-    p.add_argument("device_id", help="the device's id")
+    p = fleet.add_parser(
+        "get",
+        help="one device and its timeline: its recent events, oldest first",
+    )
+    p.add_argument("device_id", help="the device's id, or a unique prefix of it")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=50,
+        metavar="N",
+        help="the last N events (default %(default)s, at most 1000)",
+    )
     client_options(p)
     p.set_defaults(handler=fleet_get)
     p = fleet.add_parser("revoke", help="revoke a device's credentials")
@@ -289,6 +348,21 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     )
     client_options(p)
     p.set_defaults(handler=rollout_watch)
+    p = rollout.add_parser(
+        "devices",
+        help="the devices a rollout exposed and how far each got (which ones failed, and why)",
+    )
+    p.add_argument("rollout_id")
+    p.add_argument(
+        "--state",
+        type=str.upper,
+        choices=ALL_STATES,
+        metavar="STATE",
+        help="only devices in this state, e.g. FAILED (one of " + ", ".join(ALL_STATES) + ")",
+    )
+    p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
+    client_options(p)
+    p.set_defaults(handler=rollout_devices)
     p = rollout.add_parser("history", help="the audit log")
     p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
     client_options(p)
@@ -340,7 +414,12 @@ def bundle_sign(args: argparse.Namespace) -> int:
     if not args.key:
         raise InvalidArgument("at least one release key (--key) is required", field="key")
     trusted = _read_file(args.trusted_root) if args.trusted_root else None
-    signing = client.review_pending(args.name, file=args.file, trusted_root=trusted)
+    signing = by_prefix(
+        lambda name: client.review_pending(name, file=args.file, trusted_root=trusted),
+        args.name,
+        lambda: _bundle_names(client),
+        noun="bundle",
+    )
     review = signing.review
     mine = [load_public_key(k).keyid for k in args.key]
     if args.format != "json":
@@ -364,8 +443,13 @@ def bundle_sign(args: argparse.Namespace) -> int:
 
 def bundle_discard(args: argparse.Namespace) -> int:
     client = _client(args)
-    result = client.bundles.DiscardPendingBundle(
-        bundle_pb2.DiscardPendingBundleRequest(name=args.name), metadata=client.metadata
+    result = by_prefix(
+        lambda name: client.bundles.DiscardPendingBundle(
+            bundle_pb2.DiscardPendingBundleRequest(name=name), metadata=client.metadata
+        ),
+        args.name,
+        lambda: _bundle_names(client),
+        noun="bundle",
     )
     if args.format == "json":
         emit_json(result)
@@ -448,14 +532,14 @@ def _read_file(path: Path, *, limit: int | None = None) -> bytes:
     return data
 
 
-def _bundle_rows(bundles: list[bundle_pb2.Bundle]) -> list[list[object]]:
+def _bundle_rows(bundles: list[bundle_pb2.Bundle], *, wide: bool) -> list[list[object]]:
     return [
         [
             b.name,
             _state_name(b),
             f"{len(b.signer_keyids)}/{b.signatures_required}",
             b.length,
-            b.sha256.hex()[:16],
+            b.sha256.hex() if wide else b.sha256.hex()[:16],
             ",".join(b.models),
         ]
         for b in bundles
@@ -474,19 +558,24 @@ def bundle_list(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_page("bundles", response.bundles, response.next_page_token)
     else:
-        table("Bundles", _BUNDLE_COLUMNS, _bundle_rows(list(response.bundles)))
+        table("Bundles", _BUNDLE_COLUMNS, _bundle_rows(list(response.bundles), wide=args.wide))
     return 0
 
 
 def bundle_get(args: argparse.Namespace) -> int:
     client = _client(args)
-    b = client.bundles.GetBundle(
-        bundle_pb2.GetBundleRequest(name=args.name), metadata=client.metadata
+    b = by_prefix(
+        lambda name: client.bundles.GetBundle(
+            bundle_pb2.GetBundleRequest(name=name), metadata=client.metadata
+        ),
+        args.name,
+        lambda: _bundle_names(client),
+        noun="bundle",
     )
     if args.format == "json":
         emit_json(b)
     else:
-        table("Bundle", _BUNDLE_COLUMNS, _bundle_rows([b]))
+        table("Bundle", _BUNDLE_COLUMNS, _bundle_rows([b], wide=True))
     return 0
 
 
@@ -596,8 +685,14 @@ def fleet_list(args: argparse.Namespace) -> int:
 
 def fleet_get(args: argparse.Namespace) -> int:
     client = _client(args)
-    response = client.fleet.GetDevice(
-        fleet_pb2.GetDeviceRequest(device_id=args.device_id), metadata=client.metadata
+    response = by_prefix(
+        lambda device_id: client.fleet.GetDevice(
+            fleet_pb2.GetDeviceRequest(device_id=device_id, event_limit=args.events),
+            metadata=client.metadata,
+        ),
+        args.device_id,
+        lambda: _device_ids(client),
+        noun="device",
     )
     if args.format == "json":
         emit_json(response)
@@ -619,25 +714,34 @@ def fleet_get(args: argparse.Namespace) -> int:
             "the per-device ingest rate"
         )
     table(
-        "Events",
-        ["seq", "rollout", "state", "reason"],
+        f"Timeline (last {len(response.events)} events, oldest first)",
+        ["time", "seq", "rollout", "feature", "state", "reason", "detail"],
         [
             [
+                e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
                 e.seq,
-                e.rollout_id,
+                e.rollout_id or "-",
+                f"{e.feature} {e.version}".strip() or "-",
                 common_pb2.DeviceState.Name(e.state),
                 common_pb2.FailureReason.Name(e.error_code) if e.error_code else "",
+                escape(e.detail),
             ]
             for e in response.events
         ],
+        whole=(0, 2),
     )
     return 0
 
 
 def fleet_revoke(args: argparse.Namespace) -> int:
     client = _client(args)
-    d = client.fleet.RevokeDevice(
-        fleet_pb2.RevokeDeviceRequest(device_id=args.device_id), metadata=client.metadata
+    d = by_prefix(
+        lambda device_id: client.fleet.RevokeDevice(
+            fleet_pb2.RevokeDeviceRequest(device_id=device_id), metadata=client.metadata
+        ),
+        args.device_id,
+        lambda: _device_ids(client),
+        noun="device",
     )
     if args.format == "json":
         emit_json(d)
@@ -740,11 +844,15 @@ def rollout_edit(args: argparse.Namespace) -> int:
     text = _read_file(args.plan, limit=PLAN_LIMITS.max_bytes).decode("utf-8", errors="replace")
     parse_plan_document(text)
     client = _client(args)
-    r = client.rollouts.EditRollout(
-        rollout_pb2.EditRolloutRequest(
-            rollout_id=args.rollout_id, plan_document=text, reason=args.reason, etag=args.etag
+    r = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: client.rollouts.EditRollout(
+            rollout_pb2.EditRolloutRequest(
+                rollout_id=rollout_id, plan_document=text, reason=args.reason, etag=args.etag
+            ),
+            metadata=client.metadata,
         ),
-        metadata=client.metadata,
     )
     _print_rollout(args, r)
     return 0
@@ -752,8 +860,12 @@ def rollout_edit(args: argparse.Namespace) -> int:
 
 def rollout_plan(args: argparse.Namespace) -> int:
     client = _client(args)
-    preview = client.rollouts.PlanRollout(
-        rollout_pb2.GetRolloutRequest(rollout_id=args.rollout_id), metadata=client.metadata
+    preview = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: client.rollouts.PlanRollout(
+            rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
+        ),
     )
     if args.format == "json":
         emit_json(preview)
@@ -823,9 +935,13 @@ def _print_rollout(args: argparse.Namespace, r: rollout_pb2.Rollout) -> None:
 def rollout_command(args: argparse.Namespace) -> int:
     client = _client(args)
     method = getattr(client.rollouts, f"{args.command.capitalize()}Rollout")
-    r = method(
-        rollout_pb2.RolloutCommandRequest(rollout_id=args.rollout_id, reason=args.reason),
-        metadata=client.metadata,
+    r = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: method(
+            rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason=args.reason),
+            metadata=client.metadata,
+        ),
     )
     _print_rollout(args, r)
     return 0
@@ -853,8 +969,12 @@ def rollout_delete(args: argparse.Namespace) -> int:
 
 def rollout_status(args: argparse.Namespace) -> int:
     client = _client(args)
-    r = client.rollouts.GetRollout(
-        rollout_pb2.GetRolloutRequest(rollout_id=args.rollout_id), metadata=client.metadata
+    r = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: client.rollouts.GetRollout(
+            rollout_pb2.GetRolloutRequest(rollout_id=rollout_id), metadata=client.metadata
+        ),
     )
     _print_rollout(args, r)
     return 0
@@ -891,7 +1011,7 @@ def rollout_watch(args: argparse.Namespace) -> int:
     client = _client(args)
     final = watch_rollout(
         client,
-        args.rollout_id,
+        _rollout_id(client, args.rollout_id),
         json_lines=args.format == "json",
         reconnect_for=args.reconnect_for,
         server=args.server,
@@ -911,12 +1031,64 @@ def _reconnect_for(text: str) -> float:
     if seconds > MAX_RECONNECT_FOR:
         raise argparse.ArgumentTypeError(f"at most 7d, got {text!r}")
     return float(seconds)
+def rollout_devices(args: argparse.Namespace) -> int:
+    client = _client(args)
+    state = common_pb2.DeviceState.Value(args.state) if args.state else 0
+
+    def page(rollout_id: str, token: str) -> rollout_pb2.ListRolloutDevicesResponse:
+        return client.rollouts.ListRolloutDevices(
+            rollout_pb2.ListRolloutDevicesRequest(
+                rollout_id=rollout_id,
+                state=state,  # type: ignore[arg-type]
+                page_token=token,
+                page_size=min(args.limit, 1000) if args.limit > 0 else 1000,
+            ),
+            metadata=client.metadata,
+        )
+
+    resolved = _rollout_id(client, args.rollout_id)
+    first = page(resolved, "")
+    found = list(first.devices)
+    token = first.next_page_token
+    while token and (args.limit <= 0 or len(found) < args.limit):
+        more = page(resolved, token)
+        found.extend(more.devices)
+        token = more.next_page_token
+    if args.limit > 0 and len(found) > args.limit:
+        found = found[: args.limit]
+    if args.format == "json":
+        emit_page("devices", found, token)
+        return 0
+    table(
+        f"Devices of {resolved}"
+        + (f" in {args.state}" if args.state else "")
+        + f" ({first.total_size})",
+        ["device", "model", "region", "stage", "state", "reason", "detail", "changed"],
+        [
+            [
+                d.device_id,
+                d.model,
+                d.region,
+                d.stage + 1,
+                common_pb2.DeviceState.Name(d.state),
+                common_pb2.FailureReason.Name(d.reason) if d.reason else "",
+                escape(d.detail),
+                d.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            ]
+            for d in found
+        ],
+    )
+    return 0
 
 
 def rollout_history(args: argparse.Namespace) -> int:
     client = _client(args)
-    response = client.rollouts.ListRolloutEvents(
-        rollout_pb2.ListRolloutEventsRequest(rollout_id=args.rollout_id), metadata=client.metadata
+    response = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: client.rollouts.ListRolloutEvents(
+            rollout_pb2.ListRolloutEventsRequest(rollout_id=rollout_id), metadata=client.metadata
+        ),
     )
     if args.format == "json":
         emit_page("events", response.events)
@@ -975,8 +1147,12 @@ def report(args: argparse.Namespace) -> int:
             csv=report_render.render_feature_csv,
             html=report_html.render_feature_html,
         )
-    value = client.reports.GetRolloutReport(
-        report_pb2.GetRolloutReportRequest(rollout_id=args.rollout_id), metadata=client.metadata
+    value = _rollout_call(
+        client,
+        args.rollout_id,
+        lambda rollout_id: client.reports.GetRolloutReport(
+            report_pb2.GetRolloutReportRequest(rollout_id=rollout_id), metadata=client.metadata
+        ),
     )
     return _emit_report(
         args,

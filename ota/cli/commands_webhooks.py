@@ -9,9 +9,9 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ota.cli.connect import connect
+from ota.cli.output import console, emit_json, emit_page, plain, table
 from ota.cli.prefix import paged, resolve
 from ota.client import Client
-from ota.cli.output import console, emit_json, emit_page, plain, table
 from ota.domain.webhooks import DELIVERY_STATES, EVENT_TYPES
 from ota.v1 import webhook_pb2
 

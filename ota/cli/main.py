@@ -50,7 +50,12 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
         "--format",
         choices=("table", "json"),
         default="table",
-        help="output for people (table) or scripts (json)",
+        help="output for people (table) or scripts (json: see README, Scripts)",
+    )
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="tables show hashes and key ids whole (identifiers are never cut)",
     )
 
 

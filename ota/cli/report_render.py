@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 
-from google.protobuf.json_format import MessageToJson
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from ota.cli.output import plain
 from ota.reports.figures import feature_figures, figures, header, rollout_state
 from ota.reports.view import Row, Table, build_view
 from ota.v1 import report_pb2
@@ -103,7 +104,8 @@ def render_csv(report: report_pb2.RolloutReport) -> str:
 
 
 def render_json(report: report_pb2.RolloutReport | report_pb2.FeatureReport) -> str:
-    return MessageToJson(report, preserving_proto_field_name=True, sort_keys=True) + "\n"
+    # The report's own document, in the CLI's JSON convention (hex hashes, numbers).
+    return json.dumps(plain(report), indent=2, sort_keys=True) + "\n"
 
 
 def render_feature_table(report: report_pb2.FeatureReport, console: Console) -> None:

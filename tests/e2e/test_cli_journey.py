@@ -90,7 +90,7 @@ def test_release_engineer_rolls_out_a_bundle_with_the_cli(
 
         listed = _ota(env, "fleet", "list", "--selector", "model = ev9", "--format", "json")
         assert listed.returncode == 0, listed.stderr
-        assert json.loads(listed.stdout)["total_size"] == "8"
+        assert json.loads(listed.stdout)["total_size"] == 8
 
         bundle = tmp_path / "wipers-1.0.0.bin"
         bundle.write_bytes(os.urandom(20_000))
@@ -138,7 +138,7 @@ def test_release_engineer_rolls_out_a_bundle_with_the_cli(
         csv_report = _ota(env, "report", rollout_id, "--format", "csv")
         assert "state,ACTIVE,24" in csv_report.stdout.splitlines()
         history = _ota(env, "rollout", "history", rollout_id, "--format", "json")
-        actions = [e["action"] for e in json.loads(history.stdout)]
+        actions = [e["action"] for e in json.loads(history.stdout)["events"]]
         assert actions[:3] == ["create", "start", "advance"] and actions[-1] == "complete"
     finally:
         assert _stop(sim) == 0

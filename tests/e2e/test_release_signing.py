@@ -290,7 +290,7 @@ def test_a_pending_publication_overtaken_by_another_must_be_rebased(team: Team) 
     name = f"bundles/{FEATURE}/4.0.0"
     assert team.get("4.0.0").state == bundle_pb2.BUNDLE_STATE_STALE
     stale = team.ota("bundle", "list", "--state", "stale", "--format", "json")
-    assert [b["name"] for b in json.loads(stale.stdout)] == [name], stale.stderr
+    assert [b["name"] for b in json.loads(stale.stdout)["bundles"]] == [name], stale.stderr
     late = team.ota("bundle", "sign", name, "--key", k2)
     assert late.returncode == 1 and "Re-publish" in late.stderr
     with pytest.raises(grpc.RpcError) as aborted:

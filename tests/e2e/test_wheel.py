@@ -196,7 +196,10 @@ def test_ota_dev_from_the_wheel_serves_and_stops_cleanly(
 
     listed = installed.run(installed.bin("ota"), "bundle", "list", "--format", "json", **values)
     assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout) == []  # a fresh stack, and the token was accepted
+    assert json.loads(listed.stdout) == {
+        "bundles": [],
+        "next_page_token": "",
+    }  # a fresh stack, and the token was accepted
 
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
