@@ -558,7 +558,11 @@ def bundle_list(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_page("bundles", response.bundles, response.next_page_token)
     else:
-        table("Bundles", _BUNDLE_COLUMNS, _bundle_rows(list(response.bundles), wide=args.wide))
+        table(
+            "Bundles",
+            _BUNDLE_COLUMNS,
+            _bundle_rows(list(response.bundles), wide=args.wide),
+        )
     return 0
 
 
@@ -575,7 +579,7 @@ def bundle_get(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(b)
     else:
-        table("Bundle", _BUNDLE_COLUMNS, _bundle_rows([b], wide=True))
+        table("Bundle", _BUNDLE_COLUMNS, _bundle_rows([b], wide=True), wide=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from ota.cli import (
     commands_ops,
     commands_tokens,
     commands_webhooks,
+    output,
 )
 from ota.cli.connect import add_tls_options
 from ota.cli.helptext import describe_commands
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(os.environ.get("OTA_LOG_FORMAT", "text"), verbose=args.verbose)
+    output.wide_tables = bool(getattr(args, "wide", False))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

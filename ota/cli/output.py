@@ -20,9 +20,12 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 console = Console()
+# `--wide`, set once per command by the entry point: every table then keeps every column whole.
+wide_tables = False
 
 
 def emit_json(value: Any) -> None:
@@ -98,10 +101,15 @@ def table(
     rows: Sequence[Sequence[object]],
     *,
     whole: Sequence[int] = (0,),
+    wide: bool | None = None,
 ) -> None:
     """A table for people. Columns in `whole` (by default the first, the identifier) are
     never cut or wrapped, however narrow the terminal, so they can be copied back into a
-    command; the others give way."""
+    command; the others give way. `wide` (`--wide`) keeps every column whole and lets the
+    table run past the terminal's width rather than cut anything."""
+    wide = wide_tables if wide is None else wide
+    if wide:
+        whole = range(len(columns))
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(columns):
         keep = i in whole
@@ -110,4 +118,8 @@ def table(
         t.add_column(c, no_wrap=keep, min_width=widest, overflow="fold")
     for row in rows:
         t.add_row(*(str(v) for v in row))
-    console.print(t)
+    if not wide:
+        console.print(t)
+        return
+    need = Measurement.get(console, console.options.update(width=100_000), t).maximum
+    console.print(t, width=max(console.width, need), crop=False)

@@ -145,7 +145,7 @@ def conforms(value: Any, desc: Descriptor, where: str = "$") -> None:
             assert isinstance(v, dict), at
             for k, item in v.items():
                 _scalar(f.message_type.fields_by_name["value"], item, f"{at}[{k}]")
-        elif f.label == FieldDescriptor.LABEL_REPEATED:
+        elif f.is_repeated:
             assert isinstance(v, list), at
             for i, item in enumerate(v):
                 _scalar(f, item, f"{at}[{i}]")
@@ -205,10 +205,10 @@ CASES: dict[str, Case] = {
         fleet_pb2.GetDeviceResponse.DESCRIPTOR,
     ),
     "fleet register": (
-        lambda w: (
-            ["fleet", "register", "json-new", "--model", "ev6", "--region", "eu"]
-            + ["--firmware", "4.2.0"]
-        ),
+        lambda w: [
+            *("fleet", "register", "json-new", "--model", "ev6"),
+            *("--region", "eu", "--firmware", "4.2.0"),
+        ],
         None,
         fleet_pb2.RegisterDevicesResponse.DESCRIPTOR,
     ),
@@ -298,8 +298,18 @@ def test_identifiers_are_taken_by_a_unique_prefix(
 
     rollout = _json(capsys, world, "rollout", "status", world.rollout_id[:-2])
     assert rollout["rollout_id"] == world.rollout_id
-    device = _json(capsys, world, "fleet", "get", world.device_id[:-1])
-    assert device["device"]["device_id"] == world.device_id
+    world.client.fleet.RegisterDevices(
+        fleet_pb2.RegisterDevicesRequest(
+            devices=[
+                fleet_pb2.DeviceRegistration(
+                    device_id="prefix-car-1", model="ev6", region="eu", firmware="4.2.0"
+                )
+            ]
+        ),
+        metadata=world.client.metadata,
+    )
+    device = _json(capsys, world, "fleet", "get", "prefix-c")
+    assert device["device"]["device_id"] == "prefix-car-1"
     bundle = _json(capsys, world, "bundle", "get", "bundles/lane-assist/2.")
     assert bundle["name"] == world.bundle
 
@@ -339,8 +349,9 @@ def test_rollout_devices_by_state_say_which_failed_and_why(
         capsys, world, "rollout", "devices", world.rollout_id, "--state", "FAILED", fmt="table"
     )
     assert code == 0 and failed["devices"][0]["device_id"] in table
-    code, _, err = _ota(capsys, world, "rollout", "devices", world.rollout_id, "--state", "LOST")
-    assert code == 2 and "--state" in err
+    with pytest.raises(SystemExit) as refused:
+        _ota(capsys, world, "rollout", "devices", world.rollout_id, "--state", "LOST")
+    assert refused.value.code == 2 and "--state" in capsys.readouterr().err
 
 
 def test_fleet_get_shows_the_device_timeline(
