@@ -67,6 +67,8 @@ _CREATE_EXAMPLES = """examples:
   ota rollout create --feature lane-assist --version 2.0.0 --stages 5000ppm,50%,100% \\
       --max-failure 25000ppm
 """
+
+
 def _rollout_ids(client: Client) -> Iterable[str]:
     def page(token: str) -> tuple[list[str], str]:
         r = client.rollouts.ListRollouts(
@@ -1035,6 +1037,8 @@ def _reconnect_for(text: str) -> float:
     if seconds > MAX_RECONNECT_FOR:
         raise argparse.ArgumentTypeError(f"at most 7d, got {text!r}")
     return float(seconds)
+
+
 def rollout_devices(args: argparse.Namespace) -> int:
     client = _client(args)
     state = common_pb2.DeviceState.Value(args.state) if args.state else 0

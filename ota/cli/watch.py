@@ -8,6 +8,7 @@ report's stage funnels.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -15,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.json_format import MessageToJson
 from rich.console import Console
 
+from ota.cli.output import plain
 from ota.client import Client
 from ota.errors import OtaError
 from ota.reports.figures import rollout_state
@@ -217,7 +218,8 @@ class _View:
         if self._json:
             del update.events[:]
             update.events.extend(fresh)
-            print(MessageToJson(update, indent=None, preserving_proto_field_name=True), flush=True)
+            # JSON lines: one RolloutUpdate per line, in the convention of `--format json`.
+            print(json.dumps(plain(update), sort_keys=True), flush=True)
             return self.ended
         for e in fresh:
             self._console.print(
