@@ -690,6 +690,8 @@ def fleet_list(args: argparse.Namespace) -> int:
 
 
 def fleet_get(args: argparse.Namespace) -> int:
+    if not 1 <= args.events <= 1000:
+        raise InvalidArgument("must be between 1 and 1000", field="--events")
     client = _client(args)
     response = by_prefix(
         lambda device_id: client.fleet.GetDevice(
@@ -1040,6 +1042,8 @@ def _reconnect_for(text: str) -> float:
 
 
 def rollout_devices(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise InvalidArgument("must not be negative (0: all)", field="--limit")
     client = _client(args)
     state = common_pb2.DeviceState.Value(args.state) if args.state else 0
 

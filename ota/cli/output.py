@@ -20,7 +20,6 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 console = Console()
@@ -111,9 +110,11 @@ def table(
     if wide:
         whole = range(len(columns))
     t = Table(title=title, title_justify="left")
+    widths = []
     for i, c in enumerate(columns):
         keep = i in whole
-        widest = max((len(str(row[i])) for row in rows), default=0) if keep else None
+        widest = max([len(c), *(len(str(row[i])) for row in rows)]) if keep else None
+        widths.append(widest or len(c))
         # The others fold rather than cut: a value cut to "3e64d9…" is lost for copying.
         t.add_column(c, no_wrap=keep, min_width=widest, overflow="fold")
     for row in rows:
@@ -121,5 +122,7 @@ def table(
     if not wide:
         console.print(t)
         return
-    need = Measurement.get(console, console.options.update(width=100_000), t).maximum
-    console.print(t, width=max(console.width, need), crop=False)
+    # Cells, one space of padding either side, and the borders between and around them.
+    need = sum(widths) + 3 * len(widths) + 1
+    # console.print(width=) never exceeds the terminal's width: a console of its own does.
+    Console(width=max(console.width, need)).print(t, crop=False)
