@@ -366,3 +366,17 @@ def test_fleet_get_shows_the_device_timeline(
     assert last_two == events[-2:]
     code, table, _ = _ota(capsys, world, "fleet", "get", world.device_id, fmt="table")
     assert code == 0 and "Timeline" in table and "FAILED" in table
+
+
+def test_watch_prints_json_lines_in_the_convention(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The shared rollout ends here (no other test needs it paused), so watch returns.
+    aborted = _json(capsys, world, "rollout", "abort", world.rollout_id, "--reason", "json")
+    assert aborted["state"] == "ROLLOUT_STATE_ABORTED"
+    code, out, err = _ota(capsys, world, "rollout", "watch", world.rollout_id)
+    assert code == 3, err  # ended, but not completed
+    lines = out.splitlines()
+    assert lines
+    for line in lines:
+        conforms(json.loads(line), rollout_pb2.RolloutUpdate.DESCRIPTOR)
