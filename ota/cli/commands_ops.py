@@ -150,7 +150,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "upload the signature (the key never leaves this machine). The signature that meets "
         "the release threshold publishes the bundle.",
     )
-    p.add_argument("name", help="bundles/FEATURE/VERSION")
+    p.add_argument("name", help="bundles/FEATURE/VERSION, or a unique prefix of it")
     p.add_argument("--key", action="append", type=Path, default=[], help="release key (repeat)")
     p.add_argument("--file", type=Path, help="your copy of the bundle: must match what is signed")
     p.add_argument(
@@ -160,7 +160,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=bundle_sign)
     p = bundle.add_parser("discard", help="drop a pending publication and its signatures")
-    p.add_argument("name", help="bundles/FEATURE/VERSION")
+    p.add_argument("name", help="bundles/FEATURE/VERSION, or a unique prefix of it")
     client_options(p)
     p.set_defaults(handler=bundle_discard)
     p = bundle.add_parser("list", help="published and pending bundles")
@@ -174,7 +174,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=bundle_list)
     p = bundle.add_parser("get", help="one bundle")
-    p.add_argument("name", help="bundles/FEATURE/VERSION")
+    p.add_argument("name", help="bundles/FEATURE/VERSION, or a unique prefix of it")
     client_options(p)
     p.set_defaults(handler=bundle_get)
 
@@ -230,7 +230,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=fleet_get)
     p = fleet.add_parser("revoke", help="revoke a device's credentials")
-    p.add_argument("device_id", help="the device's id")
+    p.add_argument("device_id", help="the device's id, or a unique prefix of it")
     client_options(p)
     p.set_defaults(handler=fleet_revoke)
 
@@ -292,7 +292,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "edit",
         help="a new plan version (only stages after the current one may change)",
     )
-    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     p.add_argument("--plan", type=Path, required=True, help="the whole new plan file")
     p.add_argument("--reason", default="", help="why, for the audit log")
     p.add_argument("--etag", default="", help="refuse if the rollout changed since this etag")
@@ -301,12 +303,16 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p = rollout.add_parser(
         "plan", help="dry run: who each stage exposes from the current fleet, who is left out"
     )
-    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     client_options(p)
     p.set_defaults(handler=rollout_plan)
     for verb, text in ROLLOUT_VERBS.items():
         p = rollout.add_parser(verb, help=text)
-        p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+        p.add_argument(
+            "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+        )
         p.add_argument("--reason", default="", help="why, for the audit log")
         client_options(p)
         p.set_defaults(handler=rollout_command, command=verb)
@@ -324,7 +330,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=rollout_delete)
     p = rollout.add_parser("status", help="a rollout's state and progress")
-    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     client_options(p)
     p.set_defaults(handler=rollout_status)
     p = rollout.add_parser("list", help="rollouts")
@@ -339,7 +347,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "completes, 3 when it ends otherwise (aborted, rolled back, killed), 1 when the "
         "control plane stays out of reach for longer than --reconnect-for.",
     )
-    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     p.add_argument(
         "--reconnect-for",
         type=_reconnect_for,
@@ -354,7 +364,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         "devices",
         help="the devices a rollout exposed and how far each got (which ones failed, and why)",
     )
-    p.add_argument("rollout_id")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     p.add_argument(
         "--state",
         type=str.upper,
@@ -366,7 +378,9 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=rollout_devices)
     p = rollout.add_parser("history", help="the audit log")
-    p.add_argument("rollout_id", help="the rollout, e.g. r-4a47dd90")
+    p.add_argument(
+        "rollout_id", help="the rollout, e.g. r-4a47dd90 (a unique prefix will do: r-4a47)"
+    )
     client_options(p)
     p.set_defaults(handler=rollout_history)
 

@@ -45,15 +45,27 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=webhooks_list)
     p = verbs.add_parser("remove", help="remove an endpoint and its queued deliveries")
-    p.add_argument("webhook_id", metavar="ID", help="the endpoint's id (from `ota webhooks list`)")
+    p.add_argument(
+        "webhook_id",
+        metavar="ID",
+        help="the endpoint's id (from `ota webhooks list`), or a unique prefix of it",
+    )
     client_options(p)
     p.set_defaults(handler=webhooks_remove)
     p = verbs.add_parser("test", help="send a signed webhook.test event now")
-    p.add_argument("webhook_id", metavar="ID", help="the endpoint's id (from `ota webhooks list`)")
+    p.add_argument(
+        "webhook_id",
+        metavar="ID",
+        help="the endpoint's id (from `ota webhooks list`), or a unique prefix of it",
+    )
     client_options(p)
     p.set_defaults(handler=webhooks_test)
     p = verbs.add_parser("deliveries", help="an endpoint's deliveries, newest first")
-    p.add_argument("webhook_id", metavar="ID", help="the endpoint's id (from `ota webhooks list`)")
+    p.add_argument(
+        "webhook_id",
+        metavar="ID",
+        help="the endpoint's id (from `ota webhooks list`), or a unique prefix of it",
+    )
     p.add_argument(
         "--state",
         action="append",
@@ -65,7 +77,11 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     client_options(p)
     p.set_defaults(handler=webhooks_deliveries)
     p = verbs.add_parser("redeliver", help="queue deliveries again: one event, or every dead one")
-    p.add_argument("webhook_id", metavar="ID", help="the endpoint's id (from `ota webhooks list`)")
+    p.add_argument(
+        "webhook_id",
+        metavar="ID",
+        help="the endpoint's id (from `ota webhooks list`), or a unique prefix of it",
+    )
     p.add_argument(
         "--event", default="", metavar="EVENT_ID", help="this event (default: dead ones)"
     )
