@@ -376,6 +376,11 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     )
     p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
     client_options(p)
+    p.add_argument(
+        "--page-token",
+        default="",
+        help="go on from the next_page_token a --limit'ed `--format json` printed",
+    )
     p.set_defaults(handler=rollout_devices)
     p = rollout.add_parser("history", help="the audit log")
     p.add_argument(
@@ -1061,27 +1066,29 @@ def rollout_devices(args: argparse.Namespace) -> int:
     client = _client(args)
     state = common_pb2.DeviceState.Value(args.state) if args.state else 0
 
+    found: list[rollout_pb2.RolloutDevice] = []
+
     def page(rollout_id: str, token: str) -> rollout_pb2.ListRolloutDevicesResponse:
+        # Never past --limit, so the page token printed continues right after the last one.
+        left = args.limit - len(found) if args.limit > 0 else 1000
         return client.rollouts.ListRolloutDevices(
             rollout_pb2.ListRolloutDevicesRequest(
                 rollout_id=rollout_id,
                 state=state,  # type: ignore[arg-type]
                 page_token=token,
-                page_size=min(args.limit, 1000) if args.limit > 0 else 1000,
+                page_size=min(left, 1000),
             ),
             metadata=client.metadata,
         )
 
     resolved = _rollout_id(client, args.rollout_id)
-    first = page(resolved, "")
-    found = list(first.devices)
+    first = page(resolved, args.page_token)
+    found.extend(first.devices)
     token = first.next_page_token
     while token and (args.limit <= 0 or len(found) < args.limit):
         more = page(resolved, token)
         found.extend(more.devices)
         token = more.next_page_token
-    if args.limit > 0 and len(found) > args.limit:
-        found = found[: args.limit]
     if args.format == "json":
         emit_page("devices", found, token)
         return 0

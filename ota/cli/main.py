@@ -56,7 +56,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wide",
         action="store_true",
-        help="tables show hashes and key ids whole (identifiers are never cut)",
+        help="tables show every value whole on one line, full hashes too, however wide",
     )
 
 

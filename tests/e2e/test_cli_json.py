@@ -344,6 +344,18 @@ def test_rollout_devices_by_state_say_which_failed_and_why(
     one = _json(capsys, world, "rollout", "devices", world.rollout_id, "--limit", "1")
     assert [d["device_id"] for d in one["devices"]] == [everyone[0]["device_id"]]
     assert one["next_page_token"] != ""
+    two = _json(
+        capsys,
+        world,
+        "rollout",
+        "devices",
+        world.rollout_id,
+        "--limit",
+        "1",
+        "--page-token",
+        one["next_page_token"],
+    )
+    assert [d["device_id"] for d in two["devices"]] == [everyone[1]["device_id"]]
 
     code, table, _ = _ota(
         capsys, world, "rollout", "devices", world.rollout_id, "--state", "FAILED", fmt="table"
