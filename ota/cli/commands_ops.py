@@ -976,18 +976,16 @@ def rollout_command(args: argparse.Namespace) -> int:
 
 def rollout_delete(args: argparse.Namespace) -> int:
     client = _client(args)
+    rollout_id = _rollout_id(client, args.rollout_id)
     client.rollouts.DeleteRollout(
-        rollout_pb2.DeleteRolloutRequest(
-            rollout_id=args.rollout_id, reason=args.reason, etag=args.etag
-        ),
+        rollout_pb2.DeleteRolloutRequest(rollout_id=rollout_id, reason=args.reason, etag=args.etag),
         metadata=client.metadata,
     )
     if args.format == "json":
-        print(json.dumps({"deleted": args.rollout_id}))
+        emit_json({"deleted": rollout_id})
     else:
         console.print(
-            f"deleted rollout {args.rollout_id}; `ota rollout history {args.rollout_id}` "
-            "keeps its log",
+            f"deleted rollout {rollout_id}; `ota rollout history {rollout_id}` keeps its log",
             markup=False,
             highlight=False,
         )

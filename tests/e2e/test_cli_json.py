@@ -314,10 +314,14 @@ def test_identifiers_are_taken_by_a_unique_prefix(
     assert bundle["name"] == world.bundle
 
     # Every rollout id starts "r-": ambiguous, refused with the candidates on one line.
-    _json(capsys, world, "rollout", "create", "--feature", "lane-assist", "--version", VERSION)
+    draft = _json(
+        capsys, world, "rollout", "create", "--feature", "lane-assist", "--version", VERSION
+    )["rollout_id"]
     code, out, err = _ota(capsys, world, "rollout", "status", "r-")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and world.rollout_id in err and "Traceback" not in err
+    deleted = _json(capsys, world, "rollout", "delete", draft[:-1], "--reason", "json")
+    assert deleted == {"deleted": draft}
     code, _, err = _ota(capsys, world, "tokens", "revoke", "zz")
     assert code == 1 and "NOT_FOUND" in err
 
