@@ -119,7 +119,7 @@ def test_a_draft_is_deleted_audited_and_a_started_rollout_is_not(
         stack, stack.admin_token, "rollout", "history", draft.rollout_id, "--format", "json"
     )
     assert history.returncode == 0, history.stderr
-    assert [e["action"] for e in json.loads(history.stdout)] == ["create", "delete"]
+    assert [e["action"] for e in json.loads(history.stdout)["events"]] == ["create", "delete"]
     audit = _ota(
         stack,
         stack.admin_token,
