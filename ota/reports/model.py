@@ -358,14 +358,14 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
         outcome=_outcome(rollout, timeline),
         curve_resolution_seconds=series.resolution,
         usage_curve=_usage_curve(stats, series),
-        labels=_labels(
+        labels=bounded_labels(
             segments.usage_by_label(session, rollout_id),
             holdout_by_label(session, rollout, bundle, eligible) if holdout else {},
         ),
     )
 
 
-def _labels(rows: list[segments.LabelUsage], holdout: dict[str, int]) -> list[LabelSegment]:
+def bounded_labels(rows: list[segments.LabelUsage], holdout: dict[str, int]) -> list[LabelSegment]:
     """Per label, the first MAX_LABELS by devices (exposed and holdout), then OTHER_LABELS.
 
     A device carries several labels, so the rows overlap; the OTHER_LABELS row
