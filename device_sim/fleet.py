@@ -139,7 +139,11 @@ def provision(
             fleet_pb2.RegisterDevicesRequest(
                 devices=[
                     fleet_pb2.DeviceRegistration(
-                        device_id=p.device_id, model=p.model, region=p.region, firmware=p.firmware
+                        device_id=p.device_id,
+                        model=p.model,
+                        region=p.region,
+                        firmware=p.firmware,
+                        labels=dict(p.labels),
                     )
                     for p in batch
                 ],

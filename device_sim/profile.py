@@ -17,6 +17,8 @@ class DeviceProfile:
     model: str
     region: str
     firmware: str
+    # Registered as the device's labels: (key, value) pairs, a tuple so the profile hashes.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

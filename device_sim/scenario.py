@@ -1,6 +1,6 @@
 """Scenario files: a fleet and how it behaves, in YAML, for `ota-sim run --scenario FILE`.
 
-A scenario says who the devices are (`fleet`), how likely installs fail and
+A scenario says who the devices are (`fleet`, with optional `labels`), how likely installs fail and
 health samples crash for some of them (`failures`), how often they use the
 feature (`usage`: the share of health samples reporting a use), whose clocks are off
 (`clock_skew`), how long devices wait out an unreachable control plane before
@@ -16,7 +16,7 @@ README), and the file itself is bounded in size and nesting before it is parsed.
     prefix: sim
     fleet:
       - {count: 60, model: ev6, region: eu, firmware: 4.2.0}
-      - {count: 40, model: ev9, region: us, firmware: 4.1.0}
+      - {count: 40, model: ev9, region: us, firmware: 4.1.0, labels: {ring: beta}}
     failures:
       - {model: ev9, region: us, version: 2.0.0, install: 0.5, crash: 0.1}
     health_interval: 30
@@ -58,6 +58,7 @@ MAX_LATENCY = 3_600.0
 MAX_UNREACHABLE_FOR = 7 * 86_400.0  # how long a device may wait out the control plane
 MAX_MESSAGES = 1_000_000
 MAX_RULES = 1_000  # entries in each list
+MAX_LABELS = 16  # labels of each fleet group
 # Column widths of the device table; the prefix leaves room for "-NNNNNN".
 WIDTHS = {"model": 64, "region": 64, "firmware": 32, "prefix": 64, "version": 32}
 
@@ -112,6 +113,7 @@ class FleetGroup:
     model: str
     region: str
     firmware: str
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,9 @@ class Scenario:
             for g in self.fleet:
                 for _ in range(g.count):
                     self._devices.append(
-                        DeviceProfile(f"{self.prefix}-{i:06d}", g.model, g.region, g.firmware)
+                        DeviceProfile(
+                            f"{self.prefix}-{i:06d}", g.model, g.region, g.firmware, g.labels
+                        )
                     )
                     i += 1
         return list(self._devices)
@@ -350,14 +354,23 @@ def parse_scenario(data: Any) -> Scenario:
 
 
 def _group(raw: Any, where: str) -> FleetGroup:
-    r = _mapping(raw, where, {"count", "model", "region", "firmware"})
+    r = _mapping(raw, where, {"count", "model", "region", "firmware", "labels"})
     count = _int(_need(r, "count", where), f"{where}.count", low=1, high=MAX_FLEET)
     return FleetGroup(
         count=count,
         model=_str(_need(r, "model", where), f"{where}.model"),
         region=_str(_need(r, "region", where), f"{where}.region"),
         firmware=_str(r.get("firmware", "4.2.0"), f"{where}.firmware"),
+        labels=_labels(r.get("labels", {}), f"{where}.labels"),
     )
+
+
+def _labels(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"must be a mapping of label to value, got {_kind(raw)}", field=where)
+    if len(raw) > MAX_LABELS:
+        raise InvalidArgument(f"at most {MAX_LABELS} labels, got {len(raw)}", field=where)
+    return tuple((_str(k, f"{where}.{k}"), _str(v, f"{where}.{k}")) for k, v in sorted(raw.items()))
 
 
 def _failure(raw: Any, where: str) -> FailureRule:

@@ -343,6 +343,17 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
             )
             for p in value.usage_curve
         ],
+        labels=[
+            report_pb2.LabelSegment(
+                label=x.label,
+                exposed=x.exposed,
+                applied=x.applied,
+                used=x.used,
+                holdout_devices=x.holdout_devices,
+                holdout_used=x.holdout_used,
+            )
+            for x in value.labels
+        ],
         outcome=audit(value.outcome) if value.outcome else None,
         curve_resolution_seconds=value.curve_resolution_seconds,
         latencies=[

@@ -87,7 +87,9 @@ def _view_table(t: Table) -> RichTable:
     columns = ["", *t.columns] if len(t.columns) > 1 or t.wide else ["", t.columns[0]]
     out = RichTable(title=t.title, title_justify="left")
     for i, name in enumerate(columns):
-        out.add_column(name, justify="right" if i else "left")
+        # A narrow terminal folds a long row name (`site=depot-a`) onto two lines
+        # rather than cut it: the name is what tells rows apart.
+        out.add_column(name, justify="right" if i else "left", overflow="ellipsis" if i else "fold")
     for r in t.rows:
         out.add_row(r.label, *(c.value for c in r.cells))
     return out

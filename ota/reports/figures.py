@@ -15,6 +15,11 @@ from ota.v1 import report_pb2, rollout_pb2
 
 Figure = tuple[str, str, str]
 
+# The labels a report lists one by one (the most devices first); the rest are summed
+# under OTHER_LABELS (real labels are `key=value`, so the name cannot clash).
+MAX_LABELS = 50
+OTHER_LABELS = "other"
+
 
 def pct(ppm: int) -> str:
     return f"{ppm / 10_000:.1f}%"
@@ -104,6 +109,13 @@ def figures(report: report_pb2.RolloutReport) -> list[Figure]:
                 pct(share(c.holdout_samples_used, c.holdout_samples)),
             )
         )
+    for seg in report.labels:
+        section = f"label:{seg.label}"
+        out += [(section, key, str(getattr(seg, key))) for key in LABEL_KEYS]
+        out.append((section, "device_use_share", pct(share(seg.used, seg.exposed))))
+        out.append(
+            (section, "holdout_device_use_share", pct(share(seg.holdout_used, seg.holdout_devices)))
+        )
     for lat in report.latencies:
         out.append((f"time_to_{lat.name}", "devices", str(lat.devices)))
         for p in ("p50", "p90", "p99"):
@@ -143,6 +155,8 @@ COHORT_KEYS = (
     "holdout_samples",
     "holdout_samples_used",
 )
+
+LABEL_KEYS = ("exposed", "applied", "used", "holdout_devices", "holdout_used")
 
 
 def share(part: int, whole: int) -> int:

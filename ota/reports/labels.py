@@ -49,6 +49,10 @@ _LABELS = {
     "uses": "uses reported",
     "used_share": "share of samples reporting use",
     "holdout_used_share": "holdout samples reporting use",
+    "holdout_devices": "holdout devices",
+    "holdout_used": "holdout devices that used it",
+    "device_use_share": "share of exposed devices that used it",
+    "holdout_device_use_share": "share of holdout devices that used it",
     "unreachable": "offline",
     "reachable_not_applied": "online, not applied",
     # outcome

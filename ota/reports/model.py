@@ -37,8 +37,9 @@ from ota.domain.states import (
     ROLLED_BACK,
     SETTLED,
 )
-from ota.rollout.exposure import holdout_count, reported_eligible
-from ota.store import adoption, bundles, rollouts
+from ota.reports.figures import MAX_LABELS, OTHER_LABELS
+from ota.rollout.exposure import holdout_by_label, holdout_count, reported_eligible
+from ota.store import adoption, bundles, rollouts, segments
 from ota.store.models import (
     AdoptionStatRow,
     DeviceRow,
@@ -85,6 +86,18 @@ class Cohort:
     holdout_devices_used: int = 0
     holdout_samples: int = 0
     holdout_samples_used: int = 0
+
+
+@dataclass(frozen=True)
+class LabelSegment:
+    """Devices carrying one `key=value` label (or OTHER_LABELS: the rest, summed)."""
+
+    label: str
+    exposed: int
+    applied: int
+    used: int
+    holdout_devices: int
+    holdout_used: int
 
 
 @dataclass(frozen=True)
@@ -188,6 +201,7 @@ class AdoptionReport:
     outcome: RolloutAuditRow | None = None
     curve_resolution_seconds: int = TIME_BUCKET_SECONDS
     usage_curve: list[UsagePoint] = field(default_factory=list)
+    labels: list[LabelSegment] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -344,7 +358,46 @@ def build_report(session: Session, rollout_id: str, now: datetime) -> AdoptionRe
         outcome=_outcome(rollout, timeline),
         curve_resolution_seconds=series.resolution,
         usage_curve=_usage_curve(stats, series),
+        labels=bounded_labels(
+            segments.usage_by_label(session, rollout_id),
+            holdout_by_label(session, rollout, bundle, eligible) if holdout else {},
+        ),
     )
+
+
+def bounded_labels(rows: list[segments.LabelUsage], holdout: dict[str, int]) -> list[LabelSegment]:
+    """Per label, the first MAX_LABELS by devices (exposed and holdout), then OTHER_LABELS.
+
+    A device carries several labels, so the rows overlap; the OTHER_LABELS row
+    sums the remaining labels' figures as they are (device-label pairs).
+    """
+    by_label = {r.label: r for r in rows}
+    zero = segments.LabelUsage("", 0, 0, 0, 0)
+    every = [
+        LabelSegment(
+            name,
+            r.exposed,
+            r.applied,
+            r.used,
+            holdout.get(name, 0),
+            r.holdout_used,
+        )
+        for name in set(by_label) | set(holdout)
+        for r in [by_label.get(name, zero)]
+    ]
+    every.sort(key=lambda s: (-(s.exposed + s.holdout_devices), s.label))
+    kept, rest = every[:MAX_LABELS], every[MAX_LABELS:]
+    if rest:
+        kept.append(
+            LabelSegment(
+                OTHER_LABELS,
+                *(sum(getattr(s, f) for s in rest) for f in _LABEL_FIGURES),
+            )
+        )
+    return kept
+
+
+_LABEL_FIGURES = ("exposed", "applied", "used", "holdout_devices", "holdout_used")
 
 
 def _outcome(rollout: RolloutRow, timeline: list[RolloutAuditRow]) -> RolloutAuditRow | None:

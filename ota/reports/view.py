@@ -12,7 +12,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ota.reports.figures import Figure, figures, header, rollout_state, short_keyid, when
+from ota.reports.figures import (
+    MAX_LABELS,
+    OTHER_LABELS,
+    Figure,
+    figures,
+    header,
+    rollout_state,
+    short_keyid,
+    when,
+)
 from ota.reports.labels import label, rollout_state_label, segment
 from ota.v1 import report_pb2
 
@@ -166,6 +175,7 @@ def build_view(report: report_pb2.RolloutReport) -> ReportView:
     )
     view.tables.append(_failures(report, cell, sections))
     view.tables.append(_segments(report, cell))
+    view.tables.append(_labels(report, cell))
     view.tables.append(
         Table(
             "Time to install and to first use",
@@ -309,6 +319,42 @@ def _segments(report: report_pb2.RolloutReport, cell: Any) -> Table:
             "reporting a use, exposed devices vs the segment's holdout devices."
         ),
         anchor="segments",
+        wide=True,
+    )
+
+
+_LABEL_COLUMNS = (
+    ("exposed", "exposed"),
+    ("applied", "applied"),
+    ("used", "used"),
+    ("device_use_share", "used, of exposed"),
+    ("holdout_devices", "holdout"),
+    ("holdout_used", "holdout used"),
+    ("holdout_device_use_share", "used, of holdout"),
+)
+
+
+def _labels(report: report_pb2.RolloutReport, cell: Any) -> Table:
+    return Table(
+        "Segments: device labels",
+        [title for _, title in _LABEL_COLUMNS],
+        [
+            Row(
+                "other labels" if s.label == OTHER_LABELS else s.label,
+                [cell(f"label:{s.label}", k) for k, _ in _LABEL_COLUMNS],
+                tone="muted" if s.label == OTHER_LABELS else "",
+            )
+            for s in report.labels
+        ],
+        note=(
+            "Devices per label (key=value), most devices first; a device counts under each "
+            f"of its labels. After {MAX_LABELS} labels the rest are summed as other labels. "
+            "applied: running it now; used: reported using it at least once. A holdout "
+            "device's use is known only while it runs some version of the feature."
+            if report.labels
+            else "No exposed or holdout device carries a label."
+        ),
+        anchor="labels",
         wide=True,
     )
 

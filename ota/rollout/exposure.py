@@ -7,6 +7,7 @@ each stage would expose, who is left out and why), so the two never disagree.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -106,8 +107,8 @@ def reported_eligible(session: Session, rollout: RolloutRow, bundle: BundleRow) 
     return rollout.eligible
 
 
-# rollout_id -> (eligible count it was made for, monotonic time, holdout devices)
-_HOLDOUT_COUNTS: dict[str, tuple[int, float, int]] = {}
+# rollout_id -> (eligible count it was made for, monotonic time, holdout devices, per label)
+_HOLDOUT_COUNTS: dict[str, tuple[int, float, int, dict[str, int]]] = {}
 _HOLDOUT_COUNT_SECONDS = 30.0
 
 
@@ -119,26 +120,42 @@ def holdout_count(session: Session, rollout: RolloutRow, bundle: BundleRow, elig
     hashed. The count is kept per process for up to 30 s while the eligible count
     stays the same, so a live page does not hash the fleet on every update.
     """
+    return _holdout(session, rollout, bundle, eligible)[0]
+
+
+def holdout_by_label(
+    session: Session, rollout: RolloutRow, bundle: BundleRow, eligible: int
+) -> dict[str, int]:
+    """Holdout devices per `key=value` label, from the same pass as `holdout_count`.
+
+    Membership of the holdout is a hash of the device id, which SQL cannot
+    compute, so the labels are counted on the rows that pass hashes anyway.
+    """
+    return _holdout(session, rollout, bundle, eligible)[1]
+
+
+def _holdout(
+    session: Session, rollout: RolloutRow, bundle: BundleRow, eligible: int
+) -> tuple[int, dict[str, int]]:
     holdout_ppm = RolloutPlan.from_json(rollout.stages_json, rollout.gate_json).holdout_ppm
     if not holdout_ppm:
-        return 0
+        return 0, {}
     cached = _HOLDOUT_COUNTS.get(rollout.rollout_id)
     if (
         cached is not None
         and cached[0] == eligible
         and time.monotonic() - cached[1] < _HOLDOUT_COUNT_SECONDS
     ):
-        return cached[2]
+        return cached[2], cached[3]
     salt = bytes.fromhex(rollout.salt_hex)
-    count = sum(
-        1
-        for row in fleet.unexposed_devices(
-            session, eligibility(rollout, bundle), rollout.rollout_id
-        )
-        if is_control(salt, row.device_id, holdout_ppm)
-    )
-    _HOLDOUT_COUNTS[rollout.rollout_id] = (eligible, time.monotonic(), count)
-    return count
+    count = 0
+    labels: Counter[str] = Counter()
+    for row in fleet.unexposed_devices(session, eligibility(rollout, bundle), rollout.rollout_id):
+        if is_control(salt, row.device_id, holdout_ppm):
+            count += 1
+            labels.update(f"{k}={v}" for k, v in row.labels().items())
+    _HOLDOUT_COUNTS[rollout.rollout_id] = (eligible, time.monotonic(), count, dict(labels))
+    return count, dict(labels)
 
 
 class QuietRollouts:

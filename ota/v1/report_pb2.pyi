@@ -197,6 +197,49 @@ class CohortBreakdown(_message.Message):
 Global___CohortBreakdown: _TypeAlias = CohortBreakdown  # noqa: Y015
 
 @_typing.final
+class LabelSegment(_message.Message):
+    """The devices that carry one device label, exposed versus holdout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    EXPOSED_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    HOLDOUT_DEVICES_FIELD_NUMBER: _builtins.int
+    HOLDOUT_USED_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """"key=value", or "other": the labels past the first 50 (by devices), summed."""
+    exposed: _builtins.int
+    """Exposed devices with the label, those running it now (INSTALLED or ACTIVE),
+    and those that reported using it at least once.
+    """
+    applied: _builtins.int
+    used: _builtins.int
+    holdout_devices: _builtins.int
+    """Holdout devices with the label, and those that reported a use (counted only
+    while such a device runs some version of the feature).
+    """
+    holdout_used: _builtins.int
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        exposed: _builtins.int = ...,
+        applied: _builtins.int = ...,
+        used: _builtins.int = ...,
+        holdout_devices: _builtins.int = ...,
+        holdout_used: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "exposed", b"exposed", "holdout_devices", b"holdout_devices", "holdout_used", b"holdout_used", "label", b"label", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelSegment: _TypeAlias = LabelSegment  # noqa: Y015
+
+@_typing.final
 class FailureByCohort(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -512,6 +555,7 @@ class RolloutReport(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     CURVE_RESOLUTION_SECONDS_FIELD_NUMBER: _builtins.int
     USAGE_CURVE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     eligible: _builtins.int
     target_exposed: _builtins.int
     exposed: _builtins.int
@@ -565,6 +609,10 @@ class RolloutReport(_message.Message):
 
     @_builtins.property
     def usage_curve(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePoint]: ...
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelSegment]:
+        """Per device label: the 50 labels with the most devices, then "other"."""
+
     def __init__(
         self,
         *,
@@ -592,10 +640,11 @@ class RolloutReport(_message.Message):
         outcome: _rollout_pb2.RolloutEvent | None = ...,
         curve_resolution_seconds: _builtins.int = ...,
         usage_curve: _abc.Iterable[Global___UsagePoint] | None = ...,
+        labels: _abc.Iterable[Global___LabelSegment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data_time", b"data_time", "exposure_gap", b"exposure_gap", "generated_time", b"generated_time", "health", b"health", "outcome", b"outcome", "rollout", b"rollout", "stragglers", b"stragglers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_curve", b"adoption_curve", "cohorts", b"cohorts", "current_states", b"current_states", "curve_resolution_seconds", b"curve_resolution_seconds", "data_time", b"data_time", "eligible", b"eligible", "events_ingested", b"events_ingested", "exposed", b"exposed", "exposure_gap", b"exposure_gap", "failures_by_cohort", b"failures_by_cohort", "failures_by_reason", b"failures_by_reason", "funnel", b"funnel", "generated_time", b"generated_time", "health", b"health", "latencies", b"latencies", "outcome", b"outcome", "plan_version", b"plan_version", "rollout", b"rollout", "signer_keyids", b"signer_keyids", "stage_funnels", b"stage_funnels", "stragglers", b"stragglers", "target_exposed", b"target_exposed", "timeline", b"timeline", "usage_curve", b"usage_curve"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_curve", b"adoption_curve", "cohorts", b"cohorts", "current_states", b"current_states", "curve_resolution_seconds", b"curve_resolution_seconds", "data_time", b"data_time", "eligible", b"eligible", "events_ingested", b"events_ingested", "exposed", b"exposed", "exposure_gap", b"exposure_gap", "failures_by_cohort", b"failures_by_cohort", "failures_by_reason", b"failures_by_reason", "funnel", b"funnel", "generated_time", b"generated_time", "health", b"health", "labels", b"labels", "latencies", b"latencies", "outcome", b"outcome", "plan_version", b"plan_version", "rollout", b"rollout", "signer_keyids", b"signer_keyids", "stage_funnels", b"stage_funnels", "stragglers", b"stragglers", "target_exposed", b"target_exposed", "timeline", b"timeline", "usage_curve", b"usage_curve"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

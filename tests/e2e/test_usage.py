@@ -2,14 +2,16 @@
 
 60 devices whose health samples report using the feature at a rate per model
 (ev6 often, ev9 sometimes, niro never). Per segment, the report's "used"
-devices, samples reporting a use and uses equal the simulator's own record;
-the holdout, which does not run the feature, reports none. The comparison
+devices, samples reporting a use and uses equal the simulator's own record,
+per model, region, firmware and device label (labels overlap: a device may
+carry two); the holdout, which does not run the feature, reports none. The comparison
 is made once the devices stop using the feature, so both sides are final.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,29 @@ def _recorded(fleet: SimulatedFleet, dimension: str) -> dict[str, tuple[int, int
     return {v: (used[v], samples[v], uses[v]) for v in used}
 
 
+def _labelled(i: int) -> tuple[tuple[str, str], ...]:
+    """Labels of the i-th device: a ring for each, a site for some, none for every fifth."""
+    if i % 5 == 4:
+        return ()
+    ring = ("ring", "beta" if i % 3 == 0 else "prod")
+    return (ring, ("site", "depot-a")) if i % 2 else (ring,)
+
+
+def _recorded_by_label(fleet: SimulatedFleet) -> dict[str, tuple[int, int]]:
+    """Per `key=value` label: devices carrying it, and those that used the feature."""
+    devices: Counter[str] = Counter()
+    used: Counter[str] = Counter()
+    for d in fleet.devices:
+        for k, v in d.profile.labels:
+            devices[f"{k}={v}"] += 1
+            used[f"{k}={v}"] += d.record.periodic_samples_used.get(KEY, 0) > 0
+    return {name: (devices[name], used[name]) for name in devices}
+
+
+def _reported_by_label(r: report_pb2.RolloutReport) -> dict[str, tuple[int, int]]:
+    return {s.label: (s.exposed + s.holdout_devices, s.used) for s in r.labels}
+
+
 def _reported(r: report_pb2.RolloutReport, dimension: str) -> dict[str, tuple[int, int]]:
     return {c.value: (c.used, c.samples_used) for c in r.cohorts if c.dimension == dimension}
 
@@ -54,8 +79,9 @@ def _reported(r: report_pb2.RolloutReport, dimension: str) -> dict[str, tuple[in
 def test_usage_per_segment_equals_what_the_devices_reported(
     stack: DevStack, tmp_path: Path
 ) -> None:
+    profiles = compose_fleet(60, models=MODELS, regions=REGIONS, firmware="4.2.0")
     fleet = SimulatedFleet(
-        compose_fleet(60, models=MODELS, regions=REGIONS, firmware="4.2.0"),
+        [replace(p, labels=_labelled(i)) for i, p in enumerate(profiles)],
         FleetSettings(
             server=stack.server,
             admin_token=stack.admin_token,
@@ -111,7 +137,19 @@ def test_usage_per_segment_equals_what_the_devices_reported(
                 ),
                 what=f"the report's usage by {dimension} to equal the devices' record",
             )
+        wait_for(
+            lambda: _reported_by_label(report(client, rollout_id)) == _recorded_by_label(fleet),
+            what="the report's devices and users per label to equal the devices' record",
+        )
         r = report(client, rollout_id)
+        by_label = {s.label: s for s in r.labels}
+        assert set(by_label) == {"ring=beta", "ring=prod", "site=depot-a"}
+        assert by_label["ring=prod"].used > 0 and by_label["ring=beta"].used > 0
+        assert all(s.applied == s.exposed and s.holdout_used == 0 for s in r.labels)
+        # Every labelled device carries one ring: the rings split the labelled devices.
+        rings = [s for s in r.labels if s.label.startswith("ring=")]
+        assert sum(s.exposed + s.holdout_devices for s in rings) == 48
+        assert sum(s.holdout_devices for s in rings) <= r.exposure_gap.holdout
         by_model = {c.value: c for c in r.cohorts if c.dimension == "model"}
         assert by_model["ev6"].used > by_model["ev9"].used > 0
         assert by_model["niro"].used == 0 and by_model["niro"].samples_used == 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ota.reports.figures import figures, short_keyid, when
+from ota.reports.figures import MAX_LABELS, OTHER_LABELS, figures, short_keyid, when
 from ota.reports.labels import label, segment
-from ota.reports.model import CURVE_POINTS, fit_resolution
+from ota.reports.model import CURVE_POINTS, LabelSegment, bounded_labels, fit_resolution
 from ota.reports.view import build_view
+from ota.store.segments import LabelUsage
 from ota.v1 import report_pb2, rollout_pb2
 from ota.web.app import _safe_next
 
@@ -113,3 +114,48 @@ def test_sign_in_only_sends_you_back_to_a_path_of_the_dashboard() -> None:
     assert _safe_next("/fleet?token=x") == "/fleet"
     for bad in ("https://evil.example/", "//evil.example/", "/\\evil", "", None):
         assert _safe_next(bad) == "/"
+
+
+def test_labels_past_the_first_fifty_are_summed_as_other() -> None:
+    rows = [LabelUsage(f"site=s{i:02d}", i + 1, i, i // 2, 0) for i in range(60)]
+    holdout = {"ring=beta": 100, "site=s00": 3}
+    segments = bounded_labels(rows, holdout)
+    assert len(segments) == MAX_LABELS + 1
+    # The most devices first, exposed and holdout together: the holdout-only label leads.
+    assert segments[0] == LabelSegment("ring=beta", 0, 0, 0, 100, 0)
+    assert segments[1].label == "site=s59"
+    other = segments[-1]
+    assert other.label == OTHER_LABELS
+    kept = {s.label for s in segments[:-1]}
+    rest = [r for r in rows if r.label not in kept]
+    assert len(rest) == 11 and "site=s00" not in kept
+    assert other == LabelSegment(
+        OTHER_LABELS,
+        sum(r.exposed for r in rest),
+        sum(r.applied for r in rest),
+        sum(r.used for r in rest),
+        3,
+        0,
+    )
+    assert len(bounded_labels(rows[:5], {})) == 5  # under the bound: no "other" row
+
+
+def test_the_label_table_shows_each_label_with_its_use_shares() -> None:
+    r = _rolled_back()
+    r.labels.extend(
+        [
+            report_pb2.LabelSegment(
+                label="ring=beta", exposed=20, applied=18, used=5, holdout_devices=4, holdout_used=1
+            ),
+            report_pb2.LabelSegment(label=OTHER_LABELS, exposed=3),
+        ]
+    )
+    table = next(t for t in build_view(r).tables if t.anchor == "labels")
+    assert [row.label for row in table.rows] == ["ring=beta", "other labels"]
+    values = {c.figure: c.value for row in table.rows for c in row.cells}
+    assert values["label:ring=beta|used"] == "5"
+    assert values["label:ring=beta|device_use_share"] == "25.0%"
+    assert values["label:ring=beta|holdout_device_use_share"] == "25.0%"
+    assert values["label:other|holdout_device_use_share"] == "0.0%"
+    assert ("label:ring=beta", "holdout_devices", "4") in figures(r)
+    assert label("holdout_device_use_share") == "share of holdout devices that used it"

@@ -22,7 +22,7 @@ seed: 7
 prefix: car
 fleet:
   - {count: 6, model: ev6, region: eu, firmware: 4.2.0}
-  - {count: 4, model: ev9, region: us, firmware: 4.1}
+  - {count: 4, model: ev9, region: us, firmware: 4.1, labels: {ring: beta, site: 7}}
 failures:
   - {model: ev9, region: us, version: 2.0.0, install: 1.0, crash: 0.25}
   - {model: "ev*", install: 0.1}
@@ -49,7 +49,9 @@ def test_the_fleet_is_composed_in_the_order_of_its_groups() -> None:
     assert s.size == len(devices) == 10
     assert devices[0] == DeviceProfile("car-000000", "ev6", "eu", "4.2.0")
     # 4.1 is read by YAML as a number; a firmware written so is still text.
-    assert devices[9] == DeviceProfile("car-000009", "ev9", "us", "4.1")
+    assert devices[9] == DeviceProfile(
+        "car-000009", "ev9", "us", "4.1", (("ring", "beta"), ("site", "7"))
+    )
     assert s.seed == 7 and s.health_interval == 30.0
 
 
@@ -120,6 +122,8 @@ BAD: list[tuple[str, str]] = [
     ("fleet: [{count: 1, model: 'ev 6', region: eu}]", "fleet[0].model"),
     ("fleet: [{count: 1, model: ev6, region: eu, colour: red}]", "fleet[0].colour"),
     ("fleets: []", "fleets"),
+    ("fleet: [{count: 1, model: ev6, region: eu, labels: [ring]}]", "fleet[0].labels"),
+    ("fleet: [{count: 1, model: ev6, region: eu, labels: {ring: 'a b'}}]", "fleet[0].labels.ring"),
     ("fleet: [{count: 1, model: ev6, region: eu}]\nfailures: [{model: ev6}]", "failures[0]"),
     (
         "fleet: [{count: 1, model: ev6, region: eu}]\nfailures: [{install: 1.5}]",
