@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ota.api.auth import ADMIN, METHOD_ROLES
 from ota.api.server import MAX_MESSAGE_BYTES
 from ota.client import Client
 from ota.devstack import DevStack
@@ -269,6 +270,11 @@ def test_every_rpc_answers_fuzzed_requests_precisely(
     try:
         _call(seeded, service, method, request)
     except grpc.RpcError as error:
+        if ADMIN not in METHOD_ROLES.get(f"/ota.v1.{service}/{method.name}", frozenset({ADMIN})):
+            # A device's own method (renewing its certificate): the admin token the
+            # fuzz calls with is refused before the request is read.
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+            return
         _assert_precise(error)
 
 
