@@ -171,6 +171,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
         default="all",
         help="only bundles in this state (default all)",
     )
+    _paging_options(p, "bundles")
     client_options(p)
     p.set_defaults(handler=bundle_list)
     p = bundle.add_parser("get", help="one bundle")
@@ -212,7 +213,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.set_defaults(handler=fleet_crl)
     p = fleet.add_parser("list", help="devices matching a selector")
     p.add_argument("--selector", default="", help="which devices, e.g. 'region = \"eu\"'")
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    _paging_options(p, "devices")
     client_options(p)
     p.set_defaults(handler=fleet_list)
     p = fleet.add_parser(
@@ -338,6 +339,7 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p = rollout.add_parser("list", help="rollouts")
     p.add_argument("--feature", default="", help="only this feature's rollouts")
     p.add_argument("--deleted", action="store_true", help="include deleted rollouts")
+    _paging_options(p, "rollouts")
     client_options(p)
     p.set_defaults(handler=rollout_list)
     p = rollout.add_parser(
@@ -405,6 +407,27 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
             action.choices = ("table", "csv", "json", "html")
             action.help = "terminal tables, CSV, JSON, or one HTML file (give --out)"
     p.add_argument("--out", type=Path, help="write to a file instead of stdout")
+
+
+def _paging_options(p: argparse.ArgumentParser, noun: str) -> None:
+    """`--limit` and `--page-token` for a list command, so every page can be reached."""
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help=f"at most this many {noun} per page (default 100, at most 1000)",
+    )
+    p.add_argument(
+        "--page-token",
+        default="",
+        help="go on from the next_page_token the previous page printed",
+    )
+
+
+def _more(token: str) -> None:
+    # A table shows one page; say how to get the next, on stderr so the table stays clean.
+    if token:
+        print(f"more: --page-token {token}", file=sys.stderr)
 
 
 def bundle_publish(args: argparse.Namespace) -> int:
@@ -573,7 +596,12 @@ _BUNDLE_COLUMNS = ["name", "state", "signatures", "bytes", "sha256", "models"]
 def bundle_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.bundles.ListBundles(
-        bundle_pb2.ListBundlesRequest(feature=args.feature, state=_STATES[args.state]),
+        bundle_pb2.ListBundlesRequest(
+            feature=args.feature,
+            state=_STATES[args.state],
+            page_size=args.limit,
+            page_token=args.page_token,
+        ),
         metadata=client.metadata,
     )
     if args.format == "json":
@@ -584,6 +612,8 @@ def bundle_list(args: argparse.Namespace) -> int:
             _BUNDLE_COLUMNS,
             _bundle_rows(list(response.bundles), wide=args.wide),
         )
+    if args.format != "json":
+        _more(response.next_page_token)
     return 0
 
 
@@ -691,7 +721,9 @@ def fleet_crl(args: argparse.Namespace) -> int:
 def fleet_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.fleet.ListDevices(
-        fleet_pb2.ListDevicesRequest(selector=args.selector, page_size=args.limit),
+        fleet_pb2.ListDevicesRequest(
+            selector=args.selector, page_size=args.limit, page_token=args.page_token
+        ),
         metadata=client.metadata,
     )
     if args.format == "json":
@@ -705,6 +737,8 @@ def fleet_list(args: argparse.Namespace) -> int:
                 for d in response.devices
             ],
         )
+    if args.format != "json":
+        _more(response.next_page_token)
     return 0
 
 
@@ -1008,7 +1042,12 @@ def rollout_status(args: argparse.Namespace) -> int:
 def rollout_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.rollouts.ListRollouts(
-        rollout_pb2.ListRolloutsRequest(feature=args.feature, show_deleted=args.deleted),
+        rollout_pb2.ListRolloutsRequest(
+            feature=args.feature,
+            show_deleted=args.deleted,
+            page_size=args.limit,
+            page_token=args.page_token,
+        ),
         metadata=client.metadata,
     )
     if args.format == "json":
@@ -1029,6 +1068,8 @@ def rollout_list(args: argparse.Namespace) -> int:
                 for r in response.rollouts
             ],
         )
+    if args.format != "json":
+        _more(response.next_page_token)
     return 0
 
 

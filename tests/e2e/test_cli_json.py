@@ -396,3 +396,32 @@ def test_watch_prints_json_lines_in_the_convention(
     assert lines
     for line in lines:
         conforms(json.loads(line), rollout_pb2.RolloutUpdate.DESCRIPTOR)
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "ident"),
+    [
+        (("fleet", "list"), "devices", "device_id"),
+        (("rollout", "list"), "rollouts", "rollout_id"),
+        (("bundle", "list"), "bundles", "name"),
+    ],
+)
+def test_a_list_is_walked_page_by_page_to_the_whole_list(
+    world: World, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], key: str, ident: str
+) -> None:
+    whole = [x[ident] for x in _json(capsys, world, *args, "--limit", "1000")[key]]
+    assert whole
+    walked: list[str] = []
+    token = ""
+    for _ in range(len(whole) + 1):
+        page = _json(capsys, world, *args, "--limit", "2", "--page-token", token)
+        assert len(page[key]) <= 2
+        walked += [x[ident] for x in page[key]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert walked == whole
+    if len(whole) > 2:
+        # A table shows one page and says, on stderr, how to get the next.
+        code, _out, err = _ota(capsys, world, *args, "--limit", "2", fmt="table")
+        assert code == 0 and "more: --page-token " in err
