@@ -1,4 +1,4 @@
-"""Adoption reports against what simulated devices really did (PROTOCOL §8, issue 6).
+"""Adoption reports against what simulated devices really did (PROTOCOL §8).
 
 A fleet with a failing model, devices that drop offline and come back, devices
 that re-send events with the same seq, and a rollback; every count of the
