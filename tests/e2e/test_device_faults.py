@@ -253,7 +253,9 @@ def test_a_flooding_device_is_rate_limited_and_the_rollout_completes_exactly(
         # Other devices were unaffected: exact counts, every event they sent ingested.
         r = report(client, rid)
         assert report_states(r) == {"ACTIVE": 30} == dict(fleet.outcomes(rid))
-        assert [s.devices for s in r.funnel] == [30] * 6
+        # Every step to ACTIVE; the last, USED, is 0: these devices report no use.
+        assert [(s.step, s.devices) for s in r.funnel][-1] == ("USED", 0)
+        assert [s.devices for s in r.funnel] == [30] * 6 + [0]
         assert r.events_ingested == sum(d.record.events_sent for d in fleet.devices)
 
         # The flood was cut to the bucket: the burst plus the rate over the time it ran.

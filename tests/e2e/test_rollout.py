@@ -34,7 +34,9 @@ def test_staged_rollout_completes_and_the_report_counts_what_devices_did(
 
         r = report(client, final.rollout_id)
         assert report_states(r) == {"ACTIVE": 90} == dict(fleet.outcomes(final.rollout_id))
-        assert [s.devices for s in r.funnel] == [90] * 6
+        # Every step to ACTIVE; the last, USED, is 0: these devices report no use.
+        assert [(s.step, s.devices) for s in r.funnel][-1] == ("USED", 0)
+        assert [s.devices for s in r.funnel] == [90] * 6 + [0]
         assert all(d.installed["lane-assist"].sha256.hex() == sha for d in fleet.devices)
         assert r.events_ingested == sum(d.record.events_sent for d in fleet.devices)
     finally:
