@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the fleet's delivery token, if the cache requires one (env OTA_ORIGIN_TOKEN)",
     )
     run.add_argument(
+        "--origin-ca",
+        type=Path,
+        metavar="PEM",
+        help="the CA of the origin's (or cache's) HTTPS certificate; default: the system's CAs. "
+        "With --identity cert each device also presents its certificate to it",
+    )
+    run.add_argument(
         "--identity",
         choices=("password", "cert"),
         default="password",
@@ -297,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
             delivery=args.delivery,
             origin_url=args.origin_url,
             origin_token=args.origin_token,
+            origin_ca=args.origin_ca,
             identity=args.identity,
             device_server=args.device_server,
             server_ca=args.server_ca,

@@ -103,6 +103,9 @@ class FleetSettings:
     delivery: str = "grpc"
     origin_url: str = ""
     origin_token: str = ""
+    # The CA of the origin's (or cache's) HTTPS certificate; None: the system's CAs.
+    # A certificate device presents its certificate there too (mutual TLS).
+    origin_ca: Path | None = None
 
     # "password" (a secret per device) or "cert": each device enrolls for a
     # certificate with a one-time token and speaks mutual TLS to the broker and
@@ -190,7 +193,11 @@ class SimulatedFleet:
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-verify")
         self._downloads = ThreadPoolExecutor(settings.workers, thread_name_prefix="sim-download")
         # One connection pool for every device's HTTP fetches, as they share one channel.
-        self._http = urllib3.PoolManager(maxsize=2 * settings.workers)
+        self._http = urllib3.PoolManager(
+            maxsize=2 * settings.workers,
+            ca_certs=str(settings.origin_ca) if settings.origin_ca else None,
+        )
+        self._device_pools: dict[str, urllib3.PoolManager] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -343,6 +350,7 @@ class SimulatedFleet:
         assert self._topics is not None
         state_dir = settings.state_dir / p.device_id
         tls: ssl.SSLContext | None = None
+        http = self._http
         if self._certs:
             identity = Identity.load(self._identity_dir(p.device_id), p.device_id)
             server_ca = settings.server_ca.read_bytes() if settings.server_ca else None
@@ -354,6 +362,14 @@ class SimulatedFleet:
                 self._device_channels[p.device_id] = channel
             tls = identity.ssl_context(settings.server_ca, self._identity_dir(p.device_id))
             source = GrpcSource(channel, p.device_id, "", deadlines=settings.deadlines)
+            if settings.delivery == "http":
+                # A pool of its own: each device presents its own certificate (and a
+                # renewed one after `restart`).
+                http = identity.http_pool(settings.origin_ca, self._identity_dir(p.device_id))
+                old = self._device_pools.pop(p.device_id, None)
+                if old is not None:
+                    old.clear()
+                self._device_pools[p.device_id] = http
         else:
             source = GrpcSource(
                 self._channel, p.device_id, self._secrets[p.device_id], deadlines=settings.deadlines
@@ -363,7 +379,7 @@ class SimulatedFleet:
             delivery = HttpSource(
                 settings.origin_url,
                 deadlines=settings.deadlines,
-                pool=self._http,
+                pool=http,
                 token=settings.origin_token,
             )
         scenario = settings.scenario
@@ -546,5 +562,7 @@ class SimulatedFleet:
         self._downloads.shutdown(wait=True, cancel_futures=True)
         self._channel.close()
         self._http.clear()
+        for pool in self._device_pools.values():
+            pool.clear()
         for channel in self._device_channels.values():
             channel.close()

@@ -436,6 +436,7 @@ class ControlPlane:
                 token=config.origin_token,
             ),
             OriginMetrics(metrics.registry),
+            devices=auth.device_of_certificate if config.origin_device_certificates else None,
         )
         return cls(
             config,
@@ -469,6 +470,11 @@ class ControlPlane:
                 field="origin_listen",
                 tls_cert_file=self.config.origin_tls_cert_file,
                 tls_key_file=self.config.origin_tls_key_file,
+                client_ca_file=(
+                    self.config.device_ca_cert_file
+                    if self.config.origin_device_certificates
+                    else ""
+                ),
             )
         if self.config.dashboard_listen:
             self.dashboard_server = self._dashboard()  # binds its port: fails here too

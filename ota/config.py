@@ -92,6 +92,9 @@ class ServerConfig:
     origin_timestamp_max_age: int = 5
     # A fleet-wide delivery token devices send and the cache checks; empty = public.
     origin_token: str = ""
+    # The origin demands a certificate of the device CA (device_ca_cert_file) and
+    # checks on every request that it is the device's current one (needs origin TLS).
+    origin_device_certificates: bool = False
     # The read-only web dashboard, e.g. "0.0.0.0:8080"; empty = off. Over HTTPS with
     # its own certificate and key, or else with the gRPC ones (tls_cert_file) when set.
     dashboard_listen: str = ""
@@ -148,6 +151,14 @@ class ServerConfig:
             raise InvalidArgument(
                 "origin TLS needs both origin_tls_cert_file and origin_tls_key_file",
                 field="origin_tls_cert_file",
+            )
+        if self.origin_device_certificates and not (
+            self.origin_tls_cert_file and self.device_ca_cert_file
+        ):
+            raise InvalidArgument(
+                "origin_device_certificates needs origin TLS (origin_tls_cert_file) and the "
+                "device CA (device_ca_cert_file)",
+                field="origin_device_certificates",
             )
         if self.dashboard_listen:
             try:

@@ -201,6 +201,14 @@ class Authenticator:
                 return Caller(row.role, row.display_name)
         raise Unauthenticated("the bearer token is not valid")
 
+    def device_of_certificate(self, certificate: bytes) -> str:
+        """The device whose current certificate this is (PEM), as for a gRPC call.
+
+        The delivery origin asks this on every HTTP request of a device."""
+        if self._device_ca is None:
+            raise Unauthenticated("this control plane has no device CA")
+        return self._device_by_certificate(certificate).name
+
     def _device_by_certificate(self, certificate: bytes) -> Caller:
         assert self._device_ca is not None
         # The TLS layer checked the chain against the wall clock; the CA check here

@@ -16,7 +16,10 @@ If-None-Match (304); bundles honour Range (206, 416 past the end) so a cut
 download resumes. Only published bundles are served; a pending one's bytes stay
 out of reach. With a `token`, each request must carry
 ``Authorization: Bearer <token>`` (docs/DECISIONS.md: "Private bundles behind a
-shared cache").
+shared cache"). With `devices`, each request must come over a connection whose
+client certificate is a device's current one, checked on every request, so a
+revoked device's next request is refused even on a connection kept alive
+(docs/DECISIONS.md: "Mutual TLS on the delivery origin").
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import hashlib
 import hmac
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
@@ -35,6 +39,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ota.errors import OtaError
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 _VERSIONED = re.compile(r"^(?P<version>[1-9][0-9]{0,9})\.(?P<role>root|snapshot|targets)\.json$")
@@ -62,6 +68,11 @@ class OriginSettings:
     blobs: Path
     timestamp_max_age: int = 5
     token: str = ""
+
+
+# Checks a client certificate (PEM) and returns the device it names; raises
+# `Unauthenticated` when it is not a device's current certificate.
+DeviceCheck = Callable[[bytes], str]
 
 
 class OriginMetrics:
@@ -98,8 +109,11 @@ class Origin:
         bundles: PublishedBundles,
         settings: OriginSettings,
         metrics: OriginMetrics | None = None,
+        *,
+        devices: DeviceCheck | None = None,
     ) -> None:
         self._metadata = metadata
+        self._devices = devices
         self._bundles = bundles
         self._settings = settings
         self.metrics = metrics or OriginMetrics()
@@ -116,6 +130,8 @@ class Origin:
     # since the metadata read may wait on the database.
     def _get_metadata(self, request: Request) -> Response:
         name = str(request.path_params["name"])
+        if (refused := self._refuse_device(request)) is not None:
+            return self._answer(request, "other", refused)
         if name == "timestamp.json":
             kind, role, version = "timestamp", "timestamp", None
             cache = f"public, max-age={self._settings.timestamp_max_age}"
@@ -141,6 +157,8 @@ class Origin:
 
     def _get_target(self, request: Request) -> Response:
         path = str(request.path_params["path"])
+        if (refused := self._refuse_device(request)) is not None:
+            return self._answer(request, "other", refused)
         parent, sep, base = path.rpartition("/")
         hashed = _HASHED.match(base)
         if hashed is None:
@@ -168,6 +186,8 @@ class Origin:
         )
 
     def _other(self, request: Request) -> Response:
+        if (refused := self._refuse_device(request)) is not None:
+            return self._answer(request, "other", refused)
         return self._answer(request, "other", _not_found())
 
     def _refuse(self, request: Request) -> Response | None:
@@ -182,6 +202,20 @@ class Origin:
             status_code=401,
             headers={"WWW-Authenticate": 'Bearer realm="ota"', "Cache-Control": "no-store"},
         )
+
+    def _refuse_device(self, request: Request) -> Response | None:
+        if self._devices is None:
+            return None
+        chain = _client_cert_chain(request.scope)
+        if not chain:
+            # The listener demands a certificate, so this is a misconfigured listener.
+            return _forbidden("a device certificate is required")
+        try:
+            self._devices(chain[0].encode())
+        except OtaError as exc:
+            # Revoked, renewed since, expired by the control plane's clock, not a device's.
+            return _forbidden(str(exc))
+        return None
 
     def _answer(self, request: Request, kind: str, response: Response) -> Response:
         request.state.kind = kind  # counted by _Counted with the status actually sent
@@ -220,6 +254,18 @@ def _matches(request: Request, etag: str) -> bool:
         return False
     tags = {t.strip().removeprefix("W/") for t in wanted.split(",")}
     return etag in tags or "*" in tags
+
+
+def _client_cert_chain(scope: Scope) -> list[str]:
+    """The client's certificates (PEM, leaf first) from the ASGI TLS extension, if any."""
+    tls: Any = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    return [str(c) for c in chain]
+
+
+def _forbidden(reason: str) -> Response:
+    # Never cached: the answer is this device's, and may change with its next certificate.
+    return PlainTextResponse(reason, status_code=403, headers={"Cache-Control": "no-store"})
 
 
 def _not_found(max_age: int = 60) -> Response:

@@ -3,6 +3,16 @@
 uvicorn runs its own asyncio loop on that thread, beside the gRPC server. The
 socket is bound in the constructor, so a port in use fails `ota serve` before
 any other thread starts, and port 0 picks a free one.
+
+With `client_ca_file` the listener demands a client certificate of that CA
+and hands it to the app in every request's scope, as the ASGI TLS extension
+says (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first).
+uvicorn does not fill that extension in itself, so `_PeerCertificateProtocol`
+does: asyncio calls a protocol's ``connection_made`` only once the TLS
+handshake is over, so the peer certificate is known there, read once per
+connection from the transport's ``ssl_object``, and added to the scope of each
+request that connection carries (keep-alive included). Whether the
+certificate still counts is the app's decision, per request.
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ import threading
 import time
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ota.errors import InvalidArgument
 from ota.metrics import parse_listen
@@ -33,6 +44,7 @@ class HttpListener:
         field: str,
         tls_cert_file: str = "",
         tls_key_file: str = "",
+        client_ca_file: str = "",
     ) -> None:
         self.name = name
         try:
@@ -61,6 +73,9 @@ class HttpListener:
             ssl_certfile=tls_cert_file or None,
             ssl_keyfile=tls_key_file or None,
             ssl_version=ssl.PROTOCOL_TLS_SERVER,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca_file else ssl.CERT_NONE,
+            ssl_ca_certs=client_ca_file or None,
+            http=_PeerCertificateProtocol if client_ca_file else "auto",
             timeout_graceful_shutdown=2,
             proxy_headers=False,
         )
@@ -92,3 +107,26 @@ class HttpListener:
         if self._thread.ident is not None:
             self._thread.join(timeout=10)
         self._socket.close()
+
+
+class _PeerCertificateProtocol(H11Protocol):
+    """uvicorn's h11 protocol, adding the client's certificate to each request's scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+        # Per connection: `self.app` is what this connection's requests are served by.
+        self.app = _WithPeerCertificate(self.app, chain)
+
+
+class _WithPeerCertificate:
+    def __init__(self, app: ASGIApp, chain: list[str]) -> None:
+        self._app = app
+        self._chain = chain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extensions = dict(scope.get("extensions") or {})
+        extensions["tls"] = {"client_cert_chain": list(self._chain)}
+        await self._app({**scope, "extensions": extensions}, receive, send)

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -91,6 +92,15 @@ class Identity:
         key_file, cert_file = self.save(directory)
         context.load_cert_chain(cert_file, key_file)
         return context
+
+    def http_pool(
+        self, server_ca_file: Path | None, directory: Path, *, maxsize: int = 2
+    ) -> urllib3.PoolManager:
+        """mTLS to the delivery origin (`HttpSource`'s pool); `server_ca_file` checks the
+        origin's certificate (None: the system's CAs)."""
+        return urllib3.PoolManager(
+            maxsize=maxsize, ssl_context=self.ssl_context(server_ca_file, directory)
+        )
 
     def save(self, directory: Path) -> tuple[Path, Path]:
         """Write key.pem (0600) and cert.pem into `directory`; returns their paths."""

@@ -64,6 +64,11 @@ class CertStack:
         return f"127.0.0.1:{self.plane.port}"
 
     @property
+    def origin_url(self) -> str:
+        """The delivery origin (HTTPS, device certificates required), with `origin=True`."""
+        return self.plane.origin_url
+
+    @property
     def device_server(self) -> str:
         return f"127.0.0.1:{self.plane.device_port}"
 
@@ -172,6 +177,7 @@ def cert_stack(
     crl: bool = False,
     database_url: str = "",
     extra_control: tuple[str, ...] = (),
+    origin: bool = False,
 ) -> Iterator[CertStack]:
     keys = generate_keyring(tmp_path / "keys")
     pki = generate_dev_pki(tmp_path / "tls")
@@ -224,6 +230,14 @@ def cert_stack(
             broker_pid_file=str(files.pid_file) if crl else "",
             engine_interval_seconds=0.1,
         )
+        if origin:
+            config = dataclasses.replace(
+                config,
+                origin_listen="127.0.0.1:0",
+                origin_tls_cert_file=str(pki.server_cert),
+                origin_tls_key_file=str(pki.server_key),
+                origin_device_certificates=True,
+            )
         plane = ControlPlane.build(config, clock)
         plane.start()
 

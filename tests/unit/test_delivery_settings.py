@@ -53,3 +53,25 @@ def test_the_vcl_refuses_values_that_would_break_out_of_a_string() -> None:
     for bad in ('a"b', "a\nb", "a}b"):
         with pytest.raises(InvalidArgument):
             render_vcl("origin", 1, token=bad)
+
+
+def test_origin_device_certificates_need_origin_tls_and_the_device_ca() -> None:
+    from ota.config import ServerConfig
+
+    base = {"database_url": "sqlite://", "origin_listen": "127.0.0.1:0"}
+    for missing in (
+        {},
+        {"origin_tls_cert_file": "o.pem", "origin_tls_key_file": "o.key"},
+        {"device_ca_cert_file": "ca.pem", "device_ca_key_file": "ca.key"},
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            ServerConfig(**base, **missing, origin_device_certificates=True)  # type: ignore[arg-type]
+        assert refused.value.field == "origin_device_certificates"
+    ServerConfig(
+        **base,  # type: ignore[arg-type]
+        origin_tls_cert_file="o.pem",
+        origin_tls_key_file="o.key",
+        device_ca_cert_file="ca.pem",
+        device_ca_key_file="ca.key",
+        origin_device_certificates=True,
+    )

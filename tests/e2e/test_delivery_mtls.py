@@ -1,0 +1,151 @@
+"""HTTP delivery over mutual TLS: the origin demands a device certificate and checks it per request.
+
+A real Mosquitto with a certificate listener, the control plane on real ports
+(gRPC, the device port and the HTTPS origin, `origin_device_certificates`),
+SQLite or PostgreSQL. Devices fetch TUF metadata and bundles from the origin
+with the certificate they use for MQTT and gRPC.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import urllib3
+from urllib3.exceptions import ProtocolError, SSLError
+
+from device_sim.fleet import FleetSettings, SimulatedFleet
+from device_sim.profile import FailureProfile, compose_fleet
+from ota.device.enroll import Identity, csr_pem, key_pem, new_key
+from ota.trust.device_ca import DeviceCa, generate_device_ca
+from ota.v1 import fleet_pb2, rollout_pb2
+from tests.e2e.cert_stack import CertStack, cert_stack
+from tests.e2e.scenario import MODELS, REGIONS, publish, run_rollout
+
+pytestmark = pytest.mark.e2e
+
+DEVICES = 4
+
+
+def _get(pool: urllib3.PoolManager, url: str) -> int:
+    response = pool.request("GET", url, retries=False, timeout=30)
+    return response.status
+
+
+def _refused(stack: CertStack, context: ssl.SSLContext) -> bool:
+    """True if the origin ends the TLS handshake (or the connection) without an answer."""
+    pool = urllib3.PoolManager(ssl_context=context)
+    try:
+        _get(pool, f"{stack.origin_url}/metadata/timestamp.json")
+    except (SSLError, ProtocolError):
+        return True
+    finally:
+        pool.clear()
+    return False
+
+
+def test_certificate_devices_follow_a_rollout_over_mutual_tls_http(
+    tmp_path: Path, database_url: str
+) -> None:
+    with cert_stack(tmp_path, origin=True, database_url=database_url) as stack:
+        assert stack.origin_url.startswith("https://")
+        fleet = SimulatedFleet(
+            compose_fleet(DEVICES, models=MODELS, regions=REGIONS, firmware="4.2.0"),
+            FleetSettings(
+                server=stack.server,
+                admin_token=stack.token,
+                trusted_root=stack.keys.root_json.read_bytes(),
+                state_dir=tmp_path / "devices",
+                failures=FailureProfile.parse([]),
+                identity="cert",
+                device_server=stack.device_server,
+                server_ca=stack.pki.ca_cert,
+                delivery="http",
+                origin_url=stack.origin_url,
+                origin_ca=stack.pki.ca_cert,
+            ),
+        )
+        fleet.start()
+        try:
+            publish(stack.client, stack, tmp_path, "1.0.0")  # type: ignore[arg-type]
+            final = run_rollout(stack.client, "1.0.0", [1_000_000])
+            assert final.state == rollout_pb2.ROLLOUT_STATE_COMPLETED, final.state_reason
+            assert dict(final.device_states) == {"ACTIVE": DEVICES}
+        finally:
+            fleet.stop()
+        metrics = stack.plane.origin.metrics  # type: ignore[union-attr]
+        # The bytes came over HTTP, from the origin, and nobody was refused.
+        assert metrics.count("bundle", 200) >= DEVICES
+        assert metrics.count("other", 403) == 0
+
+
+def test_no_foreign_or_expired_certificate_gets_through(tmp_path: Path) -> None:
+    with cert_stack(tmp_path, origin=True) as stack:
+        url = f"{stack.origin_url}/metadata/timestamp.json"
+        own = stack.enroll("car-a")
+        pool = own.http_pool(stack.pki.ca_cert, tmp_path / "car-a")
+        assert _get(pool, url) == 200
+        pool.clear()
+
+        # No certificate at all.
+        plain = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+        assert _refused(stack, plain)
+
+        key = new_key()
+        now = datetime.now(UTC)
+        # Another CA's certificate, naming a registered device.
+        rogue_paths = generate_device_ca(tmp_path / "rogue", now=now)
+        rogue = DeviceCa.load(rogue_paths.cert, rogue_paths.key)
+        foreign = Identity(
+            "car-a",
+            key_pem(key),
+            rogue.sign(csr_pem(key, "car-a").encode(), "car-a", now).pem,
+            rogue.pem,
+        )
+        assert _refused(stack, foreign.ssl_context(stack.pki.ca_cert, tmp_path / "foreign"))
+
+        # The device CA's, but expired.
+        expired = Identity(
+            "car-a",
+            key_pem(key),
+            stack.ca.sign(csr_pem(key, "car-a").encode(), "car-a", now - timedelta(days=100)).pem,
+            own.ca_certificate,
+        )
+        assert _refused(stack, expired.ssl_context(stack.pki.ca_cert, tmp_path / "expired"))
+
+        # The device CA's and valid, but not the one recorded for the device: the TLS
+        # layer lets it in, the per-request check refuses it.
+        borrowed = Identity(
+            "car-a",
+            key_pem(key),
+            stack.ca.sign(csr_pem(key, "car-a").encode(), "car-a", now).pem,
+            own.ca_certificate,
+        )
+        pool = borrowed.http_pool(stack.pki.ca_cert, tmp_path / "borrowed")
+        assert _get(pool, url) == 403
+        pool.clear()
+
+
+def test_a_revoked_device_is_refused_on_its_next_request_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    with cert_stack(tmp_path, origin=True) as stack:
+        identity = stack.enroll("car-1")
+        pool = identity.http_pool(stack.pki.ca_cert, tmp_path / "car-1", maxsize=1)
+        url = f"{stack.origin_url}/metadata/1.root.json"
+        first = pool.request("GET", url, retries=False, timeout=30)
+        assert first.status == 200
+        connection = pool.connection_from_url(url)
+
+        stack.client.fleet.RevokeDevice(
+            fleet_pb2.RevokeDeviceRequest(device_id="car-1"), metadata=stack.client.metadata
+        )
+        second = pool.request("GET", url, retries=False, timeout=30)
+        assert second.status == 403
+        assert b"current" in second.data
+        # One TLS connection carried both requests: keep-alive let nothing through.
+        assert connection.num_connections == 1
+        assert connection.num_requests == 2
+        pool.clear()
