@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -66,17 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
+    from ota.agent.identity import EnrollmentStopped, load_or_enroll
     from ota.agent.runtime import Agent
 
-    try:
-        agent = Agent(config)
-    except OtaError as exc:
-        print(f"ota-agent: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if stopping:
-        agent.request_stop()
-    agent.run()
-    return 0
+    def pause(seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while not stopping and time.monotonic() < end:
+            time.sleep(min(0.2, end - time.monotonic()))
+        return bool(stopping)
+
+    # Once more after each certificate renewal: every connection then uses the new one.
+    while True:
+        try:
+            identity = load_or_enroll(config, pause=pause) if config.certificate else None
+            agent = Agent(config, identity=identity)
+        except EnrollmentStopped:
+            return 0
+        except OtaError as exc:
+            print(f"ota-agent: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if stopping:
+            agent.request_stop()
+        if not agent.run() or stopping:
+            return 0
 
 
 def _configure_logging(log_format: str, *, verbose: bool, device_id: str) -> None:

@@ -21,6 +21,7 @@ HOOK_NAMES = ("install", "activate", "deactivate", "rollback", "health")
 DEFAULT_HOOK_TIMEOUT = 300.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
 DEFAULT_HEALTH_INTERVAL = 300.0
+IDENTITIES = ("password", "certificate")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,15 @@ class HookSettings:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """What `ota-agent` runs with.
+
+    `identity` "password": `secret` authenticates it to the broker and the
+    control plane. "certificate": on first start it enrolls with
+    `enrollment_token` on `server` for a certificate of the device CA (its key
+    made here, kept in `identity_dir`), then speaks mutual TLS to the broker, to
+    `device_server` (the control plane's device port) and to the delivery origin.
+    """
+
     device_id: str
     secret: str
     server: str  # host:port of the control plane's gRPC API
@@ -61,6 +71,23 @@ class AgentConfig:
     health_interval_seconds: float = DEFAULT_HEALTH_INTERVAL
     download_attempts: int = 8
     log_format: str = "text"
+    identity: str = "password"
+    enrollment_token: str = ""
+    device_server: str = ""  # host:port of the control plane's device port (mutual TLS)
+    # TUF metadata and bundles over HTTP(S) from here (the origin, a cache or a CDN);
+    # empty: over gRPC from the control plane.
+    origin_url: str = ""
+    origin_token: str = ""
+    origin_ca_file: Path | None = None  # None: the system's CAs
+
+    @property
+    def certificate(self) -> bool:
+        return self.identity == "certificate"
+
+    @property
+    def identity_dir(self) -> Path:
+        """The device's key (0600), certificate and the device CA's certificate."""
+        return self.state_dir / "identity"
 
     @property
     def broker_host_port(self) -> tuple[str, int]:
@@ -86,8 +113,14 @@ _KEYS = {
     "health_interval_seconds",
     "download_attempts",
     "log_format",
+    "identity",
+    "enrollment_token",
+    "enrollment_token_file",
+    "device_server",
+    "origin_url",
+    "origin_token",
 }
-_TLS_KEYS = {"ca_file", "cert_file", "key_file", "mqtt_ca_file"}
+_TLS_KEYS = {"ca_file", "cert_file", "key_file", "mqtt_ca_file", "origin_ca_file"}
 _HOOK_KEYS = {*HOOK_NAMES, "timeout_seconds", "output_limit_bytes"}
 
 
@@ -104,10 +137,28 @@ def load_config(path: Path) -> AgentConfig:
 
 def parse_config(doc: Mapping[str, Any], *, base: Path) -> AgentConfig:
     _no_unknown(doc, _KEYS, "")
-    secret = _secret(doc, base)
-    server = _text(doc, "server")
-    if ":" not in server:
-        raise InvalidArgument(f"must be host:port, got {server!r}", field="server")
+    identity = str(doc.get("identity", "password"))
+    if identity not in IDENTITIES:
+        raise InvalidArgument(
+            f"must be password or certificate, got {identity!r}", field="identity"
+        )
+    certificate = identity == "certificate"
+    if certificate:
+        if "secret" in doc or "secret_file" in doc:
+            raise InvalidArgument(
+                "a certificate device has no secret; it enrolls with enrollment_token",
+                field="secret",
+            )
+        secret = ""
+        token = _optional_secret(doc, "enrollment_token", base)
+        device_server = _host_port(doc, "device_server")
+    else:
+        for key in ("enrollment_token", "enrollment_token_file", "device_server"):
+            if key in doc:
+                raise InvalidArgument('needs identity = "certificate"', field=key)
+        secret = _secret(doc, base)
+        token, device_server = "", ""
+    server = _host_port(doc, "server")
     broker = _text(doc, "broker")
     scheme = urlsplit(broker).scheme
     if scheme not in ("mqtt", "mqtts") or not urlsplit(broker).hostname:
@@ -119,9 +170,32 @@ def parse_config(doc: Mapping[str, Any], *, base: Path) -> AgentConfig:
     labels = doc.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise InvalidArgument("must be a table of strings", field="labels")
-    grpc_tls, mqtt_tls = _tls(doc.get("tls", {}), base)
+    tls_doc = doc.get("tls", {})
+    grpc_tls, mqtt_tls = _tls(tls_doc, base)
     if scheme == "mqtts" and mqtt_tls is None:
         mqtt_tls = TlsFiles()  # the system's CAs
+    if certificate:
+        if scheme != "mqtts":
+            raise InvalidArgument(
+                "a certificate device needs the broker's TLS listener, mqtts://host:port",
+                field="broker",
+            )
+        if grpc_tls is not None and grpc_tls.cert_file is not None:
+            raise InvalidArgument(
+                "a certificate device uses the certificate it enrolled for", field="tls.cert_file"
+            )
+        if grpc_tls is None:
+            grpc_tls = TlsFiles()  # the enrollment token is a credential: TLS, system CAs
+    origin_url = str(doc.get("origin_url", ""))
+    if origin_url and not origin_url.startswith(("http://", "https://")):
+        raise InvalidArgument(
+            f"must be an http:// or https:// URL, got {origin_url!r}", field="origin_url"
+        )
+    if certificate and origin_url.startswith("http://"):
+        raise InvalidArgument(
+            "a certificate device presents its certificate over https:// only",
+            field="origin_url",
+        )
     log_format = str(doc.get("log_format", "text"))
     if log_format not in ("text", "json"):
         raise InvalidArgument(f"must be text or json, got {log_format!r}", field="log_format")
@@ -146,6 +220,12 @@ def parse_config(doc: Mapping[str, Any], *, base: Path) -> AgentConfig:
         health_interval_seconds=_seconds(doc, "health_interval_seconds", DEFAULT_HEALTH_INTERVAL),
         download_attempts=attempts,
         log_format=log_format,
+        identity=identity,
+        enrollment_token=token,
+        device_server=device_server,
+        origin_url=origin_url,
+        origin_token=str(doc.get("origin_token", "")),
+        origin_ca_file=_optional_path(tls_doc, "origin_ca_file", base, "tls."),
     )
 
 
@@ -182,6 +262,32 @@ def _seconds(doc: Mapping[str, Any], key: str, default: float, prefix: str = "")
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise InvalidArgument("must be a number of seconds, 0 or more", field=prefix + key)
     return float(value)
+
+
+def _host_port(doc: Mapping[str, Any], key: str) -> str:
+    value = _text(doc, key)
+    if ":" not in value:
+        raise InvalidArgument(f"must be host:port, got {value!r}", field=key)
+    return value
+
+
+def _optional_secret(doc: Mapping[str, Any], key: str, base: Path) -> str:
+    """`key` or `key_file` (a file holding it), or empty: e.g. the enrollment token, which
+    a device provisioned with its certificate at the factory does not need."""
+    if key in doc and f"{key}_file" in doc:
+        raise InvalidArgument(f"give {key} or {key}_file, not both", field=key)
+    if f"{key}_file" in doc:
+        path = _path(doc, f"{key}_file", base)
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read {path}: {exc.strerror}", field=f"{key}_file"
+            ) from exc
+    value = doc.get(key, "")
+    if not isinstance(value, str):
+        raise InvalidArgument("must be a string", field=key)
+    return value.strip()
 
 
 def _secret(doc: Mapping[str, Any], base: Path) -> str:

@@ -40,7 +40,9 @@ class BrokerLink:
         self._on_connected = on_connected
         self._on_desired = on_desired
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-        client.username_pw_set(device_id, secret)
+        if secret:
+            client.username_pw_set(device_id, secret)
+        # else a certificate device: the broker takes its name from the certificate.
         client.will_set(will[0], will[1], qos=1, retain=True)
         if tls is not None:
             client.tls_set(
@@ -89,7 +91,10 @@ class BrokerLink:
         _properties: object,
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.warning("broker refused the connection: %s (check device_id and secret)", reason)
+            log.warning(
+                "broker refused the connection: %s (check device_id and its secret or certificate)",
+                reason,
+            )
             return
         self._failing = False
         log.info("connected to the broker at %s:%d", self._host, self._port)

@@ -11,6 +11,11 @@ a power cut anywhere leaves a state the agent resumes from when it boots:
 - the `install` hook's success is recorded before `activate` runs, and
   `activate`'s before ACTIVE is reported and the order settled.
 
+A certificate device (`identity = "certificate"`) renews its certificate
+over its mutual-TLS channel once two thirds of its lifetime have passed,
+checked at start and every hour; the agent then starts over with the new one
+(`run` returns True), which reconnects everything with it.
+
 A hook whose success was not recorded yet when the power went runs again on
 the next boot: that is why hooks must be idempotent (README, "Device team").
 A hook that fails, hangs, floods or is missing fails the step with
@@ -29,17 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import urllib3
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ota.agent.config import AgentConfig
+from ota.agent import identity as agent_identity
+from ota.agent.config import AgentConfig, TlsFiles
 from ota.agent.hooks import DETAIL_CHARS, HookCall, HookResult, Hooks
 from ota.agent.link import BrokerLink
 from ota.clock import Clock, SystemClock
+from ota.device.enroll import Identity, renew
 from ota.device.events import EventSequence
+from ota.device.http_source import HttpSource
 from ota.device.retry import RetryPolicy
-from ota.device.source import GrpcSource
+from ota.device.source import Deadlines, GrpcSource
 from ota.device.state import STATE_FILE, InstalledBundle, InstalledFeatures, reached_at_least
-from ota.device.trust import DeviceTrust, StaleDesiredState, check_not_downgrade
+from ota.device.trust import DeviceTrust, MetadataSource, StaleDesiredState, check_not_downgrade
 from ota.domain.progress import is_waiting
 from ota.domain.states import SETTLED
 from ota.errors import InvalidArgument, OtaError, VerificationError
@@ -52,6 +61,8 @@ log = logging.getLogger(__name__)
 # Refusals a retry cannot change: the same signed inputs give the same answer.
 FINAL_REASONS = frozenset({"ROLLBACK_REFUSED", "INCOMPATIBLE"})
 SEQ_FILE = "event-seq"
+# How often a running agent looks whether its certificate is due for renewal.
+RENEW_CHECK_SECONDS = 3600.0
 
 
 class _Stopping(BaseException):
@@ -64,13 +75,24 @@ class _Stopping(BaseException):
 
 @dataclass(frozen=True)
 class _Work:
-    kind: str  # "connected", "desired", "health"
+    kind: str  # "connected", "desired", "health", "renew"
     payload: bytes = b""
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Clock | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        """`identity`: the certificate of a certificate device (`identity.load_or_enroll`)."""
         self._stop = False  # set from a signal handler: a plain flag, no locks
+        self._restart = False  # a renewed certificate: start over with it
+        if config.certificate and identity is None:
+            raise InvalidArgument("a certificate device needs its certificate", field="identity")
+        self.identity = identity
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.device_id = config.device_id
@@ -89,18 +111,38 @@ class Agent:
                 f"cannot create {state_dir}: {exc.strerror}", field="state_dir"
             ) from exc
         tls = config.grpc_tls
-        self._channel = channel(
-            config.server,
-            ClientTls(tls.ca_file, tls.cert_file, tls.key_file) if tls is not None else None,
-        )
+        mqtt_tls = config.mqtt_tls
+        if identity is not None:
+            # Everything over mutual TLS with the enrolled certificate: the device port,
+            # the broker's certificate listener, the delivery origin.
+            assert tls is not None and mqtt_tls is not None
+            cert, key = config.identity_dir / "cert.pem", config.identity_dir / "key.pem"
+            self._channel = channel(config.device_server, ClientTls(tls.ca_file, cert, key))
+            mqtt_tls = TlsFiles(mqtt_tls.ca_file, cert, key)
+        else:
+            self._channel = channel(
+                config.server,
+                ClientTls(tls.ca_file, tls.cert_file, tls.key_file) if tls is not None else None,
+            )
         self._source = GrpcSource(self._channel, config.device_id, config.secret)
+        self._http: urllib3.PoolManager | None = None
+        delivery: MetadataSource = self._source
+        if config.origin_url:
+            if identity is not None:
+                self._http = identity.http_pool(config.origin_ca_file, config.identity_dir)
+            else:
+                ca = config.origin_ca_file
+                self._http = urllib3.PoolManager(maxsize=2, ca_certs=str(ca) if ca else None)
+            delivery = HttpSource(
+                config.origin_url, deadlines=Deadlines(), pool=self._http, token=config.origin_token
+            )
         self.trust = DeviceTrust(
             device_id=config.device_id,
             model=config.model,
             firmware=config.firmware,
             state_dir=state_dir,
             trusted_root=root,
-            source=self._source,
+            source=delivery,
             clock=self.clock,
             # A device has time: ride out a control plane that is away for minutes. The
             # pauses end early on SIGTERM.
@@ -132,7 +174,7 @@ class Agent:
             port=port,
             device_id=config.device_id,
             secret=config.secret,
-            tls=config.mqtt_tls,
+            tls=mqtt_tls,
             desired_topic=self.topics.desired(config.device_id),
             will=(self.topics.state(config.device_id), self._reported(online=False)),
             on_connected=lambda: self._queue.put(_Work("connected")),
@@ -159,8 +201,12 @@ class Agent:
         """Stop after the step in progress (safe to call from a signal handler)."""
         self._stop = True
 
-    def run(self) -> None:
-        """Follow the desired state until `request_stop`; returns after a clean stop."""
+    def run(self) -> bool:
+        """Follow the desired state until `request_stop`; returns after a clean stop.
+
+        True: the certificate was renewed, and the caller should start a new
+        agent with it (the connections of this one hold the old one).
+        """
         log.info(
             "ota-agent for %s (%s, firmware %s): server %s, broker %s, state in %s",
             self.device_id,
@@ -170,6 +216,8 @@ class Agent:
             self.config.broker,
             self.config.state_dir,
         )
+        if self.identity is not None:
+            self._queue.put(_Work("renew"))  # first: a device back after months renews now
         self._link.start()
         ticker = threading.Thread(target=self._tick, name="health-ticker", daemon=True)
         ticker.start()
@@ -192,17 +240,32 @@ class Agent:
                     # restart would only meet the same input again.
                     log.exception("unexpected error handling %s", work.kind)
         finally:
-            log.info("stopping: saying offline to the broker")
-            self._link.stop((self.topics.state(self.device_id), self._reported(online=False)))
+            if self._restart:
+                # Back at once with the new certificate: no "offline" in between.
+                log.info("reconnecting with the renewed certificate")
+                self._link.stop(None)
+            else:
+                log.info("stopping: saying offline to the broker")
+                self._link.stop((self.topics.state(self.device_id), self._reported(online=False)))
             self._channel.close()
-        log.info("stopped cleanly")
+            if self._http is not None:
+                self._http.clear()
+        if not self._restart:
+            log.info("stopped cleanly")
+        return self._restart
 
     def _tick(self) -> None:
         interval = self.config.health_interval_seconds
-        if interval <= 0:
-            return
+        renew_checked = time.monotonic()
         while not self._stop:
-            time.sleep(min(interval, 1.0))
+            time.sleep(1.0 if interval <= 0 else min(interval, 1.0))
+            if self.identity is not None and time.monotonic() - renew_checked >= (
+                RENEW_CHECK_SECONDS
+            ):
+                renew_checked = time.monotonic()
+                self._queue.put(_Work("renew"))
+            if interval <= 0:
+                continue
             if time.monotonic() - self._started < interval:
                 continue
             self._started = time.monotonic()
@@ -218,6 +281,28 @@ class Agent:
         elif work.kind == "health":
             self._health_pending.clear()
             self._sample_health()
+        elif work.kind == "renew":
+            self._renew_if_due()
+
+    def _renew_if_due(self) -> None:
+        """Renew the certificate once it is two thirds through its life (ota.device.enroll).
+
+        From the moment the control plane records the new certificate the old
+        one is refused, so the new one is on disk before anything else; then the
+        agent starts over with it. A failure is logged and retried at the next
+        check; an answer lost on the way leaves a refused key (a new enrollment
+        token then), which DECISIONS.md accepts over keeping two keys valid.
+        """
+        identity = self.identity
+        if identity is None or not identity.due(self.clock.now()):
+            return
+        log.info("certificate %s is due for renewal; renewing", identity.serial)
+        renewed = renew(self._channel, self.device_id)
+        agent_identity.save(self.config, renewed)
+        log.info("renewed: certificate %s, next renewal %s", renewed.serial, renewed.renew_at())
+        self.identity = renewed
+        self._restart = self._stop = True  # the ticker stops too
+        raise _Stopping()
 
     def _check_stop(self) -> None:
         if self._stop:

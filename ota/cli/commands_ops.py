@@ -659,14 +659,23 @@ def fleet_register(args: argparse.Namespace) -> int:
     )
     c = response.credentials[0]
     written = None
-    if args.agent_config is not None and args.identity == "certificate":
-        console.print("--agent-config writes a secret; a certificate device enrolls instead")
-    elif args.agent_config is not None:
+    if args.agent_config is not None:
         written = write_agent_config(
-            args, device_id=c.device_id, secret=c.secret, mqtt_url=response.mqtt_url, labels=labels
+            args,
+            device_id=c.device_id,
+            secret=c.secret,
+            mqtt_url=response.mqtt_url,
+            labels=labels,
+            enrollment_token=c.enrollment_token,
         )
     if args.format == "json":
         emit_json(response)
+    elif args.identity == "certificate" and written is not None:
+        expires = c.enrollment_expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+        console.print(
+            f"registered {c.device_id}; agent config with its enrollment token (until "
+            f"{expires}) in {written} (mode 0600); start it with: ota-agent --config {written}"
+        )
     elif args.identity == "certificate":
         expires = c.enrollment_expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
         console.print(
