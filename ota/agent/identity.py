@@ -11,7 +11,10 @@ runs (`Agent`), over the mutual-TLS channel of the current certificate.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -32,9 +35,12 @@ class EnrollmentStopped(Exception):
     """A stop was asked for while the agent was waiting to enroll."""
 
 
+_FILES = ("key.pem", "cert.pem", "device-ca.pem")
+
+
 def has_identity(config: AgentConfig) -> bool:
-    directory = config.identity_dir
-    return all((directory / name).is_file() for name in ("key.pem", "cert.pem", "device-ca.pem"))
+    _recover(config.identity_dir)
+    return _complete(config.identity_dir)
 
 
 def load_or_enroll(config: AgentConfig, *, pause: Callable[[float], bool]) -> Identity:
@@ -79,7 +85,57 @@ def load_or_enroll(config: AgentConfig, *, pause: Callable[[float], bool]) -> Id
 
 
 def save(config: AgentConfig, identity: Identity) -> None:
+    """Replace the identity on disk as a whole, durably.
+
+    Key and certificate must match: a power cut between writing one and the
+    other would leave a device whose new certificate the control plane already
+    recorded and whose key does not fit it. So the new pair goes into a
+    directory of its own, flushed, and the directories are swapped by rename;
+    `_recover` finishes a swap a power cut interrupted.
+    """
     directory = config.identity_dir
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    identity.save(directory)
+    fresh, old = _beside(directory, "new"), _beside(directory, "old")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(mode=0o700, parents=True)
+    identity.save(fresh)
+    for name in _FILES:
+        _fsync(fresh / name)
+    _fsync(fresh)
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    fresh.rename(directory)
+    _fsync(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(directory: Path) -> None:
+    """After a power cut inside `save`: a complete new identity wins (the control plane
+    has recorded it, so the old one is refused already); else the old one stays."""
+    fresh, old = _beside(directory, "new"), _beside(directory, "old")
+    for candidate in (fresh, old):
+        if candidate.exists() and (candidate is fresh or not directory.exists()):
+            if _complete(candidate):
+                shutil.rmtree(directory, ignore_errors=True)
+                candidate.rename(directory)
+                _fsync(directory.parent)
+                log.info("finished replacing the certificate cut short by the last power loss")
+            else:
+                shutil.rmtree(candidate)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _FILES)
+
+
+def _beside(directory: Path, suffix: str) -> Path:
+    return directory.with_name(f"{directory.name}.{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -154,6 +154,11 @@ def _identity(
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    try:
+        if path.read_bytes() == data:
+            return  # already there (a restart): the key file is not written again for nothing
+    except OSError:
+        pass
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
