@@ -205,3 +205,28 @@ def test_the_agent_renews_a_certificate_due_for_renewal_and_carries_on(tmp_path:
             assert agent.log_since_start().count("renewed: certificate") == 1
         finally:
             agent.stop()
+
+
+def test_a_certificate_agent_config_without_the_device_port_registers_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with cert_stack(tmp_path / "stack", origin=True) as stack:
+        ca = str(stack.pki.ca_cert)
+        device = [*("fleet", "register", "car-9", "--model", "ev6", "--region", "eu")]
+        base = [
+            *("--firmware", "4.2.0", "--identity", "certificate"),
+            *("--server", stack.server, "--token", stack.token, "--tls-ca", ca),
+            *("--agent-config", str(tmp_path), "--root", str(stack.keys.root_json)),
+        ]
+        assert ota_main([*device, *base]) == 1
+        assert ota_main([*device, *base, "--device-server", stack.device_server,
+                         "--origin-url", "http://cdn.example"]) == 1  # fmt: skip
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith("ota: error: device_server: a certificate device's agent needs")
+        assert err[1].startswith("ota: error: origin_url: a certificate device presents")
+        assert not (tmp_path / "agent.toml").exists()
+        with pytest.raises(grpc.RpcError) as lookup:
+            stack.client.fleet.GetDevice(
+                fleet_pb2.GetDeviceRequest(device_id="car-9"), metadata=stack.client.metadata
+            )
+        assert lookup.value.code() == grpc.StatusCode.NOT_FOUND

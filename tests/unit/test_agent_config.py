@@ -85,3 +85,51 @@ def test_ota_agent_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("ota-agent: error: config: cannot read")
+
+
+CERTIFICATE = {
+    **{k: v for k, v in GOOD.items() if k != "secret"},
+    "identity": "certificate",
+    "enrollment_token": "tok",
+    "device_server": "ota.example.com:50052",
+    "origin_url": "https://cdn.example.com",
+    "tls": {"ca_file": "ca.pem", "mqtt_ca_file": "ca.pem", "origin_ca_file": "cdn-ca.pem"},
+}
+
+
+def test_a_certificate_device_reads_its_token_and_addresses(tmp_path: Path) -> None:
+    config = parse_config(CERTIFICATE, base=tmp_path)
+    assert config.certificate and config.secret == ""
+    assert config.enrollment_token == "tok"
+    assert config.device_server == "ota.example.com:50052"
+    assert config.identity_dir == tmp_path / "state" / "identity"
+    assert config.origin_url == "https://cdn.example.com"
+    assert config.origin_ca_file == tmp_path / "cdn-ca.pem"
+    # A device provisioned with its certificate at the factory needs no token.
+    without = {k: v for k, v in CERTIFICATE.items() if k != "enrollment_token"}
+    assert parse_config(without, base=tmp_path).enrollment_token == ""
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"identity": "smartcard"}, "identity"),
+        ({"secret": "s"}, "secret"),
+        ({"device_server": "nohost"}, "device_server"),
+        ({"broker": "mqtt://broker.example.com"}, "broker"),
+        ({"origin_url": "http://cdn.example.com"}, "origin_url"),
+        ({"origin_url": "cdn.example.com"}, "origin_url"),
+        ({"tls": {"cert_file": "c.pem", "key_file": "k.pem"}}, "tls.cert_file"),
+        ({"enrollment_token_file": "t"}, "enrollment_token"),
+    ],
+)
+def test_a_certificate_device_mistake_names_its_key(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_config({**CERTIFICATE, **change}, base=Path("/"))
+    assert err.value.field == field
+
+
+def test_a_password_device_refuses_certificate_keys() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_config({**GOOD, "enrollment_token": "tok"}, base=Path("/"))
+    assert err.value.field == "enrollment_token"
