@@ -18,6 +18,7 @@ from urllib3.exceptions import ProtocolError, SSLError
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
+from ota.clock import ManualClock
 from ota.device.enroll import Identity, csr_pem, key_pem, new_key
 from ota.trust.device_ca import DeviceCa, generate_device_ca
 from ota.v1 import fleet_pb2, rollout_pb2
@@ -78,6 +79,45 @@ def test_certificate_devices_follow_a_rollout_over_mutual_tls_http(
         metrics = stack.plane.origin.metrics  # type: ignore[union-attr]
         # The bytes came over HTTP, from the origin, and nobody was refused.
         assert metrics.count("bundle", 200) >= DEVICES
+        assert metrics.count("other", 403) == 0
+
+
+def test_renewed_devices_fetch_with_their_new_certificate(tmp_path: Path) -> None:
+    # As in test_device_certificates: the control plane's clock starts 61 days back,
+    # so the first certificates are due once it moves on, while the TLS layers,
+    # which go by the wall clock, accept them all.
+    clock = ManualClock(datetime.now(UTC) - timedelta(days=61))
+    with cert_stack(tmp_path, clock=clock, origin=True) as stack:
+        fleet = SimulatedFleet(
+            compose_fleet(2, models=MODELS, regions=REGIONS, firmware="4.2.0"),
+            FleetSettings(
+                server=stack.server,
+                admin_token=stack.token,
+                trusted_root=stack.keys.root_json.read_bytes(),
+                state_dir=tmp_path / "devices",
+                failures=FailureProfile.parse([]),
+                identity="cert",
+                device_server=stack.device_server,
+                server_ca=stack.pki.ca_cert,
+                delivery="http",
+                origin_url=stack.origin_url,
+                origin_ca=stack.pki.ca_cert,
+            ),
+            clock=clock,
+        )
+        fleet.start()
+        try:
+            clock.advance(timedelta(days=61))
+            assert len(fleet.renew_due()) == 2
+            # The old certificates are refused from now on, so a rollout that completes
+            # was fetched with the new ones.
+            publish(stack.client, stack, tmp_path, "1.0.0")  # type: ignore[arg-type]
+            final = run_rollout(stack.client, "1.0.0", [1_000_000])
+            assert dict(final.device_states) == {"ACTIVE": 2}
+        finally:
+            fleet.stop()
+        metrics = stack.plane.origin.metrics  # type: ignore[union-attr]
+        assert metrics.count("bundle", 200) >= 2
         assert metrics.count("other", 403) == 0
 
 
