@@ -1,6 +1,8 @@
 """A real, private Varnish in front of the delivery origin, and a link that can misbehave.
 
-`private_varnish(work_dir, host, port)` runs Debian's ``varnishd`` in the
+`private_nginx(work_dir, settings)` runs Debian's ``nginx`` the same way with
+the configuration `ota.delivery.nginx` renders (devices' mutual TLS ended at
+the cache). `private_varnish(work_dir, host, port)` runs Debian's ``varnishd`` in the
 foreground on a free loopback port with the VCL `ota.delivery.varnish`
 renders, as tests run their own Mosquitto: nobody else's cache, gone when the
 test ends. `OriginLink` sits between the cache and the origin and forwards
@@ -11,16 +13,22 @@ tampered cache entry) or to cut the next bundle body after some bytes.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import urllib3
 
+from ota.broker.process import free_port, port_accepts
+from ota.delivery.nginx import DeviceCacheSettings, render_nginx
 from ota.delivery.varnish import VarnishProcess
 
 FORWARDED = ("Range", "If-None-Match", "Authorization", "If-Range")
@@ -139,3 +147,82 @@ class OriginLink:
             handler.close_connection = True
             with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class NginxHandle:
+    """A private nginx (Debian's, in the foreground) running `ota.delivery.nginx`'s config."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    work_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload nginx`: re-reads the CRL; returns at once."""
+        self.process.send_signal(signal.SIGHUP)
+
+    def log(self) -> str:
+        path = self.work_dir / "error.log"
+        return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def private_nginx(
+    work_dir: Path, settings: Callable[[str, Path], DeviceCacheSettings]
+) -> Iterator[NginxHandle]:
+    """nginx on a free loopback port; `settings(listen, cache_dir)` gives the rest."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(binary, os.X_OK):
+        raise AssertionError("nginx is not installed: apt-get install nginx-light (.ci/run does)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    rendered = render_nginx(settings(f"127.0.0.1:{port}", work_dir / "cache"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {work_dir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = work_dir / "nginx.conf"
+    # Started by root (CI), nginx's workers would become nobody, who cannot enter the
+    # test's directory; they stay the test's user.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf.write_text(
+        f"""daemon off;
+{user}worker_processes 1;
+pid {work_dir / "nginx.pid"};
+error_log {work_dir / "error.log"} info;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+{temp}
+{rendered}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-e", str(work_dir / "error.log"), "-p", str(work_dir), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    handle = NginxHandle(process, port, work_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_accepts("127.0.0.1", port):
+            if process.poll() is not None:
+                raise AssertionError(f"nginx exited: {handle.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("nginx did not accept connections within 60 s")
+            time.sleep(0.05)
+        yield handle
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)  # graceful: workers finish and go
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)

@@ -67,6 +67,30 @@ def register(nouns: Any) -> None:
         help="the fleet's delivery token the cache checks (env OTA_ORIGIN_TOKEN; empty: public)",
     )
     p.set_defaults(handler=repo_vcl)
+    p = repo.add_parser(
+        "nginx",
+        help="print an nginx configuration for a shared cache that ends certificate devices' "
+        "mutual TLS",
+    )
+    p.add_argument("--origin", required=True, metavar="HOST:PORT", help="the origin_listen address")
+    p.add_argument("--listen", default="443", help="nginx's listen address (default 443)")
+    p.add_argument("--cert", required=True, metavar="PEM", help="the cache's HTTPS certificate")
+    p.add_argument("--key", required=True, metavar="PEM", help="its private key")
+    p.add_argument("--device-ca", required=True, metavar="PEM", help="the device CA's certificate")
+    p.add_argument(
+        "--crl", required=True, metavar="PEM", help="the device CA's CRL (`ota fleet crl`)"
+    )
+    p.add_argument(
+        "--origin-ca", default="", metavar="PEM", help="the origin's CA (empty: plain HTTP)"
+    )
+    p.add_argument("--origin-name", default="", help="the DNS name on the origin's certificate")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("OTA_ORIGIN_TOKEN", ""),
+        help="the fleet's delivery token, sent to the origin (env OTA_ORIGIN_TOKEN)",
+    )
+    p.add_argument("--cache-dir", default="/var/cache/nginx/ota", help="where nginx keeps files")
+    p.set_defaults(handler=repo_nginx)
 
     p = nouns.add_parser("dev", help="a private broker + control plane for trying things")
     p.add_argument(
@@ -314,6 +338,25 @@ def repo_vcl(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:
         raise InvalidArgument(f"{args.origin!r} is not HOST:PORT", field="origin") from exc
     print(render_vcl(host, port, token=args.token), end="")
+    return 0
+
+
+def repo_nginx(args: argparse.Namespace) -> int:
+    from ota.delivery.nginx import DeviceCacheSettings, render_nginx
+
+    settings = DeviceCacheSettings(
+        listen=args.listen,
+        server_cert=str(Path(args.cert).resolve()),
+        server_key=str(Path(args.key).resolve()),
+        device_ca=str(Path(args.device_ca).resolve()),
+        crl=str(Path(args.crl).resolve()),
+        origin=args.origin,
+        origin_ca=str(Path(args.origin_ca).resolve()) if args.origin_ca else "",
+        origin_name=args.origin_name,
+        token=args.token,
+        cache_dir=args.cache_dir,
+    )
+    print(render_nginx(settings), end="")
     return 0
 
 

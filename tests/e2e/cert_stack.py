@@ -65,7 +65,8 @@ class CertStack:
 
     @property
     def origin_url(self) -> str:
-        """The delivery origin (HTTPS, device certificates required), with `origin=True`."""
+        """The delivery origin (HTTPS; device certificates required unless
+        `origin_devices=False`), with `origin=True`."""
         return self.plane.origin_url
 
     @property
@@ -178,6 +179,8 @@ def cert_stack(
     database_url: str = "",
     extra_control: tuple[str, ...] = (),
     origin: bool = False,
+    origin_devices: bool = True,
+    origin_token: str = "",
 ) -> Iterator[CertStack]:
     keys = generate_keyring(tmp_path / "keys")
     pki = generate_dev_pki(tmp_path / "tls")
@@ -236,7 +239,8 @@ def cert_stack(
                 origin_listen="127.0.0.1:0",
                 origin_tls_cert_file=str(pki.server_cert),
                 origin_tls_key_file=str(pki.server_key),
-                origin_device_certificates=True,
+                origin_device_certificates=origin_devices,
+                origin_token=origin_token,
             )
         plane = ControlPlane.build(config, clock)
         plane.start()

@@ -3,7 +3,10 @@
 A real Mosquitto with a certificate listener, the control plane on real ports
 (gRPC, the device port and the HTTPS origin, `origin_device_certificates`),
 SQLite or PostgreSQL. Devices fetch TUF metadata and bundles from the origin
-with the certificate they use for MQTT and gRPC.
+with the certificate they use for MQTT and gRPC; or, through a private nginx
+(Debian's) running `ota repo nginx`'s configuration, which ends their mutual
+TLS against the device CA and its CRL and fetches from the origin with the
+fleet's token.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from urllib3.exceptions import ProtocolError, SSLError
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
 from ota.clock import ManualClock
+from ota.delivery.nginx import DeviceCacheSettings
 from ota.device.enroll import Identity, csr_pem, key_pem, new_key
 from ota.trust.device_ca import DeviceCa, generate_device_ca
 from ota.v1 import fleet_pb2, rollout_pb2
+from tests.cache_harness import private_nginx
 from tests.e2e.cert_stack import CertStack, cert_stack
-from tests.e2e.scenario import MODELS, REGIONS, publish, run_rollout
+from tests.e2e.scenario import MODELS, REGIONS, publish, run_rollout, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +50,16 @@ def _refused(stack: CertStack, context: ssl.SSLContext) -> bool:
     finally:
         pool.clear()
     return False
+
+
+def _status(context: ssl.SSLContext, url: str) -> int:
+    """The status a fresh connection gets (nginx completes the handshake of a client whose
+    certificate it refuses, and answers 400)."""
+    pool = urllib3.PoolManager(ssl_context=context)
+    try:
+        return _get(pool, url)
+    finally:
+        pool.clear()
 
 
 def test_certificate_devices_follow_a_rollout_over_mutual_tls_http(
@@ -189,3 +204,93 @@ def test_a_revoked_device_is_refused_on_its_next_request_on_the_same_connection(
         assert connection.num_connections == 1
         assert connection.num_requests == 2
         pool.clear()
+
+
+def test_through_a_cache_that_ends_the_devices_mutual_tls(tmp_path: Path) -> None:
+    token = "fleet-delivery-token"
+    with cert_stack(
+        tmp_path, origin=True, origin_devices=False, origin_token=token, crl=True
+    ) as stack:
+        origin = stack.origin_url.removeprefix("https://")
+
+        def settings(listen: str, cache_dir: Path) -> DeviceCacheSettings:
+            return DeviceCacheSettings(
+                listen=listen,
+                server_cert=str(stack.pki.server_cert),
+                server_key=str(stack.pki.server_key),
+                device_ca=str(stack.ca_paths.cert),
+                crl=str(stack.crl_file),
+                origin=origin,
+                origin_ca=str(stack.pki.ca_cert),
+                origin_name="localhost",  # the development certificate's DNS name
+                token=token,
+                cache_dir=str(cache_dir),
+            )
+
+        with private_nginx(tmp_path / "nginx", settings) as cache:
+            fleet = SimulatedFleet(
+                compose_fleet(DEVICES, models=MODELS, regions=REGIONS, firmware="4.2.0"),
+                FleetSettings(
+                    server=stack.server,
+                    admin_token=stack.token,
+                    trusted_root=stack.keys.root_json.read_bytes(),
+                    state_dir=tmp_path / "devices",
+                    failures=FailureProfile.parse([]),
+                    identity="cert",
+                    device_server=stack.device_server,
+                    server_ca=stack.pki.ca_cert,
+                    delivery="http",
+                    origin_url=cache.url,
+                    origin_ca=stack.pki.ca_cert,
+                ),
+            )
+            fleet.start()
+            try:
+                publish(stack.client, stack, tmp_path, "1.0.0")  # type: ignore[arg-type]
+                final = run_rollout(stack.client, "1.0.0", [1_000_000])
+                assert dict(final.device_states) == {"ACTIVE": DEVICES}, final.state_reason
+            finally:
+                fleet.stop()
+            # One copy for the fleet: the origin served the bundle fewer times than
+            # devices installed it.
+            metrics = stack.plane.origin.metrics  # type: ignore[union-attr]
+            assert 1 <= metrics.count("bundle", 200) < DEVICES
+
+            # Strangers get nothing from the cache.
+            url = f"{cache.url}/metadata/timestamp.json"
+            plain = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+            assert _status(plain, url) == 400
+            key = new_key()
+            now = datetime.now(UTC)
+            rogue_paths = generate_device_ca(tmp_path / "rogue", now=now)
+            rogue = DeviceCa.load(rogue_paths.cert, rogue_paths.key)
+            foreign = Identity(
+                "car-x",
+                key_pem(key),
+                rogue.sign(csr_pem(key, "car-x").encode(), "car-x", now).pem,
+                rogue.pem,
+            )
+            assert _status(foreign.ssl_context(stack.pki.ca_cert, tmp_path / "foreign"), url) == 400
+
+            # A revoked device: the control plane rewrites the CRL at once; nginx
+            # refuses the device's next handshake once it has re-read it.
+            revoked = stack.enroll("car-revoked")
+            kept = stack.enroll("car-kept")
+            for identity in (revoked, kept):
+                pool = identity.http_pool(stack.pki.ca_cert, tmp_path / identity.device_id)
+                assert _get(pool, url) == 200
+                pool.clear()
+            stack.client.fleet.RevokeDevice(
+                fleet_pb2.RevokeDeviceRequest(device_id="car-revoked"),
+                metadata=stack.client.metadata,
+            )
+            cache.reload()
+            revoked_context = revoked.ssl_context(stack.pki.ca_cert, tmp_path / "car-revoked")
+            wait_for(
+                lambda: _status(revoked_context, url) == 400,
+                what="the cache refusing the revoked device",
+                timeout=30,
+            )
+            pool = kept.http_pool(stack.pki.ca_cert, tmp_path / "car-kept")
+            assert _get(pool, url) == 200
+            pool.clear()

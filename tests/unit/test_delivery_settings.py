@@ -75,3 +75,34 @@ def test_origin_device_certificates_need_origin_tls_and_the_device_ca() -> None:
         device_ca_key_file="ca.key",
         origin_device_certificates=True,
     )
+
+
+def test_the_nginx_config_refuses_values_that_would_break_out_of_a_directive() -> None:
+    from ota.delivery.nginx import DeviceCacheSettings, render_nginx
+
+    good = {
+        "listen": "443",
+        "server_cert": "/etc/nginx/ota.pem",
+        "server_key": "/etc/nginx/ota.key",
+        "device_ca": "/etc/ota/device-ca.pem",
+        "crl": "/etc/ota/device-ca.crl",
+        "origin": "origin.internal:8443",
+        "origin_ca": "/etc/ota/ca.pem",
+        "token": "abc",
+    }
+    conf = render_nginx(DeviceCacheSettings(**good))
+    assert "ssl_verify_client on;" in conf and "ssl_crl /etc/ota/device-ca.crl;" in conf
+    assert 'proxy_set_header Authorization "Bearer abc";' in conf
+    assert "proxy_ssl_name origin.internal;" in conf and "proxy_pass https://" in conf
+    plain = render_nginx(DeviceCacheSettings(**{**good, "origin_ca": "", "token": ""}))
+    assert "proxy_pass http://" in plain and "Authorization" not in plain
+    for field, bad in (
+        ("token", 'a"b'),
+        ("crl", "/x;y"),
+        ("server_cert", "a b"),
+        ("origin", "nohost"),
+        ("device_ca", ""),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            DeviceCacheSettings(**{**good, field: bad})
+        assert refused.value.field == field
