@@ -19,6 +19,7 @@ from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import BrokerAccounts, FleetServicer
+from ota.api.readmodel import follow_changes
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
@@ -41,6 +42,7 @@ from ota.store import fleet as fleet_store
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import connect, migrate, redacted
+from ota.store.notices import RolloutNotices
 from ota.store.session import Store
 from ota.tls import ServerTls
 from ota.transport.ingester import Ingester
@@ -248,6 +250,7 @@ class ControlPlane:
     dashboard_server: DashboardServer | None = None
     device_port: int = 0
     crl_file: CrlFile | None = None
+    rollout_notices: RolloutNotices | None = None
 
     @classmethod
     def build(
@@ -377,11 +380,15 @@ class ControlPlane:
         )
         if crl_file is not None:
             crl_file.write()
+        rollout_servicer = RolloutServicer(
+            store, commands, changes, auth, cache_seconds=config.rollout_cache_seconds
+        )
+        rollout_notices = follow_changes(rollout_servicer.views, engine_db)
         server, port, _health = build_server(
             config.listen,
             auth=auth,
             bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
-            rollouts=RolloutServicer(store, commands, changes, auth),
+            rollouts=rollout_servicer,
             fleet=fleet_servicer,
             reports=ReportServicer(store, clock),
             tokens=TokenServicer(store, clock, auth),
@@ -456,6 +463,7 @@ class ControlPlane:
             clock=clock,
             device_port=getattr(server, "device_port", 0),
             crl_file=crl_file,
+            rollout_notices=rollout_notices,
         )
 
     def start(self) -> None:
@@ -478,6 +486,8 @@ class ControlPlane:
             )
         if self.config.dashboard_listen:
             self.dashboard_server = self._dashboard()  # binds its port: fails here too
+        if self.rollout_notices is not None:
+            self.rollout_notices.start()
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -544,4 +554,6 @@ class ControlPlane:
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()
         self.link.stop()
+        if self.rollout_notices is not None:
+            self.rollout_notices.stop()
         self.store.engine.dispose()

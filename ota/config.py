@@ -206,6 +206,11 @@ class ServerConfig:
     # How often the lease holder looks for desired states committed by commands
     # that another replica served (its own commands wake it at once).
     publish_poll_seconds: float = 2.0
+    # GetRollout answers from memory: an entry is dropped when its rollout's row or
+    # progress changes (on every replica), and is never older than this, which
+    # bounds what no writer announces (a draft's eligible count as the fleet changes).
+    # 0 reads the database on every call.
+    rollout_cache_seconds: float = 1.0
     # Webhooks: plain http:// endpoints are refused unless this is set, and even
     # then only to a loopback address (a receiver on the same host, tests).
     webhook_allow_http: bool = False
@@ -265,6 +270,7 @@ BOUNDS: dict[str, Bound] = {
     "lease_duration_seconds": Bound(1, 3600, "seconds"),
     "lease_renew_seconds": Bound(0.1, 3600, "seconds"),
     "publish_poll_seconds": Bound(0.05, 600, "seconds"),
+    "rollout_cache_seconds": Bound(0, 60, "seconds", "how old a GetRollout answer may be"),
     "webhook_timeout_seconds": Bound(0.1, 300, "seconds"),
     "webhook_retry_base_seconds": Bound(0.1, 3600, "seconds"),
     "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),

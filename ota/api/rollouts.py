@@ -12,6 +12,7 @@ from sqlmodel import Session
 from ota.api import convert
 from ota.api.auth import Authenticator
 from ota.api.paging import page_after, page_size, page_token
+from ota.api.readmodel import RolloutReadModel
 from ota.domain import states
 from ota.domain.plan import Gate, RolloutPlan, Stage, install_failure_gate
 from ota.domain.plan_document import parse_plan_document
@@ -143,12 +144,25 @@ class RolloutChanges:
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def __init__(
-        self, store: Store, commands: RolloutCommands, changes: RolloutChanges, auth: Authenticator
+        self,
+        store: Store,
+        commands: RolloutCommands,
+        changes: RolloutChanges,
+        auth: Authenticator,
+        *,
+        cache_seconds: float = 1.0,
     ) -> None:
         self._auth = auth
         self._store = store
         self._commands = commands
         self._changes = changes
+        # GetRollout's answers; whoever builds the servicer keeps them current
+        # (`ota.api.readmodel.follow_changes`).
+        self.views = RolloutReadModel(self._load, max_age=cache_seconds)
+
+    def _load(self, rollout_id: str) -> rollout_pb2.Rollout:
+        with self._store.transaction() as session:
+            return _message(session, rollouts.get_rollout(session, rollout_id))
 
     def _full(self, row: RolloutRow) -> rollout_pb2.Rollout:
         with self._store.transaction() as session:
@@ -195,8 +209,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def GetRollout(
         self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
     ) -> rollout_pb2.Rollout:
-        with self._store.transaction() as session:
-            return _message(session, rollouts.get_rollout(session, request.rollout_id))
+        return self.views.get(request.rollout_id)
 
     def ListRollouts(
         self, request: rollout_pb2.ListRolloutsRequest, context: grpc.ServicerContext

@@ -15,7 +15,7 @@ from ota.clock import utc
 from ota.domain.durations import duration_bucket, time_bucket
 from ota.domain.progress import Standing, advance, applies, counted_failure, furthest_rank
 from ota.domain.states import FUNNEL, RANK
-from ota.store import adoption
+from ota.store import adoption, changes
 from ota.store.models import IngestDropRow, RolloutDeviceRow
 from ota.store.plain_sql import PlainSQL, TimeConversion, padded
 
@@ -116,6 +116,8 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
 
     inserted = _insert_new(sql, times, accepted, now)
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
+    for rollout_id in {e.rollout_id for e in fresh if e.rollout_id}:
+        changes.rollout_changed(session, rollout_id)  # its progress counters moved
     deltas = adoption.AdoptionDeltas(now)
     _apply_progress(session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas)
     _attribute_health(session, fresh, now, deltas)

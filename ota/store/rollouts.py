@@ -20,6 +20,7 @@ from ota.domain.durations import time_bucket
 from ota.domain.states import DELETED
 from ota.errors import Aborted, NotFound
 from ota.store import adoption, audit, webhooks
+from ota.store.changes import rollout_changed
 from ota.store.models import (
     AdoptionStatRow,
     DeviceEventRow,
@@ -143,6 +144,7 @@ def transition(
             f"rollout {rollout.rollout_id} changed concurrently; read it again and retry",
             field="etag",
         )
+    rollout_changed(session, rollout.rollout_id)
     _audit(
         session,
         rollout,
@@ -215,6 +217,7 @@ def set_quietly(session: Session, rollout: RolloutRow, **values: Any) -> None:
         .where(col(RolloutRow.revision) == rollout.revision)
         .values(**values)
     )
+    rollout_changed(session, rollout.rollout_id)
     for name, value in values.items():
         setattr(rollout, name, value)
 
@@ -299,6 +302,7 @@ def expose(
         )
     if rows:
         session.execute(_PROGRESS.insert(), rows)
+        rollout_changed(session, rollout_id)
     adoption.write(session, deltas)
     return len(rows)
 

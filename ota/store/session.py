@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
 from ota.errors import Aborted, Unavailable
-from ota.store import audit
+from ota.store import audit, changes
 
 
 class Store:
@@ -30,8 +30,11 @@ class Store:
             with Session(self.engine, expire_on_commit=False) as session:
                 with session.begin():
                     yield session
+                    changed = changes.announce(session)
                 # Committed: now what it did may be told (audit lines, ota.store.audit).
                 audit.flush_logs(session)
+            if changed:
+                changes.committed(self.engine, changed)
         except IntegrityError as exc:
             # A unique key raced: a concurrent request created the same thing.
             raise Aborted(

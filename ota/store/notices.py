@@ -1,0 +1,101 @@
+"""Hearing other replicas' rollout changes: LISTEN on a dedicated PostgreSQL connection.
+
+Writers NOTIFY `ota.store.changes.CHANNEL` with a rollout id in the
+transaction that changed it. This thread holds one connection of its own
+(psycopg, autocommit, outside the pool), LISTENs, and passes each id on.
+A connection that fails, or is dropped by the server, says so (`on_live(False)`),
+since changes committed meanwhile are not delivered later; the thread
+reconnects, LISTENs again, and says `on_live(True)` only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine
+
+from ota.store.changes import CHANNEL
+from ota.store.database import PG_CONNECT_TIMEOUT_SECONDS
+
+log = logging.getLogger(__name__)
+
+# Name of the connection in pg_stat_activity, for operators (and tests).
+APPLICATION_NAME = "ota rollout notices"
+# TCP keepalives find a peer that vanished without closing (a cut network):
+# about KEEPALIVE_IDLE + 3 * KEEPALIVE_INTERVAL seconds.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+
+
+class RolloutNotices:
+    """A thread listening for changed rollouts on PostgreSQL."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_change: Callable[[str], None],
+        on_live: Callable[[bool], None],
+        *,
+        retry_seconds: float = 1.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        url = engine.url
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._timeout: dict[str, Any] = (
+            {}
+            if "connect_timeout" in url.query
+            else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+        )
+        self._on_change = on_change
+        self._on_live = on_live
+        self._retry = retry_seconds
+        self._poll = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ota-rollout-notices", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                failures = 0
+            except psycopg.Error as exc:
+                failures += 1
+                # The first failure in a row is worth a warning; a database that
+                # stays down is already being reported by everything else.
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "rollout change notices lost, reconnecting: %s", exc)
+            self._stop.wait(self._retry)
+
+    def _listen(self) -> None:
+        with psycopg.connect(
+            self._conninfo,
+            autocommit=True,
+            application_name=APPLICATION_NAME,
+            keepalives=1,
+            keepalives_idle=KEEPALIVE_IDLE,
+            keepalives_interval=KEEPALIVE_INTERVAL,
+            keepalives_count=3,
+            **self._timeout,
+        ) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._on_live(True)
+            try:
+                while not self._stop.is_set():
+                    for notice in conn.notifies(timeout=self._poll):
+                        self._on_change(notice.payload)
+            finally:
+                self._on_live(False)
