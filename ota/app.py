@@ -19,7 +19,7 @@ from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import BrokerAccounts, FleetServicer
-from ota.api.readmodel import follow_changes
+from ota.api.freshness import follow_changes
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
@@ -42,7 +42,7 @@ from ota.store import fleet as fleet_store
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
 from ota.store.database import connect, migrate, redacted
-from ota.store.notices import RolloutNotices
+from ota.store.notices import ChangeNotices
 from ota.store.session import Store
 from ota.tls import ServerTls
 from ota.transport.ingester import Ingester
@@ -250,7 +250,7 @@ class ControlPlane:
     dashboard_server: DashboardServer | None = None
     device_port: int = 0
     crl_file: CrlFile | None = None
-    rollout_notices: RolloutNotices | None = None
+    change_notices: ChangeNotices | None = None
 
     @classmethod
     def build(
@@ -339,7 +339,13 @@ class ControlPlane:
             if config.device_ca_cert_file
             else None
         )
-        auth = Authenticator(store, config.tokens, clock, device_ca=device_ca)
+        auth = Authenticator(
+            store,
+            config.tokens,
+            clock,
+            device_ca=device_ca,
+            token_cache_seconds=config.token_cache_seconds,
+        )
         revocations = BrokerRevocationNotices(link, store, clock)
         link.on_connected = revocations.resync
         crl_file: CrlFile | None = None
@@ -383,7 +389,7 @@ class ControlPlane:
         rollout_servicer = RolloutServicer(
             store, commands, changes, auth, cache_seconds=config.rollout_cache_seconds
         )
-        rollout_notices = follow_changes(rollout_servicer.views, engine_db)
+        change_notices = follow_changes(engine_db, rollout_servicer.views, auth)
         server, port, _health = build_server(
             config.listen,
             auth=auth,
@@ -463,7 +469,7 @@ class ControlPlane:
             clock=clock,
             device_port=getattr(server, "device_port", 0),
             crl_file=crl_file,
-            rollout_notices=rollout_notices,
+            change_notices=change_notices,
         )
 
     def start(self) -> None:
@@ -486,8 +492,8 @@ class ControlPlane:
             )
         if self.config.dashboard_listen:
             self.dashboard_server = self._dashboard()  # binds its port: fails here too
-        if self.rollout_notices is not None:
-            self.rollout_notices.start()
+        if self.change_notices is not None:
+            self.change_notices.start()
         self.link.start()
         self.ingester.start()
         self.publisher.start()
@@ -554,6 +560,6 @@ class ControlPlane:
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingester.stop()
         self.link.stop()
-        if self.rollout_notices is not None:
-            self.rollout_notices.stop()
+        if self.change_notices is not None:
+            self.change_notices.stop()
         self.store.engine.dispose()

@@ -211,6 +211,10 @@ class ServerConfig:
     # bounds what no writer announces (a draft's eligible count as the fleet changes).
     # 0 reads the database on every call.
     rollout_cache_seconds: float = 1.0
+    # A verified API token is trusted this long without the database. Its
+    # revocation reaches every replica at once (the same notices); this bounds a
+    # change nobody announced. Expiry is checked on every call.
+    token_cache_seconds: float = 10.0
     # Webhooks: plain http:// endpoints are refused unless this is set, and even
     # then only to a loopback address (a receiver on the same host, tests).
     webhook_allow_http: bool = False
@@ -271,6 +275,7 @@ BOUNDS: dict[str, Bound] = {
     "lease_renew_seconds": Bound(0.1, 3600, "seconds"),
     "publish_poll_seconds": Bound(0.05, 600, "seconds"),
     "rollout_cache_seconds": Bound(0, 60, "seconds", "how old a GetRollout answer may be"),
+    "token_cache_seconds": Bound(0, 300, "seconds", "how long a verified token is trusted"),
     "webhook_timeout_seconds": Bound(0.1, 300, "seconds"),
     "webhook_retry_base_seconds": Bound(0.1, 3600, "seconds"),
     "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),

@@ -2,8 +2,12 @@
 
 Operators present `authorization: Bearer <token>`; the token maps to a role
 (admin, release, viewer). Tokens come from the config (the bootstrap admin)
-or from the database (`TokenService`), where only their digest is kept and
-a revocation takes effect on the next call, on every replica. Devices present
+or from the database (`TokenService`), where only their digest is kept. A
+verified token is kept in memory for at most `token_cache_seconds`; its
+revocation is announced on commit (`ota.store.changes`), so it is refused on
+the next call on the replica that revoked it and, on the others, once the
+notice arrives (PostgreSQL NOTIFY; a replica that cannot hear notices keeps
+no token). Expiry is checked on every call. Devices present
 `Bearer device:<device_id>:<secret>`, or, with no bearer token, a client
 certificate of the device CA over mutual TLS: its common name is the device
 id, and only the serial the database records as the device's current one is
@@ -18,14 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
 
 from ota.api.credentials import CredentialChecks
-from ota.clock import Clock, SystemClock
+from ota.clock import Clock, SystemClock, utc
 from ota.errors import PermissionDenied, Unauthenticated
-from ota.store import fleet
+from ota.store import changes, fleet
 from ota.store import tokens as api_tokens
 from ota.store.session import Store
 from ota.trust.device_ca import DeviceCa
@@ -97,6 +102,10 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
 # Verified device credentials are trusted this long without the database. The
 # replica that revokes a device forgets it at once; other replicas within this.
 DEVICE_CACHE_SECONDS = 30.0
+# Verified API tokens are trusted this long without the database (by default).
+# Revocations are announced (module docstring), so this only bounds a change
+# nobody announced (a row edited by hand); expiry is checked on every call.
+TOKEN_CACHE_SECONDS = 10.0
 # Health and reflection are open: load balancers and grpcurl call them unauthenticated.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # A device enrolling has no credential yet: the servicer checks its one-time token.
@@ -107,6 +116,22 @@ OPEN_METHODS = frozenset({_F + "EnrollDevice"})
 class Caller:
     role: str
     name: str  # the operator role's actor name, or the device id
+
+
+@dataclass(frozen=True)
+class _VerifiedToken:
+    token_id: str
+    caller: Caller
+    expires_at: datetime | None
+    last_used: datetime  # as recorded: the database is asked again when it is due
+    trusted_until: float  # monotonic
+
+
+def _expired(token_id: str, expires_at: datetime) -> Unauthenticated:
+    return Unauthenticated(
+        f"token expired at {expires_at:%Y-%m-%d %H:%M:%S}Z "
+        f"(token {token_id}); ask an admin for a new one"
+    )
 
 
 def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
@@ -152,8 +177,10 @@ class Authenticator:
         clock: Clock | None = None,
         *,
         device_ca: DeviceCa | None = None,
+        token_cache_seconds: float = TOKEN_CACHE_SECONDS,
     ) -> None:
         self._store = store
+        self._token_cache_seconds = token_cache_seconds
         self._device_ca = device_ca
         self._clock = clock or SystemClock()
         # token -> "role" or "role:name" (the name is what the audit log shows)
@@ -161,8 +188,31 @@ class Authenticator:
         # device token -> (device id, monotonic time the entry stops being trusted)
         self._verified: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        # API token -> what it was verified as; `_token_epoch` moves on every
+        # forgetting, so a check that raced a revocation does not keep its answer.
+        self._known_tokens: dict[str, _VerifiedToken] = {}
+        self._token_epoch = 0
+        self._keep_tokens = True
+        # This process's revocations arrive here when they commit; other replicas'
+        # by `ota.api.freshness`.
+        changes.subscribe(store.engine, changes.TOKENS, self.forget_tokens)
         self._credentials = CredentialChecks(self._read_digests)
         self._certificates = CredentialChecks(self._read_serials)
+
+    def forget_tokens(self, token_ids: Collection[str]) -> None:
+        """Revoked: the next call with any of them goes to the database."""
+        with self._lock:
+            self._token_epoch += 1
+            self._known_tokens = {
+                t: v for t, v in self._known_tokens.items() if v.token_id not in token_ids
+            }
+
+    def set_live(self, live: bool) -> None:
+        """Whether revocations on other replicas reach this one; while not, keep no token."""
+        with self._lock:
+            self._token_epoch += 1
+            self._keep_tokens = live
+            self._known_tokens = {}
 
     def forget_device(self, device_id: str) -> None:
         with self._lock:
@@ -189,16 +239,9 @@ class Authenticator:
                     self._verified[token] = (parts[1], expires)
                 return Caller(DEVICE, parts[1])
         elif token.startswith(api_tokens.PREFIX):
-            # Not cached: a revocation must hold on the very next call, on every replica.
-            with self._store.transaction() as session:
-                row = api_tokens.authenticate(session, token, self._clock.now())
-            if row is not None:
-                if api_tokens.expired(row, self._clock.now()):
-                    raise Unauthenticated(
-                        f"token expired at {row.expires_at:%Y-%m-%d %H:%M:%S}Z "
-                        f"(token {row.token_id}); ask an admin for a new one"
-                    )
-                return Caller(row.role, row.display_name)
+            caller = self._operator(token)
+            if caller is not None:
+                return caller
         raise Unauthenticated("the bearer token is not valid")
 
     def device_of_certificate(self, certificate: bytes) -> str:
@@ -208,6 +251,40 @@ class Authenticator:
         if self._device_ca is None:
             raise Unauthenticated("this control plane has no device CA")
         return self._device_by_certificate(certificate).name
+
+    def _operator(self, token: str) -> Caller | None:
+        """The caller an API token stands for; None if unknown or revoked."""
+        now = self._clock.now()
+        known = self._known_tokens.get(token)
+        if (
+            known is not None
+            and known.trusted_until > time.monotonic()
+            and now - known.last_used < api_tokens.LAST_USED_RESOLUTION
+        ):
+            if known.expires_at is not None and now >= known.expires_at:
+                raise _expired(known.token_id, known.expires_at)
+            return known.caller
+        with self._lock:
+            epoch, keep = self._token_epoch, self._keep_tokens
+        with self._store.transaction() as session:
+            row = api_tokens.authenticate(session, token, now)
+        if row is None:
+            return None
+        if row.expires_at is not None and api_tokens.expired(row, now):
+            raise _expired(row.token_id, utc(row.expires_at))
+        caller = Caller(row.role, row.display_name)
+        if keep:
+            verified = _VerifiedToken(
+                row.token_id,
+                caller,
+                utc(row.expires_at) if row.expires_at is not None else None,
+                utc(row.last_used_at) if row.last_used_at is not None else now,
+                time.monotonic() + self._token_cache_seconds,
+            )
+            with self._lock:
+                if self._token_epoch == epoch:
+                    self._known_tokens[token] = verified
+        return caller
 
     def _device_by_certificate(self, certificate: bytes) -> Caller:
         assert self._device_ca is not None

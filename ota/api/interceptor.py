@@ -93,9 +93,12 @@ class OtaInterceptor(_Interceptor):
         if metrics is not None and method.startswith("/ota."):
             observe = lambda code, seconds: metrics.observe_rpc(method, code, seconds)  # noqa: E731
         auth = self._auth
+        # A certificate counts only without a bearer token: read it only then.
         return _wrap(
             handler,
-            lambda context: auth.authorize(method, token, peer_certificate(context)),
+            lambda context: auth.authorize(
+                method, token, None if token else peer_certificate(context)
+            ),
             observe,
         )
 

@@ -3,7 +3,7 @@
 An entry is dropped when a committed transaction changed the rollout's row
 or its progress (`ota.store.changes`: commands, engine decisions, ingest
 batches), in this process at once and, on PostgreSQL, in every other replica
-when its NOTIFY arrives (`ota.store.notices`). What no writer announces
+when its NOTIFY arrives (`ota.api.freshness`). What no writer announces
 (the fleet a draft's eligible count is taken over, the holdout count) is
 bounded by `max_age` instead: no entry is served older than that.
 
@@ -20,10 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from sqlalchemy import Engine
-
-from ota.store import changes
-from ota.store.notices import RolloutNotices
 from ota.v1 import rollout_pb2
 
 Load = Callable[[str], rollout_pb2.Rollout]
@@ -102,16 +98,3 @@ class RolloutReadModel:
     @property
     def live(self) -> bool:
         return self._live
-
-
-def follow_changes(views: RolloutReadModel, engine: Engine) -> RolloutNotices | None:
-    """Keep `views` current: this process's commits at once, other replicas' on PostgreSQL.
-
-    Returns the listener to start and stop on PostgreSQL (None on SQLite, where
-    one process is all there is); until it listens, `views` keeps nothing.
-    """
-    changes.subscribe(engine, views.invalidate_many)
-    if engine.dialect.name != "postgresql":
-        return None
-    views.set_live(False)
-    return RolloutNotices(engine, views.invalidate, views.set_live)

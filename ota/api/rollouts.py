@@ -21,6 +21,7 @@ from ota.rollout.commands import Actor, NewRollout, RolloutCommands
 from ota.rollout.exposure import holdout_count, reported_eligible
 from ota.rollout.preview import preview_rollout
 from ota.store import bundles, rollouts
+from ota.store import changes as store_changes
 from ota.store.models import RolloutRow
 from ota.store.session import Store
 from ota.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
@@ -156,9 +157,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self._store = store
         self._commands = commands
         self._changes = changes
-        # GetRollout's answers; whoever builds the servicer keeps them current
-        # (`ota.api.readmodel.follow_changes`).
+        # GetRollout's answers: this process's commits drop what they changed;
+        # other replicas' arrive by `ota.api.freshness`.
         self.views = RolloutReadModel(self._load, max_age=cache_seconds)
+        store_changes.subscribe(store.engine, store_changes.ROLLOUTS, self.views.invalidate_many)
 
     def _load(self, rollout_id: str) -> rollout_pb2.Rollout:
         with self._store.transaction() as session:

@@ -1,8 +1,9 @@
-"""Hearing other replicas' rollout changes: LISTEN on a dedicated PostgreSQL connection.
+"""Hearing other replicas' changes: LISTEN on a dedicated PostgreSQL connection.
 
-Writers NOTIFY `ota.store.changes.CHANNEL` with a rollout id in the
-transaction that changed it. This thread holds one connection of its own
-(psycopg, autocommit, outside the pool), LISTENs, and passes each id on.
+Writers NOTIFY a channel of `ota.store.changes` with an id (a rollout that
+changed, a token revoked) in the transaction that made the change. This
+thread holds one connection of its own (psycopg, autocommit, outside the
+pool), LISTENs on every channel, and passes each (channel, id) on.
 A connection that fails, or is dropped by the server, says so (`on_live(False)`),
 since changes committed meanwhile are not delivered later; the thread
 reconnects, LISTENs again, and says `on_live(True)` only then.
@@ -18,26 +19,26 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine
 
-from ota.store.changes import CHANNEL
+from ota.store.changes import CHANNELS
 from ota.store.database import PG_CONNECT_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 
 # Name of the connection in pg_stat_activity, for operators (and tests).
-APPLICATION_NAME = "ota rollout notices"
+APPLICATION_NAME = "ota change notices"
 # TCP keepalives find a peer that vanished without closing (a cut network):
 # about KEEPALIVE_IDLE + 3 * KEEPALIVE_INTERVAL seconds.
 KEEPALIVE_IDLE = 10
 KEEPALIVE_INTERVAL = 5
 
 
-class RolloutNotices:
-    """A thread listening for changed rollouts on PostgreSQL."""
+class ChangeNotices:
+    """A thread listening for other replicas' changes on PostgreSQL."""
 
     def __init__(
         self,
         engine: Engine,
-        on_change: Callable[[str], None],
+        on_change: Callable[[str, str], None],
         on_live: Callable[[bool], None],
         *,
         retry_seconds: float = 1.0,
@@ -58,7 +59,7 @@ class RolloutNotices:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ota-rollout-notices", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ota-change-notices", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -77,7 +78,7 @@ class RolloutNotices:
                 # The first failure in a row is worth a warning; a database that
                 # stays down is already being reported by everything else.
                 level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "rollout change notices lost, reconnecting: %s", exc)
+                log.log(level, "change notices lost, reconnecting: %s", exc)
             self._stop.wait(self._retry)
 
     def _listen(self) -> None:
@@ -91,11 +92,12 @@ class RolloutNotices:
             keepalives_count=3,
             **self._timeout,
         ) as conn:
-            conn.execute(f"LISTEN {CHANNEL}")
+            for channel in CHANNELS:
+                conn.execute(f"LISTEN {channel}")
             self._on_live(True)
             try:
                 while not self._stop.is_set():
                     for notice in conn.notifies(timeout=self._poll):
-                        self._on_change(notice.payload)
+                        self._on_change(notice.channel, notice.payload)
             finally:
                 self._on_live(False)

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from ota.clock import utc
 from ota.errors import InvalidArgument, NotFound
+from ota.store.changes import token_revoked
 from ota.store.models import ApiTokenRow
 
 PREFIX = "ota_"
@@ -84,6 +85,7 @@ def revoke(session: Session, token_id: str, now: datetime) -> ApiTokenRow:
     if row.revoked_at is None:
         row.revoked_at = now
         session.add(row)
+    token_revoked(session, token_id)  # every replica forgets it once this commits
     return row
 
 

@@ -1,11 +1,14 @@
 """Two `ota serve` replicas on one PostgreSQL database: what one changes, the other shows.
 
-Each replica answers GetRollout from memory. The replicas run with the
-longest cache the config allows (60 s), longer than any wait here, so only
+Each replica answers GetRollout, and checks API tokens, from memory. The
+replicas run with the longest caches the config allows (60 s, 300 s), longer
+than any wait here, so only
 the change notice (NOTIFY on commit, LISTEN on each replica) can make
 replica B show promptly what a command through replica A did. The notice
 connections are then cut from the server side: a replica that lost its
-connection must not go on serving what it can no longer hear about.
+connection must not go on serving what it can no longer hear about. The
+same notices carry token revocations: a token revoked through one replica
+is refused by the other, which had it in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ota.client import Client
 from ota.keyring import KeyPaths, generate_keyring
 from ota.store.database import open_database
 from ota.store.notices import APPLICATION_NAME
-from ota.v1 import rollout_pb2
+from ota.v1 import rollout_pb2, token_pb2
 from tests.broker_harness import private_broker
 from tests.e2e.processes import ControlPlaneProcess, listen_port, serve_config
 from tests.e2e.scenario import MODELS, wait_for
@@ -36,7 +39,8 @@ WAIT = 30.0  # well inside the 60 s an entry could otherwise be kept
 
 
 @contextmanager
-def _replicas(tmp_path: Path, database_url: str) -> Iterator[tuple[Client, Client, KeyPaths]]:
+def _replicas(tmp_path: Path, database_url: str) -> Iterator[tuple[Client, Client, KeyPaths, str]]:
+    """Clients of replicas A and B (as admin), the keys, and B's address."""
     settings = BrokerSettings(port=0, extra_control_usernames=(REPLICA_B,))
     with private_broker(tmp_path / "broker", settings=settings) as broker:
         secret_b = broker.add_user(REPLICA_B)
@@ -46,6 +50,7 @@ def _replicas(tmp_path: Path, database_url: str) -> Iterator[tuple[Client, Clien
             "database_url": database_url,
             "data_dir": str(tmp_path / "data"),
             "rollout_cache_seconds": 60.0,
+            "token_cache_seconds": 300.0,
         }
         port_a, port_b = listen_port(), listen_port()
         a = ControlPlaneProcess(
@@ -74,7 +79,7 @@ def _replicas(tmp_path: Path, database_url: str) -> Iterator[tuple[Client, Clien
             a.start()
             b.start()
             clients = [Client.connect(a.server, token), Client.connect(b.server, token)]
-            yield clients[0], clients[1], keys
+            yield clients[0], clients[1], keys, b.server
         finally:
             for client in clients:
                 client.close()
@@ -125,14 +130,27 @@ def _state(client: Client, rollout_id: str) -> rollout_pb2.RolloutState.ValueTyp
 
 
 def _command(client: Client, verb: str, rollout_id: str) -> None:
+    """Run a command, again if it raced the engine (ABORTED asks the caller to retry)."""
     request = rollout_pb2.RolloutCommandRequest(rollout_id=rollout_id, reason="test")
-    getattr(client.rollouts, f"{verb}Rollout")(request, metadata=client.metadata, timeout=10)
+
+    def landed() -> bool:
+        try:
+            getattr(client.rollouts, f"{verb}Rollout")(
+                request, metadata=client.metadata, timeout=10
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ABORTED:
+                return False
+            raise
+        return True
+
+    wait_for(landed, what=f"{verb} landing")
 
 
 def test_a_command_through_one_replica_shows_on_the_other_at_once(
     tmp_path: Path, postgres_database: str
 ) -> None:
-    with _replicas(tmp_path, postgres_database) as (a, b, keys):
+    with _replicas(tmp_path, postgres_database) as (a, b, keys, _b_server):
         wait_for(lambda: len(_listeners(postgres_database)) == 2, what="both replicas listening")
         bundle = tmp_path / "bundle.bin"
         bundle.write_bytes(bytes(i % 251 for i in range(4096)))
@@ -204,3 +222,39 @@ def test_a_command_through_one_replica_shows_on_the_other_at_once(
             lambda: _state(b, draft) is None, what="B refusing the deleted rollout", timeout=WAIT
         )
         assert _state(a, draft) is None
+
+
+def _lists(client: Client) -> grpc.StatusCode:
+    try:
+        client.rollouts.ListRollouts(
+            rollout_pb2.ListRolloutsRequest(), metadata=client.metadata, timeout=10
+        )
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    return grpc.StatusCode.OK
+
+
+def test_a_token_revoked_through_one_replica_is_refused_by_the_other(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    with _replicas(tmp_path, postgres_database) as (a, _b, _keys, b_server):
+        wait_for(lambda: len(_listeners(postgres_database)) == 2, what="both replicas listening")
+        created = a.tokens.CreateToken(
+            token_pb2.CreateTokenRequest(token=token_pb2.Token(display_name="dash", role="viewer")),
+            metadata=a.metadata,
+        )
+        viewer = Client.connect(b_server, created.secret)
+        try:
+            assert _lists(viewer) == grpc.StatusCode.OK  # B verifies it, and keeps it
+            assert _lists(viewer) == grpc.StatusCode.OK
+            a.tokens.RevokeToken(
+                token_pb2.RevokeTokenRequest(name=created.token.name), metadata=a.metadata
+            )
+            wait_for(
+                lambda: _lists(viewer) == grpc.StatusCode.UNAUTHENTICATED,
+                what="B refusing the token A revoked",
+                timeout=WAIT,
+            )
+        finally:
+            viewer.close()

@@ -109,3 +109,35 @@ def test_a_device_revoked_on_another_replica_is_refused_once_its_cache_entry_exp
     monkeypatch.setattr(auth_module.time, "monotonic", lambda: 10**12)
     with pytest.raises(Unauthenticated):
         there.authenticate(token)
+
+
+def test_a_verified_token_is_kept_for_its_bounded_time_and_expiry_still_holds(
+    store: Store,
+) -> None:
+    clock = ManualClock(NOW)
+    kept = Authenticator(store, {}, clock, token_cache_seconds=300)
+    unkept = Authenticator(store, {}, clock, token_cache_seconds=0)
+    with store.transaction() as session:
+        issued = tokens.create(
+            session,
+            display_name="dash",
+            role="viewer",
+            creator="root",
+            now=NOW,
+            expires_at=NOW + timedelta(seconds=30),
+        )
+    assert kept.authenticate(issued.secret).name == "dash"
+    assert unkept.authenticate(issued.secret).name == "dash"
+    # A change nobody announces (the row edited by hand): only the bound covers it.
+    with store.transaction() as session:
+        row = session.get(ApiTokenRow, issued.row.token_id)
+        assert row is not None
+        row.revoked_at = NOW
+        session.add(row)
+    assert kept.authenticate(issued.secret).name == "dash"
+    with pytest.raises(Unauthenticated, match="not valid"):
+        unkept.authenticate(issued.secret)
+    # Expiry is the clock's, checked on every call, kept or not.
+    clock.advance(timedelta(seconds=30))
+    with pytest.raises(Unauthenticated, match="token expired"):
+        kept.authenticate(issued.secret)
