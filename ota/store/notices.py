@@ -79,6 +79,9 @@ class ChangeNotices:
                 # stays down is already being reported by everything else.
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "change notices lost, reconnecting: %s", exc)
+            except Exception:
+                # A bug here must not end the thread: the caches would stay off.
+                log.exception("change notices failed, reconnecting")
             self._stop.wait(self._retry)
 
     def _listen(self) -> None:
