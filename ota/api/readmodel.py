@@ -23,6 +23,8 @@ from collections.abc import Callable, Collection
 from ota.v1 import rollout_pb2
 
 Load = Callable[[str], rollout_pb2.Rollout]
+# Entries are a few KiB; past this many, the expired ones are dropped first.
+MAX_ENTRIES = 4096
 
 
 class RolloutReadModel:
@@ -60,20 +62,34 @@ class RolloutReadModel:
         if live:
             with self._lock:
                 if (self._epoch, self._generations.get(rollout_id, 0)) == seen and self._live:
+                    if len(self._entries) >= MAX_ENTRIES:
+                        self._prune(now)
                     self._entries[rollout_id] = (message, now)
         return message
 
+    def _prune(self, now: float) -> None:
+        """Under the lock: drop expired entries, and everything if that was not enough."""
+        self._entries = {k: e for k, e in self._entries.items() if now - e[1] < self._max_age}
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries = {}
+        # Generations of ids no longer kept only matter to loads in flight.
+        self._generations.clear()
+        self._epoch += 1
+
     def invalidate(self, rollout_id: str) -> None:
         """Drop one rollout: its row or its progress changed."""
-        with self._lock:
-            self._entries.pop(rollout_id, None)
-            self._generations[rollout_id] = self._generations.get(rollout_id, 0) + 1
+        self.invalidate_many((rollout_id,))
 
     def invalidate_many(self, rollout_ids: Collection[str]) -> None:
         with self._lock:
             for rollout_id in rollout_ids:
                 self._entries.pop(rollout_id, None)
                 self._generations[rollout_id] = self._generations.get(rollout_id, 0) + 1
+            if len(self._generations) > 4 * MAX_ENTRIES:
+                # Every rollout ever changed: start the count afresh (loads in flight
+                # see the epoch move and keep nothing).
+                self._generations.clear()
+                self._epoch += 1
 
     def invalidate_all(self) -> None:
         """Drop everything: changes may have been missed."""

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
+from ota.api import readmodel
 from ota.api.readmodel import RolloutReadModel
 from ota.errors import NotFound
 from ota.v1 import rollout_pb2
@@ -142,3 +143,23 @@ def test_nothing_is_kept_while_changes_elsewhere_cannot_be_heard() -> None:
     views.set_live(True)
     views.get("r-1")
     assert db.reads == 6  # the load that overlapped the loss was not kept
+
+
+def test_memory_is_bounded_expired_entries_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readmodel, "MAX_ENTRIES", 3)
+    db, clock = Database(), Clock()
+    db.states |= {f"r-{i}": "DRAFT" for i in range(3, 10)}
+    views = _model(db, clock, max_age=1.0)
+    views.get("r-1")
+    clock.now += 1.0  # r-1 expired
+    views.get("r-2")
+    views.get("r-3")
+    views.get("r-4")  # full: r-1 goes, r-2 and r-3 stay
+    reads = db.reads
+    views.get("r-2")
+    views.get("r-3")
+    views.get("r-4")
+    assert db.reads == reads
+    views.get("r-5")  # full of fresh entries: all go
+    views.get("r-2")
+    assert db.reads == reads + 2
