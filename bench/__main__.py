@@ -110,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         help="rollout-e2e: the broker's max_queued_messages (default 1000000, as the shipped "
         "config; 0: no limit)",
     )
+    parser.add_argument(
+        "--publish-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rollout-e2e and notify-fleet: the control plane's publish_connections "
+        "(default: the shipped default)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [n for n in BENCHMARKS if not args.only or n in args.only]
@@ -136,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     fleet_in_process=args.fleet_in_process,
                     watch=args.watch,
                     broker_max_queued=args.broker_max_queued,
+                    publish_connections=args.publish_connections,
                 )
-            elif name in ("notify-fleet", "origin-load", "device-identity"):
+            elif name == "notify-fleet":
+                result = module.run(
+                    args.quick, devices=args.devices, publish_connections=args.publish_connections
+                )
+            elif name in ("origin-load", "device-identity"):
                 result = module.run(args.quick, devices=args.devices)
             else:
                 result = module.run(args.quick)

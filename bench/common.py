@@ -281,13 +281,22 @@ def bench_stack(
     *,
     extra_users: tuple[str, ...] = (),
     config_overrides: dict[str, object] | None = None,
+    publish_connections: int | None = None,
     **broker_settings: Any,
 ) -> Iterator[tuple[DevStack, BenchBroker]]:
-    """A DevStack (keys, control plane on SQLite) on a private broker; both stopped after."""
+    """A DevStack (keys, control plane on SQLite) on a private broker; both stopped after.
+
+    `publish_connections` (None: the shipped default) sets the control plane's
+    setting and the broker accounts it needs.
+    """
+    overrides = dict(config_overrides or {})
+    if publish_connections is not None:
+        overrides["publish_connections"] = publish_connections
+        broker_settings["publish_connections"] = publish_connections
     broker = start_broker(state_dir / "broker", extra_users=extra_users, **broker_settings)
     try:
         stack = DevStack.start(
-            state_dir / "stack", broker=broker.endpoint(), config_overrides=config_overrides
+            state_dir / "stack", broker=broker.endpoint(), config_overrides=overrides or None
         )
         try:
             yield stack, broker

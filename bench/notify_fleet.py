@@ -62,11 +62,15 @@ STATUS_INTERVAL = 0.02
 BUNDLE_BYTES = 4 * 1024
 
 
-def run(quick: bool, *, devices: int | None = None) -> Result:
+def run(
+    quick: bool, *, devices: int | None = None, publish_connections: int | None = None
+) -> Result:
     n = devices or (100 if quick else TARGET_DEVICES)
     with (
         tempfile.TemporaryDirectory(prefix="ota-bench-notify-", dir=scratch_dir()) as tmp,
-        bench_stack(Path(tmp), extra_users=(NOTIFY_USER,)) as (stack, broker),
+        bench_stack(
+            Path(tmp), extra_users=(NOTIFY_USER,), publish_connections=publish_connections
+        ) as (stack, broker),
     ):
         client = Client.connect(stack.server, stack.admin_token)
         try:
@@ -143,6 +147,7 @@ def run(quick: bool, *, devices: int | None = None) -> Result:
         ],
         details={
             "devices": n,
+            "publish_connections": stack.control_plane.config.publish_connections,
             "notify_s": notify_s,
             "progress": progress,
             "cpu_during_notify_s": cpu,

@@ -391,6 +391,7 @@ def run(
     fleet_in_process: bool = False,
     watch: bool = False,
     broker_max_queued: int | None = BENCH_MAX_QUEUED,
+    publish_connections: int | None = None,
 ) -> Result:
     n = devices or (200 if quick else 2000)
     topics = Topics()
@@ -399,6 +400,7 @@ def run(
         bench_stack(
             Path(tmp),
             extra_users=(NOTIFY_USER,),
+            publish_connections=publish_connections,
             # Applied to the broker's config (0: no limit); None keeps the shipped value.
             **({} if broker_max_queued is None else {"max_queued_messages": broker_max_queued}),
         ) as (stack, broker),

@@ -285,6 +285,7 @@ class ControlPlane:
             topics=topics,
             receive_maximum=max(2 * config.ingest_batch_size, 100),
             ca_file=config.mqtt_ca_file,
+            publish_connections=config.publish_connections,
         )
         # Every replica serves and ingests; the engine lease's holder alone does
         # what must happen once: the engine, publishing, re-signing the timestamp.

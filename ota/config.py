@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ota.broker.config import MAX_PUBLISH_CONNECTIONS, PUBLISH_CONNECTIONS
 from ota.errors import InvalidArgument
 from ota.metrics import parse_listen
 
@@ -215,6 +216,13 @@ class ServerConfig:
     # revocation reaches every replica at once (the same notices); this bounds a
     # change nobody announced. Expiry is checked on every call.
     token_cache_seconds: float = 10.0
+    # Connections desired states are published on, each device always on the same
+    # one: the control plane's own (mqtt_username) and, for each further one, an
+    # account "<mqtt_username>-publish-<n>" (n = 2, 3, ...) with mqtt_password,
+    # which `ota broker-config --publish-connections` writes. A connection may
+    # have only the broker's Receive Maximum of publishes unacknowledged, so a
+    # stage's states leave faster on several (docs/PERFORMANCE.md, notify-fleet).
+    publish_connections: int = PUBLISH_CONNECTIONS
     # Webhooks: plain http:// endpoints are refused unless this is set, and even
     # then only to a loopback address (a receiver on the same host, tests).
     webhook_allow_http: bool = False
@@ -276,6 +284,9 @@ BOUNDS: dict[str, Bound] = {
     "publish_poll_seconds": Bound(0.05, 600, "seconds"),
     "rollout_cache_seconds": Bound(0, 60, "seconds", "how old a GetRollout answer may be"),
     "token_cache_seconds": Bound(0, 300, "seconds", "how long a verified token is trusted"),
+    "publish_connections": Bound(
+        1, MAX_PUBLISH_CONNECTIONS, "connections", "each needs its own broker account"
+    ),
     "webhook_timeout_seconds": Bound(0.1, 300, "seconds"),
     "webhook_retry_base_seconds": Bound(0.1, 3600, "seconds"),
     "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),

@@ -24,6 +24,9 @@ from ota.broker.subscribe_guard import PLUGIN_NAME, build_guard_plugin
 from ota.errors import InvalidArgument
 
 KIB = 1024
+# ota serve's publish_connections default and its bound (ota.config).
+PUBLISH_CONNECTIONS = 2
+MAX_PUBLISH_CONNECTIONS = 16
 
 _TOPIC_ROOT = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _EXPIRATION = re.compile(r"^[1-9][0-9]*[hdwmy]$")
@@ -45,6 +48,11 @@ class BrokerSettings:
             extra MQTT connection of the control plane (a second replica's
             ingester, say) needs its own username; set their secrets with
             `PasswordFile` and reload.
+        publish_connections: the connections each control-plane user
+            publishes desired states on (the `ota serve` setting of that name,
+            default 2): the user's own and, for each further one, an account
+            ``<user>-publish-<n>`` (n = 2, 3, ...) with the same password that
+            may only publish desired states (`publish_usernames`).
         persistence: keep retained messages, sessions and queued messages in
             ``mosquitto.db`` across restarts (default on).
         autosave_interval_s: seconds between saves of the in-memory database
@@ -117,6 +125,7 @@ class BrokerSettings:
     topic_root: str = "ota/v1"
     control_username: str = "ota-control"
     extra_control_usernames: tuple[str, ...] = ()
+    publish_connections: int = PUBLISH_CONNECTIONS
     persistence: bool = True
     autosave_interval_s: int = 60
     max_packet_size: int = 256 * KIB
@@ -150,6 +159,14 @@ class BrokerSettings:
         check_username(self.control_username, field="control_username")
         for name in self.extra_control_usernames:
             check_username(name, field="extra_control_usernames")
+        if not 1 <= self.publish_connections <= MAX_PUBLISH_CONNECTIONS:
+            raise InvalidArgument(
+                f"must be 1 to {MAX_PUBLISH_CONNECTIONS}, got {self.publish_connections}",
+                field="publish_connections",
+            )
+        for name in self.control_usernames:
+            for publisher in publish_usernames(name, self.publish_connections):
+                check_username(publisher, field="publish_connections")
         for name, value in (
             ("autosave_interval_s", self.autosave_interval_s),
             ("max_queued_messages", self.max_queued_messages),
@@ -229,9 +246,22 @@ class BrokerSettings:
         """Every user granted the control plane's ACL."""
         return (self.control_username, *self.extra_control_usernames)
 
+    def accounts_of(self, control_username: str) -> tuple[str, ...]:
+        """A control-plane user and its publishing accounts, which share its password."""
+        return (control_username, *publish_usernames(control_username, self.publish_connections))
+
     def events_share_filter(self, group: str = "ota-ingest") -> str:
         """The shared subscription the ingester uses for every device's events."""
         return f"$share/{group}/{self.topic_root}/devices/+/events"
+
+
+def publish_usernames(username: str, connections: int) -> list[str]:
+    """The accounts of a control plane's publishing connections after its own.
+
+    The broker names a session after its username, so each connection needs
+    one; they share the control plane's password (`publish_connections`).
+    """
+    return [f"{username}-publish-{i}" for i in range(2, connections + 1)]
 
 
 @dataclass(frozen=True)
@@ -296,7 +326,9 @@ def write_broker_config(
             build_guard_plugin(files.guard_plugin)
     files.persistence_dir.mkdir(mode=0o700, exist_ok=True)
 
-    PasswordFile(files.password_file).set(settings.control_username, control_password)
+    PasswordFile(files.password_file).set_many(
+        dict.fromkeys(settings.accounts_of(settings.control_username), control_password)
+    )
     _write_private(files.acl_file, render_acl(settings))
     _write_private(files.control_users_file, render_control_users(settings))
     _write_private(files.conf, render_config(settings, files))
@@ -345,6 +377,9 @@ def render_acl(settings: BrokerSettings) -> str:
     ]
     for name in settings.control_usernames:
         lines += [f"user {name}", f"topic readwrite {root}/#", ""]
+        # Its further publishing connections send desired states and nothing else.
+        for publisher in publish_usernames(name, settings.publish_connections):
+            lines += [f"user {publisher}", f"topic write {root}/devices/+/desired", ""]
     lines += [
         "# Every user, devices included: username = device id = client id (on the",
         "# certificate listener the username is the certificate's common name).",

@@ -15,7 +15,7 @@ from typing import Any
 from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined, unused-ignore]
 from tuf.api.metadata import Root  # type: ignore[attr-defined, unused-ignore]
 
-from ota.broker.config import BrokerSettings, write_broker_config
+from ota.broker.config import PUBLISH_CONNECTIONS, BrokerSettings, write_broker_config
 from ota.broker.passwords import PasswordFile
 from ota.cli.connect import add_tls_options, connect
 from ota.cli.output import console, emit_json
@@ -150,6 +150,15 @@ def register(nouns: Any) -> None:
         default=[],
         metavar="USERNAME",
         help="one more control-plane account, for another `ota serve` replica (repeatable)",
+    )
+    p.add_argument(
+        "--publish-connections",
+        type=int,
+        default=PUBLISH_CONNECTIONS,
+        metavar="N",
+        help="connections each control plane publishes desired states on, as its "
+        f"publish_connections setting (default {PUBLISH_CONNECTIONS}): an account "
+        "USER-publish-2 .. USER-publish-N with the same password for each after the first",
     )
     guard = p.add_mutually_exclusive_group()
     guard.add_argument(
@@ -437,6 +446,7 @@ def broker_config(args: argparse.Namespace) -> int:
         tls_certfile=str(args.tls_cert.resolve()) if args.tls_cert else None,
         tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
         extra_control_usernames=tuple(args.replica),
+        publish_connections=args.publish_connections,
         subscribe_guard=not args.no_subscribe_guard,
         subscribe_guard_plugin=(
             str(args.subscribe_guard_plugin.resolve()) if args.subscribe_guard_plugin else None
@@ -444,8 +454,15 @@ def broker_config(args: argparse.Namespace) -> int:
     )
     files = write_broker_config(args.out, settings, control_password=password)
     # Each replica has its own account: the username names its persistent session.
+    # Its publishing connections' accounts share its password.
     replicas = {name: secrets.token_urlsafe(24) for name in settings.extra_control_usernames}
-    PasswordFile(files.password_file).set_many(replicas)
+    PasswordFile(files.password_file).set_many(
+        {
+            account: secret
+            for name, secret in replicas.items()
+            for account in settings.accounts_of(name)
+        }
+    )
     console.print(f"wrote {files.conf}, {files.acl_file}, {files.password_file}")
     if settings.subscribe_guard:
         console.print(
@@ -458,6 +475,11 @@ def broker_config(args: argparse.Namespace) -> int:
             "the control plane's shared subscription and divert device events"
         )
     console.print(f"control plane account: {settings.control_username} / {password}")
+    if settings.publish_connections > 1:
+        console.print(
+            f"publishing accounts (the same password as their control plane's): "
+            f"USER-publish-2 .. USER-publish-{settings.publish_connections}"
+        )
     for name, secret in replicas.items():
         console.print(f"replica account: {name} / {secret}")
     console.print(f"start it with: mosquitto -c {files.conf}")

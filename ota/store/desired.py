@@ -196,13 +196,22 @@ def get_envelope(session: Session, device_id: str) -> bytes | None:
     return row.envelope if row else None
 
 
-def unpublished(session: Session, limit: int) -> list[DesiredStateRow]:
+def unpublished(session: Session, limit: int, *, after: str = "") -> list[Row[Any]]:
+    """Up to `limit` states not yet acknowledged, in device-id order from just past `after`.
+
+    The order lets one pass walk the whole outbox a batch at a time while the
+    batches before are still being acknowledged, reading each device once.
+    Core rows of the three columns sent, not ORM objects: a stage reads
+    thousands, and building the objects cost more than sending them.
+    """
     query = (
-        select(DesiredStateRow)
-        .where(col(DesiredStateRow.published_generation) < col(DesiredStateRow.generation))
+        select(_DESIRED.c.device_id, _DESIRED.c.generation, _DESIRED.c.envelope)
+        .where(_DESIRED.c.published_generation < _DESIRED.c.generation)
+        .where(_DESIRED.c.device_id > after)
+        .order_by(_DESIRED.c.device_id)
         .limit(limit)
     )
-    return list(session.exec(query))
+    return list(session.execute(query))
 
 
 def mark_published(session: Session, published: Sequence[tuple[str, int]]) -> None:

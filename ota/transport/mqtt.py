@@ -23,7 +23,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ota.broker.config import publish_usernames
 from ota.errors import InvalidArgument, Unavailable
+from ota.transport.outbound import AckWindow, PublishingConnection
 from ota.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class MqttLink:
         inbox_size: int = 100_000,
         receive_maximum: int = 1000,
         ca_file: str = "",
+        publish_connections: int = 1,
     ) -> None:
         self._receive_maximum = receive_maximum
         self.address = BrokerAddress.parse(url)
@@ -94,13 +97,24 @@ class MqttLink:
         if self.address.tls:
             # Verifies the broker's certificate and host name; None = the system CAs.
             self._client.tls_set(ca_certs=ca_file or None)
-        self._client.max_inflight_messages_set(200)
+        # The desired-state publisher keeps its own window (ota.transport.outbound):
+        # paho's queue behind its in-flight limit costs a scan per PUBACK.
+        self._client.max_inflight_messages_set(0)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self.window = AckWindow()
+        self._client.on_publish = self.window.on_publish
         # Run (on a thread of its own) after every connect: the broker may have restarted.
         self.on_connected: Callable[[], None] | None = None
+        # Desired states leave on this connection and on publish_connections - 1 more,
+        # each with its own account and network thread (ota.transport.outbound).
+        self._more = [
+            PublishLink(self.address, username=name, password=password, ca_file=ca_file)
+            for name in publish_usernames(username, publish_connections)
+        ]
+        self.publishing: list[PublishingConnection] = [self, *self._more]
 
     def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -127,10 +141,22 @@ class MqttLink:
                 f"the MQTT broker at {self.address.host}:{self.address.port} did not accept "
                 "the control plane's connection (check mqtt_username / mqtt_password)"
             )
+        try:
+            for more in self._more:
+                more.start(timeout)
+        except Unavailable:
+            self.stop()
+            raise
 
     def stop(self) -> None:
+        for more in self._more:
+            more.stop()
         self._client.disconnect()
         self._client.loop_stop()
+
+    @property
+    def client(self) -> paho.Client:
+        return self._client
 
     def publish_retained(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
         return self._client.publish(topic, payload, qos=1, retain=True)
@@ -149,7 +175,7 @@ class MqttLink:
         _userdata: object,
         _flags: paho.ConnectFlags,
         reason: ReasonCode,
-        _props: Properties | None,
+        props: Properties | None,
     ) -> None:
         if reason.is_failure:
             log.error("broker refused the control plane: %s", reason)
@@ -157,6 +183,7 @@ class MqttLink:
         client.subscribe(
             [(self.topics.shared_events(), 1), (self.topics.shared_state(), 1)],
         )
+        self.window.on_connect(props)
         self.connected.set()
         log.info("connected to the broker at %s:%s", self.address.host, self.address.port)
         if self.on_connected is not None:
@@ -182,3 +209,87 @@ class MqttLink:
         self.inbox.put(
             InboundMessage(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic())
         )
+
+
+class PublishLink:
+    """One more connection that only publishes desired states (its own paho network thread).
+
+    Its own account (`username`, the control plane's password), so its own
+    session: the broker names a session after the username. A clean start: a
+    desired state it did not get acknowledged stays in the outbox and is sent again.
+    """
+
+    def __init__(
+        self, address: BrokerAddress, *, username: str, password: str, ca_file: str = ""
+    ) -> None:
+        self.address = address
+        self.username = username
+        self.connected = threading.Event()
+        self.window = AckWindow()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=username, protocol=paho.MQTTv5
+        )
+        self._client.username_pw_set(username, password)
+        if address.tls:
+            self._client.tls_set(ca_certs=ca_file or None)
+        self._client.max_inflight_messages_set(0)  # the publisher keeps the window
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self.window.on_publish
+
+    @property
+    def client(self) -> paho.Client:
+        return self._client
+
+    def start(self, timeout: float = 10.0) -> None:
+        try:
+            self._client.connect(
+                self.address.host, self.address.port, keepalive=30, clean_start=True
+            )
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot reach the MQTT broker at {self.address.host}:{self.address.port}: {exc}"
+            ) from exc
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise Unavailable(
+                f"the MQTT broker did not accept the publishing connection {self.username!r} "
+                "(each of publish_connections after the first needs this account, with the "
+                "control plane's password; `ota broker-config --publish-connections` writes them)"
+            )
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the publishing connection %s: %s", self.username, reason)
+            return
+        self.window.on_connect(props)
+        self.connected.set()
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if reason.value != 0:
+            log.warning(
+                "publishing connection %s lost the broker (%s); paho reconnects",
+                self.username,
+                reason,
+            )

@@ -11,6 +11,7 @@ from ota.errors import OtaError
 from ota.store import desired
 from ota.store.session import Store
 from ota.transport.mqtt import MqttLink
+from ota.transport.outbound import Shards
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ class DesiredStatePublisher:
         holds_lease: Callable[[], bool] | None = None,
         poll_seconds: float = 5.0,
     ) -> None:
-        self._link = link
+        # The link's publishing connections share the fleet, each device always on
+        # the same one (ota.transport.outbound).
+        self._shards = Shards(link.publishing, link.topics)
         self._store = store
         # Among replicas only the engine lease's holder publishes, so two replicas
         # never race to leave an older retained state behind a newer one. It polls,
@@ -71,39 +74,68 @@ class DesiredStatePublisher:
                 self._wake.set()
 
     def _drain_once(self) -> bool:
-        """Publish one batch; True if there may be more."""
+        """One pass over the outbox, pipelined; True if anything was published.
+
+        The outbox is read in device-id order, a batch at a time, while what
+        was already handed to the connections is still being acknowledged:
+        each connection is kept sending until the pass ends. Acknowledged
+        states are marked published a batch at a time; what is not
+        acknowledged stays unpublished and the next pass sends it again.
+        """
         if self._holds_lease is not None and not self._holds_lease():
             return False
-        if not self._link.connected.is_set():
+        if not self._shards.all_connected():
             time.sleep(0.5)
             self._wake.set()
             return False
-        with self._store.transaction() as session:
-            pending = desired.unpublished(session, BATCH)
-        if not pending:
-            return False
-        infos = [
-            (
-                row.device_id,
-                row.generation,
-                self._link.publish_retained(self._link.topics.desired(row.device_id), row.envelope),
-            )
-            for row in pending
-        ]
-        done: list[tuple[str, int]] = []
-        deadline = time.monotonic() + ACK_TIMEOUT_SECONDS
-        for device_id, generation, info in infos:
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                info.wait_for_publish(timeout=remaining)
-            except (RuntimeError, ValueError):
-                continue
-            if info.is_published():
-                done.append((device_id, generation))
-        with self._store.transaction() as session:
-            desired.mark_published(session, done)
-        self.published += len(done)
-        if len(done) < len(infos):
-            log.warning("%d desired states not acknowledged; retrying", len(infos) - len(done))
+        after = ""
+        exhausted = False
+        acked: list[tuple[str, int]] = []
+        published = refused = 0
+        last_progress = time.monotonic()
+        while True:
+            if not exhausted and self._shards.queued < BATCH:
+                if self._stop.is_set() or (
+                    self._holds_lease is not None and not self._holds_lease()
+                ):
+                    break
+                with self._store.transaction() as session:
+                    pending = desired.unpublished(session, BATCH, after=after)
+                exhausted = len(pending) < BATCH
+                for row in pending:
+                    self._shards.enqueue(row.device_id, row.generation, row.envelope)
+                if pending:
+                    after = pending[-1].device_id
+            sent, outcomes = self._shards.pump()
+            for outcome in outcomes:
+                if outcome.accepted:
+                    acked.append((outcome.device_id, outcome.generation))
+                else:
+                    refused += 1
+            if sent or outcomes:
+                last_progress = time.monotonic()
+            if len(acked) >= BATCH or (acked and exhausted and not self._shards.in_flight):
+                self._mark(acked)
+                published += len(acked)
+                acked = []
+            if exhausted and not self._shards.queued and not self._shards.in_flight:
+                break
+            if time.monotonic() - last_progress > ACK_TIMEOUT_SECONDS:
+                log.warning("%d desired states not acknowledged; retrying", self._shards.abandon())
+                time.sleep(0.5)
+                break
+            if not sent and (exhausted or self._shards.queued >= BATCH):
+                self._shards.wait(timeout=0.5)
+        if acked:
+            self._mark(acked)
+            published += len(acked)
+        self._shards.abandon()  # a lost lease: what was not sent goes out from the next holder
+        if refused:
+            log.warning("the broker refused %d desired states; retrying", refused)
             time.sleep(0.5)
-        return True
+        return published > 0
+
+    def _mark(self, acked: list[tuple[str, int]]) -> None:
+        with self._store.transaction() as session:
+            desired.mark_published(session, acked)
+        self.published += len(acked)

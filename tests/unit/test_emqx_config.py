@@ -164,6 +164,12 @@ PROBES = [
     ("ota-control", "publish", f"{ROOT}/control/revoked"),
     ("ota-control-2", "subscribe", f"$share/ota-ingest/{ROOT}/devices/+/events"),
     ("ota-control-2", "publish", f"{ROOT}/devices/car-9/desired"),
+    ("ota-control-publish-2", "publish", f"{ROOT}/devices/car-1/desired"),
+    ("ota-control-2-publish-2", "publish", f"{ROOT}/devices/car-9/desired"),
+    ("ota-control-publish-2", "publish", f"{ROOT}/devices/car-1/events"),
+    ("ota-control-publish-2", "publish", f"{ROOT}/control/revoked"),
+    ("ota-control-publish-2", "subscribe", f"{ROOT}/devices/car-1/desired"),
+    ("ota-control-publish-2", "subscribe", f"$share/ota-ingest/{ROOT}/devices/+/events"),
 ]
 
 
