@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ def run(
                 log(f"{n} devices following their desired-state topic {settled_s:.2f} s later")
                 cpu0 = (cpu_s(), cpu_s(broker.process.pid))
                 load0 = os.getloadavg()[0]
+                publisher = stack.control_plane.publisher
+                acked = _Acked(publisher.published + n, lambda: publisher.published)
                 t0 = time.time()
                 client.rollouts.StartRollout(
                     rollout_pb2.RolloutCommandRequest(rollout_id=created.rollout_id),
@@ -98,12 +101,18 @@ def run(
                 )
                 done_at, progress = fleet.wait_generation(n, t0, timeout=max(120.0, n / 10))
                 notify_s = done_at - t0
+                published_s = acked.at - t0 if acked.at else float("nan")
                 cpu = {
                     "control_plane_s": cpu_s() - cpu0[0],
                     "broker_s": cpu_s(broker.process.pid) - cpu0[1],
                 }
             finally:
                 fleet.stop()
+            log(
+                f"the broker had acknowledged all {n} desired states {published_s:.2f} s after "
+                f"StartRollout ({stack.control_plane.config.publish_connections} publishing "
+                "connections)"
+            )
             log(
                 f"{n} devices verified the new desired state {notify_s:.2f} s after StartRollout "
                 f"(half of them by {_percentile(progress, n, 0.5):.2f} s, 90 % by "
@@ -149,6 +158,9 @@ def run(
             "devices": n,
             "publish_connections": stack.control_plane.config.publish_connections,
             "notify_s": notify_s,
+            # The control plane's part: StartRollout to every desired state signed,
+            # stored, published and acknowledged by the broker.
+            "published_s": published_s,
             "progress": progress,
             "cpu_during_notify_s": cpu,
             "fleet_online": online,
@@ -156,6 +168,23 @@ def run(
             "baseline": baseline,
         },
     )
+
+
+class _Acked:
+    """When the publisher's count of acknowledged desired states reached `target`."""
+
+    def __init__(self, target: int, count: Callable[[], int]) -> None:
+        self.at = 0.0
+        self._target = target
+        self._count = count
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + 600
+        while self._count() < self._target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self._count() >= self._target:
+            self.at = time.time()
 
 
 def _percentile(progress: list[tuple[float, int]], n: int, q: float) -> float:
