@@ -25,7 +25,7 @@ from ota.errors import InvalidArgument
 
 KIB = 1024
 # ota serve's publish_connections default and its bound (ota.config).
-PUBLISH_CONNECTIONS = 2
+PUBLISH_CONNECTIONS = 1
 MAX_PUBLISH_CONNECTIONS = 16
 
 _TOPIC_ROOT = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -50,7 +50,7 @@ class BrokerSettings:
             `PasswordFile` and reload.
         publish_connections: the connections each control-plane user
             publishes desired states on (the `ota serve` setting of that name,
-            default 2): the user's own and, for each further one, an account
+            default 1): the user's own and, for each further one, an account
             ``<user>-publish-<n>`` (n = 2, 3, ...) with the same password that
             may only publish desired states (`publish_usernames`).
         persistence: keep retained messages, sessions and queued messages in

@@ -244,6 +244,36 @@ def test_broker_config_gives_each_replica_its_own_control_account(
         assert replica.subscribe(SHARE).value == 1
 
 
+def test_broker_config_gives_every_control_account_its_publishing_accounts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ota.broker.config import broker_files
+    from ota.broker.process import free_port
+    from ota.cli.main import main
+
+    port = free_port()
+    out = tmp_path / "broker"
+    argv = ["broker-config", "--out", str(out), "--port", str(port), "--replica", "cp-2"]
+    assert main([*argv, "--publish-connections", "3"]) == 0
+    printed = capsys.readouterr().out
+    control = re.search(r"control plane account: ota-control / (\S+)", printed)
+    replica = re.search(r"replica account: cp-2 / (\S+)", printed)
+    assert control is not None and replica is not None
+    accounts = [
+        ("ota-control-publish-2", control.group(1)),
+        ("ota-control-publish-3", control.group(1)),
+        ("cp-2-publish-3", replica.group(1)),
+    ]
+    with MosquittoProcess(broker_files(out), host="127.0.0.1", port=port):
+        for username, password in accounts:
+            with MqttProbe("127.0.0.1", port, username, password) as publishing:
+                publishing.connect_ok()
+                assert not publishing.publish("ota/v1/devices/car-1/desired", b"x").is_failure
+                assert publishing.publish("ota/v1/devices/car-1/events", b"x").is_failure
+        with MqttProbe("127.0.0.1", port, "ota-control-publish-4", control.group(1)) as extra:
+            assert extra.connect().is_failure
+
+
 def test_will_on_a_devices_own_state_is_accepted_and_delivered(
     broker: BrokerHandle, devices: dict[str, str]
 ) -> None:

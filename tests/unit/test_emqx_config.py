@@ -117,7 +117,7 @@ def _split_rule(body: str) -> tuple[str, str, list[str]]:
 
 
 def mosquitto_allows(username: str, action: str, topic: str) -> bool:
-    settings = BrokerSettings(extra_control_usernames=("ota-control-2",))
+    settings = BrokerSettings(extra_control_usernames=("ota-control-2",), publish_connections=2)
     control = set(settings.control_usernames)
     if action == "subscribe" and username not in control:
         # The guard: a device's one subscription.
