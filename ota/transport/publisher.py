@@ -88,6 +88,14 @@ class DesiredStatePublisher:
             time.sleep(0.5)
             self._wake.set()
             return False
+        try:
+            return self._pass()
+        finally:
+            # Whatever ended the pass (done, a lost lease, an error), nothing of it is
+            # kept: what was not acknowledged is still unpublished in the outbox.
+            self._shards.abandon()
+
+    def _pass(self) -> bool:
         after = ""
         exhausted = False
         acked: list[tuple[str, int]] = []
@@ -129,7 +137,6 @@ class DesiredStatePublisher:
         if acked:
             self._mark(acked)
             published += len(acked)
-        self._shards.abandon()  # a lost lease: what was not sent goes out from the next holder
         if refused:
             log.warning("the broker refused %d desired states; retrying", refused)
             time.sleep(0.5)
