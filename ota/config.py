@@ -220,8 +220,8 @@ class ServerConfig:
     # one: the control plane's own (mqtt_username) and, for each further one, an
     # account "<mqtt_username>-publish-<n>" (n = 2, 3, ...) with mqtt_password,
     # which `ota broker-config --publish-connections` writes. A connection may
-    # have only the broker's Receive Maximum of publishes unacknowledged, so a
-    # stage's states leave faster on several (docs/PERFORMANCE.md, notify-fleet).
+    # have only the broker's Receive Maximum of publishes unacknowledged per round
+    # trip, so more pay only for a distant broker (docs/OPERATIONS.md).
     publish_connections: int = PUBLISH_CONNECTIONS
     # Webhooks: plain http:// endpoints are refused unless this is set, and even
     # then only to a loopback address (a receiver on the same host, tests).
