@@ -38,6 +38,7 @@ from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
 from ota.signing.keys import load_signer
+from ota.store import control_accounts
 from ota.store import fleet as fleet_store
 from ota.store.blobs import BlobStore
 from ota.store.bundles import SqlMetadataStore
@@ -205,6 +206,25 @@ def announce(config: ServerConfig) -> None:
         log.info("metrics listen %s", config.metrics_listen)
 
 
+def claim_control_account(store: Store, username: str, clock: Clock) -> None:
+    """Record the broker username this control plane connects as, so no device takes it.
+
+    A device already registered under it (or under `username-*`, the names of
+    this control plane's extra connections) would hold a control account:
+    refuse to start rather than share it.
+    """
+    with store.transaction() as session:
+        taken = control_accounts.devices_in_namespace(session, username)
+        if taken:
+            raise InvalidArgument(
+                f"{username!r} and {username}-* are this control plane's broker accounts, "
+                f"but registered devices are named so ({', '.join(taken)}); a device id is "
+                "its broker username: choose another mqtt_username",
+                field="mqtt_username",
+            )
+        control_accounts.record(session, username, clock.now())
+
+
 def replica_name(config: ServerConfig) -> str:
     """The engine lease's holder name: replica_id, else the MQTT username."""
     return config.replica_id or config.mqtt_username
@@ -266,6 +286,7 @@ class ControlPlane:
         announce(config)
         migrate(engine_db)
         store = Store(engine_db)
+        claim_control_account(store, config.mqtt_username, clock)
         repo = ImageRepository(
             SqlMetadataStore(store),
             snapshot_signer=load_signer(config.snapshot_key),

@@ -7,17 +7,18 @@ from datetime import datetime
 from typing import Protocol
 
 import grpc
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from ota.api import convert
 from ota.api.auth import Authenticator, caller_of
 from ota.api.paging import page_after, page_size, page_token
 from ota.clock import Clock
 from ota.device.enroll import RENEW_AFTER_FRACTION
+from ota.domain.accounts import reserving_account
 from ota.domain.selector import Selector
 from ota.domain.version import Version
 from ota.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from ota.store import audit, fleet
+from ota.store import audit, control_accounts, fleet
 from ota.store.models import DeviceEventRow, DeviceRow
 from ota.store.session import Store
 from ota.trust.device_ca import DeviceCa, IssuedCertificate
@@ -107,6 +108,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         now = self._clock.now()
         identity = fleet.CERTIFICATE if certificates else fleet.PASSWORD
         with self._store.transaction() as session:
+            _refuse_control_account_names(session, [r.device_id for r in registrations])
             restored = [
                 d.device_id
                 for d in session.exec(
@@ -308,3 +310,16 @@ def _csr(text: str) -> bytes:
     if not text.strip():
         raise InvalidArgument("is required", field="csr")
     return text.encode()
+
+
+def _refuse_control_account_names(session: Session, device_ids: list[str]) -> None:
+    """A device named like a control plane's broker account would hold that account."""
+    control = control_accounts.usernames(session)
+    for i, device_id in enumerate(device_ids):
+        username = reserving_account(device_id, control)
+        if username is not None:
+            raise InvalidArgument(
+                f"{device_id!r} is reserved: {username!r} and {username}-* are a control "
+                "plane's broker accounts, and a device id is its broker username",
+                field=f"devices[{i}].device_id",
+            )

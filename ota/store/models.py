@@ -418,3 +418,16 @@ class FeatureUsageRow(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=128)
     # In the rollout's holdout (using the version it already ran), not exposed.
     holdout: bool = False
+
+
+class ControlAccountRow(SQLModel, table=True):
+    """A broker username a control plane connects as; its namespace is no device's.
+
+    Every replica records its own at start, so a replica registering devices
+    knows the names of the others (`ota.domain.accounts`).
+    """
+
+    __tablename__ = "control_account"
+
+    username: str = Field(primary_key=True, max_length=128)
+    recorded_at: datetime
