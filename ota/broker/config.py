@@ -53,6 +53,11 @@ class BrokerSettings:
             default 1): the user's own and, for each further one, an account
             ``<user>-publish-<n>`` (n = 2, 3, ...) with the same password that
             may only publish desired states (`publish_usernames`).
+        ingest_workers: broker accounts for this many ingest worker processes
+            of each control user (`<user>-ingest-1` ...; default 2, this
+            machine class's cores), with the control ACL and the control user's
+            password: each worker is a session of its own, named after its user.
+            The control plane's `ingest_workers` may be up to this.
         persistence: keep retained messages, sessions and queued messages in
             ``mosquitto.db`` across restarts (default on).
         autosave_interval_s: seconds between saves of the in-memory database
@@ -126,6 +131,7 @@ class BrokerSettings:
     control_username: str = "ota-control"
     extra_control_usernames: tuple[str, ...] = ()
     publish_connections: int = PUBLISH_CONNECTIONS
+    ingest_workers: int = 2
     persistence: bool = True
     autosave_interval_s: int = 60
     max_packet_size: int = 256 * KIB
@@ -167,11 +173,19 @@ class BrokerSettings:
         for name in self.control_usernames:
             for publisher in publish_usernames(name, self.publish_connections):
                 check_username(publisher, field="publish_connections")
+        if not 0 <= self.ingest_workers <= 32:
+            raise InvalidArgument(
+                f"must be 0 to 32, got {self.ingest_workers}", field="ingest_workers"
+            )
+        for replica in self.control_usernames:
+            for name in self.worker_usernames(replica):
+                check_username(name, field="ingest_workers")
         for name, value in (
             ("autosave_interval_s", self.autosave_interval_s),
             ("max_queued_messages", self.max_queued_messages),
             ("max_queued_bytes", self.max_queued_bytes),
             ("max_inflight_messages", self.max_inflight_messages),
+            ("ingest_workers", self.ingest_workers),
         ):
             if value < 0:
                 raise InvalidArgument(f"must be >= 0, got {value}", field=name)
@@ -243,12 +257,26 @@ class BrokerSettings:
 
     @property
     def control_usernames(self) -> tuple[str, ...]:
-        """Every user granted the control plane's ACL."""
+        """Every control-plane user, one per replica (their ingest workers apart)."""
         return (self.control_username, *self.extra_control_usernames)
 
     def accounts_of(self, control_username: str) -> tuple[str, ...]:
-        """A control-plane user and its publishing accounts, which share its password."""
-        return (control_username, *publish_usernames(control_username, self.publish_connections))
+        """A control-plane user and its publishing and ingest worker accounts, which
+        share its password."""
+        return (
+            control_username,
+            *publish_usernames(control_username, self.publish_connections),
+            *self.worker_usernames(control_username),
+        )
+
+    def worker_usernames(self, control_username: str) -> tuple[str, ...]:
+        """The ingest worker accounts of one control-plane user (control ACL, its password)."""
+        return tuple(f"{control_username}-ingest-{i}" for i in range(1, self.ingest_workers + 1))
+
+    @property
+    def ingest_usernames(self) -> tuple[str, ...]:
+        """Every control-plane user's ingest worker accounts."""
+        return tuple(w for name in self.control_usernames for w in self.worker_usernames(name))
 
     def events_share_filter(self, group: str = "ota-ingest") -> str:
         """The shared subscription the ingester uses for every device's events."""
@@ -359,6 +387,7 @@ def render_control_users(settings: BrokerSettings) -> str:
             "# The subscription guard leaves these users to the ACL; any other user is a",
             "# device and may subscribe only to its own desired topic. Re-read on reload.",
             *settings.control_usernames,
+            *settings.ingest_usernames,
             "",
         ]
     )
@@ -380,6 +409,9 @@ def render_acl(settings: BrokerSettings) -> str:
         # Its further publishing connections send desired states and nothing else.
         for publisher in publish_usernames(name, settings.publish_connections):
             lines += [f"user {publisher}", f"topic write {root}/devices/+/desired", ""]
+    # Ingest worker processes: sessions of their control plane, with its ACL.
+    for name in settings.ingest_usernames:
+        lines += [f"user {name}", f"topic readwrite {root}/#", ""]
     lines += [
         "# Every user, devices included: username = device id = client id (on the",
         "# certificate listener the username is the certificate's common name).",

@@ -160,6 +160,15 @@ def register(nouns: Any) -> None:
         f"publish_connections setting (default {PUBLISH_CONNECTIONS}): an account "
         "USER-publish-2 .. USER-publish-N with the same password for each after the first",
     )
+    p.add_argument(
+        "--ingest-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="accounts for N ingest worker processes per control-plane account "
+        "(USER-ingest-1 ...), with that account's password; `ota serve`'s ingest_workers "
+        "may be up to N (default 2)",
+    )
     guard = p.add_mutually_exclusive_group()
     guard.add_argument(
         "--subscribe-guard-plugin",
@@ -447,6 +456,7 @@ def broker_config(args: argparse.Namespace) -> int:
         tls_keyfile=str(args.tls_key.resolve()) if args.tls_key else None,
         extra_control_usernames=tuple(args.replica),
         publish_connections=args.publish_connections,
+        ingest_workers=args.ingest_workers,
         subscribe_guard=not args.no_subscribe_guard,
         subscribe_guard_plugin=(
             str(args.subscribe_guard_plugin.resolve()) if args.subscribe_guard_plugin else None
@@ -454,7 +464,7 @@ def broker_config(args: argparse.Namespace) -> int:
     )
     files = write_broker_config(args.out, settings, control_password=password)
     # Each replica has its own account: the username names its persistent session.
-    # Its publishing connections' accounts share its password.
+    # Its publishing connections' and ingest workers' accounts share its password.
     replicas = {name: secrets.token_urlsafe(24) for name in settings.extra_control_usernames}
     PasswordFile(files.password_file).set_many(
         {
@@ -482,6 +492,11 @@ def broker_config(args: argparse.Namespace) -> int:
         )
     for name, secret in replicas.items():
         console.print(f"replica account: {name} / {secret}")
+    if settings.ingest_workers:
+        console.print(
+            f"ingest worker accounts: USER-ingest-1 to USER-ingest-{settings.ingest_workers} "
+            "for each account above, with its password (ota serve's ingest_workers)"
+        )
     console.print(f"start it with: mosquitto -c {files.conf}")
     return 0
 

@@ -233,15 +233,28 @@ def test_broker_config_gives_each_replica_its_own_control_account(
 
     port = free_port()
     out = tmp_path / "broker"
-    assert main(["broker-config", "--out", str(out), "--port", str(port), "--replica", "cp-2"]) == 0
-    printed = re.search(r"replica account: cp-2 / (\S+)", capsys.readouterr().out)
-    assert printed is not None
+    argv = ["broker-config", "--out", str(out), "--port", str(port), "--replica", "cp-2"]
+    assert main([*argv, "--ingest-workers", "3"]) == 0
+    shown = capsys.readouterr().out
+    printed = re.search(r"replica account: cp-2 / (\S+)", shown)
+    control = re.search(r"control plane account: ota-control / (\S+)", shown)
+    assert printed is not None and control is not None
     with (
         MosquittoProcess(broker_files(out), host="127.0.0.1", port=port),
         MqttProbe("127.0.0.1", port, "cp-2", printed.group(1)) as replica,
+        # Each replica's ingest workers: accounts of their own, with its password.
+        MqttProbe("127.0.0.1", port, "cp-2-ingest-3", printed.group(1)) as worker,
+        MqttProbe("127.0.0.1", port, "ota-control-ingest-1", control.group(1)) as first,
     ):
         replica.connect_ok()
         assert replica.subscribe(SHARE).value == 1
+        worker.connect_ok()
+        assert worker.subscribe(SHARE).value == 1
+        first.connect_ok()
+        assert first.subscribe(SHARE).value == 1
+    control_users = broker_files(out).control_users_file.read_text().split()
+    assert {"cp-2-ingest-3", "ota-control-ingest-3"} <= set(control_users)
+    assert "cp-2-ingest-4" not in control_users
 
 
 def test_broker_config_gives_every_control_account_its_publishing_accounts(
