@@ -46,6 +46,7 @@ from ota.store.database import connect, migrate, redacted
 from ota.store.notices import ChangeNotices
 from ota.store.session import Store
 from ota.tls import ServerTls
+from ota.transport.ingest_workers import IngestWorkers, WorkerSettings, sessions_file
 from ota.transport.ingester import Ingester
 from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
@@ -255,12 +256,13 @@ class ControlPlane:
     server: grpc.Server
     engine: RolloutEngine
     publisher: DesiredStatePublisher
-    ingester: Ingester
+    ingester: Ingester  # the in-process one
     link: MqttLink
     store: Store
     refresher: TimestampRefresher
     lease: Lease
     webhooks: WebhookWorker
+    ingest: IngestWorkers  # all of ingest: `ingester` and any worker processes
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
     origin: Origin | None = None
@@ -445,6 +447,25 @@ class ControlPlane:
             max_payload_bytes=config.ingest_max_payload_bytes,
             rate_limiter=flood_guard,
         )
+        ingest = IngestWorkers(
+            WorkerSettings(
+                database_url=config.database_url,
+                mqtt_url=config.mqtt_url,
+                control_username=config.mqtt_username,
+                password=config.mqtt_password,
+                topic_root=config.topic_root,
+                ca_file=config.mqtt_ca_file,
+                batch_size=config.ingest_batch_size,
+                max_payload_bytes=config.ingest_max_payload_bytes,
+                log_level=logging.getLogger().getEffectiveLevel(),
+            ),
+            config.ingest_workers,
+            local=ingester,
+            limiter=flood_guard,
+            sessions_file=sessions_file(config.data_dir, config.mqtt_username),
+            # This session ingests until the workers' sessions are subscribed.
+            on_ready=link.stop_ingesting,
+        )
         refresher = TimestampRefresher(repo, holds_lease=lease.held)
         # Deliveries go out from the lease holder only, so replicas never both send one.
         webhook_worker = WebhookWorker(
@@ -458,7 +479,7 @@ class ControlPlane:
             ),
             holds_lease=lease.held,
         )
-        metrics.watch(store, ingester)
+        metrics.watch(store, ingest)
         metrics.watch_process(
             replica=lease.holder, holds_lease=lease.held, broker_up=link.connected.is_set
         )
@@ -485,6 +506,7 @@ class ControlPlane:
             refresher,
             lease,
             webhook_worker,
+            ingest,
             metrics,
             origin=origin,
             auth=auth,
@@ -517,7 +539,7 @@ class ControlPlane:
         if self.change_notices is not None:
             self.change_notices.start()
         self.link.start()
-        self.ingester.start()
+        self.ingest.start()
         self.publisher.start()
         self.lease.start()
         self.engine.start()
@@ -580,7 +602,7 @@ class ControlPlane:
             self.crl_file.stop()
         self.publisher.stop()
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
-        self.ingester.stop()
+        self.ingest.stop()
         self.link.stop()
         if self.change_notices is not None:
             self.change_notices.stop()

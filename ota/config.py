@@ -53,6 +53,10 @@ class ServerConfig:
     # the excess is dropped as "rate_limited"; 0 turns the limit off.
     ingest_device_rate: float = 20.0
     ingest_device_burst: int = 1000
+    # Ingest worker processes on the shared subscription, each with its own broker
+    # account (`<mqtt_username>-ingest-N`, `ota broker-config --ingest-workers`);
+    # 0 or 1: ingest in the control plane's own process.
+    ingest_workers: int = 0
     # gRPC over TLS: the server's certificate chain and key (PEM); empty = plaintext.
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -279,6 +283,7 @@ BOUNDS: dict[str, Bound] = {
     "ingest_max_payload_bytes": Bound(1024, 16 * 1024 * 1024, "bytes"),
     "ingest_device_rate": Bound(0, 100_000, "messages per second", "0 turns the limit off"),
     "ingest_device_burst": Bound(1, 1_000_000, "messages"),
+    "ingest_workers": Bound(0, 32, "processes", "0 or 1 ingests in the control plane's process"),
     "lease_duration_seconds": Bound(1, 3600, "seconds"),
     "lease_renew_seconds": Bound(0.1, 3600, "seconds"),
     "publish_poll_seconds": Bound(0.05, 600, "seconds"),

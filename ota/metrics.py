@@ -51,15 +51,24 @@ TRIP_ACTIONS = tuple(a for a in GATE_ACTIONS if a != "hold")
 
 
 class IngestStats(Protocol):
-    """What the ingester exposes about itself (ota.transport.ingester.Ingester)."""
+    """What ingest exposes (ota.transport.ingest_workers.IngestWorkers): totals over
+    the in-process ingester and every worker process."""
 
-    stored: int
-    lag_seconds: float
+    @property
+    def stored(self) -> int: ...
+
+    @property
+    def lag_seconds(self) -> float: ...
 
     @property
     def dropped(self) -> Mapping[str, int]: ...
 
+    @property
+    def restarts(self) -> int: ...
+
     def backlog(self) -> int: ...
+
+    def alive(self) -> int: ...
 
 
 class Metrics:
@@ -244,7 +253,8 @@ class _FleetCollector(Collector):
 
     def _ingest_metrics(self) -> Iterable[Metric]:
         stored = CounterMetricFamily(
-            "ota_ingest_events_stored", "Device events stored by this replica's ingester"
+            "ota_ingest_events_stored",
+            "Device events stored by this replica's ingest (its worker processes included)",
         )
         stored.add_metric([], self._ingest.stored)
         yield stored
@@ -261,6 +271,17 @@ class _FleetCollector(Collector):
             "Device messages received from the broker, not yet committed",
             value=self._ingest.backlog(),
         )
+        yield GaugeMetricFamily(
+            "ota_ingest_workers",
+            "Ingest worker processes running (0: ingest runs in the control plane's process)",
+            value=self._ingest.alive(),
+        )
+        restarts = CounterMetricFamily(
+            "ota_ingest_worker_restarts",
+            "Ingest worker processes that ended unasked and were started again",
+        )
+        restarts.add_metric([], self._ingest.restarts)
+        yield restarts
         yield GaugeMetricFamily(
             "ota_ingest_lag_seconds",
             "Time the oldest message of the last committed batch waited from receipt to commit",

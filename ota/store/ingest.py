@@ -50,6 +50,8 @@ class IngestResult:
     stored: int
     duplicates: int
     dropped: Counter[str]
+    # Rollouts in which some device's progress moved: what the engine may react to.
+    progressed: frozenset[str] = frozenset()
 
 
 # The columns of `device_event` an event fills, in the order its INSERT binds them.
@@ -119,11 +121,15 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
     for rollout_id in {e.rollout_id for e in fresh if e.rollout_id}:
         changes.rollout_changed(session, rollout_id)  # its progress counters moved
     deltas = adoption.AdoptionDeltas(now)
-    _apply_progress(session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas)
+    progressed = _apply_progress(
+        session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas
+    )
     _attribute_health(session, fresh, now, deltas)
     adoption.write(session, deltas)
     count_drops(session, dropped)
-    return IngestResult(len(fresh), len(events) - sum(dropped.values()) - len(fresh), dropped)
+    return IngestResult(
+        len(fresh), len(events) - sum(dropped.values()) - len(fresh), dropped, progressed
+    )
 
 
 def _insert_new(
@@ -319,10 +325,11 @@ def _apply_progress(
     times: TimeConversion,
     firmware: dict[str, str],
     deltas: adoption.AdoptionDeltas,
-) -> None:
+) -> frozenset[str]:
+    """Apply `events` to their devices' progress rows; the rollouts whose rows moved."""
     keys = {(e.rollout_id, e.device_id) for e in events if e.rollout_id}
     if not keys:
-        return
+        return frozenset()
     bucket = time_bucket(now)
     for rollout_id, stored in Counter(e.rollout_id for e in events if e.rollout_id).items():
         deltas.add(rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket, value=stored)
@@ -375,6 +382,7 @@ def _apply_progress(
         by_columns.setdefault(columns, []).append(row.params(columns, times))
     for columns, params in by_columns.items():
         _write_progress(sql, columns, params)
+    return frozenset(rollout_id for rollout_id, _ in changed)
 
 
 def _attribute_health(

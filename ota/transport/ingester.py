@@ -7,8 +7,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ota.clock import Clock
 from ota.errors import Unavailable
@@ -17,9 +18,22 @@ from ota.store.ingest import IncomingEvent, count_drops, ingest_events
 from ota.store.session import Store
 from ota.transport.codec import Dropped, ReportedPresence, decode_event, decode_presence
 from ota.transport.mqtt import InboundMessage, MqttLink
-from ota.transport.ratelimit import DeviceRateLimiter
 
 log = logging.getLogger(__name__)
+
+
+class Admission(Protocol):
+    """The per-device flood guard (DeviceRateLimiter, or a worker's line to its parent's)."""
+
+    def admit_many(self, device_ids: Sequence[str]) -> list[bool]: ...
+
+
+class BatchDone(NamedTuple):
+    """What one committed batch (or one refused message) changed in the counters."""
+
+    stored: int
+    dropped: Counter[str]
+    progressed: frozenset[str]  # rollouts in which some device's progress moved
 
 
 class _Routed(NamedTuple):
@@ -43,9 +57,12 @@ class Ingester:
         *,
         batch_size: int = 500,
         max_payload_bytes: int = 64 * 1024,
-        rate_limiter: DeviceRateLimiter | None = None,
+        rate_limiter: Admission | None = None,
+        on_batch: Callable[[BatchDone], None] | None = None,
     ) -> None:
         self._limiter = rate_limiter
+        # Called on the ingest thread after each commit; the counters already include it.
+        self.on_batch = on_batch
         self._link = link
         self._store = store
         self._clock = clock
@@ -106,19 +123,22 @@ class Ingester:
                         count_drops(session, Counter({"store_refused": 1}))
                     self._link.ack(routed.message)
                     self.dropped["store_refused"] += 1
+                    self._report(BatchDone(0, Counter({"store_refused": 1}), frozenset()))
                     break
 
     def _route(self, batch: list[InboundMessage]) -> list[_Routed]:
-        routed = []
-        for message in batch:
-            parsed = self._link.topics.parse(message.topic)
-            if parsed is None:
-                routed.append(_Routed(message, "", "", over_limit=False))
-                continue
-            device_id, kind = parsed
-            over = self._limiter is not None and not self._limiter.admit(device_id)
-            routed.append(_Routed(message, device_id, kind, over))
-        return routed
+        parsed = [self._link.topics.parse(message.topic) or ("", "") for message in batch]
+        if self._limiter is None or not batch:
+            admitted = [True] * len(batch)
+        else:
+            # One question per batch: a worker process asks its parent's limiter.
+            asked = [device_id for device_id, _ in parsed if device_id]
+            answers = iter(self._limiter.admit_many(asked))
+            admitted = [next(answers) if device_id else True for device_id, _ in parsed]
+        return [
+            _Routed(message, device_id, kind, not ok)
+            for message, (device_id, kind), ok in zip(batch, parsed, admitted, strict=True)
+        ]
 
     def _take_batch(self) -> list[InboundMessage]:
         try:
@@ -174,6 +194,23 @@ class Ingester:
             for reason, n in result.dropped.items():
                 log.warning("dropped %d events: %s", n, reason)
         self.dropped.update(dropped)
+        self._report(
+            BatchDone(
+                result.stored if result else 0,
+                dropped,
+                result.progressed if result else frozenset(),
+            )
+        )
+
+    def _report(self, done: BatchDone) -> None:
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(done)
+        except Exception:
+            # Committed and acknowledged already: a failing listener must not make
+            # the batch look refused by the store.
+            log.exception("ingest: the batch listener failed")
 
 
 def _presence_rows(

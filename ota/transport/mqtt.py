@@ -77,8 +77,11 @@ class MqttLink:
         receive_maximum: int = 1000,
         ca_file: str = "",
         publish_connections: int = 1,
+        ingest: bool = True,
     ) -> None:
         self._receive_maximum = receive_maximum
+        # False when ingest worker processes hold the shared subscription instead.
+        self._ingest = ingest
         self.address = BrokerAddress.parse(url)
         self.topics = topics
         # A SimpleQueue, in C: its put costs paho's network thread, which holds the GIL
@@ -86,6 +89,8 @@ class MqttLink:
         self.inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
         self._inbox_size = inbox_size
         self.connected = threading.Event()
+        # Set once the broker granted the ingest subscriptions (SUBACK).
+        self.subscribed = threading.Event()
         # With use_username_as_clientid the broker names the session after the user.
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -106,6 +111,7 @@ class MqttLink:
         self._client.on_message = self._on_message
         self.window = AckWindow()
         self._client.on_publish = self.window.on_publish
+        self._client.on_subscribe = self._on_subscribe
         # Run (on a thread of its own) after every connect: the broker may have restarted.
         self.on_connected: Callable[[], None] | None = None
         # Desired states leave on this connection and on publish_connections - 1 more,
@@ -148,10 +154,15 @@ class MqttLink:
             self.stop()
             raise
 
-    def stop(self) -> None:
+    def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect; `end_session` also has the broker forget the session and its queue."""
         for more in self._more:
             more.stop()
-        self._client.disconnect()
+        props = None
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
 
     @property
@@ -164,6 +175,11 @@ class MqttLink:
     def publish_control(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
         """A message to the broker itself (QoS 1, not retained); paho resends it after a reconnect."""
         return self._client.publish(topic, payload, qos=1, retain=False)
+
+    def stop_ingesting(self) -> None:
+        """Leave the shared ingest subscription (ingest worker processes hold it now)."""
+        self._ingest = False
+        self._client.unsubscribe([self.topics.shared_events(), self.topics.shared_state()])
 
     def ack(self, message: InboundMessage) -> None:
         if message.qos > 0:
@@ -180,14 +196,33 @@ class MqttLink:
         if reason.is_failure:
             log.error("broker refused the control plane: %s", reason)
             return
-        client.subscribe(
-            [(self.topics.shared_events(), 1), (self.topics.shared_state(), 1)],
-        )
+        shared = [self.topics.shared_events(), self.topics.shared_state()]
+        if self._ingest:
+            client.subscribe([(topic, 1) for topic in shared])
+        else:
+            # The persistent session may still hold them from a run that ingested
+            # here: left in place, the broker would keep queueing this session a share.
+            # What it queued already still arrives, and is ingested here.
+            client.unsubscribe(shared)
         self.window.on_connect(props)
         self.connected.set()
         log.info("connected to the broker at %s:%s", self.address.host, self.address.port)
         if self.on_connected is not None:
             threading.Thread(target=self.on_connected, name="ota-mqtt-resync", daemon=True).start()
+
+    def _on_subscribe(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        refused = [r for r in reasons if r.is_failure]
+        if refused:
+            log.error("broker refused the ingest subscription: %s", refused[0])
+        else:
+            self.subscribed.set()
 
     def _on_disconnect(
         self,

@@ -89,3 +89,13 @@ def test_admitted_never_exceeds_burst_plus_rate_times_elapsed(
         ticks.now += gap
         admitted += limiter.admit("car-1")
     assert admitted <= burst + rate * (ticks.now - start) + 1e-9
+
+
+def test_admit_many_answers_each_message_of_a_batch_in_turn() -> None:
+    limiter, ticks = _limiter(rate=1.0, burst=2)
+    ids = ["a", "b", "a", "a", "b", "a"]
+    assert limiter.admit_many(ids) == [True, True, True, False, True, False]
+    ticks.now += 1.0  # one token back for each device
+    assert limiter.admit_many(ids) == [True, True, False, False, False, False]
+    flagged = limiter.flagged("a")
+    assert flagged is not None and flagged.dropped == 5
