@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         help="rollout-e2e and notify-fleet: the control plane's publish_connections "
         "(default: the shipped default)",
     )
+    parser.add_argument(
+        "--ingest-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="telemetry-ingest: the control plane's ingest_workers (default 2, one per core "
+        "here; 0: ingest in the control plane's process)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [n for n in BENCHMARKS if not args.only or n in args.only]
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = module.run(
                     args.quick, devices=args.devices, publish_connections=args.publish_connections
                 )
+            elif name == "telemetry-ingest":
+                result = module.run(args.quick, ingest_workers=args.ingest_workers)
             elif name in ("origin-load", "device-identity"):
                 result = module.run(args.quick, devices=args.devices)
             else:

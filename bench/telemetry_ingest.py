@@ -19,6 +19,8 @@ The broker's per-session queue limit is raised to hold the whole backlog.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +95,20 @@ def _publish(
     return float(out["connect_s"]), float(out["publish_s"])
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of this process, plus that of the processes `pids`."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _baseline(broker: BenchBroker, devices: int, per_device: int, topics: Topics) -> dict[str, Any]:
     n = devices * per_device
     ids = [f"base-{i:05d}" for i in range(devices)]
@@ -108,8 +124,12 @@ def _baseline(broker: BenchBroker, devices: int, per_device: int, topics: Topics
     counter.prepare()
     connect_s, publish_s = _publish(broker, accounts, per_device, topics)
     log(f"baseline backlog: {n:,} events from {devices} devices in {publish_s:.2f} s")
+    cpu0 = _cpu_seconds([])
     drain_s, count = counter.drain(n, timeout=max(120.0, n / 1000))
+    cpu_s = _cpu_seconds([]) - cpu0
     return {
+        "cpu_s": cpu_s,
+        "cpu_us_per_event": cpu_s / n * 1e6,
         "events": count,
         "seconds": drain_s,
         "events_per_s": count / drain_s,
@@ -127,9 +147,15 @@ def _measured(
     topics: Topics,
     *,
     live_rounds: int,
+    ingest_workers: int,
 ) -> dict[str, Any]:
     n = devices * per_device
-    stack = DevStack.start(state_dir / "stack", broker=broker.endpoint())
+    # The workers' sessions join the shared subscription here, before the backlog.
+    stack = DevStack.start(
+        state_dir / "stack",
+        broker=broker.endpoint(),
+        config_overrides={"ingest_workers": ingest_workers},
+    )
     running: DevStack | None = stack
     try:
         client = Client.connect(stack.server, stack.admin_token)
@@ -159,6 +185,9 @@ def _measured(
             wait_until(
                 exposed, what="the rollout to expose every device", timeout=120, interval=0.1
             )
+            # The backlog goes to the workers' sessions, which must hold the subscription.
+            if not stack.control_plane.ingest.wait_ready(120):
+                raise TimeoutError("the ingest workers did not subscribe within 120 s")
         finally:
             client.close()
         config = stack.control_plane.config
@@ -186,7 +215,9 @@ def _measured(
             broker.files.password_file, None, reload=broker.process.reload
         )
         plane = ControlPlane.build(config, accounts=accounts_file)
-        # Count the ingester's transactions (one per batch), to report batch sizes.
+        ingest = plane.ingest
+        # Count the in-process ingester's transactions (one per batch), to report
+        # batch sizes (worker processes' batches are not seen here).
         batches: list[int] = []
         process = plane.ingester._process
 
@@ -196,22 +227,23 @@ def _measured(
 
         plane.ingester._process = counted  # type: ignore[method-assign]
         rss_before = rss_kib()
+        cpu0 = _cpu_seconds([])
         t0 = time.perf_counter()
         plane.start()
         running = DevStack(stack.state_dir, stack.keys, stack.broker, plane, stack.admin_token)
         started = time.perf_counter()
-        first = wait_until(
-            lambda: plane.ingester.stored > 0, what="the first stored event", timeout=60
-        )
-        at_first = plane.ingester.stored
+        first = wait_until(lambda: ingest.stored > 0, what="the first stored event", timeout=60)
+        at_first = ingest.stored
         done = wait_until(
-            lambda: plane.ingester.stored >= n,
+            lambda: ingest.stored >= n,
             what=f"{n} stored events",
             timeout=max(180.0, n / 500),
             interval=0.01,
         )
+        # The workers' CPU is read while they run: the control plane's whole cost.
+        cpu_s = _cpu_seconds(list(ingest.pids().values())) - cpu0
         rss_after = rss_kib()
-        stored_drain = plane.ingester.stored
+        stored_drain = ingest.stored
         # The same devices send as many events again, live, round after round (six in a
         # full run: RSS levelled off after the third in measurements): a control
         # plane whose memory is bounded stops growing once its pools and caches are full.
@@ -220,7 +252,7 @@ def _measured(
             publish_round(round_no * per_device + 1)
             goal = (round_no + 1) * n
             wait_until(
-                lambda: plane.ingester.stored >= goal,  # noqa: B023 (called in this round)
+                lambda: ingest.stored >= goal,  # noqa: B023 (called in this round)
                 what=f"{goal} stored events",
                 timeout=max(180.0, n / 500),
                 interval=0.05,
@@ -233,10 +265,12 @@ def _measured(
         return {
             "events": n,
             "stored": stored_drain,
-            "stored_with_live_rounds": plane.ingester.stored,
+            "stored_with_live_rounds": ingest.stored,
             "device_event_rows": int(rows),  # every round
-            "dropped": dict(plane.ingester.dropped),
+            "dropped": dict(ingest.dropped),
             "seconds": done - t0,
+            "cpu_s": cpu_s,
+            "cpu_us_per_event": cpu_s / n * 1e6,
             "events_per_s": n / (done - t0),
             "startup_s": started - t0,
             "steady_events_per_s": (n - at_first) / (done - first) if done > first else None,
@@ -252,6 +286,7 @@ def _measured(
             "rss_peak_kib": hwm_kib(),
             "rollout_state_after": rollout_state,
             "batch_size_configured": config.ingest_batch_size,
+            "ingest_workers": ingest_workers,
             "batches": len(batches),
             "mean_batch": sum(batches) / len(batches) if batches else None,
             "max_batch": max(batches, default=0),
@@ -261,7 +296,7 @@ def _measured(
             running.stop()
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, *, ingest_workers: int = 2) -> Result:
     devices, per_device = (50, 100) if quick else (1000, 100)
     n = devices * per_device
     topics = Topics()
@@ -278,12 +313,22 @@ def run(quick: bool) -> Result:
                 f"= {base['events_per_s']:,.0f}/s"
             )
             real = _measured(
-                broker, Path(tmp), devices, per_device, topics, live_rounds=1 if quick else 6
+                broker,
+                Path(tmp),
+                devices,
+                per_device,
+                topics,
+                live_rounds=1 if quick else 6,
+                ingest_workers=ingest_workers,
             )
             log(
                 f"control plane: {real['stored']:,} events stored in {real['seconds']:.2f} s "
                 f"= {real['events_per_s']:,.0f}/s (startup {real['startup_s']:.2f} s, steady "
                 f"{real['steady_events_per_s'] or 0:,.0f}/s); rows {real['device_event_rows']:,} after every round"
+            )
+            log(
+                f"CPU per event: control plane {real['cpu_us_per_event']:.0f} µs "
+                f"(its workers included), counting subscriber {base['cpu_us_per_event']:.0f} µs"
             )
             log(
                 f"control plane RSS: {real['rss_before_kib'] / 1024:.1f} MiB before, "
