@@ -362,3 +362,41 @@ def test_workers_do_not_outlive_a_killed_control_plane(
         )
     finally:
         plane.stop()
+
+
+def test_sessions_of_workers_no_longer_configured_are_drained_and_ended(
+    tmp_path: Path, broker: BrokerHandle
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'stack' / 'ota.db'}"
+    ids = [f"car-{i:03d}" for i in range(10)]
+    first = _worker_stack(tmp_path, broker, database_url)
+    try:
+        client = Client.connect(first.server, first.admin_token)
+        try:
+            secrets = _register(client, ids)
+        finally:
+            client.close()
+    finally:
+        first.stop()  # the workers' sessions keep the subscription at the broker
+    with Devices(broker, secrets) as fleet:
+        # Queued for the two workers' sessions while no control plane runs.
+        fleet.events("", range(1, 21))
+        second = DevStack.start(
+            tmp_path / "stack",
+            broker=endpoint(broker),
+            database_url=database_url,
+            config_overrides={"ingest_workers": 0},
+        )
+        try:
+            ingest = second.control_plane.ingest
+            wait_for(lambda: ingest.stored == 200, what="the queued events stored", timeout=120)
+            wait_for(lambda: not ingest.retiring(), what="both sessions ended", timeout=120)
+            sessions = tmp_path / "stack" / "data" / "ingest" / f"{broker.control_username}.workers"
+            assert sessions.read_text().strip() == "0"
+            # The broker no longer splits events with sessions nobody resumes: all of
+            # these reach the control plane's own session.
+            fleet.events("", range(21, 41))
+            wait_for(lambda: ingest.stored == 400, what="the later events stored", timeout=120)
+            assert _stored(second) == {d: list(range(1, 41)) for d in ids}
+        finally:
+            second.stop()
