@@ -38,6 +38,7 @@ from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
 from ota.signing.keys import load_signer
+from ota.store import changes as store_changes
 from ota.store import control_accounts
 from ota.store import fleet as fleet_store
 from ota.store.blobs import BlobStore
@@ -465,6 +466,9 @@ class ControlPlane:
             sessions_file=sessions_file(config.data_dir, config.mqtt_username),
             # This session ingests until the workers' sessions are subscribed.
             on_ready=link.stop_ingesting,
+            committed_elsewhere=lambda ids: store_changes.committed(
+                engine_db, {store_changes.ROLLOUTS: set(ids)}
+            ),
         )
         refresher = TimestampRefresher(repo, holds_lease=lease.held)
         # Deliveries go out from the lease holder only, so replicas never both send one.

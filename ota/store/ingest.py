@@ -50,7 +50,8 @@ class IngestResult:
     stored: int
     duplicates: int
     dropped: Counter[str]
-    # Rollouts in which some device's progress moved: what the engine may react to.
+    # Rollouts with newly stored events (their progress counters moved): what
+    # the engine and the read model react to.
     progressed: frozenset[str] = frozenset()
 
 
@@ -118,12 +119,11 @@ def ingest_events(session: Session, events: Sequence[IncomingEvent], now: dateti
 
     inserted = _insert_new(sql, times, accepted, now)
     fresh = [e for e in accepted if (e.device_id, e.seq) in inserted]
-    for rollout_id in {e.rollout_id for e in fresh if e.rollout_id}:
+    progressed = frozenset(e.rollout_id for e in fresh if e.rollout_id)
+    for rollout_id in progressed:
         changes.rollout_changed(session, rollout_id)  # its progress counters moved
     deltas = adoption.AdoptionDeltas(now)
-    progressed = _apply_progress(
-        session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas
-    )
+    _apply_progress(session, fresh, now, sql=sql, times=times, firmware=firmware, deltas=deltas)
     _attribute_health(session, fresh, now, deltas)
     adoption.write(session, deltas)
     count_drops(session, dropped)
@@ -325,11 +325,10 @@ def _apply_progress(
     times: TimeConversion,
     firmware: dict[str, str],
     deltas: adoption.AdoptionDeltas,
-) -> frozenset[str]:
-    """Apply `events` to their devices' progress rows; the rollouts whose rows moved."""
+) -> None:
     keys = {(e.rollout_id, e.device_id) for e in events if e.rollout_id}
     if not keys:
-        return frozenset()
+        return
     bucket = time_bucket(now)
     for rollout_id, stored in Counter(e.rollout_id for e in events if e.rollout_id).items():
         deltas.add(rollout_id, "events", "stored", (-1, "", "", ""), bucket=bucket, value=stored)
@@ -382,7 +381,6 @@ def _apply_progress(
         by_columns.setdefault(columns, []).append(row.params(columns, times))
     for columns, params in by_columns.items():
         _write_progress(sql, columns, params)
-    return frozenset(rollout_id for rollout_id, _ in changed)
 
 
 def _attribute_health(

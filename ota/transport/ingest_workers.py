@@ -17,8 +17,9 @@ What stays in the parent, over one pipe per worker:
   messages, spread over the workers by the broker, spend one bucket, and the
   API's flags (GetDevice) see every drop;
 - the counters: each committed batch reports what it stored and dropped, and
-  which rollouts' progress moved (`on_progress`); the backlog is reported as it
-  changes. The parent's /metrics shows the totals;
+  the rollouts it stored new events of (`on_progress`, and the parent's change
+  listeners: the read model); the backlog is reported as it changes. The
+  parent's /metrics shows the totals;
 - the log: a worker's records are emitted by the parent's logging.
 
 A worker dies with its parent (PR_SET_PDEATHSIG, and it looks at its parent's
@@ -128,16 +129,20 @@ class IngestWorkers:
         limiter: Admission | None,
         sessions_file: Path | None = None,
         on_ready: Callable[[], None] | None = None,
+        committed_elsewhere: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.count = count if count >= 2 else 0
         self._on_ready = on_ready
+        # A worker's commits reach this process's change listeners (the read model)
+        # through this: on SQLite nothing else tells them.
+        self._committed_elsewhere = committed_elsewhere
         self._ready = threading.Event()
         self._settings = settings
         self._local = local
         self._limiter = limiter
         self._sessions_file = sessions_file
-        # Called with the rollouts whose device progress moved in a committed batch,
-        # on an ingest thread: keep it quick (wake something up).
+        # Called with the rollouts a committed batch stored new events of (their
+        # progress moved), on an ingest thread: keep it quick (wake something up).
         self.on_progress: Callable[[frozenset[str]], None] | None = None
         self.restarts = 0
         self._totals = _Totals()
@@ -325,6 +330,8 @@ class IngestWorkers:
         elif kind == "batch":
             _, stored, dropped, progressed, lag, backlog = message
             worker.backlog = backlog
+            if progressed and self._committed_elsewhere is not None:
+                self._committed_elsewhere(frozenset(progressed))
             self._count(BatchDone(stored, Counter(dropped), frozenset(progressed)), lag)
         elif kind == "backlog":
             worker.backlog = message[1]

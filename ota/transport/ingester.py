@@ -33,7 +33,7 @@ class BatchDone(NamedTuple):
 
     stored: int
     dropped: Counter[str]
-    progressed: frozenset[str]  # rollouts in which some device's progress moved
+    progressed: frozenset[str]  # rollouts it stored new events of: their progress moved
 
 
 class _Routed(NamedTuple):
