@@ -31,6 +31,7 @@ and are stored once).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -270,7 +271,8 @@ class IngestWorkers:
             return
         finally:
             theirs.close()
-        ours.send((self._settings, worker.index, worker.retiring))
+        with contextlib.suppress(OSError):  # died at once: the next wait sees its EOF
+            ours.send((self._settings, worker.index, worker.retiring))
         worker.process, worker.conn = process, ours
         worker.pid = process.pid
         worker.started, worker.restart_at, worker.backlog = time.monotonic(), None, 0
@@ -286,7 +288,14 @@ class IngestWorkers:
         assert conn is not None
         try:
             while conn.poll():
-                self._handle(worker, conn, conn.recv())
+                message = conn.recv()
+                try:
+                    self._handle(worker, conn, message)
+                except (EOFError, OSError):
+                    raise
+                except Exception:
+                    # This thread serves every worker: one bad message must not end it.
+                    log.exception("ingest worker %d: cannot handle %r", worker.index, message[0])
         except (EOFError, OSError):
             conn.close()
             worker.conn = None
@@ -326,7 +335,12 @@ class IngestWorkers:
         kind = message[0]
         if kind == "admit":
             ids: list[str] = message[1]
-            conn.send(self._limiter.admit_many(ids) if self._limiter else [True] * len(ids))
+            answer = [True] * len(ids)
+            try:
+                if self._limiter is not None:
+                    answer = self._limiter.admit_many(ids)
+            finally:
+                conn.send(answer)  # always: the worker waits for it
         elif kind == "batch":
             _, stored, dropped, progressed, lag, backlog = message
             worker.backlog = backlog
