@@ -22,6 +22,7 @@ def record(session: Session, username: str, now: datetime) -> None:
         lite = sqlite.insert(table).values(values)
         session.execute(lite.on_conflict_do_update(index_elements=["username"], set_=values))
 
+
 def usernames(session: Session) -> list[str]:
     """Every username a control plane has connected as."""
     return list(session.exec(select(ControlAccountRow.username)))
