@@ -504,11 +504,20 @@ def broker_config(args: argparse.Namespace) -> int:
 def keys_device_ca(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from ota.trust.device_ca import generate_device_ca
+    from ota.trust.device_ca import DeviceCa, generate_device_ca
 
-    paths = generate_device_ca(args.out, now=datetime.now(UTC))
+    now = datetime.now(UTC)
+    paths = generate_device_ca(args.out, now=now)
+    # Mosquitto will not start without its `crlfile`, and `ota serve` (which keeps it
+    # with device_crl_file) will not start without the broker: the first one is made here.
+    crl = Path(args.out) / "device-ca.crl"
+    crl.write_bytes(DeviceCa.load(paths.cert, paths.key).crl([], now))
     console.print(f"device CA certificate {paths.cert} (to brokers and ota serve)")
     console.print(f"device CA key         {paths.key} (ota serve only; mode 0600)")
+    console.print(
+        f"first CRL             {crl} (valid 7 days: the broker's --crl file until "
+        "ota serve's device_crl_file or `ota fleet crl` replaces it)"
+    )
     return 0
 
 

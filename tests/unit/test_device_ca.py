@@ -79,3 +79,15 @@ def test_an_existing_ca_is_never_overwritten(tmp_path: Path) -> None:
     _ca(tmp_path)
     with pytest.raises(InvalidArgument, match="already exists"):
         generate_device_ca(tmp_path / "ca", now=NOW)
+
+
+def test_ota_keys_device_ca_writes_a_first_crl_a_broker_can_start_with(tmp_path: Path) -> None:
+    from ota.cli.main import main as ota_main
+
+    assert ota_main(["keys", "device-ca", "--out", str(tmp_path / "ca")]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "device-ca.pem").read_bytes())
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / "device-ca.crl").read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.issuer == ca.subject
+    assert len(crl) == 0
+    assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(UTC)
