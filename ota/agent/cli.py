@@ -34,17 +34,27 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         type=Path,
         default=Path(os.environ.get("OTA_AGENT_CONFIG", "/etc/ota-agent/agent.toml")),
-        help="the agent's TOML file (default: $OTA_AGENT_CONFIG or /etc/ota-agent/agent.toml)",
+        help="the agent's TOML file, or the directory holding it as agent.toml "
+        "(default: $OTA_AGENT_CONFIG or /etc/ota-agent/agent.toml)",
     )
     parser.add_argument("--log-format", choices=("text", "json"), help="overrides the config")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--check", action="store_true", help="check the config file and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config file and the files it names, and exit",
+    )
     args = parser.parse_args(argv)
 
-    from ota.agent.config import load_config
+    from ota.agent.config import check_files, load_config
 
+    if args.config.is_dir():
+        # `ota fleet register --agent-config DIR` writes DIR/agent.toml.
+        args.config = args.config / "agent.toml"
     try:
         config = load_config(args.config)
+        if args.check:
+            check_files(config)
     except OtaError as exc:
         print(f"ota-agent: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -6,6 +6,7 @@ line and exit instead of starting half-configured.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -239,6 +240,11 @@ def _no_unknown(doc: Mapping[str, Any], known: set[str], prefix: str) -> None:
 
 def _text(doc: Mapping[str, Any], key: str) -> str:
     value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        # TOML reads `firmware = 4.2` as a number: say so, not that the key is missing.
+        raise InvalidArgument(
+            f'must be a string in quotes, got {value!r}: write {key} = "{value}"', field=key
+        )
     if not isinstance(value, str) or not value.strip():
         raise InvalidArgument("is required (a non-empty string)", field=key)
     return value.strip()
@@ -354,3 +360,30 @@ def render_config(values: Mapping[str, Any]) -> str:
         else:
             top.append(f"{key} = {json.dumps(value)}")
     return "\n".join(top + tables) + "\n"
+
+
+def check_files(config: AgentConfig) -> None:
+    """What `ota-agent --check` adds to reading the file: the files it names are there.
+
+    Reading the config never touches them (a hook may be installed after its
+    config); a deployment check should still fail where the first start or the
+    first install would."""
+    if not config.trusted_root.is_file():
+        raise InvalidArgument(f"{config.trusted_root} is not a file", field="trusted_root")
+    tls_files = {
+        "tls.ca_file": config.grpc_tls.ca_file if config.grpc_tls else None,
+        "tls.cert_file": config.grpc_tls.cert_file if config.grpc_tls else None,
+        "tls.key_file": config.grpc_tls.key_file if config.grpc_tls else None,
+        "tls.mqtt_ca_file": config.mqtt_tls.ca_file if config.mqtt_tls else None,
+        "tls.origin_ca_file": config.origin_ca_file,
+    }
+    for key, path in tls_files.items():
+        if path is not None and not path.is_file():
+            raise InvalidArgument(f"{path} is not a file", field=key)
+    for name, hook in config.hooks.paths.items():
+        if hook is None:
+            continue
+        if not hook.is_file():
+            raise InvalidArgument(f"{hook} is not a file", field=f"hooks.{name}")
+        if not os.access(hook, os.X_OK):
+            raise InvalidArgument(f"{hook} is not executable", field=f"hooks.{name}")

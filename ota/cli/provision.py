@@ -25,8 +25,8 @@ from ota.errors import InvalidArgument
 def add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--agent-config",
-        type=Path,
-        help="also write the ota-agent config file for this device (secret included, mode 0600)",
+        help="also write the ota-agent config file for this device (secret included, mode "
+        "0600); a directory (existing, or written with a trailing /) gets DIR/agent.toml",
     )
     p.add_argument(
         "--root",
@@ -87,9 +87,17 @@ def check_agent_options(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"{root} is not a file", field="root")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         raise InvalidArgument(f"{args.tls_ca} is not a file", field="tls_ca")
-    if args.agent_config.is_dir():
+    # A trailing "/" says "a directory", made when the config is written if missing
+    # (its parent must exist); Path() would drop the "/".
+    wants_dir = str(args.agent_config).endswith(("/", os.sep))
+    args.agent_config = Path(args.agent_config)
+    if args.agent_config.is_dir() or (wants_dir and not args.agent_config.exists()):
         args.agent_config = args.agent_config / "agent.toml"
+    elif wants_dir:
+        raise InvalidArgument(f"{args.agent_config} is not a directory", field="agent_config")
     parent = args.agent_config.resolve().parent
+    if wants_dir:
+        parent = parent.parent
     if not parent.is_dir():
         raise InvalidArgument(f"directory {parent} does not exist", field="agent_config")
     if bool(args.device_cert) != bool(args.device_key):
@@ -136,6 +144,7 @@ def write_agent_config(
     With `enrollment_token` (a certificate device) the config names no secret: the
     agent enrolls with the token on its first start."""
     config: Path = args.agent_config.resolve()
+    config.parent.mkdir(mode=0o700, exist_ok=True)  # `--agent-config DIR/`
     root_copy = config.with_name(config.stem + ".root.json")
     shutil.copyfile(args.root, root_copy)
     tls: dict[str, str] = {}

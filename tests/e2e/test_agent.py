@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ota.agent.config import render_config
+from ota.agent.config import load_config, render_config
 from ota.broker.process import free_port
 from ota.cli.main import main as ota_main
 from ota.client import Client
@@ -344,6 +344,25 @@ def test_registering_with_a_mistake_in_the_agent_options_registers_nothing(
         )
     assert lookup.value.code() == grpc.StatusCode.NOT_FOUND
     client.close()
+
+
+def test_an_agent_config_path_ending_in_a_slash_is_a_directory_made_for_it(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--server", stack.server, "--token", stack.admin_token]
+    base += ["--root", str(stack.keys.root_json)]
+    device = ["fleet", "register", "car-8", "--model", "ev6", "--region", "eu", "--firmware", "4.2"]
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert ota_main([*device, *base, "--agent-config", f"{a_file}/"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"ota: error: agent_config: {a_file} is not a directory"
+    ]
+    assert ota_main([*device, *base, "--agent-config", f"{tmp_path / 'car-8'}/"]) == 0
+    config = tmp_path / "car-8" / "agent.toml"
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "car-8" / "agent.root.json").is_file()
+    assert load_config(config).device_id == "car-8"
 
 
 def test_sigterm_while_a_download_waits_for_the_control_plane_stops_without_a_failure(

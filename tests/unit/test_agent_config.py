@@ -133,3 +133,47 @@ def test_a_password_device_refuses_certificate_keys() -> None:
     with pytest.raises(InvalidArgument) as err:
         parse_config({**GOOD, "enrollment_token": "tok"}, base=Path("/"))
     assert err.value.field == "enrollment_token"
+
+
+def test_an_unquoted_version_is_named_as_a_string_to_quote() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_config({**GOOD, "firmware": 4.2}, base=Path("/"))
+    assert str(err.value) == 'firmware: must be a string in quotes, got 4.2: write firmware = "4.2"'
+
+
+def _agent(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ota.agent.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_refuses_the_files_a_start_would_refuse(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "install").write_text("#!/bin/sh\n")
+    (hooks / "install").chmod(0o755)
+    (tmp_path / "root.json").write_text("{}")
+    good = {**GOOD, "tls": {}, "hooks": {"install": "hooks/install"}}
+    (tmp_path / "agent.toml").write_text(render_config(good))
+    ok = _agent("--config", str(tmp_path), "--check")  # the directory: its agent.toml
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"{tmp_path / 'agent.toml'}: ok (device car-1)"
+
+    (tmp_path / "agent.toml").write_text(render_config({**good, "trusted_root": "nope.json"}))
+    missing = _agent("--config", str(tmp_path / "agent.toml"), "--check")
+    assert missing.returncode == 2
+    assert missing.stderr == (
+        f"ota-agent: error: trusted_root: {tmp_path / 'nope.json'} is not a file\n"
+    )
+
+    (hooks / "install").chmod(0o644)
+    (tmp_path / "agent.toml").write_text(render_config(good))
+    stale = _agent("--config", str(tmp_path / "agent.toml"), "--check")
+    assert stale.returncode == 2
+    assert stale.stderr == (
+        f"ota-agent: error: hooks.install: {hooks / 'install'} is not executable\n"
+    )
