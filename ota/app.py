@@ -204,6 +204,8 @@ def announce(config: ServerConfig) -> None:
     if config.tls_client_ca_file:
         tls = "mTLS"
     log.info("gRPC listen %s (%s)", config.listen, tls)
+    if config.device_listen:
+        log.info("device gRPC listen %s (mutual TLS, device CA)", config.device_listen)
     if config.metrics_listen:
         log.info("metrics listen %s", config.metrics_listen)
 

@@ -127,9 +127,16 @@ def build_server(
         try:
             device_port = server.add_secure_port(device_listen, device_tls.credentials())
         except RuntimeError as exc:
-            raise Unavailable(f"cannot listen on {device_listen}: {exc}") from exc
+            raise Unavailable(
+                f"cannot listen on {device_listen}: the address is in use (another `ota "
+                "serve`?) or not this machine's",
+                field="device_listen",
+            ) from exc
         if device_port == 0:
-            raise Unavailable(f"cannot listen on {device_listen}: address in use or invalid")
+            raise Unavailable(
+                f"cannot listen on {device_listen}: the address is in use or not this machine's",
+                field="device_listen",
+            )
         server.device_port = device_port  # type: ignore[attr-defined]
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,7 @@ broker's files: no password file, no pid file.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import pytest
 
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
+from ota.app import ControlPlane
 from ota.client import Client
 from ota.clock import ManualClock
 from ota.device.enroll import Identity, csr_pem, enroll, key_pem, new_key, renew
+from ota.errors import Unavailable
 from ota.tls import ClientTls
 from ota.v1 import bundle_pb2, bundle_pb2_grpc, fleet_pb2, rollout_pb2
 from tests.e2e.cert_stack import cert_stack, refused_handshake
@@ -215,6 +218,21 @@ def test_enrollment_refuses_a_wrong_or_spent_token(tmp_path: Path) -> None:
             )
         assert named.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "csr" in (named.value.details() or "")
+
+
+def test_a_device_port_in_use_is_one_error_naming_device_listen(tmp_path: Path) -> None:
+    with cert_stack(tmp_path) as stack:
+        taken = f"127.0.0.1:{stack.plane.device_port}"
+        second = dataclasses.replace(
+            stack.plane.config, listen="127.0.0.1:0", device_listen=taken, device_crl_file=""
+        )
+        with pytest.raises(Unavailable) as refused:
+            ControlPlane.build(second)
+        assert refused.value.field == "device_listen"
+        assert str(refused.value) == (
+            f"device_listen: cannot listen on {taken}: the address is in use "
+            "(another `ota serve`?) or not this machine's"
+        )
 
 
 @pytest.mark.postgres

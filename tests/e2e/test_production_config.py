@@ -232,6 +232,7 @@ def test_startup_names_database_broker_listen_replica_and_version(
     assert first[1].endswith(shown_database), first[1]
     assert first[2].endswith(f"broker {broker.url} as user '{broker.control_username}'")
     assert first[3].endswith(f"gRPC listen {plane.server} (plaintext)")
+    assert "setup plugin" not in log  # alembic's plugin loading, at every start
     assert SECRET not in log and broker.control_password not in log
     assert TOKEN not in log
 
