@@ -59,6 +59,8 @@ class BrokerLink:
         self._client = client
         self._last: mqtt.MQTTMessageInfo | None = None
         self._failing = False  # said once per outage, not at every retry
+        self._accepted = False  # the broker accepted the session (CONNACK) since the last drop
+        self._closed_said = False  # "closed before accepting it", once per outage
 
     def start(self) -> None:
         # connect_async: an unreachable broker is retried by the network thread, not fatal.
@@ -97,6 +99,8 @@ class BrokerLink:
             )
             return
         self._failing = False
+        self._accepted = True
+        self._closed_said = False
         log.info("connected to the broker at %s:%d", self._host, self._port)
         client.subscribe(self._desired_topic, qos=1)
         self._on_connected()
@@ -116,7 +120,23 @@ class BrokerLink:
         reason: object,
         _properties: object,
     ) -> None:
-        log.info("disconnected from the broker (%s)", reason)
+        if self._accepted:
+            self._accepted = False
+            log.info("disconnected from the broker (%s)", reason)
+        elif not self._closed_said:
+            # Closed before any CONNACK: what a broker does to a client certificate it
+            # refuses (a revoked one, after the CRL) — paho only says "Unspecified error".
+            self._closed_said = True
+            log.warning(
+                "the broker at %s:%d closed the connection before accepting it (%s): it "
+                "refused the TLS handshake or this device's certificate (revoked, expired, "
+                "of another CA?); retrying with backoff",
+                self._host,
+                self._port,
+                reason,
+            )
+        else:
+            log.debug("the broker closed the connection again before accepting it (%s)", reason)
 
     def _message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._desired_topic and msg.payload:

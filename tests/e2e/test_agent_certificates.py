@@ -130,6 +130,36 @@ def test_the_agent_enrolls_follows_over_mutual_tls_and_keeps_its_certificate(
             agent.stop()
 
 
+def test_a_revoked_agent_is_dropped_and_says_the_broker_refuses_it(tmp_path: Path) -> None:
+    with cert_stack(tmp_path / "stack", crl=True) as stack:
+        agent = provision(stack, tmp_path / "devices", "car-r")
+        agent.start()
+        try:
+            agent.wait_following()
+            base = ("--server", stack.server, "--token", stack.token)
+            assert (
+                ota_main(["fleet", "revoke", "car-r", *base, "--tls-ca", str(stack.pki.ca_cert)])
+                == 0
+            )
+            refused = "closed the connection before accepting it"
+            wait_for(
+                lambda: refused in agent.log_since_start(), what="the refusal logged", timeout=60
+            )
+            log = agent.log_since_start()
+            assert "refused the TLS handshake or this device's certificate (revoked" in log
+            # Said once for the outage, not at every retry; the agent stays up.
+            broker_log = stack.files.log_file
+            wait_for(
+                lambda: broker_log.read_text().count("certificate verify failed") >= 2,
+                what="a second refused handshake",
+                timeout=60,
+            )
+            assert agent.log_since_start().count(refused) == 1
+            assert agent.alive()
+        finally:
+            agent.stop()
+
+
 def test_an_agent_with_a_refused_token_says_so_and_exits(tmp_path: Path) -> None:
     with cert_stack(tmp_path / "stack", origin=True) as stack:
         agent = provision(stack, tmp_path / "devices", "car-t")
