@@ -91,6 +91,11 @@ class MqttLink:
         self.connected = threading.Event()
         # Set once the broker granted the ingest subscriptions (SUBACK).
         self.subscribed = threading.Event()
+        # The first CONNACK, accepted or not: a refusal (bad credentials) is final at
+        # start, not worth ten seconds of retries.
+        self._answered = threading.Event()
+        self._refusal = ""
+        self._username = username
         # With use_username_as_clientid the broker names the session after the user.
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -141,11 +146,18 @@ class MqttLink:
                 f"cannot reach the MQTT broker at {self.address.host}:{self.address.port}: {exc}"
             ) from exc
         self._client.loop_start()
-        if not self.connected.wait(timeout):
+        answered = self._answered.wait(timeout)
+        if not self.connected.is_set():
             self.stop()
+            where = f"the MQTT broker at {self.address.host}:{self.address.port}"
+            if answered and self._refusal:
+                raise Unavailable(
+                    f"{where} refused the control plane's connection as "
+                    f"{self._username!r}: {self._refusal} (check mqtt_username / mqtt_password)"
+                )
             raise Unavailable(
-                f"the MQTT broker at {self.address.host}:{self.address.port} did not accept "
-                "the control plane's connection (check mqtt_username / mqtt_password)"
+                f"{where} did not accept the control plane's connection within {timeout:g} s "
+                "(check mqtt_username / mqtt_password)"
             )
         try:
             for more in self._more:
@@ -195,6 +207,8 @@ class MqttLink:
     ) -> None:
         if reason.is_failure:
             log.error("broker refused the control plane: %s", reason)
+            self._refusal = str(reason)
+            self._answered.set()
             return
         shared = [self.topics.shared_events(), self.topics.shared_state()]
         if self._ingest:
@@ -206,6 +220,7 @@ class MqttLink:
             client.unsubscribe(shared)
         self.window.on_connect(props)
         self.connected.set()
+        self._answered.set()
         log.info("connected to the broker at %s:%s", self.address.host, self.address.port)
         if self.on_connected is not None:
             threading.Thread(target=self.on_connected, name="ota-mqtt-resync", daemon=True).start()

@@ -346,3 +346,25 @@ def test_a_nonsense_setting_from_the_environment_is_refused_too(
     )
     line = _one_error_line(result)
     assert line.startswith("ota: error: engine_interval_seconds: must be between 0.01 and 60")
+
+
+def test_a_wrong_broker_password_is_refused_at_once_in_one_line(
+    tmp_path: Path, idle_broker: BrokerHandle, keys: KeyPaths
+) -> None:
+    config = _config(
+        tmp_path,
+        idle_broker,
+        keys,
+        database_url=f"sqlite:///{tmp_path / 'ota.db'}",
+        mqtt_password="not-the-password",
+    )
+    result = _ota("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ota: error:")]
+    assert errors == [
+        f"ota: error: the MQTT broker at 127.0.0.1:{idle_broker.port} refused the control "
+        f"plane's connection as '{idle_broker.control_username}': Not authorized "
+        "(check mqtt_username / mqtt_password)"
+    ], result.stderr
+    # The first refusal decides: no rounds of reconnecting before giving up.
+    assert result.stderr.count("broker refused the control plane") == 1, result.stderr
