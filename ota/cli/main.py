@@ -121,9 +121,12 @@ def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
     details: str = exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         hint = ""
-        if "handshake" in details.lower() or "ssl" in details.lower():
+        # A plaintext client on a TLS port sees only "Socket closed": the server hung up
+        # on bytes that were not a TLS ClientHello.
+        lowered = details.lower()
+        if "handshake" in lowered or "ssl" in lowered or "socket closed" in lowered:
             hint = "; is it a TLS port (then --tls or --tls-ca) or a plaintext one (then neither)?"
-        elif "refused" in details.lower():
+        elif "refused" in lowered:
             hint = "; is `ota serve` running there, and is that the right port?"
         return f"{code.name}: cannot reach the control plane at {server} ({details}){hint}"
     if code in _CONNECTION_CODES:

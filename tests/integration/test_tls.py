@@ -96,7 +96,13 @@ def test_the_cli_reaches_a_tls_server_with_its_flags(
     assert ota_main(["rollout", "list", *base, "--tls-ca", str(tls_stack.pki.ca_cert)]) == 0
     capsys.readouterr()
     assert ota_main(["rollout", "list", *base]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    plaintext = capsys.readouterr().err
+    assert plaintext.startswith(
+        f"ota: error: UNAVAILABLE: cannot reach the control plane at {tls_stack.server}"
+    )
+    assert plaintext.rstrip().endswith(
+        "is it a TLS port (then --tls or --tls-ca) or a plaintext one (then neither)?"
+    )
     assert ota_main(["rollout", "list", *base, "--tls-ca", "/nonexistent/ca.pem"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ota: error: tls_ca:") and "Traceback" not in err
