@@ -294,15 +294,15 @@ class ControlPlane:
         claim_control_account(store, config.mqtt_username, clock)
         repo = ImageRepository(
             SqlMetadataStore(store),
-            snapshot_signer=load_signer(config.snapshot_key),
-            timestamp_signer=load_signer(config.timestamp_key),
+            snapshot_signer=load_signer(config.snapshot_key, field="snapshot_key"),
+            timestamp_signer=load_signer(config.timestamp_key, field="timestamp_key"),
             clock=clock,
         )
         repo.bootstrap(
             _read(config.root_file, "root_file"),
             _read(config.initial_targets_file, "initial_targets_file"),
         )
-        director = Director(load_signer(config.director_key))
+        director = Director(load_signer(config.director_key, field="director_key"))
         topics = Topics(config.topic_root)
         link = MqttLink(
             config.mqtt_url,

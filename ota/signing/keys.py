@@ -50,18 +50,22 @@ def key_to_json(key: SSlibKey) -> dict[str, Any]:
     return {"keyid": key.keyid, **key.to_dict()}
 
 
-def load_signer(path: Path) -> Signer:
-    """A signer for the private PEM key at `path`."""
-    return _crypto_signer(path)
+def load_signer(path: Path, *, field: str = "key") -> Signer:
+    """A signer for the private PEM key at `path`; an error names `field`."""
+    return _crypto_signer(path, field=field)
 
 
-def _crypto_signer(path: Path) -> CryptoSigner:
+def _crypto_signer(path: Path, *, field: str = "key") -> CryptoSigner:
     try:
-        private_key = load_pem_private_key(path.read_bytes(), password=None)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=field) from exc
+    try:
+        private_key = load_pem_private_key(data, password=None)
         return CryptoSigner(private_key)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InvalidArgument(
-            f"cannot load a private signing key from {path}: {exc}", field="key"
+            f"cannot load a private signing key from {path}: {exc}", field=field
         ) from exc
 
 

@@ -232,3 +232,16 @@ def test_each_audience_package_exports_exactly_its_all() -> None:
             and getattr(value, "__name__", "").rsplit(".", 1)[0] != package.__name__
         }
         assert public == set(package.__all__), package.__name__
+
+
+def test_a_key_file_that_is_not_there_is_named_with_the_setting(tmp_path: Path) -> None:
+    missing = tmp_path / "snapshot.pm"
+    with pytest.raises(InvalidArgument) as err:
+        load_signer(missing, field="snapshot_key")
+    assert str(err.value) == f"snapshot_key: cannot read {missing}: No such file or directory"
+    (tmp_path / "garbage.pem").write_text("not a key")
+    with pytest.raises(InvalidArgument) as bad:
+        load_signer(tmp_path / "garbage.pem")
+    assert str(bad.value).startswith(
+        f"key: cannot load a private signing key from {tmp_path / 'garbage.pem'}"
+    )
