@@ -9,7 +9,7 @@ from typing import Any
 
 from ota.cli.connect import connect
 from ota.cli.output import emit_page, table
-from ota.domain.durations import parse_duration
+from ota.domain.durations import DAYS_LIKE, parse_duration
 from ota.errors import InvalidArgument
 from ota.store.audit import OBJECT_TYPES
 from ota.v1 import audit_pb2
@@ -45,7 +45,9 @@ def _since(text: str) -> datetime | None:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text, field="--since"))
+        return datetime.now(UTC) - timedelta(
+            seconds=parse_duration(text, field="--since", like=DAYS_LIKE)
+        )
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 

@@ -26,10 +26,9 @@ from ota.cli.provision import (
 )
 from ota.cli.watch import DEFAULT_RECONNECT_FOR, watch_rollout
 from ota.client import Client, PendingSigning
-from ota.domain.durations import parse_duration
-from ota.domain.plan import RolloutPlan, install_failure_gate, parse_stages
+from ota.domain.durations import DAYS_LIKE, parse_duration
+from ota.domain.plan import MAX_DURATION_SECONDS, RolloutPlan, install_failure_gate, parse_stages
 from ota.domain.plan_document import PLAN_LIMITS, parse_plan_document
-from ota.domain.plan_document import parse_duration as parse_plan_duration
 from ota.domain.shares import parse_share, share_text
 from ota.domain.states import ALL_STATES
 from ota.errors import InvalidArgument
@@ -831,7 +830,10 @@ _FLAG_OF_FIELD = {
 
 def _plan_from_flags(args: argparse.Namespace) -> RolloutPlan:
     """The plan the flags describe, checked here with the errors naming the flags."""
-    stages = parse_stages(args.stages, soak_seconds=parse_plan_duration(args.soak, "--soak"))
+    stages = parse_stages(
+        args.stages,
+        soak_seconds=parse_duration(args.soak, field="--soak", at_most=MAX_DURATION_SECONDS),
+    )
     try:
         gate = install_failure_gate(
             max_failure_ppm=parse_share(args.max_failure, "--max-failure", mapping=False),
@@ -1100,7 +1102,7 @@ MAX_RECONNECT_FOR = 7 * 86_400
 def _reconnect_for(text: str) -> float:
     """An argparse type: a duration such as 90s or 5m, as seconds."""
     try:
-        seconds = parse_duration(text, field="--reconnect-for")
+        seconds = parse_duration(text, field="--reconnect-for", like=DAYS_LIKE)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
     if seconds > MAX_RECONNECT_FOR:

@@ -13,7 +13,7 @@ from ota.cli.connect import connect
 from ota.cli.output import console, emit_json, emit_page, table
 from ota.cli.prefix import paged, resolve
 from ota.client import Client
-from ota.domain.durations import parse_duration
+from ota.domain.durations import DAYS_LIKE, parse_duration
 from ota.v1 import token_pb2
 
 ROLES = ("admin", "release", "viewer")
@@ -73,7 +73,7 @@ def tokens_create(args: argparse.Namespace) -> int:
         request.never_expires = True
     elif args.expires_in:
         request.ttl.FromTimedelta(
-            timedelta(seconds=parse_duration(args.expires_in, field="--expires-in"))
+            timedelta(seconds=parse_duration(args.expires_in, field="--expires-in", like=DAYS_LIKE))
         )
     client = _client(args)
     response = client.tokens.CreateToken(request, metadata=client.metadata)

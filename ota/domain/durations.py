@@ -56,13 +56,38 @@ def bucket_time(bucket: int) -> datetime:
     return datetime.fromtimestamp(bucket, UTC)
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Twelve digits bound the number before it is multiplied; a duration is at most a
+# century in any case, so it always fits a timedelta and a database interval.
+_DURATION = re.compile(r"^\s*(\d{1,12})\s*(s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+MAX_ANY_DURATION_SECONDS = 36_500 * 86_400
+# The examples an error gives: soaks and windows run minutes to hours; look-backs and
+# lifetimes run hours to days.
+SOAK_LIKE = "30s, 15m, 2h or 1d"
+DAYS_LIKE = "30d, 12h or 15m"
 
 
-def parse_duration(text: str, *, field: str) -> int:
-    """Seconds in `30s`, `15m`, `12h`, `30d` or `2w`."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise InvalidArgument(f"give a duration like 30d, 12h or 15m, got {text!r}", field=field)
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+def parse_duration(
+    value: object,
+    *,
+    field: str,
+    at_most: int = MAX_ANY_DURATION_SECONDS,
+    like: str = SOAK_LIKE,
+) -> int:
+    """Seconds in a duration as people write it: `90` (seconds), `30s`, `15m`, `2h`,
+    `30d` or `2w`; a plan document's whole number counts as seconds too.
+
+    `like` is the examples the error gives, chosen for the field's usual scale; a value
+    over `at_most` is refused with the bound in whole days (or seconds under a day).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        seconds = value
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise InvalidArgument(f"give a duration like {like}, got {value!r}", field=field)
+        seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > at_most:
+        bound = f"{at_most // 86_400}d" if at_most % 86_400 == 0 else f"{at_most}s"
+        raise InvalidArgument(f"must be at most {bound}, got {str(value).strip()}", field=field)
+    return seconds

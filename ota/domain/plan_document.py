@@ -37,6 +37,7 @@ from datetime import date
 from typing import Any
 
 from ota.domain.documents import DocumentLimits, load_document
+from ota.domain.durations import parse_duration
 from ota.domain.plan import (
     DAYS,
     MAX_APPROVERS,
@@ -86,8 +87,6 @@ _GATE = {
     "versus_holdout",
 }
 _WINDOW = {"days", "start", "end"}
-_DURATION = re.compile(r"^\s*(\d{1,12})\s*(s|m|h|d)?\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # A plan is a page of text: 64 KiB holds a cohort of a thousand device ids.
 PLAN_LIMITS = DocumentLimits(max_bytes=64 * 1024, max_depth=16, max_nodes=20_000)
 
@@ -226,11 +225,11 @@ def _timing(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             f"must be auto or approval, got {advance!r}", field=f"{where}.advance"
         )
     return {
-        "min_soak_seconds": parse_duration(doc.get("min_soak", 0), f"{where}.min_soak"),
+        "min_soak_seconds": _duration(doc.get("min_soak", 0), f"{where}.min_soak"),
         "min_exposed": (
             _int(doc, "min_exposed", where, high=MAX_DEVICES) if "min_exposed" in doc else 0
         ),
-        "deadline_seconds": parse_duration(doc.get("deadline", 0), f"{where}.deadline"),
+        "deadline_seconds": _duration(doc.get("deadline", 0), f"{where}.deadline"),
         "advance": advance,
     }
 
@@ -255,7 +254,7 @@ def _gate(doc: Mapping[str, Any], where: str) -> Gate:
                 if "min_sample" in doc
                 else 5
             ),
-            window_seconds=parse_duration(doc.get("window", 0), f"{where}.window"),
+            window_seconds=_duration(doc.get("window", 0), f"{where}.window"),
             breaches_to_trip=(
                 _int(doc, "breaches_to_trip", where, low=1, high=MAX_BREACHES)
                 if "breaches_to_trip" in doc
@@ -356,23 +355,9 @@ def _bool(doc: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def parse_duration(value: Any, field: str) -> int:
-    """`90` (seconds), `30s`, `15m`, `2h`, `1d`; at most a year."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        seconds = value
-    else:
-        match = _DURATION.match(str(value)) if isinstance(value, str) else None
-        if match is None:
-            raise InvalidArgument(
-                f"give a duration like 30s, 15m, 2h or 1d, got {value!r}", field=field
-            )
-        seconds = int(match.group(1)) * _UNITS[match.group(2)]
-    if seconds > MAX_DURATION_SECONDS:
-        raise InvalidArgument(
-            f"must be at most {MAX_DURATION_SECONDS // 86_400}d, got {str(value).strip()}",
-            field=field,
-        )
-    return seconds
+def _duration(value: Any, field: str) -> int:
+    """A soak, deadline or gate window: at most a year."""
+    return parse_duration(value, field=field, at_most=MAX_DURATION_SECONDS)
 
 
 def _minute(value: Any, field: str) -> int:
