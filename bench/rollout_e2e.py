@@ -395,14 +395,17 @@ def run(
 ) -> Result:
     n = devices or (200 if quick else 2000)
     topics = Topics()
+    # Applied to the broker's config (0: no limit); None keeps the shipped value.
+    broker_settings: dict[str, Any] = (
+        {} if broker_max_queued is None else {"max_queued_messages": broker_max_queued}
+    )
     with (
         tempfile.TemporaryDirectory(prefix="ota-bench-e2e-") as tmp,
         bench_stack(
             Path(tmp),
             extra_users=(NOTIFY_USER,),
             publish_connections=publish_connections,
-            # Applied to the broker's config (0: no limit); None keeps the shipped value.
-            **({} if broker_max_queued is None else {"max_queued_messages": broker_max_queued}),
+            **broker_settings,
         ) as (stack, broker),
     ):
         timeout = max(120.0, n / 20)
