@@ -34,8 +34,16 @@ def test_percentiles_come_from_the_cumulative_counts() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("30s", 30), (" 15 m ", 900), ("2h", 7200), ("30d", 2_592_000), ("2w", 1_209_600)]
-    + [("90", 90), (90, 90), (0, 0)],
+    [
+        ("30s", 30),
+        (" 15 m ", 900),
+        ("2h", 7200),
+        ("30d", 2_592_000),
+        ("2w", 1_209_600),
+        ("90", 90),
+        (90, 90),
+        (0, 0),
+    ],
 )
 def test_durations_read_as_people_write_them(value: object, seconds: int) -> None:
     assert parse_duration(value, field="soak") == seconds
