@@ -7,7 +7,8 @@ foreground on a free loopback port with the VCL `ota.delivery.varnish`
 renders, as tests run their own Mosquitto: nobody else's cache, gone when the
 test ends. `OriginLink` sits between the cache and the origin and forwards
 every request unchanged, unless told to flip a byte of bundle bodies (a
-tampered cache entry) or to cut the next bundle body after some bytes.
+tampered cache entry) or to cut the next bundle body after some bytes, once the
+device holds the part that went through.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ota.delivery.nginx import DeviceCacheSettings, render_nginx
 from ota.delivery.varnish import VarnishProcess
 
 FORWARDED = ("Range", "If-None-Match", "Authorization", "If-Range")
+PART_PASSED_ON_WAIT = 60.0
 
 
 @dataclass
@@ -63,14 +65,17 @@ class OriginLink:
     """An HTTP hop between the cache and the origin that can tamper with or cut bundles.
 
     `tamper`: flip one byte in the middle of every bundle body. `cut_next`: send
-    only that many bytes of the next bundle body (with the full Content-Length)
-    and drop the connection. `requests` lists the (path, Range) it forwarded.
+    only that many bytes of the next bundle body (with the full Content-Length),
+    wait until the test sets `part_passed_on` (the device has received bytes of
+    it through the cache), and drop the connection. `requests` lists the (path,
+    Range) it forwarded.
     """
 
     def __init__(self, origin_url: str) -> None:
         self.origin_url = origin_url.rstrip("/")
         self.tamper = False
         self.cut_next: int | None = None
+        self.part_passed_on = threading.Event()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._pool = urllib3.PoolManager()
@@ -143,7 +148,9 @@ class OriginLink:
             # A link that dies mid-transfer: the first part goes through the cache to
             # the device before the connection breaks, not together with the break
             # (the cache would then answer an error without passing the part on).
-            time.sleep(1.0)
+            # Bounded: if the part never arrives, the cut happens anyway and the
+            # test's resume assertions say so.
+            self.part_passed_on.wait(timeout=PART_PASSED_ON_WAIT)
             handler.close_connection = True
             with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RDWR)

@@ -9,6 +9,7 @@ bundle body. What the origin served is read from its own Prometheus metrics.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -109,15 +110,22 @@ def assignment(bundle: bundle_pb2.Bundle) -> common_pb2.FeatureAssignment:
 
 
 class RecordingSource(HttpSource):
-    """An HttpSource that notes the offset of every bundle request."""
+    """An HttpSource that notes the offset of every bundle request, and sets `received`
+    once bundle bytes have arrived."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, received: threading.Event | None = None) -> None:
         super().__init__(url, deadlines=Deadlines())
         self.offsets: list[int] = []
+        self.received = received or threading.Event()
 
     def fetch_target(self, target_path: str, offset: int, max_length: int) -> Iterator[bytes]:
         self.offsets.append(offset)
-        return super().fetch_target(target_path, offset, max_length)
+        return self._noting(super().fetch_target(target_path, offset, max_length))
+
+    def _noting(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.received.set()
+            yield chunk
 
 
 def lone_device(stack: DevStack, tmp_path: Path, source: HttpSource, name: str) -> DeviceTrust:
@@ -186,7 +194,7 @@ def test_a_download_cut_midway_resumes_through_the_cache(
     size = 400_000
     sha = publish(client, stack, tmp_path, "1.0.0", size=size)
     link.cut_next = 150_000
-    source = RecordingSource(cache.url)
+    source = RecordingSource(cache.url, received=link.part_passed_on)
     device = lone_device(stack, tmp_path, source, "cut-1")
 
     kept = device.fetch_bundle(assignment(bundle_of(client, "1.0.0")))
