@@ -1,7 +1,8 @@
 """origin-load: requests the delivery origin serves per device in a rollout behind a shared cache.
 
 A control plane serves its HTTP delivery origin; a private Varnish (the VCL
-`ota repo vcl` prints) sits in front of it; a simulated fleet (2 000 devices,
+`ota repo vcl` prints) sits in front of it, listed in `origin_purge_urls` as a
+deployment that purges its cache on root rotations would; a simulated fleet (2 000 devices,
 200 with --quick) is configured for HTTP delivery through the cache, and a
 one-stage rollout of a 1 MiB bundle (256 KiB with --quick) runs to COMPLETED.
 
@@ -38,6 +39,7 @@ from bench.common import (
 )
 from device_sim.fleet import FleetSettings, SimulatedFleet
 from device_sim.profile import FailureProfile, compose_fleet
+from ota.broker.process import free_port
 from ota.client import Client
 from ota.delivery.varnish import VarnishProcess
 from ota.v1 import rollout_pb2
@@ -48,14 +50,15 @@ KIB = 1024
 
 
 def origin_requests(metrics_url: str) -> dict[str, int]:
-    """ota_origin_requests_total by kind, scraped from the control plane."""
+    """ota_origin_requests_total by "kind status" (`metadata 404`), scraped from the
+    control plane."""
     text = urllib3.request("GET", metrics_url, timeout=30).data.decode()
     counts: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "ota_origin_requests_total":
-                kind = sample.labels["kind"]
-                counts[kind] = counts.get(kind, 0) + int(sample.value)
+                key = f"{sample.labels['kind']} {sample.labels['status']}"
+                counts[key] = counts.get(key, 0) + int(sample.value)
     return counts
 
 
@@ -75,14 +78,21 @@ def cache_requests(varnish: VarnishProcess) -> int:
 def run(quick: bool, devices: int | None = None) -> Result:
     n = devices or (200 if quick else 2000)
     size = (256 if quick else 1024) * KIB
+    # The cache's port is chosen first: the control plane purges it on a root rotation,
+    # and so the origin keeps the next root's 404 origin_next_root_max_age there.
+    cache_port = free_port()
+    overrides: dict[str, object] = {
+        "origin_listen": "127.0.0.1:0",
+        "origin_purge_urls": f"http://127.0.0.1:{cache_port}",
+    }
     with (
         tempfile.TemporaryDirectory(prefix="ota-bench-origin-") as tmp,
-        bench_stack(Path(tmp), config_overrides={"origin_listen": "127.0.0.1:0"}) as (stack, _),
+        bench_stack(Path(tmp), config_overrides=overrides) as (stack, _),
     ):
         work = Path(tmp)
         origin = stack.control_plane.origin_server
         assert origin is not None
-        varnish = VarnishProcess.start(work / "varnish", "127.0.0.1", origin.port)
+        varnish = VarnishProcess.start(work / "varnish", "127.0.0.1", origin.port, port=cache_port)
         client = Client.connect(stack.server, stack.admin_token)
         fleet = SimulatedFleet(
             compose_fleet(n, models=MODELS, regions=REGIONS, firmware="4.2.0"),
@@ -128,7 +138,11 @@ def run(quick: bool, devices: int | None = None) -> Result:
             fleet.stop()
             client.close()
             varnish.stop()
-    by_kind = {k: origin_after.get(k, 0) - origin_before.get(k, 0) for k in origin_after}
+    by_status = {k: origin_after.get(k, 0) - origin_before.get(k, 0) for k in origin_after}
+    by_kind: dict[str, int] = {}
+    for key, count in by_status.items():
+        kind = key.split()[0]
+        by_kind[kind] = by_kind.get(kind, 0) + count
     served = sum(by_kind.values())
     asked = cache_after - cache_before
     per_device = served / n
@@ -150,6 +164,7 @@ def run(quick: bool, devices: int | None = None) -> Result:
             "active": active,
             "bundle_bytes": size,
             "origin_requests_by_kind": by_kind,
+            "origin_requests_by_status": by_status,
             "cache_requests": asked,
             "rollout_s": round(rollout_s, 2),
         },

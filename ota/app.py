@@ -30,6 +30,7 @@ from ota.clock import Clock, SystemClock
 from ota.config import ServerConfig
 from ota.delivery.origin import Origin, OriginMetrics, OriginSettings
 from ota.delivery.published import StoredBundles
+from ota.delivery.purge import CachePurger
 from ota.delivery.server import HttpListener
 from ota.domain.webhooks import RetryPolicy
 from ota.errors import InvalidArgument
@@ -276,6 +277,7 @@ class ControlPlane:
     device_port: int = 0
     crl_file: CrlFile | None = None
     change_notices: ChangeNotices | None = None
+    purger: CachePurger | None = None
 
     @classmethod
     def build(
@@ -292,11 +294,13 @@ class ControlPlane:
         migrate(engine_db)
         store = Store(engine_db)
         claim_control_account(store, config.mqtt_username, clock)
+        purger = CachePurger(config.origin_caches)
         repo = ImageRepository(
             SqlMetadataStore(store),
             snapshot_signer=load_signer(config.snapshot_key, field="snapshot_key"),
             timestamp_signer=load_signer(config.timestamp_key, field="timestamp_key"),
             clock=clock,
+            on_root_rotated=purger.root_rotated,
         )
         repo.bootstrap(
             _read(config.root_file, "root_file"),
@@ -496,6 +500,7 @@ class ControlPlane:
                 blobs=config.data_dir / "blobs",
                 timestamp_max_age=config.origin_timestamp_max_age,
                 token=config.origin_token,
+                next_root_max_age=config.next_root_404_max_age,
             ),
             OriginMetrics(metrics.registry),
             devices=auth.device_of_certificate if config.origin_device_certificates else None,
@@ -520,6 +525,7 @@ class ControlPlane:
             device_port=getattr(server, "device_port", 0),
             crl_file=crl_file,
             change_notices=change_notices,
+            purger=purger,
         )
 
     def start(self) -> None:
@@ -607,6 +613,8 @@ class ControlPlane:
         if self.crl_file is not None:
             self.crl_file.stop()
         self.publisher.stop()
+        if self.purger is not None:
+            self.purger.stop()
         self.lease.stop()  # after its work stopped: hands over without waiting for expiry
         self.ingest.stop()
         self.link.stop()

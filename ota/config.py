@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ota.broker.config import MAX_PUBLISH_CONNECTIONS, PUBLISH_CONNECTIONS
+from ota.delivery.purge import parse_cache_urls
 from ota.errors import InvalidArgument
 from ota.metrics import parse_listen
 
@@ -100,6 +101,12 @@ class ServerConfig:
     # The origin demands a certificate of the device CA (device_ca_cert_file) and
     # checks on every request that it is the device's current one (needs origin TLS).
     origin_device_certificates: bool = False
+    # Caches in front of the origin that accept PURGE from this host, as base URLs
+    # ("http://cache-1:6081, http://cache-2:6081"): a root rotation purges the next
+    # root's 404 and the timestamp from each. With any listed, caches keep that 404
+    # origin_next_root_max_age seconds; with none, as long as the timestamp.
+    origin_purge_urls: str = ""
+    origin_next_root_max_age: int = 300
     # The read-only web dashboard, e.g. "0.0.0.0:8080"; empty = off. Over HTTPS with
     # its own certificate and key, or else with the gRPC ones (tls_cert_file) when set.
     dashboard_listen: str = ""
@@ -165,6 +172,7 @@ class ServerConfig:
                 "device CA (device_ca_cert_file)",
                 field="origin_device_certificates",
             )
+        parse_cache_urls(self.origin_purge_urls, field="origin_purge_urls")
         if self.dashboard_listen:
             try:
                 parse_listen(self.dashboard_listen)
@@ -241,6 +249,19 @@ class ServerConfig:
     webhook_ca_file: str = ""
 
     @property
+    def origin_caches(self) -> tuple[str, ...]:
+        """Base URLs of the caches a root rotation purges."""
+        return parse_cache_urls(self.origin_purge_urls, field="origin_purge_urls")
+
+    @property
+    def next_root_404_max_age(self) -> int:
+        """How long caches keep the next root's 404: long only where a rotation purges it,
+        so a device still learns of a rotation within the timestamp's lifetime otherwise."""
+        if self.origin_caches:
+            return self.origin_next_root_max_age
+        return self.origin_timestamp_max_age
+
+    @property
     def dashboard_tls(self) -> tuple[str, str]:
         """The dashboard's certificate and key files, ("", "") for plain HTTP."""
         if self.dashboard_tls_cert_file:
@@ -297,6 +318,9 @@ BOUNDS: dict[str, Bound] = {
     "webhook_retry_max_seconds": Bound(1, 7 * DAY, "seconds"),
     "webhook_max_attempts": Bound(1, 100, "attempts"),
     "origin_timestamp_max_age": Bound(0, 3600, "seconds", "how long caches keep timestamp.json"),
+    "origin_next_root_max_age": Bound(
+        0, 86_400, "seconds", "how long purged caches keep the next root's 404"
+    ),
 }
 
 _ENV_PREFIX = "OTA_"

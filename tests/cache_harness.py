@@ -52,9 +52,9 @@ class VarnishHandle:
 
 @contextlib.contextmanager
 def private_varnish(
-    work_dir: Path, origin_host: str, origin_port: int, *, token: str = ""
+    work_dir: Path, origin_host: str, origin_port: int, *, token: str = "", port: int | None = None
 ) -> Iterator[VarnishHandle]:
-    varnish = VarnishProcess.start(work_dir, origin_host, origin_port, token=token)
+    varnish = VarnishProcess.start(work_dir, origin_host, origin_port, token=token, port=port)
     try:
         yield VarnishHandle(varnish)
     finally:

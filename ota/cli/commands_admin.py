@@ -66,6 +66,13 @@ def register(nouns: Any) -> None:
         default=os.environ.get("OTA_ORIGIN_TOKEN", ""),
         help="the fleet's delivery token the cache checks (env OTA_ORIGIN_TOKEN; empty: public)",
     )
+    p.add_argument(
+        "--purge-from",
+        action="append",
+        metavar="ADDRESS",
+        help="an address (or network, 10.0.0.0/24) allowed to PURGE, e.g. the control "
+        "plane's for origin_purge_urls; repeatable (default: loopback only)",
+    )
     p.set_defaults(handler=repo_vcl)
     p = repo.add_parser(
         "nginx",
@@ -348,14 +355,20 @@ def repo_export(args: argparse.Namespace) -> int:
 
 
 def repo_vcl(args: argparse.Namespace) -> int:
-    from ota.delivery.varnish import render_vcl
+    from ota.delivery.varnish import LOOPBACK, render_vcl
     from ota.metrics import parse_listen
 
     try:
         host, port = parse_listen(args.origin)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{args.origin!r} is not HOST:PORT", field="origin") from exc
-    print(render_vcl(host, port, token=args.token), end="")
+    try:
+        vcl = render_vcl(host, port, token=args.token, purge_from=args.purge_from or LOOPBACK)
+    except InvalidArgument as exc:
+        if exc.field != "purge_from":
+            raise
+        raise InvalidArgument(exc.message, field="--purge-from") from exc
+    print(vcl, end="")
     return 0
 
 

@@ -10,6 +10,8 @@ server. So everything here is plain static files with cache headers:
 - ``/metadata/timestamp.json`` is what says "something new": a short lifetime
   (`timestamp_max_age`), so a cache re-asks a few times a minute, not once per
   device.
+- A 404 for ``N+1.root.json`` (no rotation yet) is kept `next_root_max_age`:
+  long where a rotation purges it from the caches, else as long as the timestamp.
 
 Every answer carries a strong ETag (the SHA-256 of the bytes) and honours
 If-None-Match (304); bundles honour Range (206, 416 past the end) so a cut
@@ -68,6 +70,9 @@ class OriginSettings:
     blobs: Path
     timestamp_max_age: int = 5
     token: str = ""
+    # How long caches keep the 404 of a root version not stored yet (the next root):
+    # long only where a rotation purges it (ota.delivery.purge), else the timestamp's.
+    next_root_max_age: int = 5
 
 
 # Checks a client certificate (PEM) and returns the device it names; raises
@@ -145,8 +150,13 @@ class Origin:
             return self._answer(request, kind, refused)
         content = self._metadata.metadata(role, version)
         if content is None:
-            # Root N+1 is how a device learns of a rotation; a cache keeps the 404 briefly.
-            return self._answer(request, kind, _not_found(self._settings.timestamp_max_age))
+            # Root N+1 is how a device learns of a rotation: every refresh asks for it.
+            max_age = (
+                self._settings.next_root_max_age
+                if role == "root"
+                else self._settings.timestamp_max_age
+            )
+            return self._answer(request, kind, _not_found(max_age))
         etag = f'"{hashlib.sha256(content).hexdigest()}"'
         headers = {"Cache-Control": cache, "ETag": etag}
         if _matches(request, etag):

@@ -13,11 +13,18 @@ What it changes from Varnish's built-in behaviour, and why:
 
 Range requests need nothing: Varnish fetches the whole object on a miss,
 streams it, and answers each Range from it. Lifetimes are the origin's
-Cache-Control (immutable files a year, timestamp.json a few seconds).
+Cache-Control (immutable files a year, timestamp.json a few seconds, the next
+root's 404 `origin_next_root_max_age` where the control plane purges it); Varnish
+keeps a 404 for its max-age as it keeps a 200. Requests for an object being
+fetched wait for that one fetch (Varnish's waiting list), and an expired object
+is served for up to Varnish's default grace (10 s) while one background fetch
+renews it: a fleet asking for the timestamp at once costs the origin one
+request per lifetime either way.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -29,18 +36,20 @@ from pathlib import Path
 from ota.broker.process import free_port, port_accepts
 from ota.errors import InvalidArgument, Unavailable
 
+LOOPBACK = ("127.0.0.1", "::1")
+
 
 def render_vcl(
     origin_host: str,
     origin_port: int,
     *,
     token: str = "",
-    purge_from: Sequence[str] = ("127.0.0.1", "::1"),
+    purge_from: Sequence[str] = LOOPBACK,
 ) -> str:
     for name, value in (("origin_host", origin_host), ("token", token)):
         if any(c in value for c in '"\n\r\\{}'):
             raise InvalidArgument("must not contain quotes, braces or newlines", field=name)
-    acl = "".join(f'    "{address}";\n' for address in purge_from)
+    acl = "".join(_acl_entry(address) for address in purge_from)
     check = (
         f"""    if (req.http.Authorization != "Bearer {token}") {{
         return (synth(401, "a delivery token is required"));
@@ -93,6 +102,19 @@ sub vcl_backend_response {{
 """
 
 
+def _acl_entry(address: str) -> str:
+    """One line of the purgers ACL: an address, or a network as `10.0.0.0/24`."""
+    try:
+        network = ipaddress.ip_network(address.strip(), strict=False)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"give an IP address or network, got {address!r}", field="purge_from"
+        ) from exc
+    if network.num_addresses == 1:
+        return f'    "{network.network_address}";\n'
+    return f'    "{network.network_address}"/{network.prefixlen};\n'
+
+
 _FALLBACK_BINARY = "/usr/sbin/varnishd"  # Debian puts it outside a user's PATH
 
 
@@ -127,12 +149,20 @@ class VarnishProcess:
 
     @classmethod
     def start(
-        cls, work_dir: Path, origin_host: str, origin_port: int, *, token: str = ""
+        cls,
+        work_dir: Path,
+        origin_host: str,
+        origin_port: int,
+        *,
+        token: str = "",
+        port: int | None = None,
     ) -> VarnishProcess:
+        """`port`: listen there (chosen beforehand, e.g. to give the control plane as
+        the cache it purges); a free one by default."""
         work_dir.mkdir(parents=True, exist_ok=True)
         vcl = work_dir / "ota.vcl"
         vcl.write_text(render_vcl(origin_host, origin_port, token=token))
-        port = free_port()
+        port = port or free_port()
         log_path = work_dir / "varnishd.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -110,8 +110,12 @@ class ImageRepository:
         clock: Clock,
         snapshot_expiry: timedelta = timedelta(days=7),
         timestamp_expiry: timedelta = timedelta(days=1),
+        on_root_rotated: Callable[[int], None] | None = None,
     ) -> None:
         self._store = store
+        # Told the version of each root stored by a rotation (and again when a rotation
+        # is retried): caches that keep the next root's 404 are purged of it.
+        self._on_root_rotated = on_root_rotated
         # Devices' reads come from memory; this class's own reads stay on the store.
         self._served = ServedMetadata(store)
         self._snapshot_signer = snapshot_signer
@@ -164,6 +168,7 @@ class ImageRepository:
         with self._lock:
             new_md = _parse_root(new_root, field="new_root")
             if self._store.get_metadata(Root.type, new_md.signed.version) == new_root:
+                self._rotated(new_md.signed.version)
                 return RootRotation(new_md.signed.version, self._targets_md().signed.version)
             current = self._root_md()
             _verify_root(new_md, previous=current, field="new_root")
@@ -197,7 +202,12 @@ class ImageRepository:
                 targets = resigned
             # Fresh snapshot and timestamp, signed by whatever the new root names.
             self._publish_snapshot()
+            self._rotated(new_md.signed.version)
             return RootRotation(new_md.signed.version, targets.signed.version)
+
+    def _rotated(self, root_version: int) -> None:
+        if self._on_root_rotated is not None:
+            self._on_root_rotated(root_version)
 
     # -- publishing bundles -----------------------------------------------------------
 

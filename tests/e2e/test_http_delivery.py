@@ -9,6 +9,7 @@ bundle body. What the origin served is read from its own Prometheus metrics.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from ota.broker.process import free_port
 from ota.client import Client
 from ota.clock import SystemClock
 from ota.device.http_source import HttpSource
@@ -26,6 +28,8 @@ from ota.device.source import Deadlines
 from ota.device.trust import DeviceTrust
 from ota.devstack import DevStack
 from ota.errors import VerificationError
+from ota.signing.keys import generate_key
+from ota.signing.rootgen import RootChange
 from ota.v1 import bundle_pb2, common_pb2, rollout_pb2
 from tests.broker_harness import BrokerHandle
 from tests.cache_harness import OriginLink, VarnishHandle, private_varnish
@@ -288,3 +292,58 @@ def test_with_a_delivery_token_the_cache_refuses_strangers_and_shares_one_copy(
             lone_device(dev, tmp_path, source, "tok-1").refresh_metadata()
     finally:
         dev.stop()
+
+
+def test_a_rotation_purges_the_next_roots_404_so_devices_behind_the_cache_learn_of_it(
+    tmp_path: Path, broker: BrokerHandle
+) -> None:
+    cache_port = free_port()
+    dev = DevStack.start(
+        tmp_path / "stack",
+        broker=endpoint(broker),
+        config_overrides={
+            "origin_listen": "127.0.0.1:0",
+            "origin_timestamp_max_age": TIMESTAMP_MAX_AGE,
+            "origin_purge_urls": f"http://127.0.0.1:{cache_port}",
+        },
+    )
+    origin = dev.control_plane.origin_server
+    assert origin is not None
+    client = Client.connect(dev.server, dev.admin_token)
+    try:
+        with private_varnish(
+            tmp_path / "varnish", "127.0.0.1", origin.port, port=cache_port
+        ) as cache:
+            # The next root's 404 is kept long, since a rotation purges it...
+            probe = urllib3.request("GET", cache.url + "/metadata/2.root.json", retries=False)
+            assert probe.status == 404
+            assert probe.headers["Cache-Control"] == "public, max-age=300"
+            device = lone_device(
+                dev, tmp_path, HttpSource(cache.url, deadlines=Deadlines()), "rot-1"
+            )
+            device.refresh_metadata()
+            assert trusted_root_version(tmp_path / "rot-1") == 1
+            # ... so the device's own probe was the cache's answer, not the origin's.
+            assert origin_requests(dev)["metadata", "404"] == 1
+
+            new_root = tmp_path / "root-2.pem"
+            plan = client.plan_root_rotation(
+                RootChange(root_keys=[generate_key(new_root)]),
+                root_keys=[dev.keys.root_key, new_root],
+            )
+            assert client.rotate_root(plan).root_version == 2
+
+            # Far sooner than the 404's 300 s: only the purge can have removed it.
+            def learned() -> bool:
+                device.refresh_metadata()
+                return trusted_root_version(tmp_path / "rot-1") == 2
+
+            wait_for(learned, what="the device trusting root v2 through the cache", timeout=60)
+    finally:
+        client.close()
+        dev.stop()
+
+
+def trusted_root_version(device_dir: Path) -> int:
+    version: int = json.loads((device_dir / "tuf" / "root.json").read_bytes())["signed"]["version"]
+    return version

@@ -88,6 +88,8 @@ def test_versioned_metadata_is_immutable_and_the_timestamp_short_lived(stack: De
         "/x",
     ):
         assert get(stack, path).status == 404, path
+    # With no cache to purge on a rotation, the next root's 404 lives as the timestamp does.
+    assert get(stack, "/metadata/2.root.json").headers["Cache-Control"] == "public, max-age=3"
 
 
 def test_a_bundle_is_served_whole_in_ranges_and_only_by_its_digest(

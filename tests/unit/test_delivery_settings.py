@@ -106,3 +106,13 @@ def test_the_nginx_config_refuses_values_that_would_break_out_of_a_directive() -
         with pytest.raises(InvalidArgument) as refused:
             DeviceCacheSettings(**{**good, field: bad})
         assert refused.value.field == field
+
+
+def test_the_vcl_lets_the_listed_addresses_and_networks_purge_and_nothing_else() -> None:
+    vcl = render_vcl("origin", 1, purge_from=["10.0.0.5", "10.1.0.0/16", "::1"])
+    acl = vcl.split("acl purgers {", 1)[1].split("}", 1)[0]
+    assert acl.split() == ['"10.0.0.5";', '"10.1.0.0"/16;', '"::1";']
+    for bad in ('x";', "10.0.0.0/33", "", "origin.internal"):
+        with pytest.raises(InvalidArgument) as caught:
+            render_vcl("origin", 1, purge_from=[bad])
+        assert caught.value.field == "purge_from"
