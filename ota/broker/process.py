@@ -106,6 +106,19 @@ def _file_size(path: Path) -> int:
         return 0
 
 
+def _catches_sighup(pid: int) -> bool:
+    """Whether the process has installed a SIGHUP handler (Linux: SigCgt in /proc); True
+    where /proc cannot tell."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGHUP - 1) & 1)
+    return True
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -188,7 +201,9 @@ class MosquittoProcess:
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
         delay = 0.005
-        while not port_accepts(self.host, self.port):
+        # Mosquitto listens before it installs its SIGHUP handler: a reload sent in
+        # between would end it (the default action). Ready means both.
+        while not (port_accepts(self.host, self.port) and _catches_sighup(self._proc.pid)):
             code = self._proc.poll()
             if code is not None:
                 raise Unavailable(
