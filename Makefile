@@ -33,8 +33,12 @@ proto-check: $(STAMP) ## fail if the committed ota/v1 code does not match protos
 demo: $(STAMP) ## start a private stack and run staged rollouts on a simulated fleet
 	$(VENV)/bin/ota demo
 
+# Two workers: much of an end-to-end test is waiting on processes, brokers and devices.
+# A file stays on one worker; tests/conftest.py keeps the longest files together.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) ## unit, integration and end-to-end tests (PostgreSQL too if OTA_TEST_DATABASE_URL is set)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: proto-check ## generated code up to date, ruff lint and format check, mypy strict
 	$(VENV)/bin/ruff check ota device_sim tests bench

@@ -14,14 +14,53 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+from xdist.scheduler import LoadFileScheduling
 
 from ota.devstack import BrokerEndpoint, DevStack
 from tests.broker_harness import BrokerHandle, private_broker
+
+# `make test` runs the suite on two workers (pytest-xdist, `--dist loadfile`): a test
+# file stays whole on one worker, so what its tests share per module (a wheel build,
+# a stack shared by a module's checks) is set up once. The longest files (minutes
+# each: hundreds of devices, control-plane kills, a benchmark run) are one unit:
+# they run one after another on one worker, never beside each other, and first,
+# while the other worker takes the short ones.
+HEAVY = frozenset(
+    {
+        "tests/e2e/test_bench_smoke.py",
+        "tests/e2e/test_control_plane_restart.py",
+        "tests/e2e/test_rollout_chaos.py",
+    }
+)
+
+
+def _test_file(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Stable: the heavy files first, everything else in its usual order.
+    items.sort(key=lambda item: _test_file(item.nodeid) not in HEAVY)
+
+
+class _SuiteScheduling(LoadFileScheduling):  # type: ignore[misc]
+    """One work unit per test file, and one for all the HEAVY files together."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = _test_file(nodeid)
+        return "heavy" if path in HEAVY else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") == "loadfile":
+        return _SuiteScheduling(config, log)
+    return None
 
 
 @pytest.fixture
