@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from sqlalchemy import Engine
 
 from ota.store.changes import CHANNELS
@@ -68,10 +67,14 @@ class ChangeNotices:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        # Imported here: psycopg comes with the `postgres` extra, and a control plane
+        # on SQLite (a wheel installed without it) never starts this thread.
+        import psycopg
+
         failures = 0
         while not self._stop.is_set():
             try:
-                self._listen()
+                self._listen(psycopg)
                 failures = 0
             except psycopg.Error as exc:
                 failures += 1
@@ -84,7 +87,7 @@ class ChangeNotices:
                 log.exception("change notices failed, reconnecting")
             self._stop.wait(self._retry)
 
-    def _listen(self) -> None:
+    def _listen(self, psycopg: Any) -> None:
         with psycopg.connect(
             self._conninfo,
             autocommit=True,
