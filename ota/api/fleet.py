@@ -255,14 +255,22 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     ) -> fleet_pb2.ListDevicesResponse:
         selector = Selector.parse(request.selector)
         size = page_size(request.page_size)
-        after = page_after(request.page_token, scope=str(selector))
+        # A token is valid only for the listing it came from, revoked devices included or not.
+        scope = f"{selector}|revoked" if request.include_revoked else str(selector)
+        after = page_after(request.page_token, scope=scope)
         with self._store.transaction() as session:
-            rows, total = fleet.list_devices(session, selector, after=after, limit=size + 1)
+            rows, total = fleet.list_devices(
+                session,
+                selector,
+                after=after,
+                limit=size + 1,
+                include_revoked=request.include_revoked,
+            )
         more = len(rows) > size
         rows = rows[:size]
         return fleet_pb2.ListDevicesResponse(
             devices=[convert.device(r) for r in rows],
-            next_page_token=page_token(rows[-1].device_id, scope=str(selector)) if more else "",
+            next_page_token=page_token(rows[-1].device_id, scope=scope) if more else "",
             total_size=total,
         )
 

@@ -210,8 +210,13 @@ def register(nouns: Any, client_options: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--out", type=Path, required=True, help="where to write the CRL (PEM)")
     client_options(p)
     p.set_defaults(handler=fleet_crl)
-    p = fleet.add_parser("list", help="devices matching a selector")
+    p = fleet.add_parser("list", help="devices matching a selector (revoked ones too with --all)")
     p.add_argument("--selector", default="", help="which devices, e.g. 'region = \"eu\"'")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="revoked devices too; by default only those a rollout could reach",
+    )
     _paging_options(p, "devices")
     client_options(p)
     p.set_defaults(handler=fleet_list)
@@ -730,7 +735,10 @@ def fleet_list(args: argparse.Namespace) -> int:
     client = _client(args)
     response = client.fleet.ListDevices(
         fleet_pb2.ListDevicesRequest(
-            selector=args.selector, page_size=args.limit, page_token=args.page_token
+            selector=args.selector,
+            page_size=args.limit,
+            page_token=args.page_token,
+            include_revoked=args.all,
         ),
         metadata=client.metadata,
     )

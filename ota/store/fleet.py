@@ -14,6 +14,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     bindparam,
+    case,
     cast,
     exists,
     func,
@@ -228,9 +229,16 @@ class Eligibility:
 
 
 def eligible_where(
-    session: Session, eligibility: Eligibility, *, judge_firmware: bool = True
+    session: Session,
+    eligibility: Eligibility,
+    *,
+    judge_firmware: bool = True,
+    include_revoked: bool = False,
 ) -> list[ColumnElement[bool]]:
     """SQL conditions that hold exactly for the non-revoked devices eligibility admits.
+
+    `include_revoked` drops the one condition a rollout needs and a listing may
+    not: the revoked devices the selector matches are kept.
 
     Equivalent to `selector.matches` (the reference, property-tested against this)
     plus the bundle's model and firmware floor. Text terms become SQL comparisons;
@@ -238,7 +246,9 @@ def eligible_where(
     SQL cannot do, so the few distinct firmware strings of the fleet are judged
     in Python and the survivors become one `firmware IN (...)`.
     """
-    conditions: list[ColumnElement[bool]] = [_DEVICE.c.revoked.is_(False)]
+    conditions: list[ColumnElement[bool]] = (
+        [] if include_revoked else [_DEVICE.c.revoked.is_(False)]
+    )
     for term in eligibility.selector.terms:
         if term.attr != "firmware":
             conditions.append(_text_condition(session, term))
@@ -247,7 +257,8 @@ def eligible_where(
     if eligibility.compatibility.models:
         conditions.append(_DEVICE.c.model.in_(sorted(eligibility.compatibility.models)))
     if judge_firmware and eligibility.judges_firmware:
-        conditions.append(_DEVICE.c.firmware.in_(_firmware_admitted(session, eligibility)))
+        admitted = _firmware_admitted(session, eligibility, include_revoked=include_revoked)
+        conditions.append(_DEVICE.c.firmware.in_(admitted))
     return conditions
 
 
@@ -272,10 +283,13 @@ def _label(session: Session, name: str) -> ColumnElement[Any]:
     return func.json_extract(_DEVICE.c.labels_json, f'$."{name}"')
 
 
-def _firmware_admitted(session: Session, eligibility: Eligibility) -> list[str]:
-    distinct = session.execute(
-        core_select(_DEVICE.c.firmware).where(_DEVICE.c.revoked.is_(False)).distinct()
-    ).scalars()
+def _firmware_admitted(
+    session: Session, eligibility: Eligibility, *, include_revoked: bool = False
+) -> list[str]:
+    query = core_select(_DEVICE.c.firmware).distinct()
+    if not include_revoked:
+        query = query.where(_DEVICE.c.revoked.is_(False))
+    distinct = session.execute(query).scalars()
     return sorted(firmware for firmware in distinct if eligibility.admits_firmware(firmware))
 
 
@@ -335,10 +349,19 @@ def select_devices(session: Session, selector: Selector) -> list[DeviceRow]:
 
 
 def list_devices(
-    session: Session, selector: Selector, *, after: str, limit: int
+    session: Session,
+    selector: Selector,
+    *,
+    after: str,
+    limit: int,
+    include_revoked: bool = False,
 ) -> tuple[list[DeviceRow], int]:
-    """A page of matching devices after id `after`, and the total match count."""
-    conditions = eligible_where(session, Eligibility(selector))
+    """A page of matching devices after id `after`, and the total match count.
+
+    Revoked devices only with `include_revoked`: by default the list is the
+    fleet a rollout could reach.
+    """
+    conditions = eligible_where(session, Eligibility(selector), include_revoked=include_revoked)
     page = session.exec(
         select(DeviceRow)
         .where(*conditions)
@@ -354,6 +377,9 @@ def revoke(session: Session, device_id: str, now: datetime | None = None) -> Dev
     now = now or datetime.now(UTC)
     row = get_device(session, device_id)
     row.revoked = True
+    # The broker drops its connection and refuses its identity, so the offline
+    # presence (its will) that would otherwise say so never arrives.
+    row.online = False
     row.enroll_token_sha256 = ""
     row.enroll_expires_at = None
     if row.cert_serial:
@@ -423,4 +449,8 @@ _SEEN = (
     .where(_DEVICE.c.device_id == bindparam("s_device_id"))
     .values(last_seen_at=bindparam("s_last_seen_at"))
 )
-_SEEN_ONLINE = _SEEN.values(online=bindparam("s_online"))
+# A revoked device is offline whatever it last said: a report that was in
+# flight when it was revoked must not bring it back online.
+_SEEN_ONLINE = _SEEN.values(
+    online=case((_DEVICE.c.revoked.is_(True), False), else_=bindparam("s_online"))
+)

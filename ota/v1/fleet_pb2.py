@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from ota.v1 import common_pb2 as ota_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ota/v1/fleet.proto\x12\x06ota.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13ota/v1/common.proto\"\xbe\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08\x66irmware\x18\x05 \x01(\t\x12*\n\x06labels\x18\x06 \x03(\x0b\x32\x1a.ota.v1.Device.LabelsEntry\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06online\x18\n \x01(\x08\x12(\n\x08identity\x18\x0b \x01(\x0e\x32\x16.ota.v1.DeviceIdentity\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x0c \x01(\t\x12;\n\x17\x63\x65rtificate_expire_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x01\n\x12\x44\x65viceRegistration\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x10\n\x08\x66irmware\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.ota.v1.DeviceRegistration.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x16RegisterDevicesRequest\x12+\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1a.ota.v1.DeviceRegistration\x12(\n\x08identity\x18\x02 \x01(\x0e\x32\x16.ota.v1.DeviceIdentity\"\x8c\x01\n\x11\x44\x65viceCredentials\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x03 \x01(\t\x12:\n\x16\x65nrollment_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x17RegisterDevicesResponse\x12.\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x19.ota.v1.DeviceCredentials\x12\x10\n\x08mqtt_url\x18\x02 \x01(\t\x12\x12\n\ntopic_root\x18\x03 \x01(\t\"M\n\x12ListDevicesRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x13ListDevicesResponse\x12\x1f\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0e.ota.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\":\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_limit\x18\x02 \x01(\x05\"\x8a\x01\n\x11GetDeviceResponse\x12\x1e\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x0e.ota.v1.Device\x12#\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x13.ota.v1.DeviceEvent\x12\x14\n\x0crate_limited\x18\x03 \x01(\x08\x12\x1a\n\x12rate_limited_drops\x18\x04 \x01(\x03\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"O\n\x13\x45nrollDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x0b\n\x03\x63sr\x18\x03 \x01(\t\"9\n\x17RenewCertificateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\t\"6\n\x14SignDeviceCsrRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\t\"\xc4\x01\n\x11\x44\x65viceCertificate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_certificate\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetDeviceCrlRequest\"\x18\n\tDeviceCrl\x12\x0b\n\x03\x63rl\x18\x01 \x01(\t*p\n\x0e\x44\x65viceIdentity\x12\x1f\n\x1b\x44\x45VICE_IDENTITY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45VICE_IDENTITY_PASSWORD\x10\x01\x12\x1f\n\x1b\x44\x45VICE_IDENTITY_CERTIFICATE\x10\x02\x32\xcb\x04\n\x0c\x46leetService\x12R\n\x0fRegisterDevices\x12\x1e.ota.v1.RegisterDevicesRequest\x1a\x1f.ota.v1.RegisterDevicesResponse\x12\x46\n\x0bListDevices\x12\x1a.ota.v1.ListDevicesRequest\x1a\x1b.ota.v1.ListDevicesResponse\x12@\n\tGetDevice\x12\x18.ota.v1.GetDeviceRequest\x1a\x19.ota.v1.GetDeviceResponse\x12;\n\x0cRevokeDevice\x12\x1b.ota.v1.RevokeDeviceRequest\x1a\x0e.ota.v1.Device\x12\x46\n\x0c\x45nrollDevice\x12\x1b.ota.v1.EnrollDeviceRequest\x1a\x19.ota.v1.DeviceCertificate\x12N\n\x10RenewCertificate\x12\x1f.ota.v1.RenewCertificateRequest\x1a\x19.ota.v1.DeviceCertificate\x12H\n\rSignDeviceCsr\x12\x1c.ota.v1.SignDeviceCsrRequest\x1a\x19.ota.v1.DeviceCertificate\x12>\n\x0cGetDeviceCrl\x12\x1b.ota.v1.GetDeviceCrlRequest\x1a\x11.ota.v1.DeviceCrlb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ota/v1/fleet.proto\x12\x06ota.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13ota/v1/common.proto\"\xbe\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08\x66irmware\x18\x05 \x01(\t\x12*\n\x06labels\x18\x06 \x03(\x0b\x32\x1a.ota.v1.Device.LabelsEntry\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06online\x18\n \x01(\x08\x12(\n\x08identity\x18\x0b \x01(\x0e\x32\x16.ota.v1.DeviceIdentity\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x0c \x01(\t\x12;\n\x17\x63\x65rtificate_expire_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x01\n\x12\x44\x65viceRegistration\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x10\n\x08\x66irmware\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.ota.v1.DeviceRegistration.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x16RegisterDevicesRequest\x12+\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1a.ota.v1.DeviceRegistration\x12(\n\x08identity\x18\x02 \x01(\x0e\x32\x16.ota.v1.DeviceIdentity\"\x8c\x01\n\x11\x44\x65viceCredentials\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x03 \x01(\t\x12:\n\x16\x65nrollment_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x17RegisterDevicesResponse\x12.\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x19.ota.v1.DeviceCredentials\x12\x10\n\x08mqtt_url\x18\x02 \x01(\t\x12\x12\n\ntopic_root\x18\x03 \x01(\t\"f\n\x12ListDevicesRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\"c\n\x13ListDevicesResponse\x12\x1f\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0e.ota.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\":\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_limit\x18\x02 \x01(\x05\"\x8a\x01\n\x11GetDeviceResponse\x12\x1e\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x0e.ota.v1.Device\x12#\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x13.ota.v1.DeviceEvent\x12\x14\n\x0crate_limited\x18\x03 \x01(\x08\x12\x1a\n\x12rate_limited_drops\x18\x04 \x01(\x03\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"O\n\x13\x45nrollDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x0b\n\x03\x63sr\x18\x03 \x01(\t\"9\n\x17RenewCertificateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\t\"6\n\x14SignDeviceCsrRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\t\"\xc4\x01\n\x11\x44\x65viceCertificate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_certificate\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetDeviceCrlRequest\"\x18\n\tDeviceCrl\x12\x0b\n\x03\x63rl\x18\x01 \x01(\t*p\n\x0e\x44\x65viceIdentity\x12\x1f\n\x1b\x44\x45VICE_IDENTITY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45VICE_IDENTITY_PASSWORD\x10\x01\x12\x1f\n\x1b\x44\x45VICE_IDENTITY_CERTIFICATE\x10\x02\x32\xcb\x04\n\x0c\x46leetService\x12R\n\x0fRegisterDevices\x12\x1e.ota.v1.RegisterDevicesRequest\x1a\x1f.ota.v1.RegisterDevicesResponse\x12\x46\n\x0bListDevices\x12\x1a.ota.v1.ListDevicesRequest\x1a\x1b.ota.v1.ListDevicesResponse\x12@\n\tGetDevice\x12\x18.ota.v1.GetDeviceRequest\x1a\x19.ota.v1.GetDeviceResponse\x12;\n\x0cRevokeDevice\x12\x1b.ota.v1.RevokeDeviceRequest\x1a\x0e.ota.v1.Device\x12\x46\n\x0c\x45nrollDevice\x12\x1b.ota.v1.EnrollDeviceRequest\x1a\x19.ota.v1.DeviceCertificate\x12N\n\x10RenewCertificate\x12\x1f.ota.v1.RenewCertificateRequest\x1a\x19.ota.v1.DeviceCertificate\x12H\n\rSignDeviceCsr\x12\x1c.ota.v1.SignDeviceCsrRequest\x1a\x19.ota.v1.DeviceCertificate\x12>\n\x0cGetDeviceCrl\x12\x1b.ota.v1.GetDeviceCrlRequest\x1a\x11.ota.v1.DeviceCrlb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_DEVICEREGISTRATION_LABELSENTRY']._loaded_options = None
   _globals['_DEVICEREGISTRATION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICEIDENTITY']._serialized_start=1963
-  _globals['_DEVICEIDENTITY']._serialized_end=2075
+  _globals['_DEVICEIDENTITY']._serialized_start=1988
+  _globals['_DEVICEIDENTITY']._serialized_end=2100
   _globals['_DEVICE']._serialized_start=85
   _globals['_DEVICE']._serialized_end=531
   _globals['_DEVICE_LABELSENTRY']._serialized_start=486
@@ -54,27 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERDEVICESRESPONSE']._serialized_start=983
   _globals['_REGISTERDEVICESRESPONSE']._serialized_end=1094
   _globals['_LISTDEVICESREQUEST']._serialized_start=1096
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1173
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1175
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1274
-  _globals['_GETDEVICEREQUEST']._serialized_start=1276
-  _globals['_GETDEVICEREQUEST']._serialized_end=1334
-  _globals['_GETDEVICERESPONSE']._serialized_start=1337
-  _globals['_GETDEVICERESPONSE']._serialized_end=1475
-  _globals['_REVOKEDEVICEREQUEST']._serialized_start=1477
-  _globals['_REVOKEDEVICEREQUEST']._serialized_end=1517
-  _globals['_ENROLLDEVICEREQUEST']._serialized_start=1519
-  _globals['_ENROLLDEVICEREQUEST']._serialized_end=1598
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1600
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1657
-  _globals['_SIGNDEVICECSRREQUEST']._serialized_start=1659
-  _globals['_SIGNDEVICECSRREQUEST']._serialized_end=1713
-  _globals['_DEVICECERTIFICATE']._serialized_start=1716
-  _globals['_DEVICECERTIFICATE']._serialized_end=1912
-  _globals['_GETDEVICECRLREQUEST']._serialized_start=1914
-  _globals['_GETDEVICECRLREQUEST']._serialized_end=1935
-  _globals['_DEVICECRL']._serialized_start=1937
-  _globals['_DEVICECRL']._serialized_end=1961
-  _globals['_FLEETSERVICE']._serialized_start=2078
-  _globals['_FLEETSERVICE']._serialized_end=2665
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1198
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1200
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1299
+  _globals['_GETDEVICEREQUEST']._serialized_start=1301
+  _globals['_GETDEVICEREQUEST']._serialized_end=1359
+  _globals['_GETDEVICERESPONSE']._serialized_start=1362
+  _globals['_GETDEVICERESPONSE']._serialized_end=1500
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=1502
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=1542
+  _globals['_ENROLLDEVICEREQUEST']._serialized_start=1544
+  _globals['_ENROLLDEVICEREQUEST']._serialized_end=1623
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1625
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1682
+  _globals['_SIGNDEVICECSRREQUEST']._serialized_start=1684
+  _globals['_SIGNDEVICECSRREQUEST']._serialized_end=1738
+  _globals['_DEVICECERTIFICATE']._serialized_start=1741
+  _globals['_DEVICECERTIFICATE']._serialized_end=1937
+  _globals['_GETDEVICECRLREQUEST']._serialized_start=1939
+  _globals['_GETDEVICECRLREQUEST']._serialized_end=1960
+  _globals['_DEVICECRL']._serialized_start=1962
+  _globals['_DEVICECRL']._serialized_end=1986
+  _globals['_FLEETSERVICE']._serialized_start=2103
+  _globals['_FLEETSERVICE']._serialized_end=2690
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,7 @@ from securesystemslib.signer import CryptoSigner
 from sqlmodel import Session, SQLModel
 
 from ota.domain import states
+from ota.domain.selector import Selector
 from ota.errors import Aborted
 from ota.rollout.notify import issue_desired_states
 from ota.store import bundles, desired, fleet, rollouts
@@ -188,3 +189,33 @@ def test_presence_is_one_batch_and_the_last_report_of_a_device_wins(store: Store
     with store.transaction() as session:
         a, b = fleet.get_device(session, "a"), fleet.get_device(session, "b")
         assert (a.online, a.last_seen_at, b.online, b.last_seen_at) == (True, later, False, later)
+
+
+def test_a_listing_leaves_revoked_devices_out_unless_asked(store: Store) -> None:
+    with store.transaction() as session:
+        fleet.register_devices(
+            session, [fleet.Registration(i, "ev6", "eu", "4.2", {}) for i in ("a", "b")], NOW
+        )
+        fleet.revoke(session, "b", NOW)
+    selector = Selector.parse("firmware >= 4.0")
+    with store.transaction() as session:
+        default, n_default = fleet.list_devices(session, selector, after="", limit=10)
+        everyone, n_everyone = fleet.list_devices(
+            session, selector, after="", limit=10, include_revoked=True
+        )
+        assert ([d.device_id for d in default], n_default) == (["a"], 1)
+        assert [(d.device_id, d.revoked) for d in everyone] == [("a", False), ("b", True)]
+        assert n_everyone == 2
+
+
+def test_a_revoked_device_is_offline_whatever_it_last_reported(store: Store) -> None:
+    with store.transaction() as session:
+        fleet.register_devices(session, [fleet.Registration("a", "ev6", "eu", "4.2", {})], NOW)
+        fleet.mark_seen(session, [("a", NOW, True)])
+    with store.transaction() as session:
+        assert fleet.revoke(session, "a", NOW).online is False
+    with store.transaction() as session:
+        # A report in flight when it was revoked does not bring it back.
+        fleet.mark_seen(session, [("a", NOW + timedelta(seconds=1), True)])
+    with store.transaction() as session:
+        assert fleet.get_device(session, "a").online is False
