@@ -119,7 +119,10 @@ class Agent:
             cert, key = config.identity_dir / "cert.pem", config.identity_dir / "key.pem"
             self._channel = channel(config.device_server, ClientTls(tls.ca_file, cert, key))
             mqtt_tls = TlsFiles(mqtt_tls.ca_file, cert, key)
+            # Named in the first log line: the address it calls, not the one it enrolled on.
+            self._calls = f"device port {config.device_server}"
         else:
+            self._calls = f"server {config.server}"
             self._channel = channel(
                 config.server,
                 ClientTls(tls.ca_file, tls.cert_file, tls.key_file) if tls is not None else None,
@@ -208,11 +211,11 @@ class Agent:
         agent with it (the connections of this one hold the old one).
         """
         log.info(
-            "ota-agent for %s (%s, firmware %s): server %s, broker %s, state in %s",
+            "ota-agent for %s (%s, firmware %s): %s, broker %s, state in %s",
             self.device_id,
             self.config.model,
             self.config.firmware,
-            self.config.server,
+            self._calls,
             self.config.broker,
             self.config.state_dir,
         )

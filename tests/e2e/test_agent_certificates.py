@@ -89,6 +89,8 @@ def test_the_agent_enrolls_follows_over_mutual_tls_and_keeps_its_certificate(
         try:
             agent.wait_following()
             assert "enrolled: certificate" in agent.log_since_start()
+            # The first line names the address it calls: the device port, not the API's.
+            assert f"device port {stack.device_server}, broker" in agent.log_since_start()
             cert = on_disk(agent)
             serial = format(cert.serial_number, "x")
             assert serial == recorded_serial(stack, "car-1")
