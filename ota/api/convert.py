@@ -19,6 +19,7 @@ from ota.store.models import (
     RolloutDeviceRow,
     RolloutRow,
 )
+from ota.store.rollouts import stage_starts
 from ota.v1 import bundle_pb2, common_pb2, fleet_pb2, report_pb2, rollout_pb2
 
 _GATE_ACTIONS = {
@@ -126,10 +127,15 @@ def rollout(
     stage_exposure: dict[int, int] | None = None,
     eligible: int = 0,
     holdout: int = 0,
+    stage_started: dict[int, datetime] | None = None,
 ) -> rollout_pb2.Rollout:
     plan = RolloutPlan.from_json(row.stages_json, row.gate_json)
     states = device_states or {}
     exposure = stage_exposure or {}
+    started = dict(stage_started or {})
+    if row.current_stage >= 0 and row.stage_started_at is not None:
+        # The row's own time for the current stage, so it reads as `stage_started_time`.
+        started[row.current_stage] = row.stage_started_at
     return rollout_pb2.Rollout(
         name=f"rollouts/{row.rollout_id}",
         rollout_id=row.rollout_id,
@@ -157,7 +163,9 @@ def rollout(
         holdout=holdout,
         exposed=sum(states.values()),
         progress=[
-            rollout_pb2.StageProgress(ppm=s.ppm, exposed=exposure.get(i, 0))
+            rollout_pb2.StageProgress(
+                ppm=s.ppm, exposed=exposure.get(i, 0), started_time=ts(started.get(i))
+            )
             for i, s in enumerate(plan.stages)
         ],
         state_reason=row.state_reason,
@@ -272,6 +280,7 @@ def report(value: AdoptionReport, states: dict[str, int]) -> report_pb2.RolloutR
             stage_exposure={i: n for i, (_, n) in enumerate(value.stages)},
             eligible=value.eligible,
             holdout=value.exposure_gap.holdout if value.exposure_gap else 0,
+            stage_started=stage_starts(value.timeline),
         ),
         generated_time=ts(value.generated_at),
         data_time=ts(value.data_time),

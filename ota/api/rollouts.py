@@ -116,6 +116,7 @@ def _message(session: Session, row: RolloutRow) -> rollout_pb2.Rollout:
         stage_exposure=by_stage,
         eligible=eligible,
         holdout=holdout_count(session, row, bundle, eligible),
+        stage_started=rollouts.stage_start_times(session, row.rollout_id),
     )
 
 

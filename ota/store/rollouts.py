@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import Table, func, update
 from sqlmodel import Session, col, select
 
+from ota.clock import utc
 from ota.domain import webhooks as webhook_domain
 from ota.domain.durations import time_bucket
 from ota.domain.states import DELETED
@@ -363,6 +364,27 @@ def stage_exposure(session: Session, rollout_id: str) -> dict[int, int]:
         .group_by(col(RolloutDeviceRow.stage))
     )
     return {stage: int(n) for stage, n in session.exec(query)}
+
+
+# The audit action of the engine entering a stage (`RolloutEngine._enter_stage`):
+# the one record of when each stage, not only the current one, started.
+ENTERED_STAGE = "advance"
+
+
+def stage_start_times(session: Session, rollout_id: str) -> dict[int, datetime]:
+    """When the rollout entered each stage it has reached, by stage index."""
+    query = (
+        select(RolloutAuditRow.stage, func.max(RolloutAuditRow.time))
+        .where(RolloutAuditRow.rollout_id == rollout_id)
+        .where(RolloutAuditRow.action == ENTERED_STAGE)
+        .group_by(col(RolloutAuditRow.stage))
+    )
+    return {int(stage): utc(when) for stage, when in session.exec(query)}
+
+
+def stage_starts(timeline: Iterable[RolloutAuditRow]) -> dict[int, datetime]:
+    """`stage_start_times` from an audit log already read (oldest first)."""
+    return {e.stage: utc(e.time) for e in timeline if e.action == ENTERED_STAGE}
 
 
 def audit_log(session: Session, rollout_id: str, *, after_id: int = 0) -> list[RolloutAuditRow]:

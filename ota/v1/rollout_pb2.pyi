@@ -152,7 +152,11 @@ class StageProgress(_message.Message):
     ppm: _builtins.int
     exposed: _builtins.int
     @_builtins.property
-    def started_time(self) -> _timestamp_pb2.Timestamp: ...
+    def started_time(self) -> _timestamp_pb2.Timestamp:
+        """When the rollout entered this stage (from its audit log); unset for a
+        stage it has not reached. The current one's is also `stage_started_time`.
+        """
+
     def __init__(
         self,
         *,

@@ -31,12 +31,18 @@ def test_staged_rollout_completes_and_the_report_counts_what_devices_did(
         first = sum(is_exposed(salt, i, 100_000) for i in ids)
         second = sum(is_exposed(salt, i, 500_000) for i in ids) - first
         assert [p.exposed for p in final.progress] == [first, second, len(ids) - first - second]
+        # Each stage's start, from the audit log, in order; the last is the current stage's.
+        started = [p.started_time.ToDatetime() for p in final.progress]
+        assert all(p.HasField("started_time") for p in final.progress)
+        assert started == sorted(started)
+        assert final.progress[-1].started_time == final.stage_started_time
 
         r = report(client, final.rollout_id)
         assert report_states(r) == {"ACTIVE": 90} == dict(fleet.outcomes(final.rollout_id))
         # Every step to ACTIVE; the last, USED, is 0: these devices report no use.
         assert [(s.step, s.devices) for s in r.funnel][-1] == ("USED", 0)
         assert [s.devices for s in r.funnel] == [90] * 6 + [0]
+        assert list(r.rollout.progress) == list(final.progress)
         assert all(d.installed["lane-assist"].sha256.hex() == sha for d in fleet.devices)
         assert r.events_ingested == sum(d.record.events_sent for d in fleet.devices)
     finally:
