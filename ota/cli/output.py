@@ -3,7 +3,7 @@
 The JSON convention (`plain`, `emit_page`): field names as in the proto
 (snake_case); every field present, `null` when a message field is unset;
 integers as JSON numbers (int64 too), hashes and other bytes in lowercase
-hex, enums by name, times as RFC 3339 UTC strings, durations in seconds as
+hex, enums by their whole proto name (`ROLLOUT_STATE_RUNNING`), times as RFC 3339 UTC strings, durations in seconds as
 numbers; a list is an object with the items under their plural name and
 `next_page_token` ("" on the last page).
 """

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,19 @@ def test_an_unset_message_field_is_null_and_a_list_carries_its_page_token(
     printed = json.loads(capsys.readouterr().out)
     assert printed["next_page_token"] == "next"
     assert printed["deliveries"][0]["event_id"] == "msg_1"
+
+
+def test_the_readme_examples_of_enums_are_what_a_rollout_prints() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    bullet = readme.split("- enums by", 1)[1].split("\n- ", 1)[0]
+    examples = re.findall(r'`("\w+": [^`]+)`', " ".join(bullet.split()))
+    assert examples  # the bullet still quotes JSON: the check below is not vacuous
+    rollout = rollout_pb2.Rollout(
+        state=rollout_pb2.ROLLOUT_STATE_RUNNING,
+        gate=rollout_pb2.FailureGate(action=rollout_pb2.GATE_ACTION_PAUSE),
+        device_states={"INSTALLED": 12, "FAILED": 1},
+    )
+    printed = plain(rollout)
+    shown = json.dumps({**printed, **printed["gate"]}, sort_keys=True)
+    for example in examples:
+        assert example in shown
