@@ -9,6 +9,7 @@ demanding the device's current certificate.
 
 from __future__ import annotations
 
+import json
 import stat
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -132,7 +133,9 @@ def test_the_agent_enrolls_follows_over_mutual_tls_and_keeps_its_certificate(
             agent.stop()
 
 
-def test_a_revoked_agent_is_dropped_and_says_the_broker_refuses_it(tmp_path: Path) -> None:
+def test_a_revoked_agent_is_dropped_and_says_the_broker_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with cert_stack(tmp_path / "stack", crl=True) as stack:
         agent = provision(stack, tmp_path / "devices", "car-r")
         agent.start()
@@ -158,6 +161,19 @@ def test_a_revoked_agent_is_dropped_and_says_the_broker_refuses_it(tmp_path: Pat
             )
             assert agent.log_since_start().count(refused) == 1
             assert agent.alive()
+            # Shown offline, as the metrics count it; listed only when revoked ones are asked for.
+            tls = ("--tls-ca", str(stack.pki.ca_cert), "--format", "json")
+            capsys.readouterr()
+            assert ota_main(["fleet", "get", "car-r", *base, *tls]) == 0
+            device = json.loads(capsys.readouterr().out)["device"]
+            assert (device["revoked"], device["online"]) == (True, False)
+            assert ota_main(["fleet", "list", *base, *tls]) == 0
+            assert json.loads(capsys.readouterr().out)["devices"] == []
+            assert ota_main(["fleet", "list", "--all", *base, *tls]) == 0
+            listed = json.loads(capsys.readouterr().out)["devices"]
+            assert [(d["device_id"], d["revoked"], d["online"]) for d in listed] == [
+                ("car-r", True, False)
+            ]
         finally:
             agent.stop()
 
