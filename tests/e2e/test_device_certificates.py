@@ -71,9 +71,12 @@ def test_certificate_devices_enroll_and_follow_a_rollout_over_mutual_tls(tmp_pat
             assert dict(final.device_states) == {"ACTIVE": DEVICES}
         finally:
             fleet.stop()
-        # The broker knows no device: its password file holds the control plane alone.
+        # The broker knows no device: its password file holds the control plane's
+        # accounts alone (its own, and its ingest workers' and publishers').
         users = [line.split(":")[0] for line in stack.files.password_file.read_text().split()]
-        assert users == ["ota-control"]
+        assert "ota-control" in users
+        assert not {d.device_id for d in fleet.devices} & set(users)
+        assert all(u == "ota-control" or u.startswith("ota-control-") for u in users), users
         device = stack.client.fleet.GetDevice(
             fleet_pb2.GetDeviceRequest(device_id=fleet.devices[0].device_id),
             metadata=stack.client.metadata,
