@@ -20,6 +20,7 @@ from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import BrokerAccounts, FleetServicer
 from ota.api.freshness import follow_changes
+from ota.api.health import HealthMonitor, ServiceHealth, database_answers
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
@@ -38,6 +39,7 @@ from ota.metrics import Metrics, MetricsServer
 from ota.rollout.commands import RolloutCommands
 from ota.rollout.engine import RolloutEngine
 from ota.rollout.lease import FencedStore, Lease
+from ota.runtime import Signals, Worker
 from ota.signing.keys import load_signer
 from ota.store import changes as store_changes
 from ota.store import control_accounts
@@ -63,6 +65,9 @@ from ota.web.app import Dashboard
 from ota.web.server import DashboardServer
 
 log = logging.getLogger(__name__)
+
+# How long calls in flight may take to finish once the control plane stops.
+SHUTDOWN_GRACE_SECONDS = 2.0
 
 
 class MosquittoAccounts:
@@ -150,24 +155,15 @@ class CrlFile:
         self._pid_file = pid_file
         self._make = make_crl
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Written when built; the worker's first run (at start) and each one after
+        # REFRESH_SECONDS write it again.
+        self._worker = Worker("crl", self.write, interval=self.REFRESH_SECONDS, join_seconds=5.0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._refresh, name="ota-crl", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _refresh(self) -> None:
-        while not self._stop.wait(self.REFRESH_SECONDS):
-            try:
-                self.write()
-            except Exception:
-                log.exception("could not refresh the device CRL at %s", self._path)
+        self._worker.stop()
 
     def write(self) -> None:
         with self._lock:
@@ -278,6 +274,9 @@ class ControlPlane:
     crl_file: CrlFile | None = None
     change_notices: ChangeNotices | None = None
     purger: CachePurger | None = None
+    signals: Signals = field(default_factory=Signals)
+    health: ServiceHealth | None = None
+    health_monitor: HealthMonitor | None = None
 
     @classmethod
     def build(
@@ -319,44 +318,50 @@ class ControlPlane:
         )
         # Every replica serves and ingests; the engine lease's holder alone does
         # what must happen once: the engine, publishing, re-signing the timestamp.
+        signals = Signals()
         lease = Lease(
             store,
             clock,
             holder=replica_name(config),
             duration_seconds=config.lease_duration_seconds,
             renew_seconds=config.lease_renew_seconds,
+            on_acquired=signals.lease_gained.emit,
+            on_lost=signals.lease_lost.emit,
         )
+        # The lease holder's writes: each transaction first proves the lease is held.
+        fenced = FencedStore(engine_db, lease)
         publisher = DesiredStatePublisher(
-            link, store, holds_lease=lease.held, poll_seconds=config.publish_poll_seconds
+            link,
+            store,
+            holds_lease=lease.held,
+            poll_seconds=config.publish_poll_seconds,
+            fenced=fenced,
+            wake_on=[signals.desired_committed, signals.lease_gained],
         )
+        # WatchRollout streams look again on any change of a rollout or its progress.
         changes = RolloutChanges()
+        signals.rollout_changed.connect(changes.notify)
+        signals.progress_ingested.connect(changes.notify)
         metrics = Metrics()
         ttl = timedelta(seconds=config.desired_state_ttl_seconds)
-
-        def notify() -> None:
-            publisher.wake()
-            changes.notify()
-
         engine = RolloutEngine(
-            FencedStore(engine_db, lease),
+            fenced,
             director,
             clock,
-            on_notify=notify,
+            on_notify=signals.desired_committed.emit,
+            on_change=signals.rollout_changed.emit,
             desired_ttl=ttl,
             interval=config.engine_interval_seconds,
             holds_lease=lease.held,
             metrics=metrics,
+            wake_on=[signals.rollout_changed, signals.progress_ingested, signals.lease_gained],
         )
 
-        def lease_acquired() -> None:
-            engine.wake()
-            publisher.wake()
-
-        lease.on_acquired = lease_acquired
-
         def command_done() -> None:
-            engine.wake()
-            notify()
+            # A command may have committed desired states (rollback, kill) and changed
+            # a rollout: both are raised, whichever it was.
+            signals.desired_committed.emit()
+            signals.rollout_changed.emit()
 
         commands = RolloutCommands(
             store, director, clock, desired_ttl=ttl, on_change=command_done, metrics=metrics
@@ -421,7 +426,7 @@ class ControlPlane:
             store, commands, changes, auth, cache_seconds=config.rollout_cache_seconds
         )
         change_notices = follow_changes(engine_db, rollout_servicer.views, auth)
-        server, port, _health = build_server(
+        server, port, health = build_server(
             config.listen,
             auth=auth,
             bundles=BundleServicer(store, BlobStore(config.data_dir / "blobs"), repo, clock),
@@ -476,7 +481,17 @@ class ControlPlane:
                 engine_db, {store_changes.ROLLOUTS: set(ids)}
             ),
         )
-        refresher = TimestampRefresher(repo, holds_lease=lease.held)
+        # Rollouts whose progress a batch moved, here or in a worker process.
+        ingest.on_progress = lambda _rollouts: signals.progress_ingested.emit()
+        refresher = TimestampRefresher(
+            repo, holds_lease=lease.held, fenced=SqlMetadataStore(fenced)
+        )
+        health_monitor = HealthMonitor(
+            health,
+            broker_up=link.connected.is_set,
+            database_up=lambda: database_answers(engine_db),
+        )
+        health_monitor.watch_errors(engine_db)
         # Deliveries go out from the lease holder only, so replicas never both send one.
         webhook_worker = WebhookWorker(
             store,
@@ -526,6 +541,9 @@ class ControlPlane:
             crl_file=crl_file,
             change_notices=change_notices,
             purger=purger,
+            signals=signals,
+            health=health,
+            health_monitor=health_monitor,
         )
 
     def start(self) -> None:
@@ -559,6 +577,9 @@ class ControlPlane:
         self.webhooks.start()
         if self.crl_file is not None:
             self.crl_file.start()
+        if self.health_monitor is not None:
+            self.health_monitor.check()  # the first answer is true before the first call
+            self.health_monitor.start()
         self.server.start()
         log.info("control plane serving gRPC on port %d", self.port)
         if self.origin_server is not None:
@@ -600,13 +621,19 @@ class ControlPlane:
         return self.origin_server.url if self.origin_server is not None else ""
 
     def stop(self) -> None:
+        # NOT_SERVING first, so balancers send new work elsewhere while calls in
+        # flight get the grace period to finish.
+        if self.health_monitor is not None:
+            self.health_monitor.stop()
+        if self.health is not None:
+            self.health.shutdown()
         if self.origin_server is not None:
             self.origin_server.stop()
         if self.dashboard_server is not None:
             self.dashboard_server.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self.server.stop(grace=2).wait()
+        self.server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
         self.engine.stop()
         self.refresher.stop()
         self.webhooks.stop()

@@ -47,7 +47,11 @@ class ServerConfig:
     # Bootstrap bearer tokens: token -> "role" or "role:name" (role in TOKEN_ROLES).
     tokens: dict[str, str] = field(default_factory=dict)
     desired_state_ttl_seconds: int = 7 * 24 * 3600
-    engine_interval_seconds: float = 0.25
+    # The longest the engine waits between looks at running rollouts: commands,
+    # ingested progress and lease changes wake it at once, a soak's end or a stage
+    # deadline when due; this is for maintenance windows, desired states to renew
+    # and what another replica committed.
+    engine_interval_seconds: float = 2.0
     ingest_batch_size: int = 500
     ingest_max_payload_bytes: int = 64 * 1024
     # Messages per second one device may send (sustained, and in a burst) before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -27,6 +28,8 @@ from ota.store.session import Store
 from ota.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 MAX_REQUEST_ID = 128  # the width of the stored request_id
+WATCH_POLL_SECONDS = 2.0
+WATCH_COALESCE_SECONDS = 0.1
 
 _ACTIONS = {
     rollout_pb2.GATE_ACTION_UNSPECIFIED: "pause",
@@ -352,5 +355,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 )
             if row.state in states.ROLLOUT_FINAL:
                 return
-            # Device progress arrives by ingest, which does not notify: poll at 2 Hz too.
-            seen = self._changes.wait(seen, timeout=0.5)
+            # Commands, the engine and ingested progress of this process wake it; the
+            # poll is for what another replica committed, which nothing here announces.
+            seen = self._changes.wait(seen, timeout=WATCH_POLL_SECONDS)
+            # A busy fleet's ingest signals many times a second: one look serves them all.
+            time.sleep(WATCH_COALESCE_SECONDS)

@@ -12,6 +12,7 @@ from ota.api.audit import AuditServicer
 from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import FleetServicer
+from ota.api.health import ServiceHealth
 from ota.api.interceptor import OtaInterceptor
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutServicer
@@ -56,8 +57,11 @@ def build_server(
     metrics: Metrics | None = None,
     device_listen: str = "",
     device_tls: ServerTls | None = None,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build and bind (not start) the server; returns it with the bound port.
+) -> tuple[grpc.Server, int, ServiceHealth]:
+    """Build and bind (not start) the server; returns it with the bound port and its health.
+
+    Health starts NOT_SERVING: the control plane's health monitor says SERVING
+    once the broker link is up and the database answers.
 
     With `device_listen`, a second port requires a client certificate of the
     device CA (`device_tls.client_ca_file`); `device_port` on the server says
@@ -138,7 +142,6 @@ def build_server(
                 field="device_listen",
             )
         server.device_port = device_port  # type: ignore[attr-defined]
-    for name in names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    answers = ServiceHealth(health_servicer, names)
+    answers.set(serving=False)
+    return server, port, answers

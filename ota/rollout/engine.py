@@ -9,8 +9,7 @@ exposure is recomputed idempotently.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +19,7 @@ from sqlmodel import Session
 from ota.clock import Clock, utc
 from ota.domain import states
 from ota.domain.plan import Gate, RolloutPlan
-from ota.errors import Aborted, OtaError
+from ota.errors import Aborted
 from ota.metrics import Metrics
 from ota.rollout.exposure import (
     EXPOSE_BATCH,
@@ -31,6 +30,7 @@ from ota.rollout.exposure import (
 from ota.rollout.gates import ADOPTION_HEALTH, HealthSource, read_gate
 from ota.rollout.notify import DesiredStateSigner, issue_desired_states
 from ota.rollout.progress import read_progress
+from ota.runtime import Signal, Worker
 from ota.store import bundles, desired, rollouts
 from ota.store.models import RolloutRow
 from ota.store.session import Store
@@ -50,10 +50,12 @@ class RolloutEngine:
         *,
         on_notify: Callable[[], None],
         desired_ttl: timedelta,
-        interval: float = 0.25,
+        interval: float = 2.0,
         health: HealthSource = ADOPTION_HEALTH,
         holds_lease: Callable[[], bool] | None = None,
         metrics: Metrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        wake_on: Iterable[Signal] = (),
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -63,42 +65,43 @@ class RolloutEngine:
         self._signer = signer
         self._clock = clock
         self._on_notify = on_notify
+        # Called after a step committed a change to a rollout (watchers look again).
+        self._on_change = on_change
         self._ttl = desired_ttl
-        self._interval = interval
         self._health = health
         self._quiet = QuietRollouts()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ota-engine", daemon=True)
+        self._again = False  # a step left work for right now (a full exposure batch)
+        self._due: datetime | None = None  # the earliest soak end or deadline seen
+        self._changed = False
+        # Woken by commands, ingested progress and lease changes; `interval` is the
+        # longest it waits anyway: for what is due by time (a maintenance window
+        # opening, desired states to renew) and for what another replica committed.
+        self._worker = Worker(
+            "engine",
+            self.tick,
+            interval=interval,
+            wake_on=wake_on,
+            active=holds_lease,
+            min_gap=0.05,
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._worker.stop()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self._holds_lease is None or self._holds_lease():
-                    self.tick()
-            except OtaError as exc:
-                log.warning("engine tick deferred: %s", exc)
-            except Exception:
-                log.exception("engine tick failed")
-            self._wake.wait(self._interval)
-            self._wake.clear()
-
-    def tick(self) -> None:
+    def tick(self) -> float | None:
+        """Step every running rollout; returns the seconds until something is due, if known."""
+        self._again, self._due = False, None
         self._renew_desired_states()
         with self._store.transaction() as session:
             running = [r.rollout_id for r in rollouts.rollouts_in(session, [states.RUNNING])]
         for rollout_id in running:
+            self._changed = False
             try:
                 with self._store.transaction() as session:
                     notified = self._step(session, rollouts.get_rollout(session, rollout_id))
@@ -106,6 +109,17 @@ class RolloutEngine:
                 continue  # an operator's command won the race; look again next tick
             if notified:
                 self._on_notify()
+            if self._changed or notified:
+                self._on_change()
+        if self._again:
+            return 0.0
+        if self._due is None:
+            return None
+        return max(0.0, (self._due - self._clock.now()).total_seconds())
+
+    def _due_at(self, when: datetime) -> None:
+        if self._due is None or when < self._due:
+            self._due = when
 
     def _renew_desired_states(self) -> None:
         """Re-sign desired states halfway through their life, so devices never hold an expired one."""
@@ -147,6 +161,7 @@ class RolloutEngine:
             session, rollout, bundle, plan, self._signer, now=now, ttl=self._ttl, quiet=self._quiet
         )
         if notified:
+            self._changed = True
             rollouts.record(
                 session,
                 rollout,
@@ -161,7 +176,7 @@ class RolloutEngine:
             # A full batch: more of this stage may be waiting. Commit this one (the
             # publisher sends it meanwhile) and come back at once, before judging
             # whether the stage is done.
-            self.wake()
+            self._again = True
             return notified
         if verdict.hold is not None:
             self._set_phase(session, rollout, "held", verdict.hold, now)
@@ -172,6 +187,8 @@ class RolloutEngine:
             rollout.stage_started_at is not None
             and now >= utc(rollout.stage_started_at) + timedelta(seconds=stage.min_soak_seconds)
         )
+        if not soaked and rollout.stage_started_at is not None:
+            self._due_at(utc(rollout.stage_started_at) + timedelta(seconds=stage.min_soak_seconds))
         last = rollout.current_stage + 1 == len(plan.stages)
         if last:
             if soaked and progress.finished == progress.exposed:
@@ -184,6 +201,7 @@ class RolloutEngine:
                     progress.exposed,
                     extra={"rollout_id": rollout.rollout_id},
                 )
+                self._changed = True
                 rollouts.transition(
                     session,
                     rollout,
@@ -223,6 +241,7 @@ class RolloutEngine:
                     f"stage {rollout.current_stage + 1} ({stage.label}) missed its deadline of "
                     f"{deadline}s: still waiting for {', '.join(missing)}"
                 )
+                self._changed = True
                 rollouts.transition(
                     session,
                     rollout,
@@ -240,6 +259,8 @@ class RolloutEngine:
                     extra={"rollout_id": rollout.rollout_id},
                 )
             else:
+                if deadline and rollout.stage_started_at is not None:
+                    self._due_at(utc(rollout.stage_started_at) + timedelta(seconds=deadline))
                 self._set_phase(session, rollout, "soaking", "", now)
             return notified
         if stage.advance == "approval" and not rollout.promoted:
@@ -254,7 +275,7 @@ class RolloutEngine:
             )
             return notified
         self._enter_stage(session, rollout, plan, rollout.current_stage + 1)
-        self.wake()  # expose the next stage now rather than a tick later
+        self._again = True  # expose the next stage now rather than a tick later
         return notified
 
     def _judge_gates(
@@ -290,6 +311,7 @@ class RolloutEngine:
                 if not streak["told"]:
                     state[key] = {**streak, "told": True}
                     changed = True
+                    self._changed = True
                     rollouts.record(
                         session,
                         rollout,
@@ -305,6 +327,7 @@ class RolloutEngine:
             elif stop is None or (gate.action == "rollback" and stop[0].action != "rollback"):
                 stop = (gate, reason, figures)
         if changed:
+            self._changed = True
             rollouts.set_quietly(session, rollout, gate_state=state)
         return _Verdict(rollout, stop, hold)
 
@@ -318,6 +341,7 @@ class RolloutEngine:
         gate, reason, figures = stop
         notified = 0
         to_state = states.ROLLED_BACK if gate.action == "rollback" else states.PAUSED
+        self._changed = True
         rollouts.transition(
             session,
             rollout,
@@ -345,6 +369,7 @@ class RolloutEngine:
         if rollout.phase == phase:
             return rollout
         if phase in AUDITED_PHASES or rollout.phase in AUDITED_PHASES:
+            self._changed = True
             return rollouts.transition(
                 session,
                 rollout,
@@ -355,6 +380,7 @@ class RolloutEngine:
                 now=now,
                 phase=phase,
             )
+        self._changed = True
         rollouts.set_quietly(session, rollout, phase=phase)
         return rollout
 
@@ -370,6 +396,7 @@ class RolloutEngine:
             stage.label,
             extra={"rollout_id": rollout.rollout_id, "stage": index + 1},
         )
+        self._changed = True
         return rollouts.transition(
             session,
             rollout,

@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from ota.clock import Clock
 from ota.errors import Aborted, InvalidArgument, OtaError
+from ota.runtime import Worker
 from ota.store import lease as lease_rows
 from ota.store.session import Store
 
@@ -49,6 +50,7 @@ class Lease:
         renew_seconds: float = 5.0,
         name: str = ENGINE_LEASE,
         on_acquired: Callable[[], None] = lambda: None,
+        on_lost: Callable[[], None] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not holder:
@@ -70,6 +72,7 @@ class Lease:
         self._duration = duration_seconds
         self._renew = renew_seconds
         self.on_acquired = on_acquired
+        self.on_lost = on_lost
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._token: int | None = None
@@ -78,8 +81,7 @@ class Lease:
         # incarnation's (a restart under the same id) and is taken back at once.
         self._reclaim = True
         self._lapsed = False  # the term ran out while the database was away (logged once)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ota-lease", daemon=True)
+        self._worker = Worker("lease", self._renew_once, interval=renew_seconds)
 
     @property
     def token(self) -> int | None:
@@ -91,13 +93,11 @@ class Lease:
         return self.token is not None
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
         """Stop renewing and hand the lease over (call once the lease's work has stopped)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._worker.stop()
         with self._lock:
             token, self._token, self._valid_until = self._token, None, 0.0
         if token is None:
@@ -109,13 +109,8 @@ class Lease:
         except OtaError as exc:
             log.warning("could not release the %s lease; it expires by itself: %s", self.name, exc)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("the %s lease could not be renewed; retrying", self.name)
-            self._stop.wait(self._renew)
+    def _renew_once(self) -> None:
+        self.tick()
 
     def tick(self) -> None:
         """One attempt: renew the lease if held, else try to take it."""
@@ -150,26 +145,32 @@ class Lease:
             log.warning("could not renew the %s lease: %s", self.name, exc)
             with self._lock:
                 lapsed = self._token is not None and self._monotonic() >= self._valid_until
-                if lapsed and not self._lapsed:
+                lost = lapsed and not self._lapsed
+                if lost:
                     log.warning("the %s lease ran out: stopping its work", self.name)
                 self._lapsed = lapsed
+            if lost:
+                self.on_lost()
             return
         with self._lock:
             was_held = self._token is not None and self._monotonic() < self._valid_until
             if acquired is None:
-                if token is not None:
-                    log.warning(
-                        "the %s lease was taken over by %s (token %s): stopping its work",
-                        self.name,
-                        other.holder if other else "?",
-                        other.token if other else "?",
-                    )
                 self._token, self._valid_until = None, 0.0
-                return
-            self._token = acquired
-            self._valid_until = started + self._duration
-            self._reclaim = False
-            self._lapsed = False
+            else:
+                self._token = acquired
+                self._valid_until = started + self._duration
+                self._reclaim = False
+                self._lapsed = False
+        if acquired is None:
+            if token is not None:
+                log.warning(
+                    "the %s lease was taken over by %s (token %s): stopping its work",
+                    self.name,
+                    other.holder if other else "?",
+                    other.token if other else "?",
+                )
+                self.on_lost()
+            return
         if token is None or not was_held:
             log.info("holds the %s lease as %s (token %d)", self.name, self.holder, acquired)
             self.on_acquired()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ from typing import NamedTuple, Protocol
 
 from ota.clock import Clock
 from ota.errors import Unavailable
+from ota.runtime import Worker
 from ota.store import fleet
 from ota.store.ingest import IncomingEvent, count_drops, ingest_events
 from ota.store.session import Store
@@ -68,8 +68,9 @@ class Ingester:
         self._clock = clock
         self._batch_size = batch_size
         self._max_payload = max_payload_bytes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ota-ingest", daemon=True)
+        # The step blocks on the inbox itself, so the worker's interval only
+        # matters after a failure.
+        self._worker = Worker("ingest", self._ingest_once, interval=1.0)
         self.stored = 0
         self.dropped: Counter[str] = Counter()
         # Receipt to commit of the oldest message in the last committed batch.
@@ -80,43 +81,44 @@ class Ingester:
         return self._link.inbox.qsize()
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._worker.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            batch = self._route(self._take_batch())
-            if not batch:
-                continue
-            delay = 0.1
-            while not self._stop.is_set():
-                try:
-                    self._process(batch)
-                    break
-                except Unavailable as exc:
-                    # Not acknowledged: retried here, and redelivered by the broker
-                    # if this process dies meanwhile.
-                    log.warning("ingest paused, database unavailable: %s", exc)
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, 5.0)
-                except Exception:
-                    # Not the database being away: some message the store refuses.
-                    # Find it alone, so one device cannot stall the whole fleet.
-                    log.exception("ingest batch refused by the store; isolating the cause")
-                    self._process_one_by_one(batch)
-                    break
+    def _ingest_once(self) -> float:
+        batch = self._route(self._take_batch())
+        if batch:
+            self._ingest(batch)
+        return 0.0
+
+    def _ingest(self, batch: list[_Routed]) -> None:
+        delay = 0.1
+        while not self._worker.stopping:
+            try:
+                self._process(batch)
+                break
+            except Unavailable as exc:
+                # Not acknowledged: retried here, and redelivered by the broker
+                # if this process dies meanwhile.
+                log.warning("ingest paused, database unavailable: %s", exc)
+                self._worker.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                # Not the database being away: some message the store refuses.
+                # Find it alone, so one device cannot stall the whole fleet.
+                log.exception("ingest batch refused by the store; isolating the cause")
+                self._process_one_by_one(batch)
+                break
 
     def _process_one_by_one(self, batch: list[_Routed]) -> None:
         for routed in batch:
-            while not self._stop.is_set():
+            while not self._worker.stopping:
                 try:
                     self._process([routed])
                     break
                 except Unavailable:
-                    self._stop.wait(1.0)
+                    self._worker.sleep(1.0)
                 except Exception:
                     log.exception("dropping a message the store refuses: %s", routed.message.topic)
                     with self._store.transaction() as session:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from ota.errors import OtaError
+from ota.runtime import Signal, Worker
 from ota.store import desired
 from ota.store.session import Store
 from ota.transport.mqtt import MqttLink
@@ -20,7 +19,7 @@ ACK_TIMEOUT_SECONDS = 30.0
 
 
 class DesiredStatePublisher:
-    """A thread that drains the desired-state outbox whenever it is woken."""
+    """A worker that drains the desired-state outbox whenever desired states are committed."""
 
     def __init__(
         self,
@@ -29,49 +28,46 @@ class DesiredStatePublisher:
         *,
         holds_lease: Callable[[], bool] | None = None,
         poll_seconds: float = 5.0,
+        fenced: Store | None = None,
+        wake_on: Iterable[Signal] = (),
     ) -> None:
         # The link's publishing connections share the fleet, each device always on
         # the same one (ota.transport.outbound).
         self._shards = Shards(link.publishing, link.topics)
         self._store = store
+        # Marking published goes through the lease's fenced store: a replica that
+        # lost the lease while its batch was in flight records nothing, and the new
+        # holder publishes those rows again (retained: the same message, harmless).
+        self._fenced = fenced or store
         # Among replicas only the engine lease's holder publishes, so two replicas
-        # never race to leave an older retained state behind a newer one. It polls,
-        # since a command served by another replica cannot wake it.
+        # never race to leave an older retained state behind a newer one. Commands
+        # and the engine of this process wake it; it polls too, since a command
+        # served by another replica cannot.
         self._holds_lease = holds_lease
-        self._poll = poll_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ota-publish", daemon=True)
+        self._worker = Worker(
+            "publish",
+            self._step,
+            interval=poll_seconds,
+            wake_on=wake_on,
+            active=holds_lease,
+        )
         self.published = 0
 
     def start(self) -> None:
-        self._wake.set()  # publish whatever a previous process committed but did not send
-        self._thread.start()
+        # The first step runs at once: whatever a previous process committed but did not send.
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._worker.stop()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=self._poll)
-            self._wake.clear()
-            try:
-                while not self._stop.is_set() and self._drain_once():
-                    pass
-            except OtaError as exc:
-                log.warning("publishing desired states failed, will retry: %s", exc)
-                self._stop.wait(1.0)
-                self._wake.set()
-            except Exception:
-                # A bug must not silently end publishing for the whole fleet.
-                log.exception("publishing desired states failed unexpectedly; retrying")
-                self._stop.wait(5.0)
-                self._wake.set()
+    def _step(self) -> float | None:
+        if not self._shards.all_connected():
+            return 0.5  # look again soon: the connections reconnect by themselves
+        # A pass that published something may have left more (committed meanwhile).
+        return 0.0 if self._drain_once() else None
 
     def _drain_once(self) -> bool:
         """One pass over the outbox, pipelined; True if anything was published.
@@ -85,8 +81,6 @@ class DesiredStatePublisher:
         if self._holds_lease is not None and not self._holds_lease():
             return False
         if not self._shards.all_connected():
-            time.sleep(0.5)
-            self._wake.set()
             return False
         try:
             return self._pass()
@@ -103,7 +97,7 @@ class DesiredStatePublisher:
         last_progress = time.monotonic()
         while True:
             if not exhausted and self._shards.queued < BATCH:
-                if self._stop.is_set() or (
+                if self._worker.stopping or (
                     self._holds_lease is not None and not self._holds_lease()
                 ):
                     break
@@ -143,6 +137,6 @@ class DesiredStatePublisher:
         return published > 0
 
     def _mark(self, acked: list[tuple[str, int]]) -> None:
-        with self._store.transaction() as session:
+        with self._fenced.transaction() as session:
             desired.mark_published(session, acked)
         self.published += len(acked)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import logging
 import ssl
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from ota.clock import Clock
 from ota.domain.webhooks import RetryPolicy
-from ota.errors import OtaError
+from ota.runtime import Worker
 from ota.store import webhooks
 from ota.store.session import Store
 
@@ -113,36 +112,27 @@ class WebhookWorker:
         self._holds_lease = holds_lease
         self._poll = poll_seconds
         self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="ota-webhook")
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ota-webhooks", daemon=True)
+        self._worker = Worker(
+            "webhooks",
+            self._step,
+            interval=poll_seconds,
+            active=holds_lease,
+            join_seconds=30.0,
+        )
         self.on_attempt: Callable[[Outcome, bool], None] = lambda _outcome, _dead: None
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self._worker.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                if self._holds_lease():
-                    busy = self.pass_once() > 0
-            except OtaError as exc:
-                log.warning("webhook deliveries deferred: %s", exc)
-            except Exception:
-                log.exception("webhook delivery pass failed")
-            if not busy:
-                self._wake.wait(self._poll)
-                self._wake.clear()
+    def _step(self) -> float | None:
+        return 0.0 if self.pass_once() > 0 else None
 
     def pass_once(self) -> int:
         """Attempt every due queue head once; returns how many were attempted."""

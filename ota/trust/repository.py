@@ -277,10 +277,14 @@ class ImageRepository:
             self._store.put_metadata(Targets.type, md.signed.version, signed_targets)
             self._publish_snapshot()
 
-    def refresh_timestamp(self, *, min_remaining: timedelta) -> bool:
+    def refresh_timestamp(
+        self, *, min_remaining: timedelta, writer: MetadataStore | None = None
+    ) -> bool:
         """Re-sign timestamp (and snapshot) that expire within `min_remaining`; True if any.
 
-        Also finishes a commit that stored targets but not yet its snapshot.
+        Also finishes a commit that stored targets but not yet its snapshot. The
+        new metadata is stored through `writer` when given (the lease holder's
+        fenced store, so a replica that lost the lease writes nothing).
         """
         with self._lock:
             now = self._clock.now()
@@ -290,10 +294,10 @@ class ImageRepository:
                 snapshot.expires - now <= min_remaining
                 or snapshot.meta["targets.json"].version != targets_version
             ):
-                self._publish_snapshot()
+                self._publish_snapshot(writer)
                 return True
             if self._online_md(Timestamp.type).signed.expires - now <= min_remaining:
-                self._publish_timestamp()
+                self._publish_timestamp(writer)
                 return True
             return False
 
@@ -451,7 +455,7 @@ class ImageRepository:
         except VerificationError as exc:
             raise InvalidArgument(exc.message, field="root") from exc
 
-    def _publish_snapshot(self) -> None:
+    def _publish_snapshot(self, writer: MetadataStore | None = None) -> None:
         targets = self._required(Targets.type)
         targets_version = parse_targets(targets, field="targets").signed.version
         snapshot = Snapshot(
@@ -460,10 +464,10 @@ class ImageRepository:
             meta={"targets.json": _meta_file(targets_version, targets)},
         )
         data = sign_metadata(Metadata(snapshot), [self._snapshot_signer])
-        self._store.put_metadata(Snapshot.type, snapshot.version, data)
-        self._publish_timestamp()
+        (writer or self._store).put_metadata(Snapshot.type, snapshot.version, data)
+        self._publish_timestamp(writer)
 
-    def _publish_timestamp(self) -> None:
+    def _publish_timestamp(self, writer: MetadataStore | None = None) -> None:
         snapshot = self._required(Snapshot.type)
         version = _parse(snapshot, Snapshot, field="snapshot").signed.version
         timestamp = Timestamp(
@@ -472,7 +476,7 @@ class ImageRepository:
             snapshot_meta=_meta_file(version, snapshot),
         )
         data = sign_metadata(Metadata(timestamp), [self._timestamp_signer])
-        self._store.put_metadata(Timestamp.type, timestamp.version, data)
+        (writer or self._store).put_metadata(Timestamp.type, timestamp.version, data)
 
     def _next_version(self, role: str) -> int:
         current = self._store.get_metadata(role, None)

@@ -379,3 +379,26 @@ def test_edits_are_versioned_and_audited(rig: Rig) -> None:
     assert entry.action == "edit" and entry.diff is not None
     assert entry.diff["plan_version"] == [1, 2]
     assert [s["ppm"] for s in entry.diff["stages"][1]] == [100_000, 1_000_000]
+
+
+def test_a_tick_says_when_the_next_soak_end_or_deadline_falls_due(rig: Rig) -> None:
+    rig.start("stages: [{exposure: 10%, min_soak: 30m, deadline: 1h}, {exposure: 100%}]\n")
+    rig.clock.advance(timedelta(seconds=1))
+    # Entering the stage exposes its devices; nothing of it is due before the soak ends.
+    assert rig.engine.tick() == pytest.approx(1800)
+    rig.clock.advance(timedelta(minutes=20))
+    assert rig.engine.tick() == pytest.approx(600)
+    rig.clock.advance(timedelta(minutes=11))
+    # Soaked but nobody finished: the deadline is next.
+    assert rig.engine.tick() == pytest.approx(1740)
+
+
+def test_a_tick_that_advances_a_stage_asks_to_run_again_at_once(rig: Rig) -> None:
+    rollout_id = rig.start("stages: [{exposure: 10%}, {exposure: 100%}]\n")
+    rig.clock.advance(timedelta(seconds=1))
+    rig.engine.tick()
+    rig.report(rollout_id)
+    assert rig.engine.tick() == 0.0  # entered stage 2: its exposure comes next, not a tick later
+    assert rig.get(rollout_id).current_stage == 1
+    # Nothing is due by time now: only a signal (or the safety interval) runs it.
+    assert rig.engine.tick() is None
