@@ -34,11 +34,12 @@ class ServiceHealth:
         self._names = ["", *names]
         self._lock = threading.Lock()
         self._shut = False
-        self.serving = True
+        self.serving: bool | None = None  # None until first set
 
     def set(self, serving: bool) -> None:
         with self._lock:
-            if self._shut:
+            # Only changes reach the servicer: each set is a message on every Watch.
+            if self._shut or serving == self.serving:
                 return  # shutting down stays NOT_SERVING
             self.serving = serving
             for name in self._names:

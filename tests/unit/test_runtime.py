@@ -172,7 +172,7 @@ def test_signal_counts_let_a_waiter_see_every_emit_and_a_bad_listener_harms_nobo
 
 class FakeHealth:
     def __init__(self) -> None:
-        self.serving = False
+        self.serving: bool | None = None
         self.answers: list[bool] = []
 
     def set(self, serving: bool) -> None:
