@@ -505,6 +505,7 @@ class ControlPlane:
             holds_lease=lease.held,
         )
         metrics.watch(store, ingest)
+        metrics.watch_health(lambda: health.serving is True)
         metrics.watch_process(
             replica=lease.holder, holds_lease=lease.held, broker_up=link.connected.is_set
         )
@@ -622,11 +623,11 @@ class ControlPlane:
 
     def stop(self) -> None:
         # NOT_SERVING first, so balancers send new work elsewhere while calls in
-        # flight get the grace period to finish.
-        if self.health_monitor is not None:
-            self.health_monitor.stop()
+        # flight get the grace period to finish; no later check can undo it.
         if self.health is not None:
             self.health.shutdown()
+        if self.health_monitor is not None:
+            self.health_monitor.stop()
         if self.origin_server is not None:
             self.origin_server.stop()
         if self.dashboard_server is not None:

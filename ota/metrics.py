@@ -154,6 +154,14 @@ class Metrics:
         """Report this replica's engine lease, its broker link and what build it runs."""
         self.registry.register(_ProcessCollector(replica, holds_lease, broker_up))
 
+    def watch_health(self, serving: Callable[[], bool]) -> None:
+        """What this replica's gRPC health service answers: 1 for SERVING."""
+        Gauge(
+            "ota_serving",
+            "1 while gRPC health answers SERVING (broker link up, database answering)",
+            registry=self.registry,
+        ).set_function(lambda: 1 if serving() else 0)
+
     def watch(self, store: Store, ingest: IngestStats) -> None:
         """Report the fleet's rollouts and backlogs from `store`, and `ingest`'s counters."""
         self.registry.register(_FleetCollector(store, ingest))

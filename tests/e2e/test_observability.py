@@ -161,6 +161,7 @@ def test_metrics_move_with_rpcs_ingest_and_rollouts(
     assert value(after, "ota_devices", online="false") == 2
     assert value(after, "ota_engine_lease_held", replica=stack.control_plane.lease.holder) == 1
     assert value(after, "ota_broker_connected") == 1
+    assert value(after, "ota_serving") == 1
     assert any(name == "ota_build_info" for name, _ in after)
     assert value(after, "ota_gate_evaluations_total", metric="install_failure", result="ok") > 0
     for series in (
