@@ -20,7 +20,7 @@ from ota.api.auth import Authenticator
 from ota.api.bundles import BundleServicer
 from ota.api.fleet import BrokerAccounts, FleetServicer
 from ota.api.freshness import follow_changes
-from ota.api.health import HealthMonitor, ServiceHealth, database_answers
+from ota.api.health import DatabaseProbe, HealthMonitor, ServiceHealth
 from ota.api.reports import ReportServicer
 from ota.api.rollouts import RolloutChanges, RolloutServicer
 from ota.api.server import build_server
@@ -486,10 +486,12 @@ class ControlPlane:
         refresher = TimestampRefresher(
             repo, holds_lease=lease.held, fenced=SqlMetadataStore(fenced)
         )
+        database_probe = DatabaseProbe(engine_db)
         health_monitor = HealthMonitor(
             health,
             broker_up=link.connected.is_set,
-            database_up=lambda: database_answers(engine_db),
+            database_up=database_probe,
+            on_stop=database_probe.close,
         )
         health_monitor.watch_errors(engine_db)
         # Deliveries go out from the lease holder only, so replicas never both send one.

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 
 from ota.runtime import Worker
 
@@ -53,14 +53,38 @@ class ServiceHealth:
         self.servicer.enter_graceful_shutdown()
 
 
-def database_answers(engine: Engine) -> bool:
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        log.debug("database check failed: %s", exc)
-        return False
-    return True
+class DatabaseProbe:
+    """Asks the database `SELECT 1` over a connection of its own.
+
+    Not from the shared pool: under load every pooled connection may be busy,
+    and waiting for one would read as the database being down.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        # Same connect arguments and connect-time settings, separate connections.
+        self._pool = engine.pool.recreate()
+
+    def __call__(self) -> bool:
+        try:
+            connection = self._pool.connect()
+        except Exception as exc:
+            log.debug("database check could not connect: %s", exc)
+            return False
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        except Exception as exc:
+            log.debug("database check failed: %s", exc)
+            connection.invalidate()  # a dead connection is not handed out again
+            return False
+        finally:
+            connection.close()
+        return True
+
+    def close(self) -> None:
+        self._pool.dispose()
 
 
 class HealthMonitor:
@@ -75,6 +99,7 @@ class HealthMonitor:
         interval: float = 1.0,
         database_every: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
+        on_stop: Callable[[], None] = lambda: None,
     ) -> None:
         self._health = health_
         self._broker_up = broker_up
@@ -84,6 +109,7 @@ class HealthMonitor:
         self._database_ok = True
         self._checked_at = float("-inf")
         self._suspect = False  # a database error was seen since the last check
+        self._on_stop = on_stop
         self._worker = Worker("health", self.check, interval=interval)
 
     def watch_errors(self, engine: Engine) -> None:
@@ -99,6 +125,7 @@ class HealthMonitor:
 
     def stop(self) -> None:
         self._worker.stop()
+        self._on_stop()
 
     def check(self) -> None:
         now = self._monotonic()
