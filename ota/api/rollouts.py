@@ -29,7 +29,7 @@ from ota.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 MAX_REQUEST_ID = 128  # the width of the stored request_id
 WATCH_POLL_SECONDS = 2.0
-WATCH_COALESCE_SECONDS = 0.1
+WATCH_COALESCE_SECONDS = 0.25
 
 _ACTIONS = {
     rollout_pb2.GATE_ACTION_UNSPECIFIED: "pause",

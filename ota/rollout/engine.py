@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 ENGINE = "engine"
 RENEW_BATCH = 500
+# Signals this close to the last tick wait for the rest of it: the first signal
+# after a quiet spell runs a tick at once, a busy fleet's ingest at most 4 per second.
+ENGINE_MIN_GAP_SECONDS = 0.25
 
 
 class RolloutEngine:
@@ -82,7 +85,7 @@ class RolloutEngine:
             interval=interval,
             wake_on=wake_on,
             active=holds_lease,
-            min_gap=0.05,
+            min_gap=ENGINE_MIN_GAP_SECONDS,
         )
 
     def start(self) -> None:
