@@ -425,7 +425,14 @@ class ControlPlane:
         rollout_servicer = RolloutServicer(
             store, commands, changes, auth, cache_seconds=config.rollout_cache_seconds
         )
-        change_notices = follow_changes(engine_db, rollout_servicer.views, auth)
+        # Other replicas' commands, engine steps and ingested progress, heard by
+        # PostgreSQL notices, wake this one's engine and watches like its own.
+        change_notices = follow_changes(
+            engine_db,
+            rollout_servicer.views,
+            auth,
+            on_rollout_changed=signals.rollout_changed.emit,
+        )
         server, port, health = build_server(
             config.listen,
             auth=auth,

@@ -10,6 +10,8 @@ replica never answers from memory what it could not hear about.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Engine
 
 from ota.api.auth import Authenticator
@@ -19,9 +21,16 @@ from ota.store.notices import ChangeNotices
 
 
 def follow_changes(
-    engine: Engine, views: RolloutReadModel, auth: Authenticator
+    engine: Engine,
+    views: RolloutReadModel,
+    auth: Authenticator,
+    *,
+    on_rollout_changed: Callable[[], None] = lambda: None,
 ) -> ChangeNotices | None:
     """The listener to start that tells `views` and `auth` other replicas' changes.
+
+    `on_rollout_changed` hears of each rollout another replica changed, and
+    once whenever listening (re)starts, since changes meanwhile went unheard.
 
     None on SQLite, where one process is all there is (this process's own
     commits reach both through `ota.store.changes.subscribe`). Until the
@@ -33,12 +42,15 @@ def follow_changes(
     def heard(channel: str, key: str) -> None:
         if channel == changes.ROLLOUTS:
             views.invalidate(key)
+            on_rollout_changed()
         elif channel == changes.TOKENS:
             auth.forget_tokens([key])
 
     def live(up: bool) -> None:
         views.set_live(up)
         auth.set_live(up)
+        if up:
+            on_rollout_changed()
 
     live(False)
     return ChangeNotices(engine, heard, live)

@@ -1,7 +1,8 @@
 """The control plane reacts: rollouts move on signals, and health tells the truth.
 
 Every poll a signal replaces is set to an hour here, so a rollout that
-completes, a watch that sees each change, can only be the signals' work.
+completes, a watch that sees each change, can only be the signals' work,
+also when the command was served by another replica (PostgreSQL notices).
 Health is watched over gRPC's own Health.Watch stream while the broker and
 the database really go away and come back.
 """
@@ -20,13 +21,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from ota.api import rollouts as rollouts_api
+from ota.broker import BrokerSettings
 from ota.client import Client
 from ota.config import BOUNDS, Bound
 from ota.devstack import DevStack
 from ota.v1 import rollout_pb2
-from tests.broker_harness import BrokerHandle
+from tests.broker_harness import BrokerHandle, private_broker
 from tests.conftest import endpoint
-from tests.e2e.scenario import publish, run_rollout, start_fleet
+from tests.e2e.scenario import publish, run_rollout, start_fleet, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -183,3 +185,79 @@ def test_health_is_not_serving_while_the_database_refuses_connections(
     finally:
         channel.close()
         stack.stop()
+
+
+REPLICA_B = "ota-replica-b"
+
+
+@pytest.mark.postgres
+def test_another_replicas_command_wakes_this_replicas_engine_and_watch(
+    tmp_path: Path, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(BOUNDS, "engine_interval_seconds", Bound(0.01, HOUR, "seconds"))
+    monkeypatch.setitem(BOUNDS, "publish_poll_seconds", Bound(0.05, HOUR, "seconds"))
+    monkeypatch.setattr(rollouts_api, "WATCH_POLL_SECONDS", HOUR)
+    unpolled = {"engine_interval_seconds": HOUR, "publish_poll_seconds": HOUR}
+    settings = BrokerSettings(port=0, extra_control_usernames=(REPLICA_B,))
+    with private_broker(tmp_path / "broker", settings=settings) as broker:
+        secret_b = broker.add_user(REPLICA_B)
+        # One state directory: the same keys, bundle files and admin token for both.
+        a = DevStack.start(
+            tmp_path / "stack",
+            broker=endpoint(broker),
+            database_url=postgres_database,
+            config_overrides=unpolled,
+        )
+        b: DevStack | None = None
+        client_a: Client | None = None
+        client_b: Client | None = None
+        try:
+            wait_for(a.control_plane.lease.held, what="replica A holding the engine lease")
+            b = DevStack.start(
+                tmp_path / "stack",
+                broker=endpoint(broker),
+                database_url=postgres_database,
+                config_overrides={
+                    **unpolled,
+                    "mqtt_username": REPLICA_B,
+                    "mqtt_password": secret_b,
+                },
+            )
+            assert not b.control_plane.lease.held()
+            client_a = Client.connect(a.server, a.admin_token)
+            client_b = Client.connect(b.server, b.admin_token)
+            publish(client_b, b, tmp_path, "1.0.0")
+            created = client_b.rollouts.CreateRollout(
+                rollout_pb2.CreateRolloutRequest(
+                    feature="lane-assist",
+                    version="1.0.0",
+                    stages=[rollout_pb2.Stage(ppm=1_000_000, min_soak_seconds=3600)],
+                ),
+                metadata=client_b.metadata,
+            )
+            updates = client_a.rollouts.WatchRollout(
+                rollout_pb2.GetRolloutRequest(rollout_id=created.rollout_id),
+                metadata=client_a.metadata,
+                timeout=240,
+            )
+            assert next(updates).rollout.state == rollout_pb2.ROLLOUT_STATE_DRAFT
+            # Served by B, which does not hold the lease: only A's engine may act on it,
+            # and only B's notice can wake it (and A's watch) before an hour is up.
+            client_b.rollouts.StartRollout(
+                rollout_pb2.RolloutCommandRequest(rollout_id=created.rollout_id),
+                metadata=client_b.metadata,
+            )
+            actions: list[str] = []
+            for update in updates:
+                actions += [e.action for e in update.events]
+                if "advance" in actions:
+                    break
+            assert actions[0] == "start"
+            updates.cancel()
+        finally:
+            for client in (client_a, client_b):
+                if client is not None:
+                    client.close()
+            if b is not None:
+                b.control_plane.stop()
+            a.stop()
