@@ -1,13 +1,13 @@
 """The lease holder's publishing and timestamp re-signing are fenced, as the engine's writes.
 
 Two replicas' leases on one database: a replica that lost the lease while
-its work was in flight records nothing, and the new holder does that work.
+it still believed it held it records nothing, and the new holder does that
+work. Desired states go out to a real private broker.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,11 +25,13 @@ from ota.store.bundles import SqlMetadataStore
 from ota.store.database import migrate, open_database
 from ota.store.models import TufMetadataRow
 from ota.store.session import Store
+from ota.transport.mqtt import MqttLink
 from ota.transport.publisher import DesiredStatePublisher
 from ota.transport.topics import Topics
 from ota.trust.director import Director
 from ota.trust.freshness import TimestampRefresher
 from ota.trust.repository import ImageRepository
+from tests.broker_harness import BrokerHandle
 
 pytestmark = pytest.mark.integration
 DURATION = 10.0
@@ -82,28 +84,19 @@ class Replicas:
         assert self.b.held() and self.a.held()
 
 
-class Acked:
-    def wait_for_publish(self, timeout: float | None = None) -> None:
-        pass
-
-    def is_published(self) -> bool:
-        return True
-
-
-class Link:
-    """The broker side of publishing: every message acknowledged; a hook mid-batch."""
-
-    def __init__(self, during_publish: Callable[[], None] = lambda: None) -> None:
-        self.connected = threading.Event()
-        self.connected.set()
-        self.topics = Topics("ota")
-        self.sent: list[str] = []
-        self._during = during_publish
-
-    def publish_retained(self, topic: str, payload: bytes) -> Acked:
-        self.sent.append(topic)
-        self._during()
-        return Acked()
+@pytest.fixture
+def link(broker: BrokerHandle) -> Iterator[MqttLink]:
+    """The control plane's link to a real private broker, not ingesting."""
+    link = MqttLink(
+        broker.url,
+        username=broker.control_username,
+        password=broker.control_password,
+        topics=Topics(broker.topic_root),
+        ingest=False,
+    )
+    link.start()
+    yield link
+    link.stop()
 
 
 def _unpublished(store: Store) -> set[str]:
@@ -111,7 +104,9 @@ def _unpublished(store: Store) -> set[str]:
         return {row.device_id for row in desired.unpublished(session, 100)}
 
 
-def test_a_publisher_that_lost_the_lease_mid_batch_marks_nothing_published(store: Store) -> None:
+def test_a_publisher_that_lost_the_lease_marks_nothing_published(
+    store: Store, link: MqttLink
+) -> None:
     replicas = Replicas(store)
     clock = replicas.clock
     with store.transaction() as session:
@@ -122,35 +117,22 @@ def test_a_publisher_that_lost_the_lease_mid_batch_marks_nothing_published(store
         )
         director = Director(CryptoSigner.generate_ed25519())
         issue_desired_states(session, ["d0", "d1", "d2"], director, now=clock.now(), ttl=TTL)
-    took_over: list[bool] = []
-
-    def take_over_once() -> None:
-        if not took_over:
-            replicas.take_over()
-            took_over.append(True)
-
-    link_a = Link(during_publish=take_over_once)
     publisher_a = DesiredStatePublisher(
-        link_a,  # type: ignore[arg-type]
-        store,
-        holds_lease=replicas.a.held,
-        fenced=FencedStore(store.engine, replicas.a),
+        link, store, holds_lease=replicas.a.held, fenced=FencedStore(store.engine, replicas.a)
     )
+    # B takes over while A, paused say, still believes it holds the lease: A's
+    # pass publishes, but recording it fails before writing anything.
+    replicas.take_over()
     with pytest.raises(LeaseLost):
         publisher_a._drain_once()
-    assert len(link_a.sent) == 3  # sent, but not recorded as published by a stale holder
     assert publisher_a.published == 0
     assert _unpublished(store) == {"d0", "d1", "d2"}
 
     # A notices; the new holder publishes the same rows and records them.
     replicas.a.tick()
     assert not replicas.a.held() and replicas.lost == ["cp-a"]
-    link_b = Link()
     publisher_b = DesiredStatePublisher(
-        link_b,  # type: ignore[arg-type]
-        store,
-        holds_lease=replicas.b.held,
-        fenced=FencedStore(store.engine, replicas.b),
+        link, store, holds_lease=replicas.b.held, fenced=FencedStore(store.engine, replicas.b)
     )
     assert publisher_b._drain_once() is True
     assert publisher_b.published == 3 and _unpublished(store) == set()
