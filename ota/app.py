@@ -354,7 +354,8 @@ class ControlPlane:
             interval=config.engine_interval_seconds,
             holds_lease=lease.held,
             metrics=metrics,
-            wake_on=[signals.rollout_changed, signals.progress_ingested, signals.lease_gained],
+            wake_on=[signals.rollout_changed, signals.lease_gained],
+            coalesce_on=[signals.progress_ingested],
         )
 
         def command_done() -> None:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ENGINE = "engine"
 RENEW_BATCH = 500
-# Signals this close to the last tick wait for the rest of it: the first signal
+# Ingested progress this close to the last tick waits for the rest of it: the first
 # after a quiet spell runs a tick at once, a busy fleet's ingest at most 4 per second.
 ENGINE_MIN_GAP_SECONDS = 0.25
 
@@ -59,6 +59,7 @@ class RolloutEngine:
         metrics: Metrics | None = None,
         on_change: Callable[[], None] = lambda: None,
         wake_on: Iterable[Signal] = (),
+        coalesce_on: Iterable[Signal] = (),
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -84,6 +85,7 @@ class RolloutEngine:
             self.tick,
             interval=interval,
             wake_on=wake_on,
+            coalesce_on=coalesce_on,
             active=holds_lease,
             min_gap=ENGINE_MIN_GAP_SECONDS,
         )

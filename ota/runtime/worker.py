@@ -69,6 +69,7 @@ class Worker:
         *,
         interval: float,
         wake_on: Iterable[Signal] = (),
+        coalesce_on: Iterable[Signal] = (),
         active: Callable[[], bool] | None = None,
         min_gap: float = 0.0,
         backoff: Backoff | None = None,
@@ -83,9 +84,11 @@ class Worker:
         # While `active` says no (no lease), the step is skipped; a signal or the
         # interval asks again.
         self._active = active
-        # Signals closer together than this run the step once: a busy fleet's
-        # ingest must not turn into a step per batch.
+        # `coalesce_on` signals closer than `min_gap` to the last run wait for the
+        # rest of it, so a busy fleet's ingest is not a step per batch; `wake_on`
+        # signals (an operator's command) run the step at once.
         self._min_gap = min_gap
+        self._urgent = False
         self._backoff = backoff or Backoff()
         self._join = join_seconds
         self._monotonic = monotonic
@@ -96,11 +99,14 @@ class Worker:
         self.runs = 0  # steps that returned normally
         for signal in wake_on:
             signal.connect(self.wake)
+        for signal in coalesce_on:
+            signal.connect(self._wake.set)
 
     def start(self) -> None:
         self._thread.start()
 
     def wake(self) -> None:
+        self._urgent = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -151,13 +157,14 @@ class Worker:
         while not self._stop.is_set():
             # Cleared before the step: a signal raised during it runs the step again.
             self._wake.clear()
+            self._urgent = False
             pause = self.run_once()
             if pause.seconds <= 0:
                 continue
             if not pause.wakeable:
                 self._stop.wait(pause.seconds)
                 continue
-            if self._wake.wait(pause.seconds) and not self._stop.is_set():
+            if self._wake.wait(pause.seconds) and not self._urgent:
                 gap = self.gap_left()
                 if gap > 0:
                     self._stop.wait(gap)

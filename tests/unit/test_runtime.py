@@ -115,7 +115,8 @@ class Steps:
 def test_a_signal_runs_the_step_at_once_and_stop_joins() -> None:
     signal = Signal("rollout changed")
     steps = Steps()
-    worker = Worker("x", steps, interval=NEVER, wake_on=[signal])
+    # A wake_on signal is not held back by the gap that coalesces ingested progress.
+    worker = Worker("x", steps, interval=NEVER, wake_on=[signal], min_gap=NEVER)
     worker.start()
     try:
         steps.wait_for(1)  # the first run is at start
