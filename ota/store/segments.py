@@ -2,19 +2,19 @@
 
 The adoption aggregates are kept per model, region and firmware only: labels
 are free-form, so a column per label would not do. Labels are instead read
-at report time from the devices the rollout reached, in one grouped query
-over `rollout_device`, `feature_usage` and the device's JSON labels
-(`json_each` on SQLite, `jsonb_each_text` on PostgreSQL). Labels are the
-device's labels now, not at exposure.
+at report time from the devices the rollout reached, in one query over
+`rollout_device` and `feature_usage` grouped by the device's JSON labels, each
+distinct label set then split into its labels. Labels are the device's labels
+now, not at exposure.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import json
+from typing import NamedTuple
 
-from sqlalchemy import Integer, Table, and_, case, cast, func, literal, true, union_all
+from sqlalchemy import Integer, Table, and_, case, func, literal, union_all
 from sqlalchemy import select as core_select
-from sqlalchemy.dialects import postgresql
 from sqlmodel import Session
 
 from ota.store.models import DeviceRow, FeatureUsageRow, RolloutDeviceRow
@@ -40,7 +40,7 @@ def usage_by_label(session: Session, rollout_id: str) -> list[LabelUsage]:
     """Per label: exposed, applied (INSTALLED or ACTIVE) and used devices, and holdout users.
 
     One row per device first (the exposed devices, then the holdout devices that
-    reported a use), joined to its labels and summed per label: one query.
+    reported a use), summed per label set in one query, then per label.
     """
     used = _USAGE.alias("used")
     exposed_rows = (
@@ -71,36 +71,23 @@ def usage_by_label(session: Session, rollout_id: str) -> list[LabelUsage]:
         literal(1, Integer),
     ).where(_USAGE.c.rollout_id == rollout_id, _USAGE.c.holdout.is_(True))
     per_device = union_all(exposed_rows, holdout_rows).subquery("per_device")
-    labels = _labels_of(session)
-    key = labels.c.key + "=" + labels.c.value
+    # Summed per distinct label set first, and only those few JSON texts split into
+    # labels: splitting every device's labels in SQL cost twice the whole query.
     query = (
         core_select(
-            key,
+            _DEVICE.c.labels_json,
             func.sum(per_device.c.exposed),
             func.sum(per_device.c.applied),
             func.sum(per_device.c.used),
             func.sum(per_device.c.holdout_used),
         )
-        .select_from(
-            per_device.join(_DEVICE, _DEVICE.c.device_id == per_device.c.device_id).join(
-                labels, true()
-            )
-        )
-        .group_by(labels.c.key, labels.c.value)
+        .select_from(per_device.join(_DEVICE, _DEVICE.c.device_id == per_device.c.device_id))
+        .group_by(_DEVICE.c.labels_json)
     )
-    return [
-        LabelUsage(str(k), int(e or 0), int(a or 0), int(u or 0), int(h or 0))
-        for k, e, a, u, h in session.execute(query)
-    ]
-
-
-def _labels_of(session: Session) -> Any:
-    """The (key, value) rows of the device's JSON labels, correlated to `device`."""
-    if session.get_bind().dialect.name == "postgresql":
-        return (
-            func.jsonb_each_text(cast(_DEVICE.c.labels_json, postgresql.JSONB))
-            .table_valued("key", "value")
-            .lateral("label")
-        )
-    # SQLite's table-valued functions may name columns of tables before them in FROM.
-    return func.json_each(_DEVICE.c.labels_json).table_valued("key", "value").alias("label")
+    totals: dict[str, list[int]] = {}
+    for labels_json, *figures in session.execute(query):
+        for k, v in json.loads(labels_json or "{}").items():
+            sums = totals.setdefault(f"{k}={v}", [0, 0, 0, 0])
+            for i, n in enumerate(figures):
+                sums[i] += int(n or 0)
+    return [LabelUsage(label, *sums) for label, sums in totals.items()]
