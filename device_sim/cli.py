@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from itertools import chain
 from pathlib import Path
 
 import grpc
@@ -341,13 +342,13 @@ def run(args: argparse.Namespace) -> int:
         )
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.wait(_next_wait(interval, deadline)):
-            states: Counter[str] = Counter()
-            generations: Counter[int] = Counter()
-            following = 0
-            for device in fleet.devices:
-                states.update(device.record.last_state.values())
-                generations[device.trust.accepted_generation] += 1
-                following += device.following.is_set()
+            # Every few milliseconds over the whole fleet, holding the devices' own
+            # interpreter: one pass per figure, counted by Counter in C, costs a
+            # third of a Python loop updating three tallies per device.
+            devices = fleet.devices
+            states = Counter(chain.from_iterable([d.record.last_state.values() for d in devices]))
+            generations = Counter([d.trust.accepted_generation for d in devices])
+            following = sum([d.following.is_set() for d in devices])
             out.status(states, fleet.misbehaviour_counts(), generations, following)
             # Certificates renew from two thirds of their lifetime (90 days: day 60).
             fleet.renew_due()

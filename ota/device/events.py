@@ -3,8 +3,8 @@
 Ingest is idempotent on ``(device_id, seq)``: a device that reused a number
 after a reboot would have its new event dropped as a duplicate. The file
 holds a high-water mark reserved ahead of use, replaced atomically, so it is
-written once per `EventSequence.BLOCK` events; a restart skips the unused
-rest of the block.
+written at boot and then once per `EventSequence.BLOCK` events; a restart
+skips the unused rest of the block.
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ class EventSequence:
                 # Starting again from 1 would lose events as duplicates: refuse.
                 raise FailedPrecondition(f"event sequence {path} is unreadable: {exc}") from exc
         self._last = self._reserved
+        # Reserve the first block at boot rather than with the first event: the event
+        # a desired state triggers (NOTIFIED) then costs no file write.
+        self._reserve()
 
     def next(self) -> int:
         self._last += 1
         if self._last > self._reserved:
-            self._reserved = self._last + self.BLOCK
-            if self._path is not None:
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(self._path, str(self._reserved).encode(), durable=self._durable)
+            self._reserve()
         return self._last
+
+    def _reserve(self) -> None:
+        self._reserved = self._last + self.BLOCK
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self._path, str(self._reserved).encode(), durable=self._durable)

@@ -23,6 +23,7 @@ length and hashes against the release-signed target.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -148,6 +149,9 @@ class DeviceTrust:
             raise InvalidArgument(
                 f"the embedded root is invalid: {exc}", field="trusted_root"
             ) from exc
+        # Read the root chain on disk at boot, as firmware does, not when the first
+        # desired state arrives: a fleet notified at once would all read it then.
+        self._current_root()
 
     @property
     def accepted_generation(self) -> int:
@@ -433,8 +437,7 @@ def _trusted_root_chain(bootstrap: bytes, metadata_dir: Path) -> Root:
     Each link is re-verified (signed by the previous root's and its own threshold),
     so only the file layout of ngclient (``root_history/N.root.json``) is assumed.
     """
-    md: Metadata[Root] = Metadata.from_bytes(bootstrap)
-    root = md.signed
+    root = _embedded_root(bootstrap)
     while True:
         path = metadata_dir / "root_history" / f"{root.version + 1}.root.json"
         try:
@@ -449,6 +452,15 @@ def _trusted_root_chain(bootstrap: bytes, metadata_dir: Path) -> Root:
             logger.warning("ignoring stored root %s: %s", path, exc)
             return root
         root = new.signed
+
+
+@functools.lru_cache(maxsize=4)
+def _embedded_root(bootstrap: bytes) -> Root:
+    """The embedded root, parsed once per process: every device of a simulated fleet
+    embeds the same bytes. Only read, never changed; each stored root that follows it
+    is still verified per device."""
+    md: Metadata[Root] = Metadata.from_bytes(bootstrap)
+    return md.signed
 
 
 def _parse_state(payload: bytes) -> common_pb2.DesiredState:
