@@ -92,6 +92,12 @@ def test_metrics_move_with_rpcs_ingest_and_rollouts(
     finally:
         client.close()
     rollout_id = created.rollout_id
+    # A device reports on a rollout once it is exposed to it: wait for the exposure
+    # (read from /metrics, so no RPC counted below is added).
+    wait_for(
+        lambda: value(scrape(stack), "ota_rollout_exposed_devices", rollout_id=rollout_id) == 2,
+        what="the rollout's exposure of both devices",
+    )
 
     topic = "ota/v1/devices/car-1/events"
     event = common_pb2.DeviceEvent(
