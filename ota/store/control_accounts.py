@@ -5,22 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import or_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from ota.store.models import ControlAccountRow, DeviceRow
+from ota.store.upsert import replacing_insert
 
 
 def record(session: Session, username: str, now: datetime) -> None:
     """Note that a control plane connects as `username` (idempotent; replicas may race)."""
     table = ControlAccountRow.__table__  # type: ignore[attr-defined]
-    values = {"username": username, "recorded_at": now}
-    if session.get_bind().dialect.name == "postgresql":
-        pg = postgresql.insert(table).values(values)
-        session.execute(pg.on_conflict_do_update(index_elements=["username"], set_=values))
-    else:
-        lite = sqlite.insert(table).values(values)
-        session.execute(lite.on_conflict_do_update(index_elements=["username"], set_=values))
+    session.execute(
+        replacing_insert(session, table, ["username"]),
+        {"username": username, "recorded_at": now},
+    )
 
 
 def usernames(session: Session) -> list[str]:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from ota.store.models import BundleRow, DesiredStateRow, DeviceFeatureRow, DeviceRow
+from ota.store.upsert import replacing_insert
 
 
 def assign(session: Session, device_ids: Sequence[str], bundle: BundleRow, rollout_id: str) -> None:
@@ -66,24 +67,13 @@ def assign(session: Session, device_ids: Sequence[str], bundle: BundleRow, rollo
             }
         )
     if rows:
-        session.execute(_replace(session, _FEATURES, ["device_id", "feature"]), rows)
+        session.execute(replacing_insert(session, _FEATURES, ["device_id", "feature"]), rows)
 
 
 _FEATURES: Table = DeviceFeatureRow.__table__  # type: ignore[attr-defined]
 _DESIRED: Table = DesiredStateRow.__table__  # type: ignore[attr-defined]
 _DEVICES: Table = DeviceRow.__table__  # type: ignore[attr-defined]
 _PRIOR_COLUMNS = ("prior_version", "prior_target_path", "prior_sha256", "prior_length")
-
-
-def _replace(session: Session, table: Table, keys: list[str]) -> Insert:
-    """INSERT that overwrites every non-key column of an existing row (an upsert)."""
-    if session.get_bind().dialect.name == "postgresql":
-        pg = postgresql.insert(table)
-        values = {c.name: pg.excluded[c.name] for c in table.columns if c.name not in keys}
-        return pg.on_conflict_do_update(index_elements=keys, set_=values)
-    lite = sqlite.insert(table)
-    values = {c.name: lite.excluded[c.name] for c in table.columns if c.name not in keys}
-    return lite.on_conflict_do_update(index_elements=keys, set_=values)
 
 
 def revert(session: Session, device_ids: Sequence[str], feature: str, rollout_id: str) -> None:
