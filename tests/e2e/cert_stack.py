@@ -21,6 +21,8 @@ import grpc
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_sim.fleet import FleetSettings
+from device_sim.profile import FailureProfile
 from ota.app import ControlPlane
 from ota.broker import (
     BrokerSettings,
@@ -101,6 +103,23 @@ class CertStack:
     def device_channel(self, identity: Identity) -> grpc.Channel:
         return grpc.secure_channel(
             self.device_server, identity.grpc_credentials(self.pki.ca_cert.read_bytes())
+        )
+
+    def fleet_settings(self, state_dir: Path, *, origin_url: str = "") -> FleetSettings:
+        """Simulated certificate devices of this stack: gRPC on the device port, and
+        HTTP delivery from `origin_url` (the origin or a cache) when given."""
+        return FleetSettings(
+            server=self.server,
+            admin_token=self.token,
+            trusted_root=self.keys.root_json.read_bytes(),
+            state_dir=state_dir,
+            failures=FailureProfile.parse([]),
+            identity="cert",
+            device_server=self.device_server,
+            server_ca=self.pki.ca_cert,
+            delivery="http" if origin_url else "grpc",
+            origin_url=origin_url,
+            origin_ca=self.pki.ca_cert if origin_url else None,
         )
 
     def mqtt(self, identity: Identity, directory: Path) -> DeviceMqtt:

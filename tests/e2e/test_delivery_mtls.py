@@ -19,8 +19,8 @@ import pytest
 import urllib3
 from urllib3.exceptions import ProtocolError, SSLError
 
-from device_sim.fleet import FleetSettings, SimulatedFleet
-from device_sim.profile import FailureProfile, compose_fleet
+from device_sim.fleet import SimulatedFleet
+from device_sim.profile import compose_fleet
 from ota.clock import ManualClock
 from ota.delivery.nginx import DeviceCacheSettings
 from ota.device.enroll import Identity, csr_pem, key_pem, new_key
@@ -69,19 +69,7 @@ def test_certificate_devices_follow_a_rollout_over_mutual_tls_http(
         assert stack.origin_url.startswith("https://")
         fleet = SimulatedFleet(
             compose_fleet(DEVICES, models=MODELS, regions=REGIONS, firmware="4.2.0"),
-            FleetSettings(
-                server=stack.server,
-                admin_token=stack.token,
-                trusted_root=stack.keys.root_json.read_bytes(),
-                state_dir=tmp_path / "devices",
-                failures=FailureProfile.parse([]),
-                identity="cert",
-                device_server=stack.device_server,
-                server_ca=stack.pki.ca_cert,
-                delivery="http",
-                origin_url=stack.origin_url,
-                origin_ca=stack.pki.ca_cert,
-            ),
+            stack.fleet_settings(tmp_path / "devices", origin_url=stack.origin_url),
         )
         fleet.start()
         try:
@@ -105,19 +93,7 @@ def test_renewed_devices_fetch_with_their_new_certificate(tmp_path: Path) -> Non
     with cert_stack(tmp_path, clock=clock, origin=True) as stack:
         fleet = SimulatedFleet(
             compose_fleet(2, models=MODELS, regions=REGIONS, firmware="4.2.0"),
-            FleetSettings(
-                server=stack.server,
-                admin_token=stack.token,
-                trusted_root=stack.keys.root_json.read_bytes(),
-                state_dir=tmp_path / "devices",
-                failures=FailureProfile.parse([]),
-                identity="cert",
-                device_server=stack.device_server,
-                server_ca=stack.pki.ca_cert,
-                delivery="http",
-                origin_url=stack.origin_url,
-                origin_ca=stack.pki.ca_cert,
-            ),
+            stack.fleet_settings(tmp_path / "devices", origin_url=stack.origin_url),
             clock=clock,
         )
         fleet.start()
@@ -230,19 +206,7 @@ def test_through_a_cache_that_ends_the_devices_mutual_tls(tmp_path: Path) -> Non
         with private_nginx(tmp_path / "nginx", settings) as cache:
             fleet = SimulatedFleet(
                 compose_fleet(DEVICES, models=MODELS, regions=REGIONS, firmware="4.2.0"),
-                FleetSettings(
-                    server=stack.server,
-                    admin_token=stack.token,
-                    trusted_root=stack.keys.root_json.read_bytes(),
-                    state_dir=tmp_path / "devices",
-                    failures=FailureProfile.parse([]),
-                    identity="cert",
-                    device_server=stack.device_server,
-                    server_ca=stack.pki.ca_cert,
-                    delivery="http",
-                    origin_url=cache.url,
-                    origin_ca=stack.pki.ca_cert,
-                ),
+                stack.fleet_settings(tmp_path / "devices", origin_url=cache.url),
             )
             fleet.start()
             try:

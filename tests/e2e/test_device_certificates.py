@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from device_sim.fleet import FleetSettings, SimulatedFleet
-from device_sim.profile import FailureProfile, compose_fleet
+from device_sim.fleet import SimulatedFleet
+from device_sim.profile import compose_fleet
 from ota.app import ControlPlane
 from ota.client import Client
 from ota.clock import ManualClock
@@ -52,16 +52,7 @@ def test_certificate_devices_enroll_and_follow_a_rollout_over_mutual_tls(tmp_pat
     with cert_stack(tmp_path) as stack:
         fleet = SimulatedFleet(
             compose_fleet(DEVICES, models=MODELS, regions=REGIONS, firmware="4.2.0"),
-            FleetSettings(
-                server=stack.server,
-                admin_token=stack.token,
-                trusted_root=stack.keys.root_json.read_bytes(),
-                state_dir=tmp_path / "devices",
-                failures=FailureProfile.parse([]),
-                identity="cert",
-                device_server=stack.device_server,
-                server_ca=stack.pki.ca_cert,
-            ),
+            stack.fleet_settings(tmp_path / "devices"),
         )
         fleet.start()
         try:
@@ -299,16 +290,7 @@ def test_the_simulated_fleet_renews_its_certificates_and_reconnects(tmp_path: Pa
     with cert_stack(tmp_path, clock=clock) as stack:
         fleet = SimulatedFleet(
             compose_fleet(2, models=MODELS, regions=REGIONS, firmware="4.2.0"),
-            FleetSettings(
-                server=stack.server,
-                admin_token=stack.token,
-                trusted_root=stack.keys.root_json.read_bytes(),
-                state_dir=tmp_path / "devices",
-                failures=FailureProfile.parse([]),
-                identity="cert",
-                device_server=stack.device_server,
-                server_ca=stack.pki.ca_cert,
-            ),
+            stack.fleet_settings(tmp_path / "devices"),
             clock=clock,
         )
         fleet.start()
