@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +13,6 @@ from ota.domain import states
 from ota.domain.progress import counted_failure
 from ota.rollout.progress import read_progress
 from ota.store import fleet, rollouts
-from ota.store.database import migrate, open_database
 from ota.store.ingest import HealthFigures, IncomingEvent, ingest_events
 from ota.store.models import AdoptionStatRow, RolloutDeviceRow, RolloutRow
 from ota.store.session import Store
@@ -22,14 +20,6 @@ from ota.store.session import Store
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 PATH = ["NOTIFIED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "INSTALLED", "ACTIVE"]
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def _setup(store: Store, n: int) -> None:

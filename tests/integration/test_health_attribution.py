@@ -3,7 +3,6 @@ exposed the device, or for the rollout whose holdout the device is in."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +12,6 @@ from ota.domain import states
 from ota.domain.bucketing import is_control
 from ota.domain.plan import RolloutPlan, Stage
 from ota.store import adoption, fleet, rollouts
-from ota.store.database import migrate, open_database
 from ota.store.ingest import HealthFigures, IncomingEvent, ingest_events
 from ota.store.models import AdoptionStatRow, BundleRow, RolloutRow
 from ota.store.session import Store
@@ -22,14 +20,6 @@ pytestmark = pytest.mark.integration
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 SALT = bytes(range(16))
 HOLDOUT = 200_000
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def _rollout(store: Store, n: int) -> tuple[list[str], list[str], list[str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -13,7 +12,7 @@ from ota.config import load_server_config
 from ota.errors import InvalidArgument
 from ota.rollout.lease import FencedStore, Lease, LeaseLost
 from ota.store import lease as lease_rows
-from ota.store.database import migrate, open_database
+from ota.store.database import open_database
 from ota.store.models import IngestDropRow
 from ota.store.session import Store
 
@@ -29,14 +28,6 @@ class Ticker:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def _lease(store: Store, clock: ManualClock, ticker: Ticker, holder: str) -> Lease:

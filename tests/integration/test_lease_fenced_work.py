@@ -22,7 +22,6 @@ from ota.rollout.notify import issue_desired_states
 from ota.signing.keys import load_signer
 from ota.store import desired, fleet
 from ota.store.bundles import SqlMetadataStore
-from ota.store.database import migrate, open_database
 from ota.store.models import TufMetadataRow
 from ota.store.session import Store
 from ota.transport.mqtt import MqttLink
@@ -44,14 +43,6 @@ class Ticker:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 class Replicas:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,21 +11,12 @@ from ota.api.tokens import lifetime
 from ota.clock import ManualClock, utc
 from ota.errors import InvalidArgument, Unauthenticated
 from ota.store import tokens
-from ota.store.database import migrate, open_database
 from ota.store.models import ApiTokenRow
 from ota.store.session import Store
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def test_an_expired_token_is_refused_and_its_last_use_kept(store: Store) -> None:

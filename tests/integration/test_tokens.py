@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,21 +12,12 @@ from ota.api.auth import Authenticator
 from ota.clock import ManualClock, utc
 from ota.errors import NotFound, Unauthenticated
 from ota.store import fleet, tokens
-from ota.store.database import migrate, open_database
 from ota.store.models import ApiTokenRow
 from ota.store.session import Store
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def test_only_the_digest_is_stored_and_revocation_holds_at_the_next_call(store: Store) -> None:

@@ -3,27 +3,17 @@ per-rollout order held through retries, dead deliveries out of the way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from ota.domain import webhooks as rules
 from ota.store import webhooks
-from ota.store.database import migrate, open_database
 from ota.store.session import Store
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def _event(store: Store, event_type: str, rollout_id: str, *, fail: bool = False) -> None:

@@ -4,7 +4,6 @@ sends, each event once when the receiver is well, in order per rollout."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 from ota.clock import SystemClock
 from ota.domain import webhooks as rules
 from ota.store import webhooks
-from ota.store.database import migrate, open_database
 from ota.store.session import Store
 from ota.store.webhooks import new_secret
 from ota.tls import generate_dev_pki
@@ -22,14 +20,6 @@ from tests.e2e.scenario import wait_for
 from tests.webhook_receiver import receiving, verify_all
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = open_database(database_url)
-    migrate(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def test_only_the_lease_holder_sends_and_each_event_arrives_once_in_order(store: Store) -> None:
